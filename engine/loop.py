@@ -1,0 +1,165 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+The step function is pure and jitted elsewhere; this loop owns the side effects: feeding
+batches, fetching metrics every `log_every` steps (the only host syncs), evaluation,
+checkpoints, SIGTERM, NaN detection, the progress bar and throughput.
+"""
+
+import dataclasses
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the run stops without saving the bad state."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the step reached was written."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    num_steps: int
+    log_every: int
+    eval_every: int  # 0: only at the end
+    checkpoint_every: int
+    tokens_per_step: int
+    flops_per_step: float  # model FLOPs of one step, all devices together
+    peak_flops: float  # all devices together
+    is_main: bool = True  # only the main process prints and writes metrics
+
+
+@dataclasses.dataclass
+class LoopCallbacks:
+    step: Callable[[Any, Any], tuple[Any, dict]]  # (state, device batch) -> (state, metrics)
+    evaluate: Callable[[Any], dict]  # state -> {'eval_loss': ..., ...}
+    save: Callable[[int, Any], None]  # (step, state) -> None, async
+    write: Callable[[int, dict], None]  # (step, metrics) -> None
+    summarize: Callable[[list[dict]], dict]  # host metrics of several steps -> one record
+
+
+class SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps. Install it before slow
+    set-up (data, compilation) so an early SIGTERM also ends the run cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(records: list[dict], step: int, last_saved: int | None) -> None:
+    for record in records:
+        if not np.isfinite(record['loss_sum']):
+            kept = f'step {last_saved}' if last_saved is not None else 'none yet'
+            raise NonFiniteLoss(
+                f'loss became {float(record["loss_sum"])} by step {step}; stopped without '
+                f'saving this state (last good checkpoint: {kept}). Try a lower '
+                f'optimizer.learning_rate, more warm-up or optimizer.max_grad_norm.')
+
+
+def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
+             cfg: LoopConfig, cb: LoopCallbacks, sigterm: SigtermFlag | None = None) -> Any:
+    """Runs steps start_step+1 .. cfg.num_steps; returns the final state."""
+    sigterm = sigterm or SigtermFlag()
+    if sigterm.raised:
+        sigterm.restore()
+        raise Preempted(f'SIGTERM before training started; nothing new to save '
+                        f'(latest checkpoint: step {start_step})')
+    if start_step >= cfg.num_steps:
+        sigterm.restore()
+        return state
+    # A live bar on a terminal; in logs and CI one plain line per log step instead.
+    interactive = cfg.is_main and sys.stderr.isatty()
+    bar = tqdm.tqdm(total=cfg.num_steps, initial=start_step, disable=not interactive,
+                    dynamic_ncols=True, mininterval=1.0, desc='train')
+    pending, last_saved = [], (start_step or None)
+    timer = _Throughput(cfg)
+    try:
+        for step, batch in batches:  # `step` is the step about to be taken (1-based after)
+            state, metrics = cb.step(state, batch)
+            pending.append(metrics)
+            done = step + 1
+            bar.update(1)
+            if done == start_step + 1:
+                jax.block_until_ready(metrics)  # compile time stays out of throughput
+                timer.restart(done)
+            log_now = done % cfg.log_every == 0 or done == cfg.num_steps
+            save_now = done % cfg.checkpoint_every == 0 or done == cfg.num_steps
+            if log_now or save_now or sigterm.raised:
+                records = jax.device_get(pending)
+                pending = []
+                _check_finite(records, done, last_saved)
+                if log_now:
+                    _log(done, records, timer, cb, bar, cfg.is_main)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
+                _evaluate(done, state, cb, bar, cfg.is_main)
+                timer.restart(done)  # evaluation time is not training throughput
+            if save_now or sigterm.raised:
+                cb.save(done, state)
+                last_saved = done
+            if sigterm.raised:
+                raise Preempted(f'SIGTERM: saved a checkpoint at step {done}; '
+                                'run the same command to resume')
+            if done >= cfg.num_steps:
+                break
+        _evaluate(cfg.num_steps, state, cb, bar, cfg.is_main)
+    finally:
+        bar.close()
+        sigterm.restore()
+    return state
+
+
+class _Throughput:
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        self.step, self.time = step, time.perf_counter()
+
+    def measure(self, step: int) -> dict:
+        now = time.perf_counter()
+        steps, seconds = step - self.step, max(now - self.time, 1e-9)
+        self.restart(step)
+        if steps <= 0:
+            return {}
+        return {'tokens_per_sec': steps * self.cfg.tokens_per_step / seconds,
+                'steps_per_sec': steps / seconds,
+                'mfu': steps * self.cfg.flops_per_step / seconds / self.cfg.peak_flops}
+
+
+def _log(step: int, records: list[dict], timer: _Throughput, cb: LoopCallbacks, bar,
+         is_main: bool) -> None:
+    summary = cb.summarize(records)
+    summary.update(timer.measure(step))
+    cb.write(step, summary)
+    postfix = {'loss': f"{summary['loss']:.3f}", 'acc': f"{summary.get('mlm_accuracy', 0):.3f}"}
+    if 'tokens_per_sec' in summary:
+        postfix['tok/s'] = f"{summary['tokens_per_sec']:,.0f}"
+        postfix['mfu'] = f"{100 * summary['mfu']:.1f}%"
+    bar.set_postfix(postfix, refresh=False)
+    if bar.disable and is_main:
+        print(f'step {step}: ' + ', '.join(f'{k}={v}' for k, v in postfix.items()), flush=True)
+
+
+def _evaluate(step: int, state: Any, cb: LoopCallbacks, bar, is_main: bool) -> None:
+    results = cb.evaluate(state)
+    if results:
+        cb.write(step, results)
+        if is_main:
+            bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()),
+                      file=sys.stdout)

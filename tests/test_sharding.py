@@ -1,0 +1,89 @@
+"""Sharded init and training on 8 fake CPU devices: layouts, and 1-device equivalence."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs.pretrain import get_config
+from engine import mesh as mesh_lib
+from engine.optim import adamw, learning_rate_schedule
+from models.bert import BertConfig, BertForMaskedLM
+from pretrain import steps
+from pretrain.masking import MaskingConfig
+
+SEQ, BATCH, VOCAB = 16, 8, 96
+
+
+def _setup(mesh_shape, devices=None, dropout=0.1):
+    cfg = get_config('tiny')
+    mesh = mesh_lib.make_mesh(mesh_shape, cfg.mesh.axes, devices=devices)
+    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2,
+                                       num_heads=2, intermediate_size=64,
+                                       max_position_embeddings=SEQ, dropout_rate=dropout,
+                                       attention_dropout_rate=dropout))
+    tx = adamw(cfg.optimizer, 10)
+    init = functools.partial(steps.init_state, jax.random.key(0), model, tx, SEQ)
+    with steps.sharding_context(mesh, cfg.mesh.rules):
+        abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
+        state = jax.jit(lambda: __import__('flax').linen.unbox(init()), out_shardings=shardings)()
+        train = jax.jit(functools.partial(
+            steps.train_step, model=model, tx=tx,
+            schedule=learning_rate_schedule(cfg.optimizer, 10),
+            masking=MaskingConfig(vocab_size=VOCAB, max_predictions=3), word_starts=None,
+            seed=0), in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+            out_shardings=(shardings, None))
+    return cfg, mesh, state, shardings, train
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, VOCAB, size=(BATCH, SEQ)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 2, 3
+    ids[1, 10:] = 0
+    return {'input_ids': ids, 'segment_ids': (ids != 0).astype(np.int32)}
+
+
+def test_parameter_partition_specs_on_a_2x2x2_mesh():
+    assert jax.device_count() == 8
+    _, _, state, shardings, _ = _setup((2, 2, 2))
+    p = shardings.params
+    assert p['bert']['embeddings']['word_embeddings']['embedding'].spec == P('tensor', 'fsdp')
+    layer = p['bert']['encoder']['layer_0']
+    assert layer['attention']['self']['query']['kernel'].spec == P('fsdp', 'tensor')
+    assert layer['attention']['output']['dense']['kernel'].spec == P('tensor', 'fsdp')
+    assert layer['intermediate']['dense']['kernel'].spec == P('fsdp', 'tensor')
+    assert layer['output']['LayerNorm']['scale'].spec == P('fsdp')
+    assert p['cls']['predictions']['bias'].spec == P('tensor')
+    # Arrays really are laid out that way, and Adam's moments follow their parameters.
+    emb = state.params['bert']['embeddings']['word_embeddings']['embedding']
+    assert emb.sharding.spec == P('tensor', 'fsdp')
+    assert emb.addressable_shards[0].data.shape == (VOCAB // 2, 32 // 2)
+    mu = state.opt_state[1][0].mu['bert']['embeddings']['word_embeddings']['embedding']
+    assert mu.sharding.spec == P('tensor', 'fsdp')
+
+
+@pytest.mark.parametrize('mesh_shape', [(2, 4), (1, 2, 4)])
+def test_one_step_on_a_mesh_matches_one_device(mesh_shape):
+    batch = _batch()
+    _, mesh1, state1, _, train1 = _setup((1,), devices=jax.devices()[:1])
+    _, mesh8, state8, _, train8 = _setup(mesh_shape)
+    for _ in range(2):
+        state1, m1 = train1(state1, mesh_lib.shard_batch(batch, mesh1))
+        state8, m8 = train8(state8, mesh_lib.shard_batch(batch, mesh8))
+    np.testing.assert_allclose(float(m1['loss_sum']), float(m8['loss_sum']), rtol=1e-5)
+    assert float(m1['weight_sum']) == float(m8['weight_sum'])
+    flat1 = jax.tree.leaves(jax.device_get(state1.params))
+    flat8 = jax.tree.leaves(jax.device_get(state8.params))
+    for a, b in zip(flat1, flat8, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_mesh_shape_errors():
+    with pytest.raises(ValueError, match='needs 6 devices'):
+        mesh_lib.resolve_mesh_shape((2, 3), ('data', 'fsdp', 'tensor'), 8)
+    assert mesh_lib.resolve_mesh_shape((-1, 2), ('data', 'fsdp', 'tensor'), 8) == (4, 2, 1)
+    with pytest.raises(ValueError, match='more dims'):
+        mesh_lib.resolve_mesh_shape((1, 1, 1, 8), ('data', 'fsdp', 'tensor'), 8)
