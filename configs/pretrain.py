@@ -10,8 +10,8 @@ Turc et al. 2019 and Devlin et al. 2018: tiny L2/H128, mini L4/H256, small L4/H5
 medium L8/H512, base L12/H768, large L24/H1024.
 
 Expected result of the `tiny` demo on 2 CPU cores (measured, see README): the MLM
-loss falls from ~9.0 to ~5.8 and masked-token accuracy rises from 0 to ~0.19 in
-about 3 minutes, tokenizer training and data preparation included.
+loss falls from 9.0 to 6.0 and masked-token accuracy rises from 0 to 0.14 (held-out:
+5.97 / 0.146) in about 4 minutes, tokenizer training and data preparation included.
 
 Any key can be overridden from the command line, e.g. `--config.model.num_layers=4`
 or `--config.mesh.shape='(2,4)'`.
@@ -29,6 +29,10 @@ MODEL_SIZES = {
     'large': (24, 1024, 16),
 }
 
+# Peak learning rate per size: small models on small data take larger steps.
+PEAK_LEARNING_RATES = {'tiny': 2e-3, 'mini': 1e-3, 'small': 5e-4, 'medium': 5e-4,
+                       'base': 1e-4, 'large': 1e-4}
+
 # Short names accepted in `arg` (`tiny,steps=50`) for the keys changed most often.
 ARG_ALIASES = {'steps': 'num_train_steps', 'batch': 'batch_size', 'seq': 'seq_len'}
 
@@ -41,31 +45,32 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
             f'config arg: unknown model size {size!r}; choose from {list(MODEL_SIZES)}')
     c = ml_collections.ConfigDict()
     c.seed = 0  # one seed for init, data order, masking and dropout
-    c.num_train_steps = 600  # optimizer steps
-    c.batch_size = 64  # global batch (sequences per optimizer step, all devices together)
+    c.num_train_steps = 700  # optimizer steps
+    c.batch_size = 32  # global batch (sequences per optimizer step, all devices together)
     c.seq_len = 128  # tokens per sequence, [CLS] included
     c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
-    c.log_every_steps = 25  # metrics.jsonl / TensorBoard / progress bar cadence
-    c.eval_every_steps = 200  # held-out MLM loss/accuracy; 0 = only at the end
+    c.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress bar cadence
+    c.eval_every_steps = 350  # held-out MLM loss/accuracy; 0 = only at the end
     c.eval_max_batches = 20  # cap on held-out batches per eval (0 = the whole split)
-    c.checkpoint_every_steps = 200  # also saved at the end and on SIGTERM
+    c.checkpoint_every_steps = 350  # also saved at the end and on SIGTERM
     c.keep_checkpoints = 3  # most recent checkpoints kept on disk
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the chip, or measure a matmul on CPU
 
-    c.model = _model_config(size)
-    c.optimizer = _optimizer_config()
+    c.model = model_config(size)
+    c.optimizer = _optimizer_config(PEAK_LEARNING_RATES[size])
     c.masking = _masking_config()
     c.data = _data_config()
-    c.mesh = _mesh_config()
+    c.mesh = mesh_config()
     if size in ('base', 'large'):  # the BERT recipe for full-size models
         c.batch_size, c.seq_len, c.num_train_steps = 256, 128, 1_000_000
-        c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-4, 10_000
+        c.optimizer.warmup_steps = 10_000
         c.model.vocab_size = 30522
-    _apply_arg_overrides(c, extras)
+        c.model.dropout_rate = c.model.attention_dropout_rate = 0.1
+    apply_arg_overrides(c, extras)
     return c
 
 
-def _model_config(size: str) -> ml_collections.ConfigDict:
+def model_config(size: str) -> ml_collections.ConfigDict:
     layers, hidden, heads = MODEL_SIZES[size]
     m = ml_collections.ConfigDict()
     m.num_layers = layers
@@ -75,18 +80,20 @@ def _model_config(size: str) -> ml_collections.ConfigDict:
     m.vocab_size = 8000  # also the tokenizer's target size; a given tokenizer may be smaller
     m.max_position_embeddings = 512  # longest sequence the position table covers
     m.type_vocab_size = 2  # token-type (segment A/B) embeddings, as in BERT
-    m.dropout_rate = 0.1  # hidden-state dropout
-    m.attention_dropout_rate = 0.1  # attention-probability dropout
+    # Dropout off for short pretraining runs (as in Cramming, Geiping & Goldstein 2022):
+    # it slows learning when every token is seen only a few times. Fine-tuning turns it on.
+    m.dropout_rate = 0.0  # hidden-state dropout
+    m.attention_dropout_rate = 0.0  # attention-probability dropout
     m.pre_layer_norm = False  # False: post-LN as in BERT; True: pre-LN (stabler when deep)
     m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     m.remat = 'none'  # activation recomputation per layer: 'none', 'full' or 'dots'
     return m
 
 
-def _optimizer_config() -> ml_collections.ConfigDict:
+def _optimizer_config(learning_rate: float) -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
-    o.learning_rate = 1e-3  # peak; tiny models on small data like a high rate
-    o.warmup_steps = 60  # linear warm-up from 0 to the peak
+    o.learning_rate = learning_rate  # peak
+    o.warmup_steps = 70  # linear warm-up from 0 to the peak
     o.schedule = 'linear'  # decay after warm-up: 'linear' (to 0), 'cosine' or 'constant'
     o.weight_decay = 0.01  # AdamW decoupled decay, off biases and LayerNorm
     o.b1 = 0.9
@@ -119,7 +126,7 @@ def _data_config() -> ml_collections.ConfigDict:
     return d
 
 
-def _mesh_config() -> ml_collections.ConfigDict:
+def mesh_config() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     # Device mesh over axes (data, fsdp, tensor); a shorter tuple is padded with 1s and -1
     # takes the remaining devices, so (-1,) is pure data parallelism on every device.
@@ -139,7 +146,8 @@ def _mesh_config() -> ml_collections.ConfigDict:
     return s
 
 
-def _apply_arg_overrides(c: ml_collections.ConfigDict, extras: list[str]) -> None:
+def apply_arg_overrides(c: ml_collections.ConfigDict, extras: list[str]) -> None:
+    """Applies `key=value` items of a config arg to top-level keys (aliases allowed)."""
     for item in extras:
         key, sep, value = item.partition('=')
         key = ARG_ALIASES.get(key.strip(), key.strip())

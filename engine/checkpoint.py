@@ -30,7 +30,9 @@ class Checkpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Starts an async save; returns once device buffers are copied out."""
+        """Starts an async save; returns once device buffers are copied out. A failure of
+        an earlier async save is raised here, not left in a background thread's log."""
+        self._manager.check_for_errors()
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -70,3 +72,22 @@ def read_params_numpy(directory: str, step: int | None = None) -> dict[str, np.n
     manager.close()
     flat = jax.tree_util.tree_flatten_with_path(state['params'])[0]
     return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v) for path, v in flat}
+
+
+def restore_subtree(directory: str, step: int | None, target: dict) -> dict:
+    """Restores only the leaves named in `target` (a nested dict of ShapeDtypeStructs with
+    shardings, mirroring the saved state), laid out on this run's mesh.
+
+    Fine-tuning uses it to take `params/bert/...` from a pretraining checkpoint, leaving
+    its MLM head and optimizer state unread.
+    """
+    manager = ocp.CheckpointManager(epath.Path(directory), item_names=('state', 'meta'))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        manager.close()
+        raise FileNotFoundError(f'no checkpoint in {directory}')
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))).state
+    manager.close()
+    return restored

@@ -81,6 +81,8 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
                         f'(latest checkpoint: step {start_step})')
     if start_step >= cfg.num_steps:
         sigterm.restore()
+        if cfg.is_main:
+            print(f'already at step {start_step} of {cfg.num_steps}: nothing to train', flush=True)
         return state
     # A live bar on a terminal; in logs and CI one plain line per log step instead.
     interactive = cfg.is_main and sys.stderr.isatty()

@@ -44,15 +44,22 @@ def init_state(rng: jax.Array, model: BertForMaskedLM, tx: optax.GradientTransfo
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _forward_terms(params, batch, rngs, *, model, masking, word_starts, deterministic):
-    """Masks the batch, runs the model on it, returns the loss sums."""
-    masked = mask_tokens(rngs['mask'], batch['input_ids'], masking, word_starts)
+def masked_inputs(rng: jax.Array, batch: dict, masking: MaskingConfig,
+                  word_starts: jax.Array | None) -> dict:
+    """The model's inputs and targets for a batch of packed token ids."""
+    masked = mask_tokens(rng, batch['input_ids'], masking, word_starts)
+    masked['attention_mask'] = (batch['input_ids'] != PAD_ID).astype(jnp.int32)
+    masked['segment_ids'] = batch['segment_ids']
+    return masked
+
+
+def _forward_terms(params, inputs, dropout_rng, *, model, deterministic):
+    """Runs the model on masked inputs and returns the loss sums."""
     logits = model.apply(
-        {'params': params}, masked['input_ids'], masked['masked_positions'],
-        attention_mask=(batch['input_ids'] != PAD_ID).astype(jnp.int32),
-        segment_ids=batch.get('segment_ids'), deterministic=deterministic,
-        rngs={'dropout': rngs['dropout']})
-    terms = mlm_loss_terms(logits, masked['masked_labels'], masked['masked_weights'])
+        {'params': params}, inputs['input_ids'], inputs['masked_positions'],
+        attention_mask=inputs['attention_mask'], segment_ids=inputs['segment_ids'],
+        deterministic=deterministic, rngs={'dropout': dropout_rng})
+    terms = mlm_loss_terms(logits, inputs['masked_labels'], inputs['masked_weights'])
     return terms['loss_sum'], terms
 
 
@@ -69,24 +76,23 @@ def train_step(state: TrainState, batch: dict, *, model: BertForMaskedLM,
                tx: optax.GradientTransformation, schedule: Callable, masking: MaskingConfig,
                word_starts: jax.Array | None, seed: int,
                grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-    """One optimizer step on the global batch; gradients are summed over micro-batches and
-    divided by the number of predicted tokens, so accumulation changes memory, not math."""
+    """One optimizer step on the global batch. The whole batch is masked first, then
+    gradients are summed over micro-batches and divided by the number of predicted tokens:
+    without dropout, accumulation changes memory use, not the result."""
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     mask_rng, dropout_rng = jax.random.split(rng)
-    forward = functools.partial(_forward_terms, model=model, masking=masking,
-                                word_starts=word_starts, deterministic=False)
+    inputs = masked_inputs(mask_rng, batch, masking, word_starts)
+    forward = functools.partial(_forward_terms, model=model, deterministic=False)
     grad_fn = jax.value_and_grad(forward, has_aux=True)
 
     def micro_step(carry, xs):
         micro, index = xs
-        rngs = {'mask': jax.random.fold_in(mask_rng, index),
-                'dropout': jax.random.fold_in(dropout_rng, index)}
-        (_, terms), grads = grad_fn(state.params, micro, rngs)
+        (_, terms), grads = grad_fn(state.params, micro, jax.random.fold_in(dropout_rng, index))
         return jax.tree.map(jnp.add, carry, (grads, terms)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     terms0 = {k: jnp.zeros((), jnp.float32) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
-    micro = _micro_batches(batch, grad_accum_steps)
+    micro = _micro_batches(inputs, grad_accum_steps)
     (grads, terms), _ = jax.lax.scan(micro_step, (zeros, terms0),
                                      (micro, jnp.arange(grad_accum_steps)))
     grads = jax.tree.map(lambda g: g / jnp.maximum(terms['weight_sum'], 1.0), grads)
@@ -103,9 +109,8 @@ def eval_step(params: Any, batch: dict, index: jax.Array, *, model: BertForMaske
     """Loss sums on one held-out batch; masking depends only on (seed, batch index), so
     every evaluation of a run scores the same predictions."""
     rng = jax.random.fold_in(jax.random.key(seed + 1_000_003), index)
-    rngs = {'mask': rng, 'dropout': rng}
-    _, terms = _forward_terms(params, batch, rngs, model=model, masking=masking,
-                              word_starts=word_starts, deterministic=True)
+    inputs = masked_inputs(rng, batch, masking, word_starts)
+    _, terms = _forward_terms(params, inputs, rng, model=model, deterministic=True)
     return terms
 
 

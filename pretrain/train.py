@@ -178,7 +178,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     mesh, files = validate(cfg)
     sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
     main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     if main:

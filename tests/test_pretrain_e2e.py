@@ -36,7 +36,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def tiny_args(corpus: str, steps: int, *extra: str, dropout: float = 0.0) -> list[str]:
-    return ['--config', 'configs/pretrain.py:tiny', f'--config.num_train_steps={steps}',
+    return ['--config', f'{REPO}/configs/pretrain.py:tiny', f'--config.num_train_steps={steps}',
             '--config.model.num_layers=1', '--config.model.hidden_size=32',
             '--config.model.intermediate_size=64', '--config.model.vocab_size=128',
             f'--config.model.dropout_rate={dropout}',
@@ -54,9 +54,9 @@ def _env(devices: int) -> dict:
     return env
 
 
-def launch(workdir, args, devices: int = 1) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, 'launch.py', 'pretrain', '--workdir', str(workdir), *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True,
+def launch(workdir, args, devices: int = 1, cwd=REPO) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / 'launch.py'), 'pretrain', '--workdir', str(workdir), *args]
+    return subprocess.run(cmd, cwd=cwd, env=_env(devices), capture_output=True, text=True,
                           timeout=600)
 
 
@@ -110,8 +110,10 @@ def has_logged(workdir: pathlib.Path) -> bool:
 
 
 def test_tiny_run_learns_and_writes_its_workdir(tmp_path, corpus):
-    result = launch(tmp_path, tiny_args(corpus, 80, '--config.eval_every_steps=40'))
+    # A relative --workdir, as users type it (orbax itself needs absolute paths).
+    result = launch('run', tiny_args(corpus, 80, '--config.eval_every_steps=40'), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    tmp_path = tmp_path / 'run'
     records = [r for r in metrics(tmp_path) if 'loss' in r]
     assert [r['step'] for r in records] == list(range(2, 81, 2))
     for key in ('loss', 'mlm_accuracy', 'learning_rate', 'grad_norm', 'tokens_per_sec'):
@@ -119,12 +121,12 @@ def test_tiny_run_learns_and_writes_its_workdir(tmp_path, corpus):
     first, last = np.mean([r['loss'] for r in records[:3]]), np.mean(
         [r['loss'] for r in records[-3:]])
     assert last < first - 1.0, (first, last)
-    first_acc = np.mean([r['mlm_accuracy'] for r in records[:3]])
-    last_acc = np.mean([r['mlm_accuracy'] for r in records[-3:]])
-    assert last_acc > first_acc + 0.1, (first_acc, last_acc)
+    # From chance (1/128) to well above it: 'the' and '.' alone are a quarter of the tokens.
+    last_acc = np.mean([r['mlm_accuracy'] for r in records[-5:]])
+    assert records[0]['mlm_accuracy'] < 0.05 and last_acc > 0.15, (records[0], last_acc)
     evals = [r for r in metrics(tmp_path) if 'eval_loss' in r]
     assert [r['step'] for r in evals] == [40, 80]
-    assert evals[1]['eval_loss'] < evals[0]['eval_loss']
+    assert evals[1]['eval_loss'] < evals[0]['eval_loss'] and evals[1]['eval_mlm_accuracy'] > 0.15
     assert (tmp_path / 'spm.model').is_file()
     config = json.loads((tmp_path / 'config.json').read_text())
     assert config['num_train_steps'] == 80 and config['model']['hidden_size'] == 32
@@ -159,7 +161,10 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, corpus, uninterrupted):
 
 
 def test_checkpoint_from_a_2x4_mesh_resumes_on_one_device(tmp_path, corpus):
-    result = launch(tmp_path, tiny_args(corpus, 4, "--config.mesh.shape=(2,4)"), devices=8)
+    # The first half also exercises bf16 compute and whole-word masking end to end.
+    result = launch(tmp_path, tiny_args(corpus, 4, "--config.mesh.shape=(2,4)",
+                                        '--config.model.dtype=bfloat16',
+                                        '--config.masking.whole_word=true'), devices=8)
     assert result.returncode == 0, result.stderr
     assert "'data': 2, 'fsdp': 4" in result.stdout
     result = launch(tmp_path, tiny_args(corpus, 8), devices=1)
@@ -177,3 +182,15 @@ def test_bad_config_is_one_line_with_no_traceback(tmp_path, corpus):
         "error: --config.model.num_layer: unknown config key "
         "(did you mean 'model.num_layers'?)")
     assert not workdir.exists()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    result = launch(tmp_path, tiny_args(
+        corpus, 20, '--config.optimizer.learning_rate=1e30', '--config.optimizer.warmup_steps=0',
+        '--config.optimizer.max_grad_norm=0', '--config.checkpoint_every_steps=1'))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: loss became nan by step 2'), last
+    assert 'last good checkpoint: step 1' in last
+    saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+    assert saved == ['1']

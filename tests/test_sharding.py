@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from pretrain.masking import MaskingConfig
 SEQ, BATCH, VOCAB = 16, 8, 96
 
 
-def _setup(mesh_shape, devices=None, dropout=0.1):
+def _setup(mesh_shape, devices=None, dropout=0.1, grad_accum=1):
     cfg = get_config('tiny')
     mesh = mesh_lib.make_mesh(mesh_shape, cfg.mesh.axes, devices=devices)
     model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2,
@@ -28,12 +29,13 @@ def _setup(mesh_shape, devices=None, dropout=0.1):
     init = functools.partial(steps.init_state, jax.random.key(0), model, tx, SEQ)
     with steps.sharding_context(mesh, cfg.mesh.rules):
         abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
-        state = jax.jit(lambda: __import__('flax').linen.unbox(init()), out_shardings=shardings)()
+        state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
         train = jax.jit(functools.partial(
             steps.train_step, model=model, tx=tx,
             schedule=learning_rate_schedule(cfg.optimizer, 10),
             masking=MaskingConfig(vocab_size=VOCAB, max_predictions=3), word_starts=None,
-            seed=0), in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+            seed=0, grad_accum_steps=grad_accum),
+            in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
             out_shardings=(shardings, None))
     return cfg, mesh, state, shardings, train
 
@@ -65,11 +67,15 @@ def test_parameter_partition_specs_on_a_2x2x2_mesh():
     assert mu.sharding.spec == P('tensor', 'fsdp')
 
 
-@pytest.mark.parametrize('mesh_shape', [(2, 4), (1, 2, 4)])
-def test_one_step_on_a_mesh_matches_one_device(mesh_shape):
+@pytest.mark.parametrize('mesh_shape, grad_accum, dropout', [
+    ((2, 4), 1, 0.1),
+    ((1, 2, 4), 1, 0.1),
+    ((4, 2), 2, 0.0),  # accumulation: same masks, summed grads -> same step (no dropout)
+])
+def test_two_steps_on_a_mesh_match_one_device(mesh_shape, grad_accum, dropout):
     batch = _batch()
-    _, mesh1, state1, _, train1 = _setup((1,), devices=jax.devices()[:1])
-    _, mesh8, state8, _, train8 = _setup(mesh_shape)
+    _, mesh1, state1, _, train1 = _setup((1,), devices=jax.devices()[:1], dropout=dropout)
+    _, mesh8, state8, _, train8 = _setup(mesh_shape, dropout=dropout, grad_accum=grad_accum)
     for _ in range(2):
         state1, m1 = train1(state1, mesh_lib.shard_batch(batch, mesh1))
         state8, m8 = train8(state8, mesh_lib.shard_batch(batch, mesh8))

