@@ -29,13 +29,17 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.init_from = ''  # pretraining workdir to start from ('none' = random init baseline)
     c.init_step = 0  # checkpoint step in init_from; 0 = the latest
+    # Tokenizer: '' = init_from's spm.model; with init_from=none, a given .model file, or
+    # '' to train one on the task's training text (model.vocab_size pieces).
+    c.tokenizer_model = ''
     c.task = 'classification'  # 'classification' (single text or pairs) or 'regression'
     c.freeze = 'none'  # 'none', 'embeddings', 'layers:N', 'encoder', or 're:REGEX,REGEX'
     c.seed = 0  # init of the new head, data order, dropout
+    # The BERT fine-tuning recipe (Devlin et al. 2018) as defaults ...
     c.num_epochs = 3
     c.batch_size = 32  # global
-    c.seq_len = 64  # tokens per example, [CLS]/[SEP] included; longer text is truncated
-    c.learning_rate = 1e-4  # peak; the BERT recipe's 2e-5 suits base-size models
+    c.seq_len = 128  # tokens per example, [CLS]/[SEP] included; longer text is truncated
+    c.learning_rate = 2e-5  # peak
     c.head_learning_rate = 0.0  # for pooler + classifier; 0 = learning_rate
     c.layer_decay = 1.0  # layer-wise lr decay (lr * decay**depth from the top); 1 = off
     c.warmup_fraction = 0.1  # of all steps, then linear decay to 0
@@ -43,7 +47,6 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.max_grad_norm = 1.0  # over trainable gradients only; 0 disables
     c.b1, c.b2, c.eps = 0.9, 0.999, 1e-6
     c.l2sp = 0.0  # L2-SP strength: pulls pretrained weights toward their start; 0 = off
-    c.gradual_unfreeze_epochs = 0  # >0: unfreeze one more layer (from the top) every N epochs
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0 = at the end of every epoch only
     c.metric = 'f1'  # validation metric for the best checkpoint and early stopping
@@ -65,6 +68,8 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.1
 
+    if task == 'sentiment':  # ... but the demo is a tiny model on a 2-core budget
+        c.num_epochs, c.seq_len, c.learning_rate = 1, 64, 1e-4
     c.mesh = mesh_config()  # same mesh axes and logical rules as pretraining
     apply_arg_overrides(c, extras)
     return c

@@ -1,5 +1,6 @@
 """Checkpoints: orbax, async, atomic; restore onto any mesh by giving target shardings."""
 
+import warnings
 from typing import Any
 
 import jax
@@ -58,18 +59,27 @@ class Checkpoints:
         self._manager.close()
 
 
-def read_params_numpy(directory: str, step: int | None = None) -> dict[str, np.ndarray]:
-    """A checkpoint's params as host numpy arrays keyed 'bert/encoder/...', on any device
-    count (for tests, export and inspection; no mesh needed)."""
+def read_state_numpy(directory: str, step: int | None = None) -> dict:
+    """A checkpoint's whole state as nested dicts of host numpy arrays, on any device count
+    (for tests, export, prediction and inspection; no mesh needed)."""
     manager = ocp.CheckpointManager(epath.Path(directory), item_names=('state', 'meta'))
     step = manager.latest_step() if step is None else step
     if step is None:
+        manager.close()
         raise FileNotFoundError(f'no checkpoint in {directory}')
     metadata = manager.item_metadata(step)['state']
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=as_numpy))).state
+    with warnings.catch_warnings():  # "no sharding info": intended, arrays come back to host
+        warnings.simplefilter('ignore', UserWarning)
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(restore_args=as_numpy))).state
     manager.close()
+    return state
+
+
+def read_params_numpy(directory: str, step: int | None = None) -> dict[str, np.ndarray]:
+    """A checkpoint's params as host numpy arrays keyed 'bert/encoder/...'."""
+    state = read_state_numpy(directory, step)
     flat = jax.tree_util.tree_flatten_with_path(state['params'])[0]
     return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v) for path, v in flat}
 

@@ -44,6 +44,7 @@ class LoopCallbacks:
     save: Callable[[int, Any], None]  # (step, state) -> None, async
     write: Callable[[int, dict], None]  # (step, metrics) -> None
     summarize: Callable[[list[dict]], dict]  # host metrics of several steps -> one record
+    should_stop: Callable[[], bool] = lambda: False  # asked after each evaluation
 
 
 class SigtermFlag:
@@ -107,18 +108,19 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
                 _check_finite(records, done, last_saved)
                 if log_now:
                     _log(done, records, timer, cb, bar, cfg.is_main)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
+            stop = False
+            if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.num_steps:
                 _evaluate(done, state, cb, bar, cfg.is_main)
+                stop = cb.should_stop()
                 timer.restart(done)  # evaluation time is not training throughput
-            if save_now or sigterm.raised:
+            if save_now or sigterm.raised or stop:
                 cb.save(done, state)
                 last_saved = done
             if sigterm.raised:
                 raise Preempted(f'SIGTERM: saved a checkpoint at step {done}; '
                                 'run the same command to resume')
-            if done >= cfg.num_steps:
+            if done >= cfg.num_steps or stop:
                 break
-        _evaluate(cfg.num_steps, state, cb, bar, cfg.is_main)
     finally:
         bar.close()
         sigterm.restore()
@@ -149,7 +151,8 @@ def _log(step: int, records: list[dict], timer: _Throughput, cb: LoopCallbacks, 
     summary = cb.summarize(records)
     summary.update(timer.measure(step))
     cb.write(step, summary)
-    postfix = {'loss': f"{summary['loss']:.3f}", 'acc': f"{summary.get('mlm_accuracy', 0):.3f}"}
+    accuracy = summary.get('mlm_accuracy', summary.get('accuracy', 0.0))
+    postfix = {'loss': f"{summary['loss']:.3f}", 'acc': f'{accuracy:.3f}'}
     if 'tokens_per_sec' in summary:
         postfix['tok/s'] = f"{summary['tokens_per_sec']:,.0f}"
         postfix['mfu'] = f"{100 * summary['mfu']:.1f}%"

@@ -1,5 +1,6 @@
 """Device mesh and shardings: logical axis names (from the model) -> mesh axes (from config)."""
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,6 +14,19 @@ Rules = Sequence[tuple[str, Any]]
 
 # Mesh axes a batch is split over; the model's 'batch' logical axis maps onto them.
 BATCH_AXES = ('data', 'fsdp')
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Rules):
+    """The mesh and logical rules that model tracing needs for its sharding constraints."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def process_rows(global_batch_size: int) -> tuple[int, int]:
+    """This process's [start, stop) rows of a global batch."""
+    per_process = global_batch_size // jax.process_count()
+    return jax.process_index() * per_process, (jax.process_index() + 1) * per_process
 
 
 def resolve_mesh_shape(shape: Sequence[int], axes: Sequence[str], num_devices: int) -> tuple:

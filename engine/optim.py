@@ -30,7 +30,8 @@ def weight_decay_mask(params: Any) -> Any:
     """
     def decays(path, leaf) -> bool:
         names = [str(getattr(k, 'key', k)) for k in path]
-        return leaf.ndim >= 2 and not any('LayerNorm' in n or 'layer_norm' in n for n in names)
+        is_norm = any('LayerNorm' in n or 'layer_norm' in n for n in names)
+        return getattr(leaf, 'ndim', 0) >= 2 and not is_norm
     return jax.tree_util.tree_map_with_path(decays, params)
 
 

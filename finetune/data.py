@@ -162,7 +162,8 @@ def _to_example(path: str, line: int, row: dict, text_column: str, text_b_column
     return {
         'text_a': _text_field(path, line, row, text_column),
         'text_b': _text_field(path, line, row, text_b_column) if text_b_column else None,
-        'label': _label_field(path, line, row.get(label_column), label_column, task),
+        'label': (_label_field(path, line, row.get(label_column), label_column, task)
+                  if label_column else None),
         'line': line,
     }
 
@@ -177,8 +178,9 @@ def read_examples(path: str, *, text_column: str = 'text', text_b_column: str = 
     """Rows of a .csv, .tsv or .jsonl/.json (one object a line) file, in file order.
 
     Each row: {'text_a': str, 'text_b': str | None, 'label': str | float, 'line': int}.
-    Classification labels are kept as text ('1' for 1); regression labels are floats.
-    Raises a one-line ValueError naming the file and line for any bad row.
+    Classification labels are kept as text ('1' for 1); regression labels are floats;
+    label_column='' reads unlabelled text (label None), as `predict` does. Raises a
+    one-line ValueError naming the file and line for any bad row.
     """
     _check_task(task)
     path = str(path)

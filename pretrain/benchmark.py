@@ -44,7 +44,7 @@ def build_step(cfg):
     tx = adamw(cfg.optimizer, cfg.num_train_steps)
     masking = masking_config(cfg, model_cfg.vocab_size)
     init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
-    with steps.sharding_context(mesh, cfg.mesh.rules):
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
         state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
         step = jax.jit(functools.partial(
@@ -62,7 +62,7 @@ def time_steps(cfg, num_steps: int, repeats: int) -> dict:
     mesh, state, step, flops = build_step(cfg)
     batch = mesh_lib.shard_batch(
         synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size), mesh)
-    with steps.sharding_context(mesh, cfg.mesh.rules):
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         for _ in range(3):  # compile + warm-up
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)

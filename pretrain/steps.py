@@ -4,18 +4,15 @@ Everything random is derived from (seed, step[, micro-batch]) inside the step, s
 resumed run repeats exactly the computation an uninterrupted one would have done.
 """
 
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from engine.mesh import Rules
 from models.bert import BertForMaskedLM
 from pretrain.masking import MaskingConfig, mask_tokens, mlm_loss_terms
 from pretrain.tokenizer import PAD_ID
@@ -26,13 +23,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-@contextlib.contextmanager
-def sharding_context(mesh: jax.sharding.Mesh, rules: Rules):
-    """The mesh and logical rules that model tracing needs for its sharding constraints."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        yield
 
 
 def init_state(rng: jax.Array, model: BertForMaskedLM, tx: optax.GradientTransformation,

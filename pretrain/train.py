@@ -112,7 +112,7 @@ def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints):
     """Sharded fresh init, or the latest checkpoint restored onto this mesh."""
     rules = cfg.mesh.rules
     init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
-    with steps.sharding_context(mesh, rules):
+    with mesh_lib.sharding_context(mesh, rules):
         abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, rules)
         latest = ckpts.latest_step()
         if latest is None:
@@ -154,7 +154,7 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
     batches = list(data.eval_batches(eval_chunks, cfg.batch_size))
     if cfg.eval_max_batches:
         batches = batches[:cfg.eval_max_batches]
-    lo, hi = _process_rows(cfg.batch_size)
+    lo, hi = mesh_lib.process_rows(cfg.batch_size)
 
     def evaluate(state) -> dict:
         totals = []
@@ -168,10 +168,6 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
                 'eval_mlm_accuracy': sum(float(t['correct_sum']) for t in sums) / weight}
     return evaluate
 
-
-def _process_rows(batch_size: int) -> tuple[int, int]:
-    per_process = batch_size // jax.process_count()
-    return jax.process_index() * per_process, (jax.process_index() + 1) * per_process
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -195,7 +191,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts)
     masking = masking_config(cfg, tokenizer.vocab_size)
     word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
-    with steps.sharding_context(mesh, cfg.mesh.rules):
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         train_fn, eval_fn = _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts)
     flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
     _log(main, f'model: {count_params(state.params) / 1e6:.2f}M params, mesh '
@@ -224,7 +220,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
         summarize=steps.summarize)
     try:
-        with steps.sharding_context(mesh, cfg.mesh.rules):
+        with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
             run_loop(state, batches.iterate(start_step), start_step, loop_cfg, callbacks,
                      sigterm)
     finally:

@@ -8,3 +8,13 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope='session')
+def corpus(tmp_path_factory) -> str:
+    """A glob of two small generated text files (see tests/helpers.py)."""
+    from tests.helpers import write_corpus
+    return write_corpus(tmp_path_factory.mktemp('corpus'))

@@ -5,7 +5,6 @@ a real process. The model is tiny (1 layer, H32) to keep the suite fast on 2 cor
 """
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -15,55 +14,13 @@ import time
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-ADJECTIVES = 'red blue green big small old young quiet'.split()
-NOUNS = 'cat dog bird horse fish mouse tree house river garden'.split()
-VERBS = 'sat ran flew slept jumped walked'.split()
-PLACES = 'on under over near behind'.split()
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory) -> str:
-    """Two text files of templated sentences (one document per line): structure that even
-    a 1-layer model learns in a few dozen steps."""
-    root = tmp_path_factory.mktemp('corpus')
-    rng = np.random.default_rng(0)
-    for name in ('a', 'b'):
-        lines = [f'the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} '
-                 f'{rng.choice(PLACES)} the {rng.choice(NOUNS)} .' for _ in range(600)]
-        (root / f'{name}.txt').write_text('\n'.join(lines) + '\n')
-    return str(root / '*.txt')
-
-
-def tiny_args(corpus: str, steps: int, *extra: str, dropout: float = 0.0) -> list[str]:
-    return ['--config', f'{REPO}/configs/pretrain.py:tiny', f'--config.num_train_steps={steps}',
-            '--config.model.num_layers=1', '--config.model.hidden_size=32',
-            '--config.model.intermediate_size=64', '--config.model.vocab_size=128',
-            f'--config.model.dropout_rate={dropout}',
-            f'--config.model.attention_dropout_rate={dropout}',
-            '--config.seq_len=32', '--config.batch_size=16', '--config.log_every_steps=2',
-            '--config.eval_every_steps=0', '--config.eval_max_batches=2',
-            '--config.optimizer.warmup_steps=2', '--config.optimizer.learning_rate=3e-3',
-            '--config.data.tokenizer_type=bpe',  # unigram keeps ~50 pieces on this corpus
-            f'--config.data.train_files={corpus}', *extra]
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    return env
-
-
-def launch(workdir, args, devices: int = 1, cwd=REPO) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / 'launch.py'), 'pretrain', '--workdir', str(workdir), *args]
-    return subprocess.run(cmd, cwd=cwd, env=_env(devices), capture_output=True, text=True,
-                          timeout=600)
+from tests.helpers import REPO, env, launch, tiny_args
 
 
 def launch_and_signal(workdir, args, sig, ready) -> tuple[int, str]:
     """Starts a run, sends `sig` once `ready(workdir)` is true; returns (exit code, stderr)."""
     cmd = [sys.executable, 'launch.py', 'pretrain', '--workdir', str(workdir), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(1), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not ready(pathlib.Path(workdir)) and proc.poll() is None:

@@ -27,7 +27,7 @@ def _setup(mesh_shape, devices=None, dropout=0.1, grad_accum=1):
                                        attention_dropout_rate=dropout))
     tx = adamw(cfg.optimizer, 10)
     init = functools.partial(steps.init_state, jax.random.key(0), model, tx, SEQ)
-    with steps.sharding_context(mesh, cfg.mesh.rules):
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
         state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
         train = jax.jit(functools.partial(

@@ -1,0 +1,178 @@
+"""Fine-tuning set-up: the pretrained run, tokenizer, model, sharded state, jitted steps."""
+
+import dataclasses
+import functools
+import pathlib
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from engine import mesh as mesh_lib
+from engine.checkpoint import Checkpoints, restore_subtree
+from engine.config_cli import ConfigError, config_from_json
+from finetune import steps
+from finetune.freeze import freeze_labels
+from finetune.optim import learning_rate_at, make_optimizer
+from models.bert import BertConfig, BertForSequenceClassification
+from models.flops import train_flops_per_step
+from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenizer
+
+ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
+
+
+def pretrained_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path | None:
+    return None if cfg.init_from.lower() == 'none' else pathlib.Path(cfg.init_from).absolute()
+
+
+def check_init_from(cfg: ml_collections.ConfigDict) -> None:
+    """A pretraining workdir must hold its config, tokenizer and a checkpoint."""
+    if not cfg.init_from:
+        raise ConfigError("init_from: set a pretraining workdir, or 'none' for random init")
+    root = pretrained_dir(cfg)
+    if root is None:
+        if cfg.tokenizer_model and not pathlib.Path(cfg.tokenizer_model).is_file():
+            raise ConfigError(f'tokenizer_model: no such file {cfg.tokenizer_model!r}')
+        return
+    for name in ('config.json', MODEL_FILENAME, 'checkpoints'):
+        if not (root / name).exists():
+            raise ConfigError(f'init_from: {str(root)!r} has no {name}; is it a pretraining '
+                              'workdir?')
+    steps_saved = sorted(int(p.name) for p in (root / 'checkpoints').iterdir()
+                         if p.name.isdigit())
+    if not steps_saved or (cfg.init_step and cfg.init_step not in steps_saved):
+        wanted = f'step {cfg.init_step}' if cfg.init_step else 'any step'
+        raise ConfigError(f'init_step: no checkpoint of {wanted} in {root}/checkpoints '
+                          f'(have {steps_saved})')
+
+
+def tokenizer_for(cfg, workdir: pathlib.Path, task: dict) -> Tokenizer:
+    """The pretrained run's tokenizer (copied into this workdir), a given one, or - for a
+    from-scratch run without one - a tokenizer trained on the task's training text."""
+    target = workdir / MODEL_FILENAME
+    source = pretrained_dir(cfg)
+    if source is not None and not target.exists():
+        shutil.copyfile(source / MODEL_FILENAME, target)
+    texts = lambda: iter(task['train'].text_a + (task['train'].text_b or []))  # noqa: E731
+    return load_or_train_tokenizer(str(workdir), texts, cfg.model.vocab_size, 'unigram',
+                                   cfg.tokenizer_model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    model: BertForSequenceClassification
+    model_cfg: BertConfig
+    source: str  # where the encoder weights come from, for the log
+
+    def flops(self, cfg) -> float:
+        return train_flops_per_step(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
+
+
+def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
+    """The classifier: the pretrained run's architecture (or `model` for random init), this
+    config's dropout, and one output per label (one for regression)."""
+    source = pretrained_dir(cfg)
+    if source is not None:
+        model_section = config_from_json((source / 'config.json').read_text()).model
+    else:
+        model_section = cfg.model
+    fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
+              'attention_dropout_rate': cfg.model.attention_dropout_rate,
+              'num_labels': 1 if cfg.task == 'regression' else len(task['label_names'])}
+    try:
+        model_cfg = BertConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'model: {e}') from None
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f'model.vocab_size: {model_cfg.vocab_size} is smaller than the '
+                          f'tokenizer vocabulary ({tokenizer.vocab_size})')
+    return Built(BertForSequenceClassification(model_cfg), model_cfg,
+                 f'{source} (encoder)' if source else 'random')
+
+
+def _fresh_params(cfg, mesh, built: Built):
+    ids = jnp.zeros((1, cfg.seq_len), jnp.int32)
+    init = functools.partial(built.model.init, jax.random.key(cfg.seed), ids)
+    with sharding_context(mesh, cfg):
+        _, shardings = mesh_lib.abstract_and_shardings(lambda: init()['params'], mesh,
+                                                       cfg.mesh.rules)
+        params = jax.jit(lambda: nn.unbox(init()['params']), out_shardings=shardings)()
+    return params
+
+
+def _load_encoder(cfg, params: dict) -> dict:
+    """Replaces embeddings and encoder with the pretrained ones, on this run's shardings."""
+    target = {'params': {'bert': {
+        part: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                           params['bert'][part]) for part in ENCODER_PARTS}}}
+    try:
+        restored = restore_subtree(str(pretrained_dir(cfg) / 'checkpoints'),
+                                   cfg.init_step or None, target)
+    except ValueError as e:  # shapes differ: another architecture
+        raise ConfigError(f'init_from: cannot load its encoder: {e}') from None
+    bert = {**params['bert'], **restored['params']['bert']}
+    return {**params, 'bert': bert}
+
+
+def initial_state(cfg, mesh, built: Built, num_steps: int):
+    """(state, tx, schedule): fresh head, pretrained encoder, trainable/frozen split."""
+    params = _fresh_params(cfg, mesh, built)
+    if pretrained_dir(cfg) is not None:
+        params = _load_encoder(cfg, params)
+    try:
+        labels = freeze_labels(params, cfg.freeze, built.model_cfg.num_layers)
+    except ValueError as e:
+        raise ConfigError(f'freeze: {e}') from None
+    tx = make_optimizer(cfg, params, labels, num_steps, built.model_cfg.num_layers)
+    # Moments inherit the parameters' shardings; step counters go replicated on the mesh.
+    opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+        else jax.device_put(x, mesh_lib.replicated(mesh)), jax.jit(tx.init)(params))
+    step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
+    state = steps.FinetuneState(step=step, params=params, opt_state=opt_state)
+    return state, labels, tx, learning_rate_at(cfg, num_steps)
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def maybe_resume(ckpts: Checkpoints, state):
+    """(state, start step, best-so-far record) from this run's latest checkpoint, if any."""
+    latest = ckpts.latest_step()
+    if latest is None:
+        return state, 0, None
+    restored, meta = ckpts.restore(latest, _abstract(state), _shardings(state))
+    return restored, latest, meta.get('best')
+
+
+def restore_best(best_ckpts: Checkpoints, state):
+    """The best checkpoint's parameters, on the state's shardings."""
+    target = {'params': state.params}
+    restored, _ = best_ckpts.restore(best_ckpts.latest_step(), _abstract(target),
+                                     _shardings(target))
+    return restored['params']
+
+
+def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
+    """The jitted train step (state donated) and prediction step."""
+    shardings = _shardings(state)
+    batch = mesh_lib.batch_sharding(mesh)
+    train = jax.jit(functools.partial(steps.train_step, model=built.model, tx=tx,
+                                      labels=labels, schedule=schedule, task=cfg.task,
+                                      seed=cfg.seed),
+                    in_shardings=(shardings, batch), out_shardings=(shardings, None),
+                    donate_argnums=0)
+    predict = jax.jit(functools.partial(steps.predict_step, model=built.model, task=cfg.task),
+                      in_shardings=(shardings.params, batch))
+    return train, predict
+
+
+def sharding_context(mesh, cfg):
+    return mesh_lib.sharding_context(mesh, cfg.mesh.rules)

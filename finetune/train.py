@@ -1,0 +1,182 @@
+"""Fine-tuning entry: `run(config, workdir)`.
+
+Restores only the encoder (`params/bert/{embeddings,encoder}`) of a pretraining run onto
+this run's mesh, adds a fresh pooler and classifier, splits parameters into trainable and
+frozen, and trains with the same loop as pretraining. Writes the best checkpoint (by
+`metric` on validation), `metrics.jsonl`, TensorBoard events and `results.json`.
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from engine import mesh as mesh_lib
+from engine.checkpoint import Checkpoints
+from engine.config_cli import ConfigError, config_to_json
+from engine.hardware import peak_flops_per_device
+from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
+from engine.metrics_writer import MetricWriter
+from finetune import data, metrics, setup, steps
+from finetune.freeze import count_params_by_label, tree_bytes
+
+
+def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
+    """Checks config, files and data before anything is written; returns (mesh, task)."""
+    for key in ('num_epochs', 'batch_size', 'seq_len', 'log_every_steps'):
+        if cfg[key] < 1:
+            raise ConfigError(f'{key}: must be >= 1, got {cfg[key]}')
+    if cfg.metric not in metrics.METRIC_DIRECTIONS:
+        raise ConfigError(f'metric: {cfg.metric!r} is not one of '
+                          f'{sorted(metrics.METRIC_DIRECTIONS)}')
+    setup.check_init_from(cfg)
+    try:
+        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    except ValueError as e:
+        raise ConfigError(f'mesh.shape: {e}') from None
+    if cfg.batch_size % mesh_lib.data_parallel_size(mesh):
+        raise ConfigError(f'batch_size: {cfg.batch_size} is not divisible by the data-parallel '
+                          f'size {mesh_lib.data_parallel_size(mesh)}')
+    d = cfg.data
+    try:
+        task = data.load_task(d.train_file, d.validation_file, d.test_file,
+                              text_column=d.text_column, text_b_column=d.text_b_column,
+                              label_column=d.label_column, task=cfg.task,
+                              validation_fraction=d.validation_fraction, seed=cfg.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f'data: {e}') from None
+    return mesh, task
+
+
+def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
+    """Metrics of the current params on one encoded split."""
+    lo, hi = mesh_lib.process_rows(cfg.batch_size)
+    outputs, weights = [], []
+    for batch in data.eval_batches(encoded, cfg.batch_size):
+        local = {k: batch[k][lo:hi] for k in ('input_ids', 'token_type_ids', 'attention_mask')}
+        out = predict_fn(params, mesh_lib.shard_batch(local, mesh))
+        outputs.append(np.asarray(jax.device_get(out)))
+        weights.append(batch['weights'])
+    scores = np.concatenate(outputs)[np.concatenate(weights) > 0]
+    labels = encoded['labels']
+    if cfg.task == 'regression':
+        return metrics.regression_metrics(labels, scores[:, 0])
+    return metrics.classification_metrics(labels, scores.argmax(-1), scores.shape[-1])
+
+
+class _BestTracker:
+    """Keeps the best validation metric, saves its params, and counts patience."""
+
+    def __init__(self, cfg, ckpts: Checkpoints, best: dict | None):
+        self.cfg, self.ckpts = cfg, ckpts
+        self.best = best or {'value': None, 'step': 0}
+        self.bad_evals = 0
+
+    def update(self, step: int, state, results: dict) -> None:
+        value = results[self.cfg.metric]
+        if metrics.is_better(self.cfg.metric, value, self.best['value']):
+            self.best = {'value': float(value), 'step': step}
+            self.bad_evals = 0
+            self.ckpts.save(step, {'params': state.params}, {'best': self.best})
+        else:
+            self.bad_evals += 1
+
+    def should_stop(self) -> bool:
+        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+
+
+def _scalar_metrics(results: dict, prefix: str) -> dict:
+    return {f'{prefix}{k}': v for k, v in results.items() if isinstance(v, int | float)}
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Fine-tunes (or resumes) in `workdir`; returns the contents of results.json."""
+    mesh, task = validate(cfg)
+    sigterm = SigtermFlag()
+    workdir = pathlib.Path(workdir).absolute()
+    main = jax.process_index() == 0
+    results_path = workdir / 'results.json'
+    if results_path.exists():
+        print(f'{results_path} exists: this run is complete', flush=True)
+        return json.loads(results_path.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (workdir / 'config.json').write_text(config_to_json(cfg))
+    tokenizer = setup.tokenizer_for(cfg, workdir, task)
+    encoded = {split: data.encode(tokenizer, examples, cfg.seq_len)
+               for split, examples in task.items()
+               if split in ('train', 'validation', 'test') and examples is not None}
+    built = setup.build(cfg, task, tokenizer)
+    if main:  # what `predict` needs besides the best checkpoint
+        (workdir / 'model.json').write_text(json.dumps(dataclasses.asdict(built.model_cfg)))
+        (workdir / 'task.json').write_text(json.dumps(
+            {'task': cfg.task, 'label_names': task['label_names']}))
+    batches = data.TaskBatches(encoded['train'], cfg.batch_size, cfg.seed,
+                               jax.process_index(), jax.process_count())
+    num_steps = cfg.num_epochs * batches.steps_per_epoch
+    state, labels, tx, schedule = setup.initial_state(cfg, mesh, built, num_steps)
+    _log_sizes(main, state, labels, built)
+    ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=1)
+    best_ckpts = Checkpoints(str(workdir / 'best'), keep=1)
+    state, start_step, best = setup.maybe_resume(ckpts, state)
+    train_fn, predict_fn = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
+    tracker = _BestTracker(cfg, best_ckpts, best)
+    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
+
+    def evaluate(s) -> dict:
+        results = _evaluate_split(cfg, mesh, predict_fn, s.params, encoded['validation'], task)
+        tracker.update(int(s.step), s, results)
+        return _scalar_metrics(results, 'eval_')
+
+    loop_cfg = LoopConfig(
+        num_steps=num_steps, log_every=cfg.log_every_steps,
+        eval_every=cfg.eval_every_steps or batches.steps_per_epoch,
+        checkpoint_every=batches.steps_per_epoch,
+        tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=built.flops(cfg),
+        peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
+        is_main=main)
+    callbacks = LoopCallbacks(
+        step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
+        save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}),
+        write=writer.write, summarize=steps.summarize, should_stop=tracker.should_stop)
+    try:
+        with setup.sharding_context(mesh, cfg):
+            state = run_loop(state, batches.iterate(start_step), start_step, loop_cfg,
+                             callbacks, sigterm)
+        best_ckpts.wait()
+        results = _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded,
+                                 task)
+    finally:
+        ckpts.close()
+        best_ckpts.close()
+        writer.close()
+    if main:
+        results_path.write_text(json.dumps(results, indent=2) + '\n')
+        print(json.dumps({k: results['test'].get(k) for k in ('accuracy', 'f1')}
+                         if results.get('test') else results['validation']), flush=True)
+    return results
+
+
+def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, task) -> dict:
+    """Validation and test metrics of the best checkpoint."""
+    best = setup.restore_best(best_ckpts, state)
+    results = {'best_step': tracker.best['step'], 'metric': cfg.metric,
+               'label_names': task['label_names'],
+               'validation': _evaluate_split(cfg, mesh, predict_fn, best,
+                                             encoded['validation'], task)}
+    if 'test' in encoded:
+        results['test'] = _evaluate_split(cfg, mesh, predict_fn, best, encoded['test'], task)
+    return results
+
+
+def _log_sizes(main: bool, state, labels, built) -> None:
+    if not main:
+        return
+    counts = count_params_by_label(state.params, labels)
+    print(f'params: {counts["train"]:,} trainable, {counts["frozen"]:,} frozen; '
+          f'optimizer state: {tree_bytes(state.opt_state):,} bytes; '
+          f'init: {built.source}', flush=True)
+

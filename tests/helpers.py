@@ -1,0 +1,59 @@
+"""Shared by the end-to-end tests: a tiny generated corpus, tiny configs, subprocess runs."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ADJECTIVES = 'red blue green big small old young quiet'.split()
+NOUNS = 'cat dog bird horse fish mouse tree house river garden'.split()
+VERBS = 'sat ran flew slept jumped walked'.split()
+PLACES = 'on under over near behind'.split()
+
+
+def sentence(rng: np.random.Generator) -> tuple[str, str]:
+    """A templated sentence and its adjective."""
+    adjective = rng.choice(ADJECTIVES)
+    return (f'the {adjective} {rng.choice(NOUNS)} {rng.choice(VERBS)} {rng.choice(PLACES)} '
+            f'the {rng.choice(NOUNS)} .'), adjective
+
+
+def write_corpus(root: pathlib.Path) -> str:
+    """Two text files of templated sentences (one document per line): structure that even
+    a 1-layer model learns in a few dozen steps. Returns their glob."""
+    rng = np.random.default_rng(0)
+    for name in ('a', 'b'):
+        lines = [sentence(rng)[0] for _ in range(600)]
+        (root / f'{name}.txt').write_text('\n'.join(lines) + '\n')
+    return str(root / '*.txt')
+
+
+def tiny_args(corpus: str, steps: int, *extra: str, dropout: float = 0.0) -> list[str]:
+    return ['--config', f'{REPO}/configs/pretrain.py:tiny', f'--config.num_train_steps={steps}',
+            '--config.model.num_layers=1', '--config.model.hidden_size=32',
+            '--config.model.intermediate_size=64', '--config.model.vocab_size=128',
+            f'--config.model.dropout_rate={dropout}',
+            f'--config.model.attention_dropout_rate={dropout}',
+            '--config.seq_len=32', '--config.batch_size=16', '--config.log_every_steps=2',
+            '--config.eval_every_steps=0', '--config.eval_max_batches=2',
+            '--config.optimizer.warmup_steps=2', '--config.optimizer.learning_rate=3e-3',
+            '--config.data.tokenizer_type=bpe',  # unigram keeps ~50 pieces on this corpus
+            f'--config.data.train_files={corpus}', *extra]
+
+
+def env(devices: int) -> dict:
+    """This environment with `devices` fake CPU devices."""
+    out = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+    out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    return out
+
+
+def launch(workdir, args, devices: int = 1, cwd=REPO,
+           command: str = 'pretrain') -> subprocess.CompletedProcess:
+    """Runs `launch.py COMMAND --workdir WORKDIR ARGS` in a subprocess."""
+    cmd = [sys.executable, str(REPO / 'launch.py'), command, '--workdir', str(workdir), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env(devices), capture_output=True, text=True,
+                          timeout=600)
