@@ -17,7 +17,7 @@ from finetune import steps
 from finetune.freeze import freeze_labels
 from finetune.optim import learning_rate_at, make_optimizer
 from models.bert import BertConfig, BertForSequenceClassification
-from models.flops import train_flops_per_step
+from models.flops import forward_flops, train_flops_per_step
 from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenizer
 
 ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
@@ -67,6 +67,9 @@ class Built:
     source: str  # where the encoder weights come from, for the log
 
     def flops(self, cfg) -> float:
+        """Model FLOPs per step; a linear probe runs the encoder forward only."""
+        if cfg.freeze == 'encoder':
+            return forward_flops(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
         return train_flops_per_step(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
 
 
