@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import random
 import subprocess
 import sys
 
@@ -57,3 +58,19 @@ def launch(workdir, args, devices: int = 1, cwd=REPO,
     cmd = [sys.executable, str(REPO / 'launch.py'), command, '--workdir', str(workdir), *args]
     return subprocess.run(cmd, cwd=cwd, env=env(devices), capture_output=True, text=True,
                           timeout=600)
+
+
+def make_sentences(n: int, seed: int = 0) -> list[str]:
+    """Sentences of made-up words, for tokenizer and data tests."""
+    rng = random.Random(seed)
+    syllables = ['ka', 'lo', 'mi', 'ter', 'sun', 'ra', 'ven', 'do', 'pi', 'nor', 'gal', 'shu']
+    words = [''.join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(150)]
+    return [' '.join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize() + '.'
+            for _ in range(n)]
+
+
+def small_tokenizer(directory: pathlib.Path):
+    """A 150-piece BPE tokenizer trained on `make_sentences(300)`."""
+    from pretrain import tokenizer
+    return tokenizer.train_tokenizer(make_sentences(300), str(directory / 'spm.model'), 150,
+                                     'bpe')

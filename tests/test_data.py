@@ -2,7 +2,6 @@
 
 import glob
 import os
-import random
 import sys
 
 import numpy as np
@@ -11,20 +10,12 @@ import tensorflow_datasets as tfds
 
 from pretrain import data
 from pretrain import tokenizer as tk
-
-
-def make_sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    syllables = ['ka', 'lo', 'mi', 'ter', 'sun', 'ra', 'ven', 'do', 'pi', 'nor', 'gal', 'shu']
-    words = [''.join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(150)]
-    return [' '.join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize() + '.'
-            for _ in range(n)]
+from tests.helpers import make_sentences, small_tokenizer
 
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory) -> tk.Tokenizer:
-    path = tmp_path_factory.mktemp('tok') / 'spm.model'
-    return tk.train_tokenizer(make_sentences(300), str(path), 150, 'bpe')
+    return small_tokenizer(tmp_path_factory.mktemp('tok'))
 
 
 def write_lines(path, lines) -> str:
