@@ -103,3 +103,30 @@ def test_bad_rows_are_reported_with_file_and_line(tmp_path, capsys):
     assert f'{bad}, line 3' in err and 'empty or missing text' in err
     assert not (tmp_path / 'ft').exists()
 
+
+
+def test_regression_from_scratch_with_early_stopping(tmp_path):
+    """Random init, a tokenizer trained on the task text, a numeric target, patience 1."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for _ in range(300):
+        text, adjective = sentence(rng)
+        rows.append(f'{text},{1.0 if adjective in WARM else -1.0}')
+    train = tmp_path / 'train.csv'
+    train.write_text('text,score\n' + '\n'.join(rows) + '\n')
+    result = run_launch('finetune', tmp_path / 'ft', [
+        '--config', f'{REPO}/configs/finetune.py:custom', '--config.init_from=none',
+        '--config.task=regression', f'--config.data.train_file={train}',
+        '--config.data.label_column=score', '--config.model.num_layers=1',
+        '--config.model.hidden_size=32', '--config.model.intermediate_size=64',
+        '--config.model.vocab_size=128', '--config.seq_len=16', '--config.batch_size=16',
+        '--config.learning_rate=2e-3', '--config.num_epochs=6', '--config.metric=pearson',
+        '--config.eval_every_steps=4', '--config.patience=1'], 1)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / 'ft' / 'results.json').read_text())
+    assert set(results['validation']) >= {'pearson', 'spearman', 'mse'}
+    evals = [json.loads(line) for line in (tmp_path / 'ft' / 'metrics.jsonl').read_text()
+             .splitlines() if 'eval_pearson' in line]
+    steps_per_epoch = 270 // 16 + 1  # 30 of 300 rows carved off for validation
+    assert evals[-1]['step'] < 6 * steps_per_epoch  # stopped early
+    assert evals[-1]['eval_pearson'] < max(e['eval_pearson'] for e in evals[:-1]) + 1e-9
