@@ -102,18 +102,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if results_path.exists():
         print(f'{results_path} exists: this run is complete', flush=True)
         return json.loads(results_path.read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
-    if main:
-        (workdir / 'config.json').write_text(config_to_json(cfg))
-    tokenizer = setup.tokenizer_for(cfg, workdir, task)
-    encoded = {split: data.encode(tokenizer, examples, cfg.seq_len)
-               for split, examples in task.items()
-               if split in ('train', 'validation', 'test') and examples is not None}
-    built = setup.build(cfg, task, tokenizer)
-    if main:  # what `predict` needs besides the best checkpoint
-        (workdir / 'model.json').write_text(json.dumps(dataclasses.asdict(built.model_cfg)))
-        (workdir / 'task.json').write_text(json.dumps(
-            {'task': cfg.task, 'label_names': task['label_names']}))
+    encoded, built = _prepare(cfg, workdir, task, main)
     batches = data.TaskBatches(encoded['train'], cfg.batch_size, cfg.seed,
                                jax.process_index(), jax.process_count())
     num_steps = cfg.num_epochs * batches.steps_per_epoch
@@ -158,6 +147,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         print(json.dumps({k: results['test'].get(k) for k in ('accuracy', 'f1')}
                          if results.get('test') else results['validation']), flush=True)
     return results
+
+
+def _prepare(cfg, workdir: pathlib.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
+    """Writes the config, tokenizer and what `predict` needs; encodes every split."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (workdir / 'config.json').write_text(config_to_json(cfg))
+    tokenizer = setup.tokenizer_for(cfg, workdir, task)
+    encoded = {split: data.encode(tokenizer, examples, cfg.seq_len)
+               for split, examples in task.items()
+               if split in ('train', 'validation', 'test') and examples is not None}
+    built = setup.build(cfg, task, tokenizer)
+    if main:
+        (workdir / 'model.json').write_text(json.dumps(dataclasses.asdict(built.model_cfg)))
+        (workdir / 'task.json').write_text(json.dumps(
+            {'task': cfg.task, 'label_names': task['label_names']}))
+    return encoded, built
 
 
 def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, task) -> dict:
