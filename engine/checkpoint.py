@@ -9,6 +9,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
+def _absolute(directory: str) -> epath.Path:
+    """Orbax needs absolute paths; cloud paths (gs://...) already are."""
+    path = epath.Path(directory)
+    return path if '://' in str(directory) else epath.Path(str(path.absolute()))
+
+
 class Checkpoints:
     """Train state + a JSON side item (data position, resolved config) per step.
 
@@ -20,7 +26,7 @@ class Checkpoints:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=('state', 'meta'))
 
@@ -62,7 +68,7 @@ class Checkpoints:
 def read_state_numpy(directory: str, step: int | None = None) -> dict:
     """A checkpoint's whole state as nested dicts of host numpy arrays, on any device count
     (for tests, export, prediction and inspection; no mesh needed)."""
-    manager = ocp.CheckpointManager(epath.Path(directory), item_names=('state', 'meta'))
+    manager = ocp.CheckpointManager(_absolute(directory), item_names=('state', 'meta'))
     step = manager.latest_step() if step is None else step
     if step is None:
         manager.close()
@@ -91,7 +97,7 @@ def restore_subtree(directory: str, step: int | None, target: dict) -> dict:
     Fine-tuning uses it to take `params/bert/...` from a pretraining checkpoint, leaving
     its MLM head and optimizer state unread.
     """
-    manager = ocp.CheckpointManager(epath.Path(directory), item_names=('state', 'meta'))
+    manager = ocp.CheckpointManager(_absolute(directory), item_names=('state', 'meta'))
     step = manager.latest_step() if step is None else step
     if step is None:
         manager.close()

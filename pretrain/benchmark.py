@@ -23,6 +23,7 @@ from engine import mesh as mesh_lib
 from engine.config_cli import apply_overrides, load_config, split_config_args
 from engine.hardware import measured_matmul_flops, peak_flops_per_device
 from engine.optim import adamw, learning_rate_schedule
+from models.bert import BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
 from pretrain import steps
 from pretrain.train import bert_config, masking_config
@@ -39,7 +40,6 @@ def build_step(cfg):
     """The same jitted train step and sharded state `launch.py pretrain` uses."""
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     model_cfg = bert_config(cfg)
-    from models.bert import BertForMaskedLM
     model = BertForMaskedLM(model_cfg)
     tx = adamw(cfg.optimizer, cfg.num_train_steps)
     masking = masking_config(cfg, model_cfg.vocab_size)

@@ -10,6 +10,7 @@ import math
 import pathlib
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -116,7 +117,6 @@ def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints):
         abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, rules)
         latest = ckpts.latest_step()
         if latest is None:
-            from flax import linen as nn
             state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
             return state, shardings, 0
     state, meta = ckpts.restore(latest, abstract, shardings)
