@@ -169,7 +169,6 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
     return evaluate
 
 
-
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     mesh, files = validate(cfg)

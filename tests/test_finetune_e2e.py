@@ -104,7 +104,6 @@ def test_bad_rows_are_reported_with_file_and_line(tmp_path, capsys):
     assert not (tmp_path / 'ft').exists()
 
 
-
 def test_regression_from_scratch_with_early_stopping(tmp_path):
     """Random init, a tokenizer trained on the task text, a numeric target, patience 1."""
     rng = np.random.default_rng(2)
