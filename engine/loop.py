@@ -25,6 +25,18 @@ class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of the step reached was written."""
 
 
+def summarize_sums(records: list[dict], accuracy_key: str = 'accuracy') -> dict:
+    """Host-side: per-step sums (loss_sum, correct_sum, weight_sum) of a log interval ->
+    weighted mean loss and accuracy, with the last step's lr and grad norm."""
+    weight = max(sum(float(r['weight_sum']) for r in records), 1.0)
+    return {
+        'loss': sum(float(r['loss_sum']) for r in records) / weight,
+        accuracy_key: sum(float(r['correct_sum']) for r in records) / weight,
+        'learning_rate': float(records[-1]['learning_rate']),
+        'grad_norm': float(records[-1]['grad_norm']),
+    }
+
+
 @dataclasses.dataclass
 class LoopConfig:
     num_steps: int
@@ -43,7 +55,7 @@ class LoopCallbacks:
     evaluate: Callable[[Any], dict]  # state -> {'eval_loss': ..., ...}
     save: Callable[[int, Any], None]  # (step, state) -> None, async
     write: Callable[[int, dict], None]  # (step, metrics) -> None
-    summarize: Callable[[list[dict]], dict]  # host metrics of several steps -> one record
+    summarize: Callable[[list[dict]], dict] = summarize_sums  # host records -> one record
     should_stop: Callable[[], bool] = lambda: False  # asked after each evaluation
 
 

@@ -75,13 +75,3 @@ def predict_step(params: Any, batch: dict, *, model: BertForSequenceClassificati
     logits = _apply(model, params, batch, deterministic=True)
     return logits if task == 'regression' else jax.nn.softmax(logits, axis=-1)
 
-
-def summarize(records: list[dict]) -> dict:
-    """Host-side: per-step sums -> mean loss and accuracy, last lr and grad norm."""
-    weight = max(sum(float(r['weight_sum']) for r in records), 1.0)
-    return {
-        'loss': sum(float(r['loss_sum']) for r in records) / weight,
-        'accuracy': sum(float(r['correct_sum']) for r in records) / weight,
-        'learning_rate': float(records[-1]['learning_rate']),
-        'grad_norm': float(records[-1]['grad_norm']),
-    }

@@ -20,7 +20,7 @@ from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
 from engine.metrics_writer import MetricWriter
-from finetune import data, metrics, setup, steps
+from finetune import data, metrics, setup
 from finetune.freeze import count_params_by_label, tree_bytes
 
 
@@ -130,7 +130,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}),
-        write=writer.write, summarize=steps.summarize, should_stop=tracker.should_stop)
+        write=writer.write, should_stop=tracker.should_stop)
     try:
         with setup.sharding_context(mesh, cfg):
             state = run_loop(state, batches.iterate(start_step), start_step, loop_cfg,

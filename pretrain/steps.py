@@ -103,13 +103,3 @@ def eval_step(params: Any, batch: dict, index: jax.Array, *, model: BertForMaske
     _, terms = _forward_terms(params, inputs, rng, model=model, deterministic=True)
     return terms
 
-
-def summarize(records: list[dict]) -> dict:
-    """Host-side: per-step sums -> loss/accuracy over the interval, last lr and grad norm."""
-    weight = max(sum(float(r['weight_sum']) for r in records), 1.0)
-    return {
-        'loss': sum(float(r['loss_sum']) for r in records) / weight,
-        'mlm_accuracy': sum(float(r['correct_sum']) for r in records) / weight,
-        'learning_rate': float(records[-1]['learning_rate']),
-        'grad_norm': float(records[-1]['grad_norm']),
-    }

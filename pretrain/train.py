@@ -19,7 +19,7 @@ from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
-from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
+from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop, summarize_sums
 from engine.metrics_writer import MetricWriter
 from engine.optim import adamw, learning_rate_schedule
 from models.bert import BertConfig, BertForMaskedLM
@@ -217,7 +217,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
-        summarize=steps.summarize)
+        summarize=functools.partial(summarize_sums, accuracy_key='mlm_accuracy'))
     try:
         with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
             run_loop(state, batches.iterate(start_step), start_step, loop_cfg, callbacks,
