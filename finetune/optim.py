@@ -1,19 +1,42 @@
-"""The fine-tuning optimizer over the FULL parameter tree, frozen leaves included:
+"""The fine-tuning optimizer: AdamW with frozen parameters, LR groups, clipping and L2-SP.
 
-    chain(L2-SP pull toward the pretrained weights   (masked: pretrained trainable leaves)
-          clip_by_global_norm                        (masked: trainable leaves only)
-          multi_transform({'frozen': set_to_zero(),  one AdamW per lr group}, group labels))
+Design. The transformation is built over the parameters' structure with the static
+'train' / 'frozen' labels of `finetune.freeze`:
 
-Frozen leaves get `set_to_zero` (no optimizer state: `EmptyState`, and the AdamW groups see
-them as `MaskedNode`s that hold no arrays); the global norm for clipping is computed over
-trainable gradients only. The train step never differentiates frozen leaves: it passes
-zeros in their place, which nothing reads.
+    multi_transform({
+        'frozen': set_to_zero(),                        # no state, zero updates
+        'train':  chain(l2sp(strength)   [pretrained leaves only, if l2sp > 0],
+                        clip_by_global_norm(max_grad_norm),
+                        scale_by_adam, add_decayed_weights(weight_decay, mask),
+                        scale_by_schedule(warm-up/decay shape in [0, 1]),
+                        scale by -(peak learning rate of the leaf's group)),
+    }, labels)
 
-Learning-rate groups: 'head' (pooler + classifier, `head_learning_rate`), and either one
-'body' group or, with layer-wise decay, 'embeddings' and 'layer_i' groups whose rate is
-learning_rate * layer_decay ** depth (depth 1 for the top layer, L+1 for embeddings).
+Inside the 'train' branch every frozen leaf is an `optax.MaskedNode` (an empty pytree), so:
+Adam moments and the L2-SP anchor exist for trainable leaves only; the global norm used for
+clipping is over trainable gradients only; frozen leaves never reach any arithmetic.
+
+Contract with the train step (see `finetune.freeze.split_params`):
+    trainable, frozen = split_params(params, labels)
+    grads = jax.grad(loss)(trainable, frozen, ...)   # None at frozen leaves: never computed
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    params = merge_params(optax.apply_updates(trainable, updates), frozen)
+Frozen values are passed through untouched, hence bit-identical. For convenience the
+optimizer equally accepts full trees (`tx.init(params)`; zeros or any placeholder as the
+frozen gradients, full params in `update`): the frozen placeholders are never read, and
+their updates are exact zeros. `tx.init` gives the same state structure either way.
+
+Learning rates: every trainable leaf has a peak rate (`peak_learning_rates`): the head
+(classifier/*, bert/pooler/*) gets `head_learning_rate` (0 = `learning_rate`); with
+layer_decay < 1 encoder layer i of L gets learning_rate * layer_decay ** (L - i) and the
+embeddings layer_decay ** (L + 1). One shared schedule shape (linear warm-up over
+warmup_fraction of the steps, then linear decay to 0) multiplies all of them. A single Adam
+with a per-leaf rate equals one AdamW per group (Adam is element-wise and every group steps
+together) without one step counter per group.
 """
 
+import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -21,82 +44,129 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from engine.optim import weight_decay_mask
-from finetune.freeze import FROZEN, TRAIN, path_of
+from engine.optim import learning_rate_schedule, weight_decay_mask
+from finetune.freeze import FROZEN, TRAIN, count_layers, is_head, layer_depth, path_of
 
-HEAD_PREFIXES = ('classifier/', 'bert/pooler/')
+_DEFAULTS = dict(learning_rate=2e-5, head_learning_rate=0.0, warmup_fraction=0.1,
+                 weight_decay=0.01, layer_decay=1.0, max_grad_norm=1.0, b1=0.9, b2=0.999,
+                 eps=1e-6, l2sp=0.0)
+
+
+def _get(cfg: ml_collections.ConfigDict, name: str) -> float:
+    return float(cfg.get(name, _DEFAULTS[name]))
+
+
+def _shape_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
+                    peak: float) -> optax.Schedule:
+    """engine.optim's warm-up + linear decay, with warm-up given as a fraction of the run."""
+    fraction = _get(cfg, 'warmup_fraction')
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f'warmup_fraction must be in [0, 1], got {fraction}')
+    # ceil like Hugging Face's warmup_ratio: any positive fraction warms up for >= 1 step.
+    warmup = math.ceil(fraction * total_steps)
+    sched = ml_collections.ConfigDict(
+        dict(learning_rate=peak, warmup_steps=warmup, schedule='linear'))
+    return learning_rate_schedule(sched, total_steps)
 
 
 def learning_rate_at(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warm-up over warmup_fraction of the steps, then linear decay to 0."""
-    warmup = int(cfg.warmup_fraction * total_steps)
-    decay = optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - warmup, 1))
-    if not warmup:
-        return decay
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+    """step -> the body's learning rate (peak `learning_rate`), for logging."""
+    return _shape_schedule(cfg, total_steps, _get(cfg, 'learning_rate'))
 
 
-def _group(path: str, num_layers: int, layer_decay: float) -> str:
-    if path.startswith(HEAD_PREFIXES):
-        return 'head'
-    if layer_decay == 1.0:
-        return 'body'
-    if path.startswith('bert/encoder/layer_'):
-        return 'layer_' + path.split('/')[2].split('_')[1]
-    return 'embeddings'  # embeddings and a pre-LN final LayerNorm sit with the bottom
+def _peak_of(cfg: ml_collections.ConfigDict, num_layers: int) -> Callable[[str], float]:
+    lr, decay = _get(cfg, 'learning_rate'), _get(cfg, 'layer_decay')
+    head = _get(cfg, 'head_learning_rate') or lr
+    if decay <= 0.0:
+        raise ValueError(f'layer_decay must be > 0, got {decay}')
+
+    def peak(path: str) -> float:
+        depth = layer_depth(path, num_layers)
+        return head if depth == 0 else lr * decay ** depth
+    return peak
 
 
-def _group_scale(group: str, cfg, num_layers: int) -> float:
-    if group == 'head':
-        return (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate
-    if group == 'body':
-        return 1.0
-    depth = num_layers + 1 if group == 'embeddings' else num_layers - int(group[6:])
-    return cfg.layer_decay ** depth
+def peak_learning_rates(cfg: ml_collections.ConfigDict, params: Any,
+                        num_layers: int | None = None) -> Any:
+    """A tree of `params`' structure: each leaf's peak learning rate (see the module doc)."""
+    peak = _peak_of(cfg, count_layers(params) if num_layers is None else num_layers)
+    return jax.tree_util.tree_map_with_path(lambda kp, _: peak(path_of(kp)), params)
 
 
-def group_labels(params: Any, labels: Any, cfg, num_layers: int) -> Any:
-    """'frozen', or the learning-rate group of each trainable leaf."""
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _, lab: FROZEN if lab == FROZEN else _group(path_of(kp), num_layers,
-                                                               cfg.layer_decay),
-        params, labels)
+def _scale_by_path(scale_of: Callable[[str], float]) -> optax.GradientTransformation:
+    """Multiplies each update by a constant chosen by its path (MaskedNodes are skipped)."""
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda kp, u: u * jnp.asarray(scale_of(path_of(kp)), u.dtype), updates)
+        return scaled, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 class L2SPState(NamedTuple):
-    start: Any  # the weights at the start of fine-tuning
+    start: Any  # p0: the (pretrained) weights passed to `init`
 
 
 def l2sp(strength: float) -> optax.GradientTransformation:
-    """Adds strength * (p - p0) to the gradient: L2-SP (Li et al. 2018), a pull toward the
-    pretrained weights p0 rather than toward zero. Keeps a copy of p0 as its state."""
+    """L2-SP (Li et al. 2018): adds strength * (p - p0) to the gradient, the gradient of
+    strength/2 * ||p - p0||^2, which pulls weights toward their starting (pretrained) values
+    p0 rather than toward zero. p0 is copied from the params given to `init` and kept in the
+    optimizer state (one extra float per leaf it applies to); `update` needs `params`."""
     def init(params):
         return L2SPState(start=jax.tree.map(jnp.copy, params))
 
-    def update(grads, state, params):
-        grads = jax.tree.map(lambda g, p, p0: g + strength * (p - p0), grads, params, state.start)
-        return grads, state
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError('l2sp needs the current params in tx.update(grads, state, params)')
+        pulled = jax.tree.map(lambda g, p, p0: g + strength * (p - p0).astype(g.dtype),
+                              grads, params, state.start)
+        return pulled, state
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, labels: Any,
-                   total_steps: int, num_layers: int) -> optax.GradientTransformation:
-    groups = group_labels(params, labels, cfg, num_layers)
-    trainable = jax.tree.map(lambda lab: lab == TRAIN, labels)
-    pretrained = jax.tree_util.tree_map_with_path(
-        lambda kp, lab: lab == TRAIN and not path_of(kp).startswith(HEAD_PREFIXES), labels)
-    schedule = learning_rate_at(cfg, total_steps)
-    transforms = {FROZEN: optax.set_to_zero()}
-    for name in set(jax.tree.leaves(groups)) - {FROZEN}:
-        scale = _group_scale(name, cfg, num_layers)
-        transforms[name] = optax.adamw(lambda step, s=scale: s * schedule(step), b1=cfg.b1,
-                                       b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                       mask=weight_decay_mask)
+def _pretrained_mask(tree: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda kp, _: not is_head(path_of(kp)), tree)
+
+
+def _train_branch(cfg: ml_collections.ConfigDict, num_layers: int,
+                  total_steps: int) -> optax.GradientTransformation:
+    """Everything a trainable leaf goes through; frozen leaves are MaskedNodes in here."""
     parts = []
-    if cfg.l2sp:
-        parts.append(optax.masked(l2sp(cfg.l2sp), pretrained))
-    if cfg.max_grad_norm:
-        parts.append(optax.masked(optax.clip_by_global_norm(cfg.max_grad_norm), trainable))
-    parts.append(optax.multi_transform(transforms, groups))
+    if _get(cfg, 'l2sp'):
+        # Before clipping: the penalty is a term of the objective, so it is clipped with it.
+        parts.append(optax.masked(l2sp(_get(cfg, 'l2sp')), _pretrained_mask))
+    if _get(cfg, 'max_grad_norm'):
+        parts.append(optax.clip_by_global_norm(_get(cfg, 'max_grad_norm')))
+    parts.append(optax.scale_by_adam(b1=_get(cfg, 'b1'), b2=_get(cfg, 'b2'), eps=_get(cfg, 'eps')))
+    if _get(cfg, 'weight_decay'):
+        # Decoupled (AdamW) decay, scaled by the leaf's learning rate like optax.adamw.
+        parts.append(optax.add_decayed_weights(_get(cfg, 'weight_decay'), mask=weight_decay_mask))
+    peak = _peak_of(cfg, num_layers)
+    parts += [optax.scale_by_schedule(_shape_schedule(cfg, total_steps, 1.0)),
+              _scale_by_path(lambda path: -peak(path))]
     return optax.chain(*parts)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, labels: Any,
+                   total_steps: int, num_layers: int | None = None
+                   ) -> optax.GradientTransformation:
+    """The fine-tuning optimizer for `labels` (from `freeze_labels(params, ...)`).
+
+    `cfg` fields: learning_rate, head_learning_rate, warmup_fraction, weight_decay,
+    layer_decay, max_grad_norm (0 = no clipping), b1, b2, eps, l2sp (see the module doc).
+    `num_layers` defaults to the number of encoder layers in `params`. With l2sp > 0, call
+    `tx.init` on the pretrained weights: they become the L2-SP anchor p0."""
+    if total_steps < 1:
+        raise ValueError(f'total_steps must be >= 1, got {total_steps}')
+    found = count_layers(params)
+    if num_layers is None:
+        num_layers = found
+    elif found and found != num_layers:
+        raise ValueError(f'num_layers={num_layers} but the parameters have {found} layers')
+    bad = set(jax.tree.leaves(labels)) - {TRAIN, FROZEN}
+    if bad:
+        raise ValueError(f'labels must be {TRAIN!r} or {FROZEN!r}, got {sorted(bad)}')
+    peak_learning_rates(cfg, params, num_layers)  # fails early on unknown paths or bad cfg
+    return optax.multi_transform(
+        {TRAIN: _train_branch(cfg, num_layers, total_steps), FROZEN: optax.set_to_zero()},
+        labels)
