@@ -12,15 +12,17 @@ Examples:
   python launch.py finetune --config configs/finetune.py:sentiment --workdir runs/ft \\
       --config.init_from=runs/tiny
   python launch.py predict --workdir runs/ft --input reviews.txt --output predictions.jsonl
+
+`--config FILE:ARG` and `--config.KEY=VALUE` overrides apply to the subcommands that take a
+config; anything after a bare `--` is passed through untouched (to `args.passthrough`).
 """
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from engine.config_cli import ConfigError, apply_overrides, load_config, split_config_args
-
-DEFAULT_CONFIGS = {'pretrain': 'configs/pretrain.py:tiny',
-                   'finetune': 'configs/finetune.py:sentiment'}
 
 
 def _pretrain(config, args) -> None:
@@ -38,32 +40,71 @@ def _predict(config, args) -> None:
     predict.run(args.workdir, args.input, args.output)
 
 
-COMMANDS = {'pretrain': _pretrain, 'finetune': _finetune, 'predict': _predict}
+def _workdir_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--workdir', required=True, help='run directory (created if missing)')
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--workdir', required=True, help='a fine-tuning run directory')
+    parser.add_argument('--input', required=True,
+                        help='a text file (one text a line), CSV or JSONL')
+    parser.add_argument('--output', default='', help='JSONL path (default: stdout)')
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable  # run(config or None, args)
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    default_config: str = ''  # '' = the command takes no --config
+
+
+COMMANDS = {
+    'pretrain': Command(_pretrain, 'masked-LM pretraining', _workdir_arguments,
+                        'configs/pretrain.py:tiny'),
+    'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
+                        _workdir_arguments, 'configs/finetune.py:sentiment'),
+    'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='launch.py', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help)
+        if command.default_config:
+            sub.add_argument('--config', metavar='FILE:ARG',
+                             help=f'config (default {command.default_config}); '
+                                  'override keys with --config.KEY=VALUE')
+        command.add_arguments(sub)
+    return parser
 
 
 def parse(argv: list[str]):
-    """Returns (command function, resolved config or None, parsed args)."""
+    """Returns (Command, resolved config or None, parsed args)."""
+    passthrough: list[str] = []
+    if '--' in argv:
+        cut = argv.index('--')
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     spec, overrides, rest = split_config_args(argv)
-    parser = argparse.ArgumentParser(
-        prog='launch.py', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument('command', choices=sorted(COMMANDS))
-    parser.add_argument('--workdir', required=True, help='run directory (created if missing)')
-    parser.add_argument('--input', help='predict: a text file (one text a line), CSV or JSONL')
-    parser.add_argument('--output', default='', help='predict: JSONL path (default: stdout)')
-    args = parser.parse_args(rest)
-    if args.command == 'predict':
-        if not args.input:
-            raise ConfigError('--input: predict needs a file of texts')
-        return COMMANDS[args.command], None, args
-    config = load_config(spec or DEFAULT_CONFIGS[args.command])
+    args = _parser().parse_args(rest)
+    args.passthrough = passthrough
+    command = COMMANDS[args.command]
+    if not command.default_config:
+        if spec or overrides:
+            raise ConfigError(f'{args.command} takes no --config')
+        return command, None, args
+    config = load_config(spec or command.default_config)
     apply_overrides(config, overrides)
-    return COMMANDS[args.command], config, args
+    return command, config, args
 
 
 def main(argv: list[str]) -> int:
     try:
         command, config, args = parse(argv)
-        command(config, args)
+        command.run(config, args)
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
