@@ -19,8 +19,8 @@ config; anything after a bare `--` is passed through untouched (to `args.passthr
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from engine.config_cli import ConfigError, apply_overrides, load_config, split_config_args
 
