@@ -4,6 +4,10 @@ Subcommands:
   pretrain   masked-LM pretraining (resumes from WORKDIR's latest checkpoint if any)
   finetune   fine-tune a pretraining run's encoder on a classification/regression task
   predict    class probabilities of a fine-tuned run for new text, as JSONL
+  evaluate   fine-tune tasks x variants x seeds; mean ± std tables (pretrained vs scratch)
+  search     hyper-parameter search over fine-tuning configs (optuna; resumes from study.db)
+  export     a workdir -> a Hugging Face transformers BERT directory (parity-checked)
+  import     a Hugging Face BERT directory -> a workdir to pretrain or fine-tune from
 
 Examples:
   python launch.py pretrain --config configs/pretrain.py:tiny --workdir runs/tiny
@@ -12,6 +16,18 @@ Examples:
   python launch.py finetune --config configs/finetune.py:sentiment --workdir runs/ft \\
       --config.init_from=runs/tiny
   python launch.py predict --workdir runs/ft --input reviews.txt --output predictions.jsonl
+  python launch.py pretrain --config configs/pretrain.py:large --workdir gs://bucket/run \\
+      --config.mesh.shape='(16,16)' --dry-run
+  python launch.py tpu --name my-v5e-64 --zone us-central2-b -- pretrain \\
+      --config configs/pretrain.py:base --workdir gs://bucket/run
+  python launch.py slurm --nodes 4 --gpus-per-node 8 --submit -- pretrain \\
+      --config configs/pretrain.py:base --workdir /shared/runs/base
+  python launch.py export --workdir runs/tiny --output hf/tiny
+  python launch.py import --hf-dir hf/tiny --workdir runs/from_hf
+  python launch.py evaluate --config configs/suite.py:demo --workdir runs/eval \\
+      --config.init_from=runs/tiny
+  python launch.py search --config configs/search.py:demo --workdir runs/search \\
+      --config.init_from=runs/tiny --config.sampler=random
 
 `--config FILE:ARG` and `--config.KEY=VALUE` overrides apply to the subcommands that take a
 config; anything after a bare `--` is passed through untouched (to `args.passthrough`).
@@ -26,11 +42,19 @@ from engine.config_cli import ConfigError, apply_overrides, load_config, split_c
 
 
 def _pretrain(config, args) -> None:
+    if args.dry_run:
+        from pretrain import dry_run
+        dry_run.run(config, args.config_spec)
+        return
+    from engine import distributed
+    distributed.initialize(args)  # before anything touches a device
     from pretrain import train  # imported late so `--help` and config errors stay instant
     train.run(config, args.workdir)
 
 
 def _finetune(config, args) -> None:
+    from engine import distributed
+    distributed.initialize(args)
     from finetune import train
     train.run(config, args.workdir)
 
@@ -40,8 +64,119 @@ def _predict(config, args) -> None:
     predict.run(args.workdir, args.input, args.output)
 
 
+def _evaluate(config, args) -> None:
+    from finetune import suite
+    suite.run(config, args.workdir)
+
+
+def _search(config, args) -> None:
+    from finetune import search  # imports optuna only here
+    search.run(config, args.workdir)
+
+
 def _workdir_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workdir', required=True, help='run directory (created if missing)')
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _workdir_arguments(parser)
+    from engine import cluster
+    cluster.add_process_arguments(parser)
+
+
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    _train_arguments(parser)
+    parser.add_argument('--dry-run', action='store_true',
+                        help='print the resolved config, mesh, shardings, parameter count, '
+                             'FLOPs and memory per device, then exit (nothing is allocated)')
+
+
+def _tpu(config, args) -> None:
+    import shlex
+    import subprocess
+
+    from engine import cluster
+    parse(args.passthrough)  # a misspelt key fails here, not on every host
+    try:
+        command = cluster.tpu_command(args.name, args.zone, args.passthrough, args.remote_dir,
+                                      args.project, cluster.pinned_jax_version())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(shlex.join(command), flush=True)
+    if args.execute:
+        subprocess.run(command, check=True)
+
+
+def _tpu_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine import cluster
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = cluster.tpu_epilog()
+    parser.add_argument('--name', required=True, help='TPU VM name')
+    parser.add_argument('--zone', required=True)
+    parser.add_argument('--project', default='', help='default: gcloud\'s configured project')
+    parser.add_argument('--remote-dir', default='~/bertjax',
+                        help='where this repository is on every worker')
+    parser.add_argument('--execute', action='store_true', help='run it (default: print it)')
+
+
+def _slurm(config, args) -> None:
+    import pathlib
+    import subprocess
+
+    from engine import cluster
+    parse(args.passthrough)
+    try:
+        script = cluster.sbatch_script(args.passthrough, args.nodes, args.gpus_per_node,
+                                       args.job_name, args.time, str(pathlib.Path.cwd()),
+                                       args.partition)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    pathlib.Path(args.script).write_text(script)
+    print(f'wrote {args.script}:\n{script}', end='', flush=True)
+    if args.submit:
+        subprocess.run(['sbatch', args.script], check=True)
+
+
+def _slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine import cluster
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = cluster.slurm_epilog()
+    parser.add_argument('--nodes', type=int, required=True)
+    parser.add_argument('--gpus-per-node', type=int, default=8)
+    parser.add_argument('--time', default='', help='time limit, e.g. 24:00:00')
+    parser.add_argument('--partition', default='')
+    parser.add_argument('--job-name', default='bert')
+    parser.add_argument('--script', default='launch.sbatch', help='where to write the script')
+    parser.add_argument('--submit', action='store_true', help='also run sbatch on it')
+
+
+def _export(config, args) -> None:
+    from convert import export
+    export.run(args.workdir, args.output, args.step, check=not args.no_verify)
+
+
+def _import(config, args) -> None:
+    from convert import importer
+    importer.run(args.hf_dir, args.workdir, args.step)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--workdir', required=True, help='a pretraining or fine-tuning run')
+    parser.add_argument('--output', required=True, help='directory to create')
+    parser.add_argument('--step', type=int, default=None,
+                        help="checkpoint step (default: the latest; a fine-tuning run's best)")
+    parser.add_argument('--no-verify', action='store_true',
+                        help='skip loading the result with transformers to compare logits')
+
+
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--hf-dir', required=True,
+                        help='a local Hugging Face BERT directory (config.json, weights, '
+                             'vocab.txt or a sentencepiece/tokenizer file)')
+    parser.add_argument('--workdir', required=True, help='run directory to create')
+    parser.add_argument('--step', type=int, default=None,
+                        help='use the checkpoint-STEP subdirectory of --hf-dir (Trainer '
+                             'output); default: --hf-dir itself, else its latest checkpoint-*')
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,11 +195,21 @@ class Command:
 
 
 COMMANDS = {
-    'pretrain': Command(_pretrain, 'masked-LM pretraining', _workdir_arguments,
+    'pretrain': Command(_pretrain, 'masked-LM pretraining', _pretrain_arguments,
                         'configs/pretrain.py:tiny'),
     'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
-                        _workdir_arguments, 'configs/finetune.py:sentiment'),
+                        _train_arguments, 'configs/finetune.py:sentiment'),
     'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments),
+    'export': Command(_export, 'export to Hugging Face transformers', _export_arguments),
+    'import': Command(_import, 'import a Hugging Face BERT', _import_arguments),
+    'evaluate': Command(_evaluate, 'multi-seed fine-tuning suite: mean ± std tables',
+                        _workdir_arguments, 'configs/suite.py:demo'),
+    'search': Command(_search, 'hyper-parameter search (optuna TPE or random), resumable',
+                      _workdir_arguments, 'configs/search.py:demo'),
+    'tpu': Command(_tpu, 'print/run the gcloud command starting a run on every TPU VM worker',
+                   _tpu_arguments),
+    'slurm': Command(_slurm, 'write/submit an sbatch script starting a run on SLURM',
+                     _slurm_arguments),
 }
 
 
@@ -96,7 +241,8 @@ def parse(argv: list[str]):
         if spec or overrides:
             raise ConfigError(f'{args.command} takes no --config')
         return command, None, args
-    config = load_config(spec or command.default_config)
+    args.config_spec = spec or command.default_config
+    config = load_config(args.config_spec)
     apply_overrides(config, overrides)
     return command, config, args
 
@@ -109,10 +255,10 @@ def main(argv: list[str]) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except Exception as e:  # the loop's own stop reasons: one clear line, no traceback
-        from engine.loop import NonFiniteLoss, Preempted
-        if isinstance(e, Preempted):
+        from engine.loop import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted
+        if isinstance(e, Preempted):  # saved; 75 asks the scheduler to run it again
             print(str(e), file=sys.stderr)
-            return 0
+            return REQUEUE_EXIT_CODE
         if isinstance(e, NonFiniteLoss):
             print(f'error: {e}', file=sys.stderr)
             return 1

@@ -47,6 +47,9 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.max_grad_norm = 1.0  # over trainable gradients only; 0 disables
     c.b1, c.b2, c.eps = 0.9, 0.999, 1e-6
     c.l2sp = 0.0  # L2-SP strength: pulls pretrained weights toward their start; 0 = off
+    # Gradual unfreezing: head only first, then one more layer from the top every N steps
+    # (embeddings last); 0 = off. See finetune/unfreeze.py.
+    c.gradual_unfreeze_steps = 0
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0 = at the end of every epoch only
     c.metric = 'f1'  # validation metric for the best checkpoint and early stopping
@@ -61,12 +64,32 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.data.text_b_column = ''  # set (e.g. 'text_b') for text-pair tasks
     c.data.label_column = 'label'
     c.data.validation_fraction = 0.1
+    c.data.max_train_examples = 0  # > 0: a seeded random subset of train (low-label regime)
+    c.data.few_shot_k = 0  # > 0: K training examples per class, seeded (finetune/augment.py)
 
     # Used only with init_from=none; otherwise the pretrained model's config is used and
     # only the dropout rates below apply.
     c.model = model_config('tiny')
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.1
+
+    # Parameter-efficient fine-tuning (finetune/peft.py): only these params + the head train.
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = 'none'  # 'none', 'lora' or 'adapter'
+    c.peft.rank = 8  # LoRA rank
+    c.peft.alpha = 16.0  # LoRA scale = alpha / rank
+    # Encoder Dense layers LoRA adapts: names (query, key, value, attention_output,
+    # intermediate, output) or regexes on module paths, comma-separated.
+    c.peft.targets = 'query,key,value,attention_output,intermediate,output'
+    c.peft.adapter_size = 16  # adapter bottleneck width
+    c.peft.adapter_placement = 'houlsby'  # 'houlsby' (attention + FFN) or 'pfeiffer' (FFN)
+    c.peft.train_layer_norm = False  # also train every LayerNorm
+
+    # Training-batch token augmentation (finetune/augment.py): per-token probabilities.
+    c.augment = ml_collections.ConfigDict()
+    c.augment.delete = 0.0  # drop the token
+    c.augment.swap = 0.0  # swap it with another token of its segment
+    c.augment.mask = 0.0  # replace it with [MASK]
 
     if task == 'sentiment':  # ... but the demo is a tiny model on a 2-core budget
         c.num_epochs, c.seq_len, c.learning_rate = 1, 64, 3e-4  # best of 3e-5/1e-4/3e-4

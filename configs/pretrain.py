@@ -54,6 +54,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.eval_max_batches = 20  # cap on held-out batches per eval (0 = the whole split)
     c.checkpoint_every_steps = 350  # also saved at the end and on SIGTERM
     c.keep_checkpoints = 3  # most recent checkpoints kept on disk
+    # Budgets that survive restarts (kept in each checkpoint); reaching one saves and ends
+    # the run with exit status 0. 0 = no limit.
+    c.max_runtime = 0.0  # wall-clock seconds over all runs of this workdir, set-up included
+    c.train_tokens = 0  # tokens (batch_size x seq_len per step) over all runs of this workdir
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the chip, or measure a matmul on CPU
 
     c.model = model_config(size)
@@ -92,6 +96,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 
 def _optimizer_config(learning_rate: float) -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
+    o.name = 'adamw'  # 'adamw', or 'lamb' (layer-wise trust ratio, for large batches)
     o.learning_rate = learning_rate  # peak
     o.warmup_steps = 70  # linear warm-up from 0 to the peak
     o.schedule = 'linear'  # decay after warm-up: 'linear' (to 0), 'cosine' or 'constant'

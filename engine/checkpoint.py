@@ -15,6 +15,11 @@ def _absolute(directory: str) -> epath.Path:
     return path if '://' in str(directory) else epath.Path(str(path.absolute()))
 
 
+def absolute_path(directory: str) -> epath.Path:
+    """A local path made absolute, a cloud path (gs://...) passed through unchanged."""
+    return _absolute(directory)
+
+
 class Checkpoints:
     """Train state + a JSON side item (data position, resolved config) per step.
 
@@ -68,19 +73,23 @@ class Checkpoints:
 def read_state_numpy(directory: str, step: int | None = None) -> dict:
     """A checkpoint's whole state as nested dicts of host numpy arrays, on any device count
     (for tests, export, prediction and inspection; no mesh needed)."""
-    manager = ocp.CheckpointManager(_absolute(directory), item_names=('state', 'meta'))
+    manager = ocp.CheckpointManager(_absolute(directory), item_names=('state', 'meta'),
+                                    item_handlers={'state': ocp.StandardCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         manager.close()
         raise FileNotFoundError(f'no checkpoint in {directory}')
-    metadata = manager.item_metadata(step)['state']
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    with warnings.catch_warnings():  # "no sharding info": intended, arrays come back to host
+    # Every leaf onto one local device, whatever mesh or hosts wrote it (a checkpoint of a
+    # multi-process run names devices this process does not have), then to host numpy.
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          manager.item_metadata(step)['state'])
+    with warnings.catch_warnings():
         warnings.simplefilter('ignore', UserWarning)
         state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(restore_args=as_numpy))).state
+            state=ocp.args.StandardRestore(target))).state
     manager.close()
-    return state
+    return jax.tree.map(np.asarray, state)
 
 
 def read_params_numpy(directory: str, step: int | None = None) -> dict[str, np.ndarray]:

@@ -20,11 +20,17 @@ class ConfigError(ValueError):
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/file.py[:arg]` by calling the module's `get_config(arg)`."""
+    """Loads `path/to/file.py[:arg]` by calling the module's `get_config(arg)`, or a run's
+    saved `config.json` (e.g. to continue pretraining an imported checkpoint)."""
     path, _, arg = spec.partition(':')
     file = pathlib.Path(path)
     if not file.is_file():
         raise ConfigError(f'--config: no such file {path!r}')
+    if file.suffix == '.json':
+        try:
+            return config_from_json(file.read_text())
+        except ValueError as e:
+            raise ConfigError(f'--config: {path}: {e}') from None
     module_spec = importlib.util.spec_from_file_location(f'_config_{file.stem}', file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -79,7 +85,8 @@ def _parse_value(key: str, old: Any, text: str) -> Any:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies `key=value` overrides (dotted keys) in place, type-checked."""
+    """Applies `key=value` overrides (dotted keys) in place, type-checked. Only the sections
+    a config lists in its `open_sections` accept new (string) keys."""
     for item in overrides:
         key, sep, text = item.partition('=')
         if not sep:
@@ -90,6 +97,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
                 raise _unknown_key(key, config)
             node = node[part]
+        if leaf not in node and '.'.join(parents) in config.get('open_sections', ()):
+            node[leaf] = ''  # a new entry of a name -> 'text' section (see configs/suite.py)
         if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
             raise _unknown_key(key, config)
         with node.ignore_type():

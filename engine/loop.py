@@ -9,7 +9,7 @@ import dataclasses
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -23,6 +23,13 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of the step reached was written."""
+
+
+# Exit status of a preempted run: EX_TEMPFAIL (sysexits.h, "try again later"). Not 0, so a
+# scheduler does not count the run as finished; the generated sbatch script turns it into
+# `scontrol requeue` (SLURM's RequeueExit=75 in slurm.conf does the same). A run that ends
+# on its own budget (max_runtime, train_tokens) exits 0: it is done, not interrupted.
+REQUEUE_EXIT_CODE = 75
 
 
 def summarize_sums(records: list[dict], accuracy_key: str = 'accuracy') -> dict:
@@ -47,6 +54,7 @@ class LoopConfig:
     flops_per_step: float  # model FLOPs of one step, all devices together
     peak_flops: float  # all devices together
     is_main: bool = True  # only the main process prints and writes metrics
+    deadline: float = 0.0  # time.time() at which max_runtime is spent; 0 = no limit
 
 
 @dataclasses.dataclass
@@ -103,6 +111,7 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
                     dynamic_ncols=True, mininterval=1.0, desc='train')
     pending, last_saved = [], (start_step or None)
     timer = _Throughput(cfg)
+    batches = timer.timed(batches)  # host time spent producing batches
     try:
         for step, batch in batches:  # `step` is the step about to be taken (1-based after)
             state, metrics = cb.step(state, batch)
@@ -114,7 +123,8 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
                 timer.restart(done)
             log_now = done % cfg.log_every == 0 or done == cfg.num_steps
             save_now = done % cfg.checkpoint_every == 0 or done == cfg.num_steps
-            if log_now or save_now or sigterm.raised:
+            preempted, out_of_time = _stop_requests(sigterm, cfg, log_now or save_now)
+            if log_now or save_now or preempted:
                 records = jax.device_get(pending)
                 pending = []
                 _check_finite(records, done, last_saved)
@@ -125,12 +135,15 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
                 _evaluate(done, state, cb, bar, cfg.is_main)
                 stop = cb.should_stop()
                 timer.restart(done)  # evaluation time is not training throughput
-            if save_now or sigterm.raised or stop:
+            if save_now or preempted or out_of_time or stop:
                 cb.save(done, state)
                 last_saved = done
-            if sigterm.raised:
+            if preempted:
                 raise Preempted(f'SIGTERM: saved a checkpoint at step {done}; '
                                 'run the same command to resume')
+            if out_of_time:
+                _print(cfg.is_main, f'max_runtime reached: saved a checkpoint at step {done}')
+                break
             if done >= cfg.num_steps or stop:
                 break
     finally:
@@ -139,23 +152,62 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
     return state
 
 
+def _stop_requests(sigterm: SigtermFlag, cfg: LoopConfig, synced: bool) -> tuple[bool, bool]:
+    """(SIGTERM, out of time), the same on every process.
+
+    One process decides alone, at every step. Several processes must stop at the same
+    step (a step is a collective), but SIGTERM may reach them at different steps and
+    their clocks differ: they compare flags with one small all-gather at log and
+    checkpoint steps only (where the host waits for the device anyway), so a preempted
+    multi-host run stops within log_every_steps of the signal.
+    """
+    flags = (sigterm.raised, bool(cfg.deadline) and time.time() >= cfg.deadline)
+    if jax.process_count() == 1:
+        return flags
+    if not synced:
+        return False, False
+    from engine.distributed import agree
+    return agree(*flags)
+
+
+def _print(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, flush=True)
+
+
 class _Throughput:
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg
         self.restart(0)
 
     def restart(self, step: int) -> None:
-        self.step, self.time = step, time.perf_counter()
+        self.step, self.time, self.input_seconds = step, time.perf_counter(), 0.0
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """Yields from `batches`, adding the time spent waiting for each to input_seconds."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            self.input_seconds += time.perf_counter() - start
+            yield item
 
     def measure(self, step: int) -> dict:
         now = time.perf_counter()
         steps, seconds = step - self.step, max(now - self.time, 1e-9)
+        input_seconds = self.input_seconds
         self.restart(step)
         if steps <= 0:
             return {}
         return {'tokens_per_sec': steps * self.cfg.tokens_per_step / seconds,
                 'steps_per_sec': steps / seconds,
-                'mfu': steps * self.cfg.flops_per_step / seconds / self.cfg.peak_flops}
+                'mfu': steps * self.cfg.flops_per_step / seconds / self.cfg.peak_flops,
+                # Share of wall time the host spent producing batches. Dispatch is
+                # asynchronous, so the device waits for input only as this nears 1.
+                'input_fraction': input_seconds / seconds}
 
 
 def _log(step: int, records: list[dict], timer: _Throughput, cb: LoopCallbacks, bar,

@@ -23,10 +23,30 @@ def sharding_context(mesh: Mesh, rules: Rules):
         yield
 
 
-def process_rows(global_batch_size: int) -> tuple[int, int]:
-    """This process's [start, stop) rows of a global batch."""
-    per_process = global_batch_size // jax.process_count()
-    return jax.process_index() * per_process, (jax.process_index() + 1) * per_process
+def process_rows(global_batch_size: int, mesh: Mesh | None = None) -> tuple[int, int]:
+    """This process's [start, stop) rows of a global batch: with `mesh`, exactly the rows
+    `batch_sharding(mesh)` places on this process's devices (what
+    `jax.make_array_from_process_local_data` expects in `shard_batch`); without, an even
+    split by process index."""
+    if mesh is None:
+        per_process = global_batch_size // jax.process_count()
+        return jax.process_index() * per_process, (jax.process_index() + 1) * per_process
+    slices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    rows = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop)
+                   for s in slices.values()})
+    lo, hi = rows[0][0], rows[-1][1]
+    if sum(stop - start for start, stop in rows) != hi - lo:
+        raise ValueError(f'this process holds non-contiguous batch rows {rows}; order the '
+                         'mesh so that each process owns a contiguous block of the batch')
+    return lo, hi
+
+
+def data_shard(global_batch_size: int, mesh: Mesh) -> tuple[int, int]:
+    """(shard index, shard count) for a data pipeline that serves rows
+    [index*B/count, (index+1)*B/count): this process's rows in `mesh`. Processes that
+    share rows (a model axis across hosts) get the same index."""
+    lo, hi = process_rows(global_batch_size, mesh)
+    return lo // (hi - lo), global_batch_size // (hi - lo)
 
 
 def resolve_mesh_shape(shape: Sequence[int], axes: Sequence[str], num_devices: int) -> tuple:

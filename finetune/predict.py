@@ -16,7 +16,8 @@ from engine.checkpoint import read_state_numpy
 from engine.config_cli import ConfigError, config_from_json
 from finetune import data
 from models.bert import BertConfig, BertForSequenceClassification
-from pretrain.tokenizer import MODEL_FILENAME, Tokenizer
+from models.peft import merge_lora, merged_config
+from pretrain.tokenizer import MODEL_FILENAME, load_tokenizer, tokenizer_file
 
 BATCH_SIZE = 64
 
@@ -38,14 +39,19 @@ def read_inputs(path: str, cfg) -> tuple[list[str], list[str] | None]:
 
 def load_run(workdir: pathlib.Path):
     """(config, model, params, label names) of a fine-tuning workdir's best checkpoint."""
-    for name in ('config.json', 'model.json', 'task.json', MODEL_FILENAME, 'best'):
+    if tokenizer_file(str(workdir)) is None:
+        raise ConfigError(f'--workdir: {workdir} has no {MODEL_FILENAME}; is it a finished '
+                          'fine-tuning run?')
+    for name in ('config.json', 'model.json', 'task.json', 'best'):
         if not (workdir / name).exists():
             raise ConfigError(f'--workdir: {workdir} has no {name}; is it a finished '
                               'fine-tuning run?')
     cfg = config_from_json((workdir / 'config.json').read_text())
-    model = BertForSequenceClassification(
-        BertConfig(**json.loads((workdir / 'model.json').read_text())))
+    model_cfg = BertConfig(**json.loads((workdir / 'model.json').read_text()))
     params = read_state_numpy(str(workdir / 'best'))['params']
+    # LoRA folds into the kernels: the plain architecture (plus any adapters) predicts alike.
+    params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)
+    model = BertForSequenceClassification(model_cfg)
     label_names = json.loads((workdir / 'task.json').read_text())['label_names']
     return cfg, model, params, label_names
 
@@ -74,7 +80,8 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
     examples = data.Examples(text_a=texts, text_b=texts_b,
                              labels=np.zeros(len(texts), np.float32 if cfg.task == 'regression'
                                              else np.int32))
-    encoded = data.encode(Tokenizer(str(workdir / MODEL_FILENAME)), examples, cfg.seq_len)
+    encoded = data.encode(load_tokenizer(tokenizer_file(str(workdir))), examples,
+                          cfg.seq_len)
     outputs = predict(model, params, encoded, cfg.task)
     out = open(output_path, 'w') if output_path else sys.stdout
     try:

@@ -13,12 +13,12 @@ import ml_collections
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints, restore_subtree
 from engine.config_cli import ConfigError, config_from_json
-from finetune import steps
-from finetune.freeze import freeze_labels
+from finetune import peft, steps, unfreeze
 from finetune.optim import learning_rate_at, make_optimizer
+from models import peft as peft_layers
 from models.bert import BertConfig, BertForSequenceClassification
 from models.flops import forward_flops, train_flops_per_step
-from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenizer
+from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenizer, tokenizer_file
 
 ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
 
@@ -36,7 +36,10 @@ def check_init_from(cfg: ml_collections.ConfigDict) -> None:
         if cfg.tokenizer_model and not pathlib.Path(cfg.tokenizer_model).is_file():
             raise ConfigError(f'tokenizer_model: no such file {cfg.tokenizer_model!r}')
         return
-    for name in ('config.json', MODEL_FILENAME, 'checkpoints'):
+    if tokenizer_file(str(root)) is None:  # spm.model, or an imported wordpiece.json
+        raise ConfigError(f'init_from: {str(root)!r} has no {MODEL_FILENAME}; is it a '
+                          'pretraining workdir?')
+    for name in ('config.json', 'checkpoints'):
         if not (root / name).exists():
             raise ConfigError(f'init_from: {str(root)!r} has no {name}; is it a pretraining '
                               'workdir?')
@@ -51,10 +54,10 @@ def check_init_from(cfg: ml_collections.ConfigDict) -> None:
 def tokenizer_for(cfg, workdir: pathlib.Path, task: dict) -> Tokenizer:
     """The pretrained run's tokenizer (copied into this workdir), a given one, or - for a
     from-scratch run without one - a tokenizer trained on the task's training text."""
-    target = workdir / MODEL_FILENAME
     source = pretrained_dir(cfg)
-    if source is not None and not target.exists():
-        shutil.copyfile(source / MODEL_FILENAME, target)
+    if source is not None and tokenizer_file(str(workdir)) is None:
+        given = pathlib.Path(tokenizer_file(str(source)))
+        shutil.copyfile(given, workdir / given.name)
     texts = lambda: iter(task['train'].text_a + (task['train'].text_b or []))  # noqa: E731
     return load_or_train_tokenizer(str(workdir), texts, cfg.model.vocab_size, 'unigram',
                                    cfg.tokenizer_model)
@@ -70,6 +73,8 @@ class Built:
         """Model FLOPs per step; a linear probe runs the encoder forward only."""
         if cfg.freeze == 'encoder':
             return forward_flops(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
+        if peft.method(cfg) != 'none':  # backward through activations, no frozen weight grads
+            return 2 * forward_flops(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
         return train_flops_per_step(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
 
 
@@ -83,7 +88,8 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
         model_section = cfg.model
     fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
               'attention_dropout_rate': cfg.model.attention_dropout_rate,
-              'num_labels': 1 if cfg.task == 'regression' else len(task['label_names'])}
+              'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
+              **peft.model_fields(cfg)}
     try:
         model_cfg = BertConfig(**fields)
     except (TypeError, ValueError) as e:
@@ -106,36 +112,61 @@ def _fresh_params(cfg, mesh, built: Built):
 
 
 def _load_encoder(cfg, params: dict) -> dict:
-    """Replaces embeddings and encoder with the pretrained ones, on this run's shardings."""
-    target = {'params': {'bert': {
-        part: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                           params['bert'][part]) for part in ENCODER_PARTS}}}
+    """Replaces embeddings and encoder with the pretrained ones, on this run's shardings.
+    LoRA / adapter parameters are not in a pretraining checkpoint: they stay fresh."""
+    fresh = {part: params['bert'][part] for part in ENCODER_PARTS}
+    target = {'params': {'bert': jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        peft_layers.without_peft(fresh))}}
     try:
         restored = restore_subtree(str(pretrained_dir(cfg) / 'checkpoints'),
                                    cfg.init_step or None, target)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None
-    bert = {**params['bert'], **restored['params']['bert']}
+    bert = {**params['bert'], **peft_layers.overlay(fresh, restored['params']['bert'])}
     return {**params, 'bert': bert}
 
 
-def initial_state(cfg, mesh, built: Built, num_steps: int):
-    """(state, tx, schedule): fresh head, pretrained encoder, trainable/frozen split."""
-    params = _fresh_params(cfg, mesh, built)
-    if pretrained_dir(cfg) is not None:
-        params = _load_encoder(cfg, params)
+def phase_labels(cfg, params, built: Built, phase: int):
+    """'train'/'frozen' labels of `freeze` in gradual-unfreezing phase `phase`."""
     try:
-        labels = freeze_labels(params, cfg.freeze, built.model_cfg.num_layers)
+        labels = unfreeze.phase_labels(params, cfg.freeze, built.model_cfg.num_layers, phase)
     except ValueError as e:
         raise ConfigError(f'freeze: {e}') from None
+    if built.model_cfg.lora_rank:
+        peft.check_targets(params, built.model_cfg.lora_targets)
+    return peft.labels(params, cfg, labels)  # with peft.method: only its params + the head
+
+
+def fresh_optimizer(cfg, mesh, built: Built, params, labels, num_steps: int, step: int = 0):
+    """(tx, opt_state) for `labels`, its learning-rate schedule at `step`."""
     tx = make_optimizer(cfg, params, labels, num_steps, built.model_cfg.num_layers)
     # Moments inherit the parameters' shardings; step counters go replicated on the mesh.
     opt_state = jax.tree.map(
         lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
         else jax.device_put(x, mesh_lib.replicated(mesh)), jax.jit(tx.init)(params))
+    return tx, unfreeze.continue_schedule(opt_state, step) if step else opt_state
+
+
+def initial_state(cfg, mesh, built: Built, num_steps: int, phase: int):
+    """(state, labels, tx, schedule): fresh head, pretrained encoder, the trainable/frozen
+    split of gradual-unfreezing phase `phase` (the last phase when it is off)."""
+    params = _fresh_params(cfg, mesh, built)
+    if pretrained_dir(cfg) is not None:
+        params = _load_encoder(cfg, params)
+    labels = phase_labels(cfg, params, built, phase)
+    tx, opt_state = fresh_optimizer(cfg, mesh, built, params, labels, num_steps)
     step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
     state = steps.FinetuneState(step=step, params=params, opt_state=opt_state)
     return state, labels, tx, learning_rate_at(cfg, num_steps)
+
+
+def enter_phase(cfg, mesh, built: Built, state, num_steps: int, phase: int):
+    """(state, labels, tx) of the next gradual-unfreezing phase; Adam restarts."""
+    labels = phase_labels(cfg, state.params, built, phase)
+    tx, opt_state = fresh_optimizer(cfg, mesh, built, state.params, labels, num_steps,
+                                    int(state.step))
+    return state.replace(opt_state=opt_state), labels, tx
 
 
 def _shardings(tree):

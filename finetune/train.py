@@ -9,18 +9,20 @@ frozen, and trains with the same loop as pretraining. Writes the best checkpoint
 import dataclasses
 import json
 import pathlib
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
+from engine import distributed
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
 from engine.metrics_writer import MetricWriter
-from finetune import data, metrics, setup
+from finetune import augment, data, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
 
 
@@ -45,7 +47,12 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
         task = data.load_task(d.train_file, d.validation_file, d.test_file,
                               text_column=d.text_column, text_b_column=d.text_b_column,
                               label_column=d.label_column, task=cfg.task,
-                              validation_fraction=d.validation_fraction, seed=cfg.seed)
+                              validation_fraction=d.validation_fraction, seed=cfg.seed,
+                              max_train_examples=d.max_train_examples)
+        if d.few_shot_k:  # K examples per class (see finetune/augment.py)
+            if cfg.task != 'classification':
+                raise ValueError('few_shot_k: needs task=classification')
+            task['train'] = augment.few_shot(task['train'], d.few_shot_k, cfg.seed)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f'data: {e}') from None
     return mesh, task
@@ -53,7 +60,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
 
 def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
     """Metrics of the current params on one encoded split."""
-    lo, hi = mesh_lib.process_rows(cfg.batch_size)
+    lo, hi = mesh_lib.process_rows(cfg.batch_size, mesh)
     outputs, weights = [], []
     for batch in data.eval_batches(encoded, cfg.batch_size):
         local = {k: batch[k][lo:hi] for k in ('input_ids', 'token_type_ids', 'attention_mask')}
@@ -92,8 +99,14 @@ def _scalar_metrics(results: dict, prefix: str) -> dict:
     return {f'{prefix}{k}': v for k, v in results.items() if isinstance(v, int | float)}
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Fine-tunes (or resumes) in `workdir`; returns the contents of results.json."""
+def run(cfg: ml_collections.ConfigDict, workdir: str,
+        report: Callable[[int, dict], None] | None = None) -> dict:
+    """Fine-tunes (or resumes) in `workdir`; returns the contents of results.json.
+
+    `report(step, validation metrics)` is called after every validation evaluation (a
+    search prunes by it); an exception it raises stops the run there, unsaved beyond the
+    best checkpoint. Single-process runs only: other processes would not stop with it.
+    """
     mesh, task = validate(cfg)
     sigterm = SigtermFlag()
     workdir = pathlib.Path(workdir).absolute()
@@ -102,23 +115,33 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if results_path.exists():
         print(f'{results_path} exists: this run is complete', flush=True)
         return json.loads(results_path.read_text())
-    encoded, built = _prepare(cfg, workdir, task, main)
-    batches = data.TaskBatches(encoded['train'], cfg.batch_size, cfg.seed,
-                               jax.process_index(), jax.process_count())
+    with distributed.main_first('prepare'):  # process 0 writes the tokenizer first
+        encoded, built = _prepare(cfg, workdir, task, main)
+    batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
+                                   *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch
-    state, labels, tx, schedule = setup.initial_state(cfg, mesh, built, num_steps)
-    _log_sizes(main, state, labels, built)
     ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=1)
     best_ckpts = Checkpoints(str(workdir / 'best'), keep=1)
+    every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
+    phase = unfreeze.phase_of_state(ckpts.latest_step() or 0, every, num_layers)
+    state, labels, tx, schedule = setup.initial_state(cfg, mesh, built, num_steps, phase)
+    _log_sizes(main, state, labels, built)
     state, start_step, best = setup.maybe_resume(ckpts, state)
-    train_fn, predict_fn = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
     tracker = _BestTracker(cfg, best_ckpts, best)
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
+    _, predict_fn = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
 
     def evaluate(s) -> dict:
         results = _evaluate_split(cfg, mesh, predict_fn, s.params, encoded['validation'], task)
         tracker.update(int(s.step), s, results)
-        return _scalar_metrics(results, 'eval_')
+        scalars = _scalar_metrics(results, 'eval_')
+        if report is not None:
+            try:
+                report(int(s.step), results)
+            except BaseException:  # stopped here: this evaluation is still logged
+                writer.write(int(s.step), scalars)
+                raise
+        return scalars
 
     loop_cfg = LoopConfig(
         num_steps=num_steps, log_every=cfg.log_every_steps,
@@ -127,14 +150,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=built.flops(cfg),
         peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
         is_main=main)
-    callbacks = LoopCallbacks(
-        step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
-        save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}),
-        write=writer.write, should_stop=tracker.should_stop)
     try:
         with setup.sharding_context(mesh, cfg):
-            state = run_loop(state, batches.iterate(start_step), start_step, loop_cfg,
-                             callbacks, sigterm)
+            # One segment per gradual-unfreezing phase (a single one when it is off).
+            for next_phase, end in unfreeze.segments(start_step, num_steps, every, num_layers):
+                if next_phase != phase:
+                    phase = next_phase
+                    state, labels, tx = setup.enter_phase(cfg, mesh, built, state, num_steps,
+                                                          phase)
+                    _log_sizes(main, state, labels, built, f'unfreezing phase {phase}: ')
+                train_fn, _ = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
+                callbacks = LoopCallbacks(
+                    step=lambda s, b, f=train_fn: f(s, mesh_lib.shard_batch(b, mesh)),
+                    evaluate=evaluate, write=writer.write, should_stop=tracker.should_stop,
+                    save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}))
+                state = run_loop(state, batches.iterate(int(state.step)), int(state.step),
+                                 dataclasses.replace(loop_cfg, num_steps=end), callbacks, sigterm)
+                if tracker.should_stop():
+                    break
         best_ckpts.wait()
         results = _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded,
                                  task)
@@ -178,11 +211,11 @@ def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, t
     return results
 
 
-def _log_sizes(main: bool, state, labels, built) -> None:
+def _log_sizes(main: bool, state, labels, built, prefix: str = '') -> None:
     if not main:
         return
     counts = count_params_by_label(state.params, labels)
-    print(f'params: {counts["train"]:,} trainable, {counts["frozen"]:,} frozen; '
+    print(f'{prefix}params: {counts["train"]:,} trainable, {counts["frozen"]:,} frozen; '
           f'optimizer state: {tree_bytes(state.opt_state):,} bytes; '
           f'init: {built.source}', flush=True)
 

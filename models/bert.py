@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import peft
+
 Array = jax.Array
 LogicalAxes = Sequence[str | None]
 
@@ -43,8 +45,17 @@ class BertConfig:
     initializer_range: float = 0.02  # truncated-normal std as in BERT
     remat: str = 'none'  # 'none' | 'full' | 'dots'
     num_labels: int = 2  # only for the classification head
+    # Parameter-efficient fine-tuning (models/peft.py); off by default, adding no params.
+    lora_rank: int = 0  # > 0: LoRA of this rank on the encoder Dense layers lora_targets match
+    lora_alpha: float = 0.0  # LoRA scale = alpha / rank; 0 means alpha = rank
+    lora_targets: tuple[str, ...] = ()  # peft.TARGET_ALIASES names or module-path regexes
+    adapter_size: int = 0  # > 0: bottleneck adapters of this width
+    adapter_placement: str = 'houlsby'  # after attention and FFN; 'pfeiffer': FFN only
 
     def __post_init__(self) -> None:
+        # A tuple (hashable) even when read back from JSON as a list.
+        object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
+        peft.validate_config(self)
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f'hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}'
@@ -80,14 +91,16 @@ def _dense(
     config: BertConfig, features: int, kernel_axes: LogicalAxes, name: str | None = None
 ) -> nn.Dense:
     """Dense layer: compute in config dtype, float32 params, zero bias named like the output."""
-    return nn.Dense(
-        features,
+    kwargs = dict(
         dtype=config.compute_dtype,
         param_dtype=jnp.float32,
         kernel_init=_kernel_init(config, kernel_axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (kernel_axes[1],)),
         name=name,
     )
+    if config.lora_rank:  # same params and maths, plus LoRA where lora_targets match its path
+        return peft.LoraDense(features, config=config, kernel_axes=tuple(kernel_axes), **kwargs)
+    return nn.Dense(features, **kwargs)
 
 
 def _embed(config: BertConfig, num: int, axes: LogicalAxes, name: str | None = None) -> nn.Embed:
@@ -192,9 +205,20 @@ class BertSelfAttention(nn.Module):
             drop = nn.Dropout(cfg.attention_dropout_rate, name='attention_dropout')
             out = explicit_attention(q, k, v, mask, lambda p: drop(p, deterministic=False))
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = fused_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
         return out.reshape(*out.shape[:-2], cfg.hidden_size)
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """``jax.nn.dot_product_attention``: cuDNN flash attention on GPU for 16-bit inputs (the
+    boolean padding/segment mask becomes its bias), XLA's fused softmax(QK^T)V elsewhere."""
+    if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass  # cuDNN too old or shape unsupported: checked at trace time, so fall back
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
 
 
 def explicit_attention(
@@ -229,9 +253,14 @@ class _DenseNorm(nn.Module):
         self.dense = _dense(self.config, self.config.hidden_size, self.kernel_axes)
         self.LayerNorm = _layer_norm(self.config)
         self.dropout = nn.Dropout(self.config.dropout_rate)
+        # The feed-forward output projects from 'mlp'; the attention output from 'heads'.
+        self.adapted = peft.wants_adapter(self.config, ffn=self.kernel_axes[0] == 'mlp')
+        if self.adapted:
+            self.adapter = peft.Adapter(self.config)
 
     def project(self, x: Array, deterministic: bool) -> Array:
-        return self.dropout(self.dense(x), deterministic=deterministic)
+        h = self.dropout(self.dense(x), deterministic=deterministic)
+        return self.adapter(h) if self.adapted else h
 
     def norm(self, x: Array) -> Array:
         return _norm(self.LayerNorm, x, self.config.compute_dtype)

@@ -2,15 +2,22 @@
 
     python -m pretrain.benchmark --config configs/pretrain.py:tiny
     python -m pretrain.benchmark --config configs/pretrain.py:mini --config.batch_size=32
+    python -m pretrain.benchmark --config configs/pretrain.py:tiny --compare-torch
+    python -m pretrain.benchmark --config configs/pretrain.py:base --seq-len 512 --dtype bfloat16
 
 Times the jitted step (forward, backward, AdamW update) after warm-up, repeats the
 measurement and reports the median. MFU is model FLOPs (models/flops.py) per second over
-the peak: the chip's spec on TPU/GPU, or a large fp32 matmul timed in this same run on CPU.
+the peak: the chip's dense bf16 spec on TPU/GPU (engine/hardware.py), or on CPU a large
+fp32 matmul timed in this same run, between the repeats.
+
+--compare-torch also trains Hugging Face transformers' PyTorch BertForMaskedLM with the same
+dimensions (pretrain/torch_baseline.py) in the same process, alternating JAX and torch
+repeats so that other load on the machine hits both alike, and ends with `ratio vs torch`.
 """
 
 import argparse
 import functools
-import math
+import os
 import statistics
 import sys
 import time
@@ -20,9 +27,9 @@ import jax
 import numpy as np
 
 from engine import mesh as mesh_lib
-from engine.config_cli import apply_overrides, load_config, split_config_args
+from engine.config_cli import ConfigError, apply_overrides, load_config, split_config_args
 from engine.hardware import measured_matmul_flops, peak_flops_per_device
-from engine.optim import adamw, learning_rate_schedule
+from engine.optim import learning_rate_schedule, make_optimizer
 from models.bert import BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
 from pretrain import steps
@@ -41,7 +48,7 @@ def build_step(cfg):
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     model_cfg = bert_config(cfg)
     model = BertForMaskedLM(model_cfg)
-    tx = adamw(cfg.optimizer, cfg.num_train_steps)
+    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
     masking = masking_config(cfg, model_cfg.vocab_size)
     init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
@@ -58,50 +65,153 @@ def build_step(cfg):
     return mesh, state, step, flops
 
 
-def time_steps(cfg, num_steps: int, repeats: int) -> dict:
-    mesh, state, step, flops = build_step(cfg)
-    batch = mesh_lib.shard_batch(
-        synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size), mesh)
-    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        for _ in range(3):  # compile + warm-up
-            state, metrics = step(state, batch)
+class JaxRunner:
+    """Compiles the step once (ahead of time, so its memory analysis is free) and times it."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mesh, self.state, step, self.flops = build_step(cfg)
+        self.batch = mesh_lib.shard_batch(
+            synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size), self.mesh)
+        with mesh_lib.sharding_context(self.mesh, cfg.mesh.rules):
+            self.step = step.lower(self.state, self.batch).compile()
+        self.params = count_params(self.state.params)
+
+    def run(self, num_steps: int) -> float:
+        """Seconds per step over `num_steps` steps; metrics are fetched once, at the end."""
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            self.state, metrics = self.step(self.state, self.batch)
         jax.block_until_ready(metrics)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(num_steps):
-                state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append((time.perf_counter() - start) / num_steps)
-    seconds = statistics.median(times)
-    return {'params': count_params(state.params), 'step_seconds': seconds,
+        return (time.perf_counter() - start) / num_steps
+
+    def memory(self) -> dict:
+        """Bytes: XLA's static estimate of the step, and the device's peak where it has one."""
+        out = {}
+        analysis = self.step.memory_analysis()
+        if analysis is not None:
+            out['compiled'] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                               - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+            out['temp'] = analysis.temp_size_in_bytes
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if 'peak_bytes_in_use' in stats:
+            out['device_peak'] = stats['peak_bytes_in_use']
+        return out
+
+
+def time_steps(cfg, num_steps: int, repeats: int) -> dict:
+    runner = JaxRunner(cfg)
+    runner.run(3)  # warm-up
+    seconds = statistics.median(runner.run(num_steps) for _ in range(repeats))
+    return {'params': runner.params, 'step_seconds': seconds,
             'tokens_per_sec': cfg.batch_size * cfg.seq_len / seconds,
-            'model_flops_per_sec': flops / seconds}
+            'model_flops_per_sec': runner.flops / seconds}
 
 
-def main(argv: list[str]) -> None:
+def cpu_threads() -> int:
+    """Threads XLA's CPU client runs on: one per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def _parse(argv: list[str]):
     spec, overrides, rest = split_config_args(argv)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--steps', type=int, default=10, help='steps per timed repeat')
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--seq-len', type=int, help='shorthand for --config.seq_len')
+    parser.add_argument('--batch-size', type=int, help='shorthand for --config.batch_size')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
+                        help='compute dtype (params stay float32); --config.model.dtype')
+    parser.add_argument('--compare-torch', action='store_true',
+                        help="also time transformers' PyTorch BertForMaskedLM, same dims")
+    parser.add_argument('--torch-steps', type=int, help='torch steps per repeat (default --steps)')
+    parser.add_argument('--torch-threads', type=int, default=cpu_threads(),
+                        help='torch intra-op threads (default: the CPU threads XLA uses)')
     args = parser.parse_args(rest)
     cfg = load_config(spec or 'configs/pretrain.py:tiny')
     apply_overrides(cfg, overrides)
-    result = time_steps(cfg, args.steps, args.repeats)
+    for key, value in (('seq_len', args.seq_len), ('batch_size', args.batch_size)):
+        if value is not None:
+            cfg[key] = value
+    if args.dtype:
+        cfg.model.dtype = args.dtype
+    return cfg, args
+
+
+def _measure(cfg, args) -> dict:
+    """Warm-up, then `repeats` rounds of JAX / torch / matmul peak, alternating the order."""
+    jax_runner = JaxRunner(cfg)
+    torch_runner = None
+    if args.compare_torch:
+        from pretrain.torch_baseline import TorchRunner
+        torch_runner = TorchRunner(cfg, synthetic_batch(cfg.batch_size, cfg.seq_len,
+                                                        cfg.model.vocab_size)['input_ids'],
+                                   masking_config(cfg, cfg.model.vocab_size).max_predictions,
+                                   args.torch_threads)
+        torch_runner.run(3)
+    jax_runner.run(3)
+    on_cpu = jax.devices()[0].platform == 'cpu'
+    times = {'jax': [], 'torch': [], 'matmul': []}
+    load = [os.getloadavg()[0]]
+    for r in range(args.repeats):
+        order = ['jax', 'torch'] if r % 2 == 0 else ['torch', 'jax']
+        for name in order:
+            if name == 'jax':
+                times['jax'].append(jax_runner.run(args.steps))
+            elif torch_runner is not None:
+                times['torch'].append(torch_runner.run(args.torch_steps or args.steps))
+        if on_cpu:
+            times['matmul'].append(measured_matmul_flops())
+    load.append(os.getloadavg()[0])
+    return {'jax': jax_runner, 'torch': torch_runner, 'times': times, 'load': load}
+
+
+def _report(cfg, args, result: dict) -> None:
+    jax_runner, times = result['jax'], result['times']
+    tokens = cfg.batch_size * cfg.seq_len
+    seconds = statistics.median(times['jax'])
     devices = jax.device_count()
-    peak = peak_flops_per_device(cfg.peak_flops_per_device) * devices
-    matmul = measured_matmul_flops() if jax.devices()[0].platform == 'cpu' else math.nan
+    if times['matmul']:
+        peak = statistics.median(times['matmul'])
+        peak_text = f'measured fp32 matmul peak {peak / 1e12:.3f}'
+    else:
+        peak = peak_flops_per_device(cfg.peak_flops_per_device) * devices
+        peak_text = f'peak {peak / 1e12:.1f} (dense bf16 spec x {devices})'
     m = cfg.model
     print(f'config: L{m.num_layers}/H{m.hidden_size}/A{m.num_heads}, vocab {m.vocab_size}, '
-          f'batch {cfg.batch_size} x seq {cfg.seq_len}, {m.dtype}, '
-          f'{result["params"] / 1e6:.2f}M params, {devices} x {jax.devices()[0].device_kind}')
-    print(f'step: {1e3 * result["step_seconds"]:.1f} ms (median of {args.repeats} x '
-          f'{args.steps} steps)')
-    print(f'tokens/s: {result["tokens_per_sec"]:,.0f}')
-    print(f'model TFLOP/s: {result["model_flops_per_sec"] / 1e12:.3f} '
-          f'(peak {peak / 1e12:.3f}; CPU fp32 matmul measured now: {matmul / 1e12:.3f})')
-    print(f'MFU: {100 * result["model_flops_per_sec"] / peak:.1f}%')
+          f'batch {cfg.batch_size} x seq {cfg.seq_len}, {m.dtype}, remat {m.remat}, '
+          f'{jax_runner.params / 1e6:.2f}M params, {devices} x {jax.devices()[0].device_kind}')
+    print(f'step: {1e3 * seconds:.1f} ms (median of {args.repeats} x {args.steps} steps; '
+          f'spread {1e3 * min(times["jax"]):.1f}-{1e3 * max(times["jax"]):.1f} ms)')
+    print(f'tokens/s: {tokens / seconds:,.0f}')
+    print(f'model TFLOP/s: {jax_runner.flops / seconds / 1e12:.3f} ({peak_text})')
+    print(f'MFU: {100 * jax_runner.flops / seconds / peak:.1f}%')
+    memory = jax_runner.memory()
+    if memory:
+        print('memory: ' + ', '.join(f'{k} {v / 2**20:,.1f} MiB' for k, v in memory.items()))
+    print(f'load average (1 min) before/after: {result["load"][0]:.1f} / {result["load"][1]:.1f}'
+          f' on {os.cpu_count()} cores')
+    torch_runner = result['torch']
+    if torch_runner is not None:
+        torch_seconds = statistics.median(times['torch'])
+        print(f'torch: BertForMaskedLM ({torch_runner.attention} attention), '
+              f'{torch_runner.versions}, {torch_runner.threads} threads (JAX/XLA uses '
+              f'{cpu_threads()}), labels -100 off masked positions, AdamW')
+        print(f'torch step: {1e3 * torch_seconds:.1f} ms (median of {args.repeats} x '
+              f'{args.torch_steps or args.steps} steps, alternating with JAX)')
+        print(f'torch tokens/s: {tokens / torch_seconds:,.0f}')
+        print(f'ratio vs torch: {torch_seconds / seconds:.2f}')
+
+
+def main(argv: list[str]) -> None:
+    try:
+        cfg, args = _parse(argv)
+        result = _measure(cfg, args)
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    _report(cfg, args, result)
 
 
 if __name__ == '__main__':

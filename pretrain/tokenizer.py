@@ -176,6 +176,9 @@ def load_or_train_tokenizer(workdir: str, texts: Callable[[], Iterable[str]], vo
     is reused (a resumed run keeps its ids), else one is trained on texts().
     """
     target = os.path.join(workdir, MODEL_FILENAME)
+    existing = tokenizer_file(workdir)
+    if existing and not model_file and existing != target:  # an imported WordPiece run
+        return load_tokenizer(existing)
     if model_file:
         if not os.path.isfile(model_file):
             raise ValueError(f'data.tokenizer_model: no such file {model_file!r}')
@@ -188,3 +191,21 @@ def load_or_train_tokenizer(workdir: str, texts: Callable[[], Iterable[str]], vo
         return Tokenizer(target)
     return train_tokenizer(texts(), target, vocab_size, model_type)
 
+
+def tokenizer_file(directory: str) -> str | None:
+    """The tokenizer a workdir holds: spm.model, or wordpiece.json (an imported WordPiece
+    BERT, see pretrain/wordpiece.py); None if neither."""
+    from pretrain.wordpiece import WORDPIECE_FILENAME
+    for name in (MODEL_FILENAME, WORDPIECE_FILENAME):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_tokenizer(path: str):
+    """A sentencepiece Tokenizer, or a WordPieceTokenizer for a wordpiece .json file."""
+    if str(path).endswith('.json'):
+        from pretrain.wordpiece import WordPieceTokenizer
+        return WordPieceTokenizer(path)
+    return Tokenizer(path)

@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from engine import distributed
 from engine import mesh as mesh_lib
-from engine.checkpoint import Checkpoints
+from engine.budget import Budget
+from engine.checkpoint import Checkpoints, absolute_path
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop, summarize_sums
 from engine.metrics_writer import MetricWriter
-from engine.optim import adamw, learning_rate_schedule
+from engine.optim import learning_rate_schedule, make_optimizer
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
 from pretrain import corpus, data, steps
@@ -50,6 +52,19 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
 
     Raises ConfigError with a one-line message naming the key.
     """
+    validate_values(cfg)
+    try:
+        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    except ValueError as e:
+        raise ConfigError(f'mesh.shape: {e}') from None
+    check_batch(cfg, mesh_lib.data_parallel_size(mesh))
+    if cfg.data.tokenizer_model and not pathlib.Path(cfg.data.tokenizer_model).is_file():
+        raise ConfigError(f'data.tokenizer_model: no such file {cfg.data.tokenizer_model!r}')
+    return mesh, _resolve_files(cfg)
+
+
+def validate_values(cfg: ml_collections.ConfigDict) -> None:
+    """The checks that need neither devices nor files (shared with `--dry-run`)."""
     for key in ('num_train_steps', 'batch_size', 'seq_len', 'grad_accum_steps',
                 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
         if cfg[key] < 1:
@@ -60,18 +75,15 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
                           f'({model.max_position_embeddings})')
     if not 0 < cfg.masking.mask_rate < 1:
         raise ConfigError(f'masking.mask_rate: must be in (0, 1), got {cfg.masking.mask_rate}')
-    try:
-        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    except ValueError as e:
-        raise ConfigError(f'mesh.shape: {e}') from None
-    parallel = mesh_lib.data_parallel_size(mesh) * cfg.grad_accum_steps
-    if cfg.batch_size % parallel:
+    make_optimizer(cfg.optimizer, cfg.num_train_steps)  # ConfigError on an unknown name
+
+
+def check_batch(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:
+    """The global batch splits evenly over data-parallel devices and micro-batches."""
+    if cfg.batch_size % (data_parallel * cfg.grad_accum_steps):
         raise ConfigError(
             f'batch_size: {cfg.batch_size} is not divisible by the data-parallel size '
-            f'{mesh_lib.data_parallel_size(mesh)} x grad_accum_steps {cfg.grad_accum_steps}')
-    if cfg.data.tokenizer_model and not pathlib.Path(cfg.data.tokenizer_model).is_file():
-        raise ConfigError(f'data.tokenizer_model: no such file {cfg.data.tokenizer_model!r}')
-    return mesh, _resolve_files(cfg)
+            f'{data_parallel} x grad_accum_steps {cfg.grad_accum_steps}')
 
 
 def _resolve_files(cfg: ml_collections.ConfigDict) -> dict:
@@ -126,6 +138,8 @@ def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints):
 
 def _check_resume(cfg, meta: dict) -> None:
     saved = meta.get('data', {})
+    if saved.get('position') == 0:  # an imported checkpoint: no data consumed yet
+        return
     if saved.get('seed') != cfg.seed or saved.get('batch_size') != cfg.batch_size:
         raise ConfigError(
             f'seed/batch_size: the checkpoint was made with seed={saved.get("seed")}, '
@@ -154,7 +168,7 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
     batches = list(data.eval_batches(eval_chunks, cfg.batch_size))
     if cfg.eval_max_batches:
         batches = batches[:cfg.eval_max_batches]
-    lo, hi = mesh_lib.process_rows(cfg.batch_size)
+    lo, hi = mesh_lib.process_rows(cfg.batch_size, mesh)
 
     def evaluate(state) -> dict:
         totals = []
@@ -173,33 +187,39 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     mesh, files = validate(cfg)
     sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
-    workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
+    started = time.time()
+    workdir = absolute_path(workdir)  # orbax needs absolute paths; gs://... is kept as is
     main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / 'config.json').write_text(config_to_json(cfg))
     start = time.time()
-    tokenizer, chunks = prepare_data(cfg, workdir, files)
+    with distributed.main_first('data'):  # process 0 trains the tokenizer, builds the data
+        tokenizer, chunks = prepare_data(cfg, workdir, files)
     _log(main, f'data: {len(chunks["train"]["input_ids"]):,} train / '
                f'{len(chunks["validation"]["input_ids"]):,} eval sequences of {cfg.seq_len} '
                f'tokens, vocab {tokenizer.vocab_size} ({time.time() - start:.1f}s)')
     model_cfg = bert_config(cfg)
     model = BertForMaskedLM(model_cfg)
-    tx = adamw(cfg.optimizer, cfg.num_train_steps)
+    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
     ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts)
+    budget = Budget.resume(cfg, ckpts.restore_meta(start_step) if start_step else None,
+                           start_step, cfg.batch_size * cfg.seq_len, started)
     masking = masking_config(cfg, tokenizer.vocab_size)
     word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         train_fn, eval_fn = _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts)
     flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
+    restored = ckpts.latest_step()  # 0 for an imported checkpoint (`launch.py import`)
     _log(main, f'model: {count_params(state.params) / 1e6:.2f}M params, mesh '
                f'{dict(mesh.shape)}, {flops / 1e9:.1f} GFLOPs/step, '
-               f'{"resuming from step " + str(start_step) if start_step else "fresh start"}')
+               f'{"fresh start" if restored is None else f"resuming from step {restored}"}')
     batches = data.PretrainBatches(chunks['train'], cfg.batch_size, cfg.seed,
-                                   jax.process_index(), jax.process_count())
+                                   *mesh_lib.data_shard(cfg.batch_size, mesh))
     meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
-                                  'position': step}, 'config': cfg.to_dict()}
+                                  'position': step}, 'config': cfg.to_dict(),
+                          'budget': budget.meta(step)}
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
     results = {}
     evaluator = _evaluator(cfg, mesh, eval_fn, chunks['validation'])
@@ -209,11 +229,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         return dict(results)
 
     loop_cfg = LoopConfig(
-        num_steps=cfg.num_train_steps, log_every=cfg.log_every_steps,
+        num_steps=budget.last_step(cfg.num_train_steps), log_every=cfg.log_every_steps,
         eval_every=cfg.eval_every_steps, checkpoint_every=cfg.checkpoint_every_steps,
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=flops,
         peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
-        is_main=main)
+        is_main=main, deadline=budget.deadline())
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,

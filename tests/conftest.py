@@ -18,3 +18,14 @@ def corpus(tmp_path_factory) -> str:
     """A glob of two small generated text files (see tests/helpers.py)."""
     from tests.helpers import write_corpus
     return write_corpus(tmp_path_factory.mktemp('corpus'))
+
+
+@pytest.fixture(scope='session')
+def pretrained_run(tmp_path_factory, corpus) -> str:
+    """A tiny pretraining workdir (10 steps, 1 layer, BPE tokenizer), shared read-only by the
+    fine-tuning tests that only need *a* pretrained encoder."""
+    import launch
+    from tests.helpers import tiny_args
+    workdir = tmp_path_factory.mktemp('pretrained') / 'run'
+    assert launch.main(['pretrain', '--workdir', str(workdir), *tiny_args(corpus, 10)]) == 0
+    return str(workdir)

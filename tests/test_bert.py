@@ -336,7 +336,7 @@ def test_explicit_path_matches_in_full_model(mlm, monkeypatch):
     def explicit(q, k, v, mask):
         return explicit_attention(q, k, v, mask)
 
-    monkeypatch.setattr(bert_lib.jax.nn, 'dot_product_attention', explicit)
+    monkeypatch.setattr(bert_lib, 'fused_attention', explicit)
     # A fresh jit so the patched function is traced (the cached one would not be).
     got = jax.jit(
         lambda p: model.apply({'params': p}, ids, positions, types, segment_ids=segments)

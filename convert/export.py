@@ -1,0 +1,156 @@
+"""`launch.py export`: a workdir -> a Hugging Face transformers directory (PyTorch BERT).
+
+A pretraining workdir becomes `BertForMaskedLM`; a fine-tuning workdir (it has model.json
+and task.json) becomes `BertForSequenceClassification` with id2label/label2id (regression:
+one output, problem_type 'regression'). Written: config.json, model.safetensors (numpy
+API: no torch needed), tokenizer.json + tokenizer_config.json + special_tokens_map.json,
+and this project's own tokenizer file (spm.model or wordpiece.json) so `import` restores it
+exactly. Everything goes to a temporary directory beside --output that is renamed at the
+end, after verification: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+
+from convert import names, tokenizer_files, verify
+from engine.checkpoint import read_state_numpy
+from engine.config_cli import ConfigError, config_from_json
+from models.bert import BertConfig
+from pretrain.tokenizer import PAD_ID, load_tokenizer, tokenizer_file
+from pretrain.wordpiece import WORDPIECE_FILENAME
+
+ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
+
+
+def _steps(directory: pathlib.Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _checkpoint_dir(workdir: pathlib.Path, head: str, step: int | None
+                    ) -> tuple[pathlib.Path, int]:
+    """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
+    places = ['checkpoints'] if head == 'mlm' else ['best', 'checkpoints']
+    for place in places:
+        saved = _steps(workdir / place)
+        if saved and (step is None or step in saved):
+            return workdir / place, saved[-1] if step is None else step
+    found = {p: _steps(workdir / p) for p in places}
+    wanted = f'step {step}' if step is not None else 'any checkpoint'
+    raise ConfigError(f'--step: no {wanted} in {workdir} (have {found})')
+
+
+def load_workdir(workdir: pathlib.Path, step: int | None
+                 ) -> tuple[str, BertConfig, dict, dict, int]:
+    """(head, model config, params, task info, step) of a pretraining or fine-tuning run."""
+    if not (workdir / 'config.json').is_file() or tokenizer_file(str(workdir)) is None:
+        raise ConfigError(f'--workdir: {workdir} has no config.json and tokenizer; is it a '
+                          'pretraining or fine-tuning run?')
+    finetuned = (workdir / 'model.json').is_file() and (workdir / 'task.json').is_file()
+    head = 'classifier' if finetuned else 'mlm'
+    if finetuned:
+        model_cfg = BertConfig(**json.loads((workdir / 'model.json').read_text()))
+        task = json.loads((workdir / 'task.json').read_text())
+    else:
+        model_cfg = BertConfig(**config_from_json((workdir / 'config.json').read_text())
+                               .model.to_dict())
+        task = {}
+    directory, step = _checkpoint_dir(workdir, head, step)
+    absl = logging.getLogger('absl')  # orbax warns that it reads only part of each step
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        params = read_state_numpy(str(directory), step)['params']
+    finally:
+        absl.setLevel(level)
+    if finetuned:
+        from models.peft import merge_lora, merged_config  # LoRA folds into the kernels
+        params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)
+    if model_cfg.pre_layer_norm:
+        raise ConfigError('--workdir: a pre-LN model (model.pre_layer_norm) has no '
+                          'transformers BERT counterpart')
+    return head, model_cfg, params, task, step
+
+
+def hf_config(head: str, m: BertConfig, task: dict) -> dict:
+    """transformers BertConfig fields for our model."""
+    config = {
+        'architectures': [ARCHITECTURES[head]], 'model_type': 'bert',
+        'vocab_size': m.vocab_size, 'hidden_size': m.hidden_size,
+        'num_hidden_layers': m.num_layers, 'num_attention_heads': m.num_heads,
+        'intermediate_size': m.intermediate_size, 'hidden_act': 'gelu',  # exact erf GELU
+        'hidden_dropout_prob': m.dropout_rate,
+        'attention_probs_dropout_prob': m.attention_dropout_rate,
+        'max_position_embeddings': m.max_position_embeddings,
+        'type_vocab_size': m.type_vocab_size, 'initializer_range': m.initializer_range,
+        'layer_norm_eps': m.layer_norm_eps, 'pad_token_id': PAD_ID,
+        'position_embedding_type': 'absolute', 'tie_word_embeddings': True,
+        'dtype': 'float32',
+    }
+    if head == 'classifier':
+        if task.get('task') == 'regression':
+            config.update(num_labels=1, problem_type='regression')
+        else:
+            labels = [str(n) for n in task['label_names']]
+            config.update(problem_type='single_label_classification',
+                          id2label={str(i): n for i, n in enumerate(labels)},
+                          label2id={n: i for i, n in enumerate(labels)})
+    return config
+
+
+def _write_tokenizer(workdir: pathlib.Path, out: pathlib.Path, max_len: int):
+    """Our tokenizer file (copied) and the transformers tokenizer files; returns ours."""
+    from tokenizers import Tokenizer as HFTokenizer
+    source = pathlib.Path(tokenizer_file(str(workdir)))
+    shutil.copyfile(source, out / source.name)
+    if source.name == WORDPIECE_FILENAME:
+        pipeline = HFTokenizer.from_file(str(source))
+        vocab = sorted(pipeline.get_vocab().items(), key=lambda kv: kv[1])
+        (out / 'vocab.txt').write_text(''.join(f'{piece}\n' for piece, _ in vocab))
+    else:
+        pipeline = tokenizer_files.from_sentencepiece(source.read_bytes())
+    tokenizer_files.write_hf_tokenizer(pipeline, out, max_len)
+    return load_tokenizer(str(source))
+
+
+def _write(workdir: pathlib.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
+    from safetensors.numpy import save_file
+    head, model_cfg, params, task, step = load_workdir(workdir, step)
+    try:
+        tensors = names.to_hf(params, model_cfg.num_layers, head)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f'--workdir: cannot map its parameters to transformers BERT: '
+                          f'{e}') from None
+    save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
+    config = hf_config(head, model_cfg, task)
+    (out / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings)
+    if check:
+        verify.verify(out, head, model_cfg, params, tokenizer)
+    return f'{ARCHITECTURES[head]} (step {step})'
+
+
+def run(workdir: str, output: str, step: int | None = None, check: bool = True) -> None:
+    """Exports `workdir` to `output` (which must not exist yet)."""
+    source, target = pathlib.Path(workdir).absolute(), pathlib.Path(output).absolute()
+    if target.exists():
+        raise ConfigError(f'--output: {output} exists; remove it or choose another path')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
+    try:
+        what = _write(source, tmp, step, check)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        tmp.rename(target)
+    except verify.VerificationError as e:
+        raise ConfigError(f'export verification failed: {e}; nothing was written') from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    print(f'exported {what} of {workdir} to {output}', flush=True)

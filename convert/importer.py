@@ -1,0 +1,216 @@
+"""`launch.py import`: a local Hugging Face BERT directory -> a workdir of this project.
+
+The workdir looks like a pretraining run's: config.json (the `tiny` pretraining recipe with
+the imported architecture), the tokenizer (spm.model, or wordpiece.json for a `vocab.txt`
+WordPiece BERT) and checkpoints/0 holding a fresh-optimizer TrainState at step 0. So
+
+    python launch.py pretrain --config W/config.json --workdir W     # continues pretraining
+    python launch.py finetune --config.init_from=W --workdir FT       # fine-tunes from it
+
+Weights are read without pickle: model.safetensors (sharded too), or pytorch_model.bin with
+torch.load(weights_only=True) when torch is installed. This project keeps [PAD] [UNK] [CLS]
+[SEP] [MASK] at ids 0..4; a WordPiece vocabulary with them elsewhere (BERT's 0, 100..103)
+is reordered, and the word-embedding rows and MLM output bias with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert import hf_tokenizer_in, names
+from engine.checkpoint import Checkpoints
+from engine.config_cli import ConfigError, config_to_json
+from engine.mesh import strip_boxes
+from engine.optim import make_optimizer
+from models.bert import BertConfig, BertForMaskedLM
+from pretrain.steps import TrainState
+
+_CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
+
+
+def resolve_dir(hf_dir: pathlib.Path, step: int | None) -> pathlib.Path:
+    """--hf-dir itself, or its Trainer `checkpoint-STEP` subdirectory (default: latest)."""
+    if not hf_dir.is_dir():
+        raise ConfigError(f'--hf-dir: no such directory {str(hf_dir)!r}')
+    saved = {int(m.group(1)): p for p in hf_dir.iterdir() if (m := _CHECKPOINT.match(p.name))}
+    if step is not None:
+        if step not in saved:
+            raise ConfigError(f'--step: no checkpoint-{step} in {hf_dir} (have {sorted(saved)})')
+        return saved[step]
+    if _weights_files(hf_dir) or not saved:
+        return hf_dir
+    return saved[max(saved)]
+
+
+def _weights_files(d: pathlib.Path) -> list[pathlib.Path]:
+    index = d / 'model.safetensors.index.json'
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+        return [d / s for s in shards]
+    for name in ('model.safetensors', 'pytorch_model.bin'):
+        if (d / name).is_file():
+            return [d / name]
+    return []
+
+
+def read_weights(d: pathlib.Path) -> dict[str, np.ndarray]:
+    """The state dict as float32 numpy arrays; never unpickles arbitrary objects."""
+    files = _weights_files(d)
+    if not files:
+        raise ConfigError(f'--hf-dir: {d} has no model.safetensors or pytorch_model.bin')
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        if file.suffix == '.safetensors':
+            from safetensors import safe_open
+            with safe_open(str(file), framework='numpy') as f:
+                for key in f.keys():
+                    state[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise ConfigError(f'--hf-dir: reading {file.name} needs torch; convert it to '
+                                  'model.safetensors or install torch') from None
+            loaded = torch.load(str(file), map_location='cpu', weights_only=True)
+            state.update({k: v.float().numpy() for k, v in loaded.items()})
+    return names.normalize_hf_keys(state)
+
+
+def model_fields(config: dict) -> dict:
+    """BertConfig fields from a transformers config.json; refuses what our model lacks."""
+    if config.get('model_type', 'bert') != 'bert':
+        raise ConfigError(f"--hf-dir: model_type {config.get('model_type')!r} is not 'bert'")
+    if config.get('hidden_act', 'gelu') != 'gelu':
+        raise ConfigError(f"--hf-dir: hidden_act {config['hidden_act']!r}: only 'gelu' (erf) "
+                          'is supported')
+    if config.get('position_embedding_type', 'absolute') != 'absolute':
+        raise ConfigError('--hf-dir: only absolute position embeddings are supported')
+    try:
+        return {'vocab_size': config['vocab_size'], 'hidden_size': config['hidden_size'],
+                'num_layers': config['num_hidden_layers'],
+                'num_heads': config['num_attention_heads'],
+                'intermediate_size': config['intermediate_size'],
+                'max_position_embeddings': config['max_position_embeddings'],
+                'type_vocab_size': config.get('type_vocab_size', 2),
+                'dropout_rate': config.get('hidden_dropout_prob', 0.1),
+                'attention_dropout_rate': config.get('attention_probs_dropout_prob', 0.1),
+                'layer_norm_eps': config.get('layer_norm_eps', 1e-12),
+                'initializer_range': config.get('initializer_range', 0.02)}
+    except KeyError as e:
+        raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
+
+
+def pretrain_config(fields: dict, tokenizer_type: str):
+    """The `tiny` pretraining recipe with the imported architecture and tokenizer kind."""
+    from configs.pretrain import get_config
+    cfg = get_config('tiny')
+    for key, value in fields.items():  # keys the recipe lacks (layer_norm_eps, ...) are added
+        cfg.model[key] = type(cfg.model[key])(value) if key in cfg.model else value
+    cfg.seq_len = min(cfg.seq_len, fields['max_position_embeddings'])
+    with cfg.data.ignore_type():
+        cfg.data.tokenizer_type = tokenizer_type
+    return cfg
+
+
+def _head_params(state: dict, model_cfg: BertConfig) -> tuple[dict, str]:
+    """Our params from the state dict: the MLM head if it has one, else a fresh one."""
+    layers = model_cfg.num_layers
+    head = names.head_keys(layers, 'mlm')
+    present = head & state.keys()
+    keys = names.encoder_keys(layers) | (head if present else set())
+    if present and present != head:
+        raise ConfigError(f'--hf-dir: incomplete MLM head, missing {sorted(head - present)}')
+    try:
+        ours = names.from_hf(state, layers, 'mlm', keys)
+    except KeyError as e:
+        raise ConfigError(f'--hf-dir: the weights have no {e.args[0]}') from None
+    model = BertForMaskedLM(model_cfg)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    init = functools.partial(model.init, jax.random.key(0), ids, ids[:, :1])
+    if present:  # shapes only: no need to initialise what the checkpoint replaces
+        base = strip_boxes(jax.eval_shape(init)['params'])
+    else:
+        base = jax.tree.map(np.asarray, nn.unbox(init()['params']))
+    params = _overlay(base, ours)
+    _check_shapes(base, params)
+    return params, 'imported' if present else 'freshly initialised (not in the checkpoint)'
+
+
+def _overlay(base: dict, update: dict) -> dict:
+    return {k: _overlay(v, update.get(k, {})) if isinstance(v, dict) else update.get(k, v)
+            for k, v in base.items()}
+
+
+def _check_shapes(want: dict, got: dict, path: str = '') -> None:
+    for key, value in want.items():
+        if isinstance(value, dict):
+            _check_shapes(value, got[key], f'{path}{key}/')
+        elif value.shape != got[key].shape:
+            raise ConfigError(f'--hf-dir: {path}{key} has shape {got[key].shape}, the config '
+                              f'says {value.shape}')
+
+
+def _save(tmp: pathlib.Path, cfg, params: dict, source: str) -> None:
+    (tmp / 'config.json').write_text(config_to_json(cfg))
+    params = jax.tree.map(jnp.asarray, params)
+    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)  # as `pretrain` builds it
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    meta = {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size, 'position': 0},
+            'config': cfg.to_dict(), 'imported_from': source}
+    ckpts = Checkpoints(str(tmp / 'checkpoints'), keep=cfg.keep_checkpoints, async_save=False)
+    ckpts.save(0, state, meta)
+    ckpts.close()
+
+
+def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
+    """Imports the BERT in `hf_dir` into a new `workdir`."""
+    source = resolve_dir(pathlib.Path(hf_dir).absolute(), step)
+    target = pathlib.Path(workdir).absolute()
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f'--workdir: {workdir} exists and is not empty')
+    if not (source / 'config.json').is_file():
+        raise ConfigError(f'--hf-dir: {source} has no config.json')
+    fields = model_fields(json.loads((source / 'config.json').read_text()))
+    model_cfg = BertConfig(**fields)
+    state = read_weights(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
+    try:
+        tok = hf_tokenizer_in.import_tokenizer([source, source.parent], tmp)
+        state = hf_tokenizer_in.reorder_vocab(state, tok.order)
+        params, head = _head_params(state, model_cfg)
+        _save(tmp, pretrain_config(fields, tok.kind), params, str(source))
+        if target.exists():
+            target.rmdir()
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _report(source, workdir, model_cfg, tok, head, state)
+
+
+def _report(source, workdir: str, m: BertConfig, tok, head: str, state: dict) -> None:
+    used = {hf for _, hf, _ in names.name_map(m.num_layers, 'mlm')}
+    ignored = sorted(set(state) - used - set(names.IGNORED_HF_KEYS))
+    moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
+    moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
+    print(f'imported {source}: {m.num_layers} layers, hidden {m.hidden_size}, vocab '
+          f'{m.vocab_size}, {tok.kind} tokenizer{moved}; MLM head {head}', flush=True)
+    if ignored:
+        print(f'not imported (no place in a pretraining run): {", ".join(ignored[:6])}'
+              f'{" ..." if len(ignored) > 6 else ""}', flush=True)
+    print(f'continue pretraining: python launch.py pretrain --config {workdir}/config.json '
+          f'--workdir {workdir}\nfine-tune: python launch.py finetune --workdir FT '
+          f'--config.init_from={workdir}', flush=True)

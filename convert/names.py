@@ -1,0 +1,152 @@
+"""The one name map between this project's parameter tree and a transformers BERT state dict.
+
+Our tree (models/bert.py) already uses Hugging Face module names, so each entry is a rename
+of the leaf (Dense 'kernel' -> 'weight' transposed, LayerNorm 'scale' -> 'weight', Embed
+'embedding' -> 'weight') plus the path spelled with dots and `layer.{i}` for `layer_{i}`.
+
+Heads:
+  'mlm'         BertForMaskedLM: `cls.predictions.{bias,transform.*}`; the decoder is tied to
+                the word embeddings, so transformers saves neither `decoder.weight` nor
+                `decoder.bias` (an alias of `cls.predictions.bias`).
+  'classifier'  BertForSequenceClassification: `bert.pooler.dense.*` and `classifier.*`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+Path = tuple[str, ...]
+HEADS = ('mlm', 'classifier')
+# Keys older or other transformers BERT checkpoints carry that hold nothing we need: the
+# tied decoder copies, the position-id buffer, next-sentence prediction.
+IGNORED_HF_KEYS = ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias',
+                   'bert.embeddings.position_ids', 'cls.seq_relationship.weight',
+                   'cls.seq_relationship.bias')
+
+
+def _dense(ours: Path, hf: str) -> Iterator[tuple[Path, str, bool]]:
+    yield (*ours, 'kernel'), f'{hf}.weight', True  # flax (in, out) vs torch (out, in)
+    yield (*ours, 'bias'), f'{hf}.bias', False
+
+
+def _norm(ours: Path, hf: str) -> Iterator[tuple[Path, str, bool]]:
+    yield (*ours, 'scale'), f'{hf}.weight', False
+    yield (*ours, 'bias'), f'{hf}.bias', False
+
+
+def _embeddings() -> Iterator[tuple[Path, str, bool]]:
+    for name in ('word_embeddings', 'position_embeddings', 'token_type_embeddings'):
+        yield ('bert', 'embeddings', name, 'embedding'), f'bert.embeddings.{name}.weight', False
+    yield from _norm(('bert', 'embeddings', 'LayerNorm'), 'bert.embeddings.LayerNorm')
+
+
+def _layer(i: int) -> Iterator[tuple[Path, str, bool]]:
+    ours, hf = ('bert', 'encoder', f'layer_{i}'), f'bert.encoder.layer.{i}'
+    for name in ('query', 'key', 'value'):
+        yield from _dense((*ours, 'attention', 'self', name), f'{hf}.attention.self.{name}')
+    yield from _dense((*ours, 'attention', 'output', 'dense'), f'{hf}.attention.output.dense')
+    yield from _norm((*ours, 'attention', 'output', 'LayerNorm'),
+                     f'{hf}.attention.output.LayerNorm')
+    yield from _dense((*ours, 'intermediate', 'dense'), f'{hf}.intermediate.dense')
+    yield from _dense((*ours, 'output', 'dense'), f'{hf}.output.dense')
+    yield from _norm((*ours, 'output', 'LayerNorm'), f'{hf}.output.LayerNorm')
+
+
+def _mlm_head() -> Iterator[tuple[Path, str, bool]]:
+    yield ('cls', 'predictions', 'bias'), 'cls.predictions.bias', False
+    yield from _dense(('cls', 'predictions', 'transform', 'dense'),
+                      'cls.predictions.transform.dense')
+    yield from _norm(('cls', 'predictions', 'transform', 'LayerNorm'),
+                     'cls.predictions.transform.LayerNorm')
+
+
+def _classifier_head() -> Iterator[tuple[Path, str, bool]]:
+    yield from _dense(('bert', 'pooler', 'dense'), 'bert.pooler.dense')
+    yield from _dense(('classifier',), 'classifier')
+
+
+def name_map(num_layers: int, head: str) -> list[tuple[Path, str, bool]]:
+    """[(our path, transformers key, transpose?)] for every parameter of the model."""
+    if head not in HEADS:
+        raise ValueError(f'head must be one of {HEADS}, got {head!r}')
+    entries = list(_embeddings())
+    for i in range(num_layers):
+        entries += list(_layer(i))
+    entries += list(_mlm_head() if head == 'mlm' else _classifier_head())
+    return entries
+
+
+def encoder_keys(num_layers: int) -> set[str]:
+    """The transformers keys of embeddings + encoder (what every BERT checkpoint has)."""
+    return {hf for path, hf, _ in name_map(num_layers, 'mlm') if path[0] == 'bert'}
+
+
+def head_keys(num_layers: int, head: str) -> set[str]:
+    return {hf for _, hf, _ in name_map(num_layers, head)} - encoder_keys(num_layers)
+
+
+def _get(tree: dict, path: Path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: Path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def to_hf(params: dict, num_layers: int, head: str) -> dict[str, np.ndarray]:
+    """Our nested params -> {transformers key: float32 array}; every leaf must be mapped."""
+    out = {}
+    for path, hf, transpose in name_map(num_layers, head):
+        value = np.asarray(_get(params, path), dtype=np.float32)
+        out[hf] = np.ascontiguousarray(value.T if transpose else value)
+    mapped = len(out)
+    total = len(_leaves(params))
+    if mapped != total:
+        raise ValueError(f'{total - mapped} parameters have no transformers name '
+                         '(pre-LN models have no BERT counterpart)')
+    return out
+
+
+def from_hf(state: dict[str, np.ndarray], num_layers: int, head: str,
+            keys: set[str] | None = None) -> dict:
+    """{transformers key: array} -> our nested params (only `keys` if given, else all)."""
+    params: dict = {}
+    for path, hf, transpose in name_map(num_layers, head):
+        if keys is not None and hf not in keys:
+            continue
+        if hf not in state:
+            raise KeyError(hf)
+        value = np.asarray(state[hf], dtype=np.float32)
+        _set(params, path, np.ascontiguousarray(value.T if transpose else value))
+    return params
+
+
+def normalize_hf_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Spellings of other BERT checkpoints -> ours: a bare BertModel ('embeddings.*' without
+    'bert.'), TF-era LayerNorm 'gamma'/'beta'."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(('embeddings.', 'encoder.', 'pooler.')):
+            key = f'bert.{key}'
+        if key.endswith('LayerNorm.gamma'):
+            key = key[:-len('gamma')] + 'weight'
+        elif key.endswith('LayerNorm.beta'):
+            key = key[:-len('beta')] + 'bias'
+        out[key] = value
+    return out
+
+
+def _leaves(tree: dict, prefix: Path = ()) -> list[Path]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaves(value, (*prefix, key))
+        else:
+            out.append((*prefix, key))
+    return out

@@ -1,0 +1,144 @@
+"""Multi-seed evaluation: `run(config, workdir)` for `launch.py evaluate`.
+
+Every (task, variant, seed) is an ordinary fine-tuning run in its own workdir
+`WORKDIR/TASK/VARIANT/seed_N/`, trained by `finetune.train.run`; a finished run (its
+results.json exists) is read back rather than retrained, and an interrupted one resumes
+from its checkpoint, so re-running the same command continues where it stopped. The
+tables (`results.md`, `results.csv`) are rewritten after every run.
+"""
+
+import csv
+import json
+import math
+import pathlib
+import shlex
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+
+from engine.config_cli import ConfigError, apply_overrides, load_config
+from finetune import train as finetune_train
+from pretrain.tokenizer import MODEL_FILENAME
+
+FINETUNE_CONFIG = 'configs/finetune.py'
+
+
+def _tokens(text: str, what: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise ConfigError(f'{what}: {e}') from None
+
+
+def _apply_items(cfg: ml_collections.ConfigDict, items: list[str], what: str) -> None:
+    if any('=' not in item for item in items):
+        raise ConfigError(f'{what}: expected key=value items, got {items}')
+    apply_overrides(cfg, items)
+
+
+def task_config(text: str, what: str, *first: str) -> ml_collections.ConfigDict:
+    """'FINETUNE_CONFIG_ARG key=value ...' (a suite's task, a search's base) -> its
+    fine-tuning config; the `first` key=value overrides go before the text's own."""
+    tokens = _tokens(text, what)
+    if not tokens:
+        raise ConfigError(f"{what}: empty; expected 'FINETUNE_CONFIG_ARG key=value ...'")
+    cfg = load_config(f'{FINETUNE_CONFIG}:{tokens[0]}')
+    apply_overrides(cfg, list(first))
+    _apply_items(cfg, tokens[1:], what)
+    return cfg
+
+
+def run_config(suite: ml_collections.ConfigDict, task: str, variant: str,
+               seed: int) -> ml_collections.ConfigDict:
+    """The fine-tuning config of one run: the task's config arg and overrides, the suite's
+    init_from, the variant's overrides, and the seed."""
+    cfg = task_config(suite.tasks[task], f'tasks.{task}', f'init_from={suite.init_from}',
+                      f'seed={seed}')
+    _apply_items(cfg, _tokens(suite.variants[variant], f'variants.{variant}'),
+                 f'variants.{variant}')
+    if cfg.init_from.lower() == 'none' and not cfg.tokenizer_model and _pretrained(suite):
+        # From scratch with the pretrained run's tokenizer: only the weights differ.
+        cfg.tokenizer_model = str(pathlib.Path(suite.init_from) / MODEL_FILENAME)
+    return cfg
+
+
+def _pretrained(suite) -> bool:
+    return bool(suite.init_from) and suite.init_from.lower() != 'none'
+
+
+def _runs(suite) -> Iterator[tuple[str, str, int]]:
+    for task in suite.tasks:
+        if not suite.tasks[task].strip():
+            continue  # a task set to '' is dropped from the suite
+        for variant in suite.variants:
+            for seed in suite.seeds:
+                yield task, variant, int(seed)
+
+
+def validate(suite: ml_collections.ConfigDict) -> None:
+    """Every run's config resolves (keys exist, values parse) before anything trains."""
+    if not list(_runs(suite)):
+        raise ConfigError('tasks, variants and seeds: each needs at least one entry')
+    for task, variant, seed in _runs(suite):
+        try:
+            finetune_train.validate(run_config(suite, task, variant, seed))
+        except ConfigError as e:
+            raise ConfigError(f'{task} / {variant} / seed {seed}: {e}') from None
+
+
+def _scores(results: dict, metrics: tuple[str, ...]) -> dict[str, float]:
+    split = results.get('test') or results['validation']
+    return {m: float(split[m]) for m in metrics if m in split}
+
+
+def summarize(rows: list[dict], metrics: tuple[str, ...]) -> list[dict]:
+    """Rows of (task, variant, seed, metric values) -> one row per (task, variant) with the
+    mean, the sample standard deviation (0 for one seed) and the seed count per metric."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row['task'], row['variant']), []).append(row)
+    table = []
+    for (task, variant), members in groups.items():
+        out = {'task': task, 'variant': variant, 'seeds': len(members)}
+        for m in metrics:
+            values = np.array([r[m] for r in members if m in r], np.float64)
+            out[f'{m}_mean'] = float(values.mean()) if values.size else math.nan
+            out[f'{m}_std'] = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        table.append(out)
+    return table
+
+
+def write_tables(workdir: pathlib.Path, table: list[dict], metrics: tuple[str, ...]) -> None:
+    """results.csv (numbers) and results.md (mean ± std, 3 decimals)."""
+    with open(workdir / 'results.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    lines = ['| task | variant | seeds | ' + ' | '.join(metrics) + ' |',
+             '|---|---|---:|' + '---:|' * len(metrics)]
+    for row in table:
+        cells = [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in metrics]
+        lines.append(f"| {row['task']} | {row['variant']} | {row['seeds']} | "
+                     + ' | '.join(cells) + ' |')
+    (workdir / 'results.md').write_text('\n'.join(lines) + '\n')
+
+
+def run(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Runs (or resumes) the whole suite; returns the summary table."""
+    validate(suite)
+    root = pathlib.Path(workdir).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    metrics = tuple(suite.metrics)
+    rows, runs = [], list(_runs(suite))
+    for i, (task, variant, seed) in enumerate(runs, 1):
+        run_dir = root / task / variant / f'seed_{seed}'
+        print(f'[{i}/{len(runs)}] {task} / {variant} / seed {seed}: {run_dir}', flush=True)
+        results = finetune_train.run(run_config(suite, task, variant, seed), str(run_dir))
+        rows.append({'task': task, 'variant': variant, 'seed': seed,
+                     **_scores(results, metrics)})
+        table = summarize(rows, metrics)
+        write_tables(root, table, metrics)
+    (root / 'runs.json').write_text(json.dumps(rows, indent=1) + '\n')
+    print((root / 'results.md').read_text(), flush=True)
+    return table

@@ -1,0 +1,186 @@
+"""`launch.py pretrain --dry-run`: what a run would be, without running it.
+
+Everything is abstract: `jax.eval_shape` traces the model and optimizer init on a
+`jax.sharding.AbstractMesh` of the configured shape, so a `large` model on a 256-chip mesh
+is described on a laptop with nothing allocated. Printed: the resolved config and its diff
+from the config file's defaults, the mesh, each parameter's sharding (logical axes -> mesh
+axes, per-device shape), the parameter count (`params: 110.1M`), model FLOPs per step and
+an estimate of memory per device.
+
+Memory estimate per device (bytes), with local batch b = batch_size / (data-parallel size x
+grad_accum_steps), sequence s, hidden h, intermediate i, heads a, tensor-parallel size t,
+compute dtype bytes e, masked positions p, vocab v and L layers:
+  - params, optimizer state: exact, from the abstract state and its shardings (float32);
+  - gradients: the size of the params with the same sharding (float32);
+  - activations kept for the backward pass of one micro-batch, counted per layer as
+      matmul outputs    q, k, v 3sh/t, scores as^2/t, context sh/t, attention out sh,
+                        FFN in->mid si/t, FFN mid->out sh
+      other saved       softmax probs as^2/t, two LayerNorms' inputs and outputs 4sh,
+                        GELU output si/t, the layer input sh
+    remat 'none' keeps all of it, 'dots' keeps the matmul outputs and the layer input,
+    'full' keeps the layer input of every layer plus one layer's full set (recomputed
+    in the backward pass); plus the embeddings' output 2sh and the MLM head's 3ph (e
+    bytes) and its logits and their gradient 2pv (float32). Attention scores are counted
+    as materialized (explicit attention; a fused kernel saves the as^2 terms).
+  Not counted: XLA temporaries and fusion buffers, the input batch, collectives' buffers.
+  Treat the total as a guide to within tens of percent, not a guarantee.
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
+
+from engine import mesh as mesh_lib
+from engine.config_cli import ConfigError, config_to_json, flat_keys, load_config
+from engine.optim import make_optimizer
+from models.bert import BertConfig, BertForMaskedLM
+from models.flops import count_params, train_flops_per_step
+from pretrain import steps
+from pretrain.train import bert_config, check_batch, masking_config, validate_values
+
+GiB = 1024 ** 3
+
+
+def abstract_mesh(cfg: ml_collections.ConfigDict) -> AbstractMesh:
+    """The configured mesh without devices. A -1 takes this machine's device count; an
+    explicit shape may need more devices than exist here (the target cluster's)."""
+    try:
+        shape = mesh_lib.resolve_mesh_shape(cfg.mesh.shape, cfg.mesh.axes,
+                                            _target_devices(cfg))
+    except ValueError as e:
+        raise ConfigError(f'mesh.shape: {e}') from None
+    return AbstractMesh(shape, tuple(cfg.mesh.axes), axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _target_devices(cfg) -> int:
+    shape = [int(s) for s in cfg.mesh.shape]
+    return jax.device_count() if -1 in shape else math.prod(shape)
+
+
+def abstract_state(cfg: ml_collections.ConfigDict, mesh: AbstractMesh):
+    """(abstract TrainState with boxes stripped, its shardings, its logical specs)."""
+    model = BertForMaskedLM(bert_config(cfg))
+    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
+    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
+    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(cfg.mesh.rules):
+        boxed = jax.eval_shape(init)
+    logical = nn.get_partition_spec(boxed)
+    shardings = nn.logical_to_mesh_sharding(logical, mesh, cfg.mesh.rules)
+    return mesh_lib.strip_boxes(boxed), shardings, logical
+
+
+def per_device_shape(shape: tuple, spec: PartitionSpec, mesh_shape: dict) -> tuple:
+    """The shard each device holds (ceil division, as XLA pads uneven shards)."""
+    out = []
+    for i, size in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        out.append(-(-size // math.prod(mesh_shape[a] for a in axes)))
+    return tuple(out)
+
+
+def sharded_bytes(tree, shardings, mesh_shape: dict) -> int:
+    """Bytes per device of an abstract tree laid out by `shardings`."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+        shard = per_device_shape(tuple(leaf.shape), sharding.spec, mesh_shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def activation_bytes(model: BertConfig, cfg: ml_collections.ConfigDict, mesh_shape: dict,
+                     max_predictions: int) -> int:
+    """Estimated activation memory per device for one micro-batch (module docstring)."""
+    data_parallel = math.prod(mesh_shape.get(a, 1) for a in mesh_lib.BATCH_AXES)
+    b = max(cfg.batch_size // (data_parallel * cfg.grad_accum_steps), 1)
+    s, h, i, a = cfg.seq_len, model.hidden_size, model.intermediate_size, model.num_heads
+    t, e = mesh_shape.get('tensor', 1), np.dtype(model.dtype).itemsize
+    p, v = max_predictions, model.vocab_size
+    matmuls = 3 * s * h / t + a * s * s / t + s * h / t + s * h + s * i / t + s * h
+    others = a * s * s / t + 4 * s * h + s * i / t
+    layer_input = s * h
+    per_layer = {'none': matmuls + others + layer_input, 'dots': matmuls + layer_input,
+                 'full': layer_input}[model.remat]
+    encoder = model.num_layers * per_layer
+    if model.remat == 'full':
+        encoder += matmuls + others
+    elements = encoder + 2 * s * h + 3 * p * h
+    return int(b * (elements * e + 2 * p * v * 4))
+
+
+def config_diff(cfg: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> list[str]:
+    """'key: default -> value' for every leaf that differs from the config file's defaults."""
+    lines = []
+    for key in flat_keys(cfg):
+        value, default = _get(cfg, key), _get(defaults, key)
+        if value != default:
+            lines.append(f'  {key}: {default!r} -> {value!r}')
+    return lines
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split('.'):
+        if part not in node:
+            return '<absent>'
+        node = node[part]
+    return node
+
+
+def describe(cfg: ml_collections.ConfigDict, spec: str) -> str:
+    """The whole dry-run report as text; raises ConfigError for an inconsistent config."""
+    validate_values(cfg)
+    mesh = abstract_mesh(cfg)
+    mesh_shape = dict(mesh.shape)
+    check_batch(cfg, math.prod(mesh_shape.get(a, 1) for a in mesh_lib.BATCH_AXES))
+    model = bert_config(cfg)
+    state, shardings, logical = abstract_state(cfg, mesh)
+    masked = masking_config(cfg, model.vocab_size).max_predictions
+    flops = train_flops_per_step(model, cfg.batch_size, cfg.seq_len, masked)
+    devices = math.prod(mesh_shape.values())
+    lines = [f'config ({spec}):', config_to_json(cfg), f'changed from the defaults of {spec}:']
+    lines += config_diff(cfg, load_config(spec)) or ['  (none)']
+    lines.append(f'mesh: {mesh_shape} = {devices} devices '
+                 f'(this machine has {jax.device_count()}; nothing is allocated)')
+    lines.append(f'{"parameter":62s} {"shape":16s} {"logical axes":28s} '
+                 f'{"mesh axes":26s} per device')
+    lines += _sharding_lines(state.params, shardings.params, logical.params, mesh_shape)
+    lines.append(f'params: {count_params(state.params) / 1e6:.1f}M')
+    lines.append(f'flops/step: {flops:.3e} (model FLOPs, all devices; '
+                 f'{flops / devices:.3e} per device)')
+    lines += _memory_lines(cfg, model, state, shardings, mesh_shape, masked)
+    return '\n'.join(lines)
+
+
+def _sharding_lines(params, shardings, logical, mesh_shape: dict) -> list[str]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    rows = zip(flat, jax.tree.leaves(shardings), jax.tree.leaves(
+        logical, is_leaf=lambda x: isinstance(x, PartitionSpec)), strict=True)
+    lines = []
+    for (path, leaf), sharding, names in rows:
+        name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        shape = tuple(leaf.shape)
+        local = per_device_shape(shape, sharding.spec, mesh_shape)
+        lines.append(f'{name:62s} {str(shape):16s} {str(tuple(names)):28s} '
+                     f'{str(tuple(sharding.spec)):26s} {local}')
+    return lines
+
+
+def _memory_lines(cfg, model, state, shardings, mesh_shape, masked) -> list[str]:
+    params = sharded_bytes(state.params, shardings.params, mesh_shape)
+    optimizer = sharded_bytes(state.opt_state, shardings.opt_state, mesh_shape)
+    activations = activation_bytes(model, cfg, mesh_shape, masked)
+    total = 2 * params + optimizer + activations  # gradients: params-sized
+    return [f'memory/device: params {params / GiB:.2f} GiB, optimizer state '
+            f'{optimizer / GiB:.2f} GiB, gradients {params / GiB:.2f} GiB, activations '
+            f'~{activations / GiB:.2f} GiB (remat={model.remat}, {model.dtype}), '
+            f'total ~{total / GiB:.2f} GiB']
+
+
+def run(cfg: ml_collections.ConfigDict, spec: str) -> None:
+    print(describe(cfg, spec), flush=True)

@@ -1,0 +1,78 @@
+"""WordPiece tokenizers (imported Hugging Face BERTs) behind the same interface as Tokenizer.
+
+A workdir that holds WORDPIECE_FILENAME (a `tokenizers` pipeline: BERT normalizer and
+pre-tokenizer, WordPiece model) instead of spm.model uses it for pretraining, fine-tuning
+and prediction. `launch.py import` writes it from a `vocab.txt`, reordered so that the five
+special tokens sit at ids 0..4 like every tokenizer of this project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
+from tokenizers.implementations import BertWordPieceTokenizer
+
+from pretrain.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
+
+WORDPIECE_FILENAME = 'wordpiece.json'
+_CONTINUATION = '##'
+
+
+def build_wordpiece(vocab: Sequence[str], lowercase: bool = True,
+                    strip_accents: bool | None = None) -> HFTokenizer:
+    """BERT's WordPiece pipeline over `vocab` (ids = positions), without post-processing."""
+    bert = BertWordPieceTokenizer({piece: i for i, piece in enumerate(vocab)},
+                                  lowercase=lowercase, strip_accents=strip_accents,
+                                  unk_token=SPECIAL_PIECES[1])
+    tok = bert._tokenizer  # the underlying pipeline; we add our own post-processing
+    tok.post_processor = None
+    tok.decoder = decoders.WordPiece(prefix=_CONTINUATION)
+    return tok
+
+
+class WordPieceTokenizer:
+    """Same methods as pretrain.tokenizer.Tokenizer, over a saved `tokenizers` pipeline."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        try:
+            with open(self.path, 'rb') as f:
+                self._bytes = f.read()
+            self._tok = HFTokenizer.from_str(self._bytes.decode('utf-8'))
+        except Exception as e:  # OSError, UnicodeError, or tokenizers' plain Exception
+            raise ValueError(f'tokenizer {self.path}: cannot load a WordPiece tokenizer '
+                             f'({type(e).__name__}: {e})') from None
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        for i, want in enumerate(SPECIAL_PIECES):
+            if self._tok.id_to_token(i) != want:
+                raise ValueError(f'tokenizer {self.path}: id {i} is '
+                                 f'{self._tok.id_to_token(i)!r}, expected {want!r}')
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._bytes).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; [PAD] [CLS] [SEP] [MASK] are skipped, [UNK] kept (as Tokenizer)."""
+        kept = [int(i) for i in ids if int(i) not in (PAD_ID, CLS_ID, SEP_ID, MASK_ID)]
+        return self._tok.decode(kept, skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    def word_start_mask(self) -> np.ndarray:
+        """True for pieces that begin a word (no '##'), and for the special ids."""
+        pieces = [self._tok.id_to_token(i) or '' for i in range(self.vocab_size)]
+        mask = np.array([not p.startswith(_CONTINUATION) for p in pieces], dtype=bool)
+        mask[:len(SPECIAL_PIECES)] = True
+        return mask
