@@ -18,7 +18,8 @@ is run again with the same parameters, resuming its workdir's checkpoint.
 Searches:
   demo   the shipped sentiment tweets with 1,000 training labels and 3 epochs; learning
          rate, batch size, warm-up, weight decay, dropout and freeze depth; 8 trials of
-         well under a minute each on 2 CPU cores (see README for the measured searches).
+         about a minute each (less when pruned), 7-8 minutes on 2 shared CPU cores (see
+         README for the measured searches).
 
 `base` is 'FINETUNE_CONFIG_ARG key=value ...' (the arg of configs/finetune.py, then
 overrides of its keys), the config every trial starts from; `init_from` is applied before

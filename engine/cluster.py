@@ -42,7 +42,7 @@ def check_run_command(argv: Sequence[str]) -> None:
     """The command to start on the cluster: a training subcommand."""
     if not argv or argv[0] not in TRAINING_COMMANDS:
         raise ValueError(f'after --, give the run to start: one of {list(TRAINING_COMMANDS)} '
-                         'and its arguments, e.g. -- pretrain --config ... --workdir gs://...')
+                         'and its arguments, e.g. -- pretrain --config ... --workdir DIR')
 
 
 def tpu_command(name: str, zone: str, argv: Sequence[str], remote_dir: str = '~/bertjax',
@@ -116,7 +116,8 @@ def pinned_jax_version() -> str:
     return match.group(1) if match else ''
 
 
-TPU_EXAMPLE = ['pretrain', '--config', 'configs/pretrain.py:base', '--workdir', 'gs://bucket/run',
+TPU_EXAMPLE = ['pretrain', '--config', 'configs/pretrain.py:base', '--workdir',
+               '/mnt/shared/runs/base',  # a file system every worker mounts (README)
                "--config.mesh.shape=(-1,)"]
 SLURM_EXAMPLE = ['pretrain', '--config', 'configs/pretrain.py:base', '--workdir', '/shared/run']
 

@@ -143,6 +143,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
                 raise
         return scalars
 
+    callbacks = LoopCallbacks(
+        step=None, evaluate=evaluate, write=writer.write, should_stop=tracker.should_stop,
+        save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}))
     loop_cfg = LoopConfig(
         num_steps=num_steps, log_every=cfg.log_every_steps,
         eval_every=cfg.eval_every_steps or batches.steps_per_epoch,
@@ -152,22 +155,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
         is_main=main)
     try:
         with setup.sharding_context(mesh, cfg):
-            # One segment per gradual-unfreezing phase (a single one when it is off).
-            for next_phase, end in unfreeze.segments(start_step, num_steps, every, num_layers):
-                if next_phase != phase:
-                    phase = next_phase
-                    state, labels, tx = setup.enter_phase(cfg, mesh, built, state, num_steps,
-                                                          phase)
-                    _log_sizes(main, state, labels, built, f'unfreezing phase {phase}: ')
-                train_fn, _ = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
-                callbacks = LoopCallbacks(
-                    step=lambda s, b, f=train_fn: f(s, mesh_lib.shard_batch(b, mesh)),
-                    evaluate=evaluate, write=writer.write, should_stop=tracker.should_stop,
-                    save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}))
-                state = run_loop(state, batches.iterate(int(state.step)), int(state.step),
-                                 dataclasses.replace(loop_cfg, num_steps=end), callbacks, sigterm)
-                if tracker.should_stop():
-                    break
+            state = _train_phases(cfg, mesh, built, (state, labels, tx, schedule), phase,
+                                  batches, loop_cfg, callbacks, sigterm)
         best_ckpts.wait()
         results = _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded,
                                  task)
@@ -180,6 +169,30 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
         print(json.dumps({k: results['test'].get(k) for k in ('accuracy', 'f1')}
                          if results.get('test') else results['validation']), flush=True)
     return results
+
+
+def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopConfig,
+                  callbacks: LoopCallbacks, sigterm: SigtermFlag):
+    """Runs the loop once per gradual-unfreezing phase (once when it is off) up to
+    loop_cfg.num_steps; returns the final state. `start` = (state, labels, tx, schedule) of
+    phase `phase`, at the step training continues from."""
+    state, labels, tx, schedule = start
+    start_step, num_steps = int(state.step), loop_cfg.num_steps
+    every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
+    main = jax.process_index() == 0
+    for next_phase, end in unfreeze.segments(start_step, num_steps, every, num_layers):
+        if next_phase != phase:
+            phase = next_phase
+            state, labels, tx = setup.enter_phase(cfg, mesh, built, state, num_steps, phase)
+            _log_sizes(main, state, labels, built, f'unfreezing phase {phase}: ')
+        train_fn, _ = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
+        step = lambda s, b, f=train_fn: f(s, mesh_lib.shard_batch(b, mesh))  # noqa: E731
+        state = run_loop(state, batches.iterate(int(state.step)), int(state.step),
+                         dataclasses.replace(loop_cfg, num_steps=end),
+                         dataclasses.replace(callbacks, step=step), sigterm)
+        if callbacks.should_stop():
+            break
+    return state
 
 
 def _prepare(cfg, workdir: pathlib.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
