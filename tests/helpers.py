@@ -22,6 +22,18 @@ def sentence(rng: np.random.Generator) -> tuple[str, str]:
             f'the {rng.choice(NOUNS)} .'), adjective
 
 
+def write_toy_task(root: pathlib.Path, n: int = 200, seed: int = 3) -> str:
+    """A CSV classification task of `n` templated sentences whose label ('warm'/'cool')
+    depends on the adjective alone. Returns its path."""
+    rng = np.random.default_rng(seed)
+    lines = ['text,label']
+    for _ in range(n):
+        text, adjective = sentence(rng)
+        lines.append(f"{text},{'warm' if adjective in {'red', 'big', 'old', 'quiet'} else 'cool'}")
+    (root / 'task.csv').write_text('\n'.join(lines) + '\n')
+    return str(root / 'task.csv')
+
+
 def write_corpus(root: pathlib.Path) -> str:
     """Two text files of templated sentences (one document per line): structure that even
     a 1-layer model learns in a few dozen steps. Returns their glob."""

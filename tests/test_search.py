@@ -3,15 +3,13 @@
 import csv
 import json
 
-import numpy as np
 import pytest
 
 import launch
 from engine.config_cli import ConfigError, apply_overrides, load_config
 from finetune import search, search_space
 from finetune.search_space import Param, parse_spec
-from tests.helpers import REPO, sentence, tiny_args
-from tests.helpers import launch as launch_run
+from tests.helpers import REPO, write_toy_task
 
 
 @pytest.mark.parametrize('spec, expected', [
@@ -76,13 +74,7 @@ def test_space_keys_and_types_are_checked_against_the_finetune_config():
 
 
 def _task_file(root) -> str:
-    rng = np.random.default_rng(5)
-    lines = ['text,label']
-    for _ in range(200):
-        text, adjective = sentence(rng)
-        lines.append(f"{text},{'warm' if adjective in {'red', 'big', 'old', 'quiet'} else 'cool'}")
-    (root / 'task.csv').write_text('\n'.join(lines) + '\n')
-    return str(root / 'task.csv')
+    return write_toy_task(root, 200, seed=5)
 
 
 def _rows(workdir) -> list[dict]:
@@ -93,11 +85,10 @@ def _f1(run_dir) -> float:
     return json.loads((run_dir / 'results.json').read_text())['validation']['f1']
 
 
-def test_search_end_to_end_best_config_resume_and_crash(tmp_path, corpus, capsys,
+def test_search_end_to_end_best_config_resume_and_crash(tmp_path, pretrained_run, capsys,
                                                          monkeypatch):
     import optuna
-    pre, work = tmp_path / 'pre', tmp_path / 'search'
-    assert launch_run(pre, tiny_args(corpus, 10), devices=1).returncode == 0
+    pre, work = pretrained_run, tmp_path / 'search'
     base = (f'custom data.train_file={_task_file(tmp_path)} num_epochs=1 seq_len=16 '
             'model.dropout_rate=0 model.attention_dropout_rate=0 log_every_steps=10 '
             'eval_every_steps=4')

@@ -9,7 +9,7 @@ import pytest
 import launch
 from engine.config_cli import ConfigError, apply_overrides, load_config
 from finetune import suite
-from tests.helpers import REPO, sentence
+from tests.helpers import REPO, write_toy_task
 
 
 def _suite(*overrides: str):
@@ -49,13 +49,7 @@ def test_summarize_mean_and_sample_std():
 
 
 def _task_file(root) -> str:
-    rng = np.random.default_rng(3)
-    lines = ['text,label']
-    for _ in range(200):
-        text, adjective = sentence(rng)
-        lines.append(f"{text},{'warm' if adjective in {'red', 'big', 'old', 'quiet'} else 'cool'}")
-    (root / 'task.csv').write_text('\n'.join(lines) + '\n')
-    return str(root / 'task.csv')
+    return write_toy_task(root, 200, seed=3)
 
 
 def test_evaluate_end_to_end_writes_tables_and_resumes(tmp_path, pretrained_run, capsys):

@@ -11,7 +11,7 @@ from engine.checkpoint import read_params_numpy
 from finetune import unfreeze
 from finetune.freeze import FROZEN, TRAIN, path_of
 from models.bert import BertConfig, BertForSequenceClassification
-from tests.helpers import REPO, sentence
+from tests.helpers import REPO, write_toy_task
 
 
 def test_segments_and_phases():
@@ -69,12 +69,7 @@ def test_continue_schedule_moves_only_the_schedule_count():
 
 
 def _task_file(root) -> str:
-    rng = np.random.default_rng(5)
-    lines = ['text,label'] + [
-        f"{text},{'warm' if adjective in {'red', 'big', 'old', 'quiet'} else 'cool'}"
-        for text, adjective in (sentence(rng) for _ in range(180))]
-    (root / 'task.csv').write_text('\n'.join(lines) + '\n')
-    return str(root / 'task.csv')
+    return write_toy_task(root, 180, seed=5)
 
 
 def test_gradual_unfreezing_end_to_end(tmp_path, pretrained_run, capsys):
