@@ -6,6 +6,7 @@ Subcommands:
   predict    class probabilities of a fine-tuned run for new text, as JSONL
   evaluate   fine-tune tasks x variants x seeds; mean ± std tables (pretrained vs scratch)
   search     hyper-parameter search over fine-tuning configs (optuna; resumes from study.db)
+  pseudolabel  fine-tune, pseudo-label unlabelled text above a confidence threshold, retrain
   export     a workdir -> a Hugging Face transformers BERT directory (parity-checked)
   import     a Hugging Face BERT directory -> a workdir to pretrain or fine-tune from
 
@@ -28,6 +29,8 @@ Examples:
       --config.init_from=runs/tiny
   python launch.py search --config configs/search.py:demo --workdir runs/search \\
       --config.init_from=runs/tiny --config.sampler=random
+  python launch.py pseudolabel --config configs/pseudolabel.py:demo --workdir runs/pl \\
+      --config.init_from=runs/tiny
 
 `--config FILE:ARG` and `--config.KEY=VALUE` overrides apply to the subcommands that take a
 config; anything after a bare `--` is passed through untouched (to `args.passthrough`).
@@ -72,6 +75,11 @@ def _evaluate(config, args) -> None:
 def _search(config, args) -> None:
     from finetune import search  # imports optuna only here
     search.run(config, args.workdir)
+
+
+def _pseudolabel(config, args) -> None:
+    from finetune import pseudolabel
+    pseudolabel.run(config, args.workdir)
 
 
 def _workdir_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +214,9 @@ COMMANDS = {
                         _workdir_arguments, 'configs/suite.py:demo'),
     'search': Command(_search, 'hyper-parameter search (optuna TPE or random), resumable',
                       _workdir_arguments, 'configs/search.py:demo'),
+    'pseudolabel': Command(_pseudolabel, 'self-training: fine-tune, pseudo-label an unlabelled '
+                           'pool above a confidence threshold, retrain', _workdir_arguments,
+                           'configs/pseudolabel.py:demo'),
     'tpu': Command(_tpu, 'print/run the gcloud command starting a run on every TPU VM worker',
                    _tpu_arguments),
     'slurm': Command(_slurm, 'write/submit an sbatch script starting a run on SLURM',
@@ -255,11 +266,12 @@ def main(argv: list[str]) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except Exception as e:  # the loop's own stop reasons: one clear line, no traceback
+        from engine import distributed
         from engine.loop import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted
         if isinstance(e, Preempted):  # saved; 75 asks the scheduler to run it again
             print(str(e), file=sys.stderr)
             return REQUEUE_EXIT_CODE
-        if isinstance(e, NonFiniteLoss):
+        if isinstance(e, NonFiniteLoss | distributed.PeerFailed):
             print(f'error: {e}', file=sys.stderr)
             return 1
         raise

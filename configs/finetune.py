@@ -11,7 +11,9 @@ Tasks:
              data.validation_file, data.test_file), data.text_column, data.label_column.
 
 `--config.init_from=none` trains the same model from random init (the baseline);
-`--config.freeze=encoder` is a linear probe (only pooler and classifier train).
+`--config.freeze=encoder` is a linear probe (only pooler and classifier train);
+`--config.distill.teacher=FT_WORKDIR --config.distill.student_layers=1` trains a 1-layer
+student on the teacher's soft targets too (finetune/distill.py).
 """
 
 import ml_collections
@@ -75,7 +77,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
 
     # Parameter-efficient fine-tuning (finetune/peft.py): only these params + the head train.
     c.peft = ml_collections.ConfigDict()
-    c.peft.method = 'none'  # 'none', 'lora' or 'adapter'
+    c.peft.method = 'none'  # 'none', 'lora', 'adapter' or 'prefix'
     c.peft.rank = 8  # LoRA rank
     c.peft.alpha = 16.0  # LoRA scale = alpha / rank
     # Encoder Dense layers LoRA adapts: names (query, key, value, attention_output,
@@ -83,6 +85,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.peft.targets = 'query,key,value,attention_output,intermediate,output'
     c.peft.adapter_size = 16  # adapter bottleneck width
     c.peft.adapter_placement = 'houlsby'  # 'houlsby' (attention + FFN) or 'pfeiffer' (FFN)
+    c.peft.prefix_length = 16  # prefix tuning: learned keys/values per layer and head
     c.peft.train_layer_norm = False  # also train every LayerNorm
 
     # Training-batch token augmentation (finetune/augment.py): per-token probabilities.
@@ -90,6 +93,15 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.augment.delete = 0.0  # drop the token
     c.augment.swap = 0.0  # swap it with another token of its segment
     c.augment.mask = 0.0  # replace it with [MASK]
+
+    # Knowledge distillation (finetune/distill.py): a smaller student learns from a teacher.
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ''  # a finished fine-tuning workdir of the same task; '' = off
+    c.distill.temperature = 2.0  # T: both softmaxes of the soft-target term use logits / T
+    c.distill.alpha = 0.5  # weight of the soft-target term (T^2 * KL); 1 - alpha on the CE
+    # > 0: the student keeps this many of init_from's encoder layers (layer i*L//k of L,
+    # DistilBERT's every other layer for half); 0 = all. Works without a teacher too.
+    c.distill.student_layers = 0
 
     if task == 'sentiment':  # ... but the demo is a tiny model on a 2-core budget
         c.num_epochs, c.seq_len, c.learning_rate = 1, 64, 3e-4  # best of 3e-5/1e-4/3e-4

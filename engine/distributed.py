@@ -27,6 +27,10 @@ from engine.config_cli import ConfigError
 GOOGLE_PCI_VENDOR = '0x1ae0'  # TPU chips on a Cloud TPU VM (what JAX itself checks)
 
 
+class PeerFailed(RuntimeError):
+    """Another process of this run failed; the error itself is in that process's log."""
+
+
 def detect(environ: Mapping[str, str] | None = None) -> str:
     """'tpu', 'slurm' or 'single': what automatic set-up would do here."""
     environ = os.environ if environ is None else environ
@@ -92,12 +96,20 @@ def barrier(name: str) -> None:
 def main_first(name: str) -> Iterator[None]:
     """Process 0 runs the body first (e.g. trains the tokenizer, builds the TFDS data);
     the others wait, then run it and find the files made. With a workdir every host
-    sees, the others only read; with host-local disks each host builds its own."""
+    sees, the others only read; with host-local disks each host builds its own. If the
+    body fails on process 0, the others stop with an error instead of waiting for ever."""
     if not is_main():
-        barrier(f'{name}:built')
-    yield
-    if is_main():
-        barrier(f'{name}:built')
+        (failed,) = agree(False)
+        if failed:
+            raise PeerFailed(f'process 0 failed in {name!r}; its own log has the error')
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        agree(True)
+        raise
+    agree(False)
 
 
 def agree(*flags: bool) -> tuple[bool, ...]:

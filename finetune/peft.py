@@ -7,12 +7,15 @@
              anything else is a regex on the module path, e.g. 'layer_1/.*/query$')
   'adapter'  bottleneck adapters of width `peft.adapter_size`, placed per
              `peft.adapter_placement` ('houlsby': after attention and FFN; 'pfeiffer': FFN)
+  'prefix'   prefix tuning: `peft.prefix_length` learned keys and values in every layer's
+             attention (models/peft.py `Prefix`)
 
-Only the LoRA / adapter parameters and the task head (pooler + classifier) train, plus every
-LayerNorm with `peft.train_layer_norm`; the rest is frozen through the same 'train' /
+Only the LoRA / adapter / prefix parameters and the task head (pooler + classifier) train,
+plus every LayerNorm with `peft.train_layer_norm`; the rest is frozen through the same 'train' /
 'frozen' labels as `freeze` (which may freeze more on top), so the optimizer keeps state for
 the trainable leaves only. The pretrained encoder restores as usual; the new parameters
-start fresh (LoRA B and adapter up-projections at zero: step 0 is the pretrained model).
+start fresh (LoRA B and adapter up-projections at zero: step 0 is the pretrained model;
+prefixes at small random values).
 """
 
 from typing import Any
@@ -24,7 +27,7 @@ from engine.config_cli import ConfigError
 from finetune.freeze import FROZEN, is_head, path_of
 from models import peft
 
-METHODS = ('none', 'lora', 'adapter')
+METHODS = ('none', 'lora', 'adapter', 'prefix')
 
 
 def method(cfg: ml_collections.ConfigDict) -> str:
@@ -58,6 +61,10 @@ def model_fields(cfg: ml_collections.ConfigDict) -> dict:
             raise ConfigError(f'peft.adapter_placement: {p.adapter_placement!r} is not one of '
                               f'{list(peft.ADAPTER_PLACEMENTS)}')
         return {'adapter_size': int(p.adapter_size), 'adapter_placement': p.adapter_placement}
+    if name == 'prefix':
+        if p.prefix_length < 1:
+            raise ConfigError(f'peft.prefix_length: must be >= 1, got {p.prefix_length}')
+        return {'prefix_length': int(p.prefix_length)}
     return {}
 
 

@@ -13,7 +13,7 @@ import ml_collections
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints, restore_subtree
 from engine.config_cli import ConfigError, config_from_json
-from finetune import peft, steps, unfreeze
+from finetune import distill, peft, steps, unfreeze
 from finetune.optim import learning_rate_at, make_optimizer
 from models import peft as peft_layers
 from models.bert import BertConfig, BertForSequenceClassification
@@ -89,7 +89,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
               'attention_dropout_rate': cfg.model.attention_dropout_rate,
               'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
-              **peft.model_fields(cfg)}
+              **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
     try:
         model_cfg = BertConfig(**fields)
     except (TypeError, ValueError) as e:
@@ -115,15 +115,21 @@ def _load_encoder(cfg, params: dict) -> dict:
     """Replaces embeddings and encoder with the pretrained ones, on this run's shardings.
     LoRA / adapter parameters are not in a pretraining checkpoint: they stay fresh."""
     fresh = {part: params['bert'][part] for part in ENCODER_PARTS}
+    # A distillation student with fewer layers reads each from its pretrained source layer.
+    names = distill.source_names(cfg)
+    wanted = {**fresh, 'encoder': distill.rename_layers(fresh['encoder'], names)}
     target = {'params': {'bert': jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        peft_layers.without_peft(fresh))}}
+        peft_layers.without_peft(wanted))}}
     try:
         restored = restore_subtree(str(pretrained_dir(cfg) / 'checkpoints'),
                                    cfg.init_step or None, target)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None
-    bert = {**params['bert'], **peft_layers.overlay(fresh, restored['params']['bert'])}
+    loaded = restored['params']['bert']
+    loaded = {**loaded, 'encoder': distill.rename_layers(loaded['encoder'],
+                                                         {v: k for k, v in names.items()})}
+    bert = {**params['bert'], **peft_layers.overlay(fresh, loaded)}
     return {**params, 'bert': bert}
 
 
@@ -200,7 +206,7 @@ def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
     batch = mesh_lib.batch_sharding(mesh)
     train = jax.jit(functools.partial(steps.train_step, model=built.model, tx=tx,
                                       labels=labels, schedule=schedule, task=cfg.task,
-                                      seed=cfg.seed),
+                                      seed=cfg.seed, distill=distill.loss_settings(cfg)),
                     in_shardings=(shardings, batch), out_shardings=(shardings, None),
                     donate_argnums=0)
     predict = jax.jit(functools.partial(steps.predict_step, model=built.model, task=cfg.task),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from finetune import distill as distill_lib
 from finetune.freeze import merge_params, split_params
 from models.bert import BertForSequenceClassification
 
@@ -46,8 +47,10 @@ def _apply(model, params, batch, *, deterministic: bool, rng=None) -> jax.Array:
 
 def train_step(state: FinetuneState, batch: dict, *, model: BertForSequenceClassification,
                tx: optax.GradientTransformation, labels: dict, schedule: Callable, task: str,
-               seed: int) -> tuple[FinetuneState, dict]:
-    """One optimizer step; `labels` ('train'/'frozen' per leaf) is static."""
+               seed: int, distill: tuple[float, float] | None = None
+               ) -> tuple[FinetuneState, dict]:
+    """One optimizer step; `labels` ('train'/'frozen' per leaf) is static. `distill` =
+    (temperature, alpha): the loss also fits batch['teacher_logits'] (finetune/distill.py)."""
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     weights = jnp.ones(batch['labels'].shape[0], jnp.float32)
     trainable, frozen = split_params(state.params, labels)
@@ -55,7 +58,11 @@ def train_step(state: FinetuneState, batch: dict, *, model: BertForSequenceClass
     def loss_fn(trainable):
         logits = _apply(model, merge_params(trainable, frozen), batch, deterministic=False,
                         rng=rng)
-        terms = loss_terms(logits, batch['labels'], weights, task)
+        if distill is None:
+            terms = loss_terms(logits, batch['labels'], weights, task)
+        else:
+            terms = distill_lib.loss_terms(logits, batch['teacher_logits'], batch['labels'],
+                                           weights, *distill)
         return terms['loss_sum'] / terms['weight_sum'], terms
 
     grads, terms = jax.grad(loss_fn, has_aux=True)(trainable)

@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.config_cli import ConfigError, apply_overrides, load_config
 from finetune import train as finetune_train
-from pretrain.tokenizer import MODEL_FILENAME
+from pretrain.tokenizer import MODEL_FILENAME, tokenizer_file
 
 FINETUNE_CONFIG = 'configs/finetune.py'
 
@@ -59,7 +59,9 @@ def run_config(suite: ml_collections.ConfigDict, task: str, variant: str,
                  f'variants.{variant}')
     if cfg.init_from.lower() == 'none' and not cfg.tokenizer_model and _pretrained(suite):
         # From scratch with the pretrained run's tokenizer: only the weights differ.
-        cfg.tokenizer_model = str(pathlib.Path(suite.init_from) / MODEL_FILENAME)
+        # (spm.model, or wordpiece.json for an imported WordPiece BERT).
+        cfg.tokenizer_model = (tokenizer_file(suite.init_from)
+                               or str(pathlib.Path(suite.init_from) / MODEL_FILENAME))
     return cfg
 
 

@@ -22,7 +22,7 @@ from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
 from engine.metrics_writer import MetricWriter
-from finetune import augment, data, metrics, setup, unfreeze
+from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
 
 
@@ -55,6 +55,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
             task['train'] = augment.few_shot(task['train'], d.few_shot_k, cfg.seed)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f'data: {e}') from None
+    distill.check(cfg, task)
     return mesh, task
 
 
@@ -117,6 +118,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
         return json.loads(results_path.read_text())
     with distributed.main_first('prepare'):  # process 0 writes the tokenizer first
         encoded, built = _prepare(cfg, workdir, task, main)
+    encoded['train'] = distill.with_teacher_logits(cfg, encoded['train'], task['train'])
     batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
                                    *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch
@@ -159,7 +161,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
                                   batches, loop_cfg, callbacks, sigterm)
         best_ckpts.wait()
         results = _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded,
-                                 task)
+                                 task, workdir)
     finally:
         ckpts.close()
         best_ckpts.close()
@@ -212,8 +214,10 @@ def _prepare(cfg, workdir: pathlib.Path, task: dict, main: bool) -> tuple[dict, 
     return encoded, built
 
 
-def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, task) -> dict:
-    """Validation and test metrics of the best checkpoint."""
+def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, task,
+                   workdir: pathlib.Path) -> dict:
+    """Validation and test metrics of the best checkpoint (and, distilled, the student's
+    size and speed against the teacher's)."""
     best = setup.restore_best(best_ckpts, state)
     results = {'best_step': tracker.best['step'], 'metric': cfg.metric,
                'label_names': task['label_names'],
@@ -221,6 +225,8 @@ def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, t
                                              encoded['validation'], task)}
     if 'test' in encoded:
         results['test'] = _evaluate_split(cfg, mesh, predict_fn, best, encoded['test'], task)
+    if distill.enabled(cfg) and jax.process_index() == 0:
+        results['distill'] = distill.report(cfg, workdir, task)
     return results
 
 

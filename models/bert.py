@@ -51,6 +51,7 @@ class BertConfig:
     lora_targets: tuple[str, ...] = ()  # peft.TARGET_ALIASES names or module-path regexes
     adapter_size: int = 0  # > 0: bottleneck adapters of this width
     adapter_placement: str = 'houlsby'  # after attention and FFN; 'pfeiffer': FFN only
+    prefix_length: int = 0  # > 0: prefix tuning, this many learned keys/values per layer
 
     def __post_init__(self) -> None:
         # A tuple (hashable) even when read back from JSON as a list.
@@ -201,6 +202,8 @@ class BertSelfAttention(nn.Module):
             self._split_heads(_dense(cfg, cfg.hidden_size, ('embed', 'heads'), name=n)(x))
             for n in ('query', 'key', 'value')
         )
+        if cfg.prefix_length:
+            k, v, mask = peft.Prefix(cfg, name=peft.PREFIX_NAME)(k, v, mask)
         if not deterministic and cfg.attention_dropout_rate > 0.0:
             drop = nn.Dropout(cfg.attention_dropout_rate, name='attention_dropout')
             out = explicit_attention(q, k, v, mask, lambda p: drop(p, deterministic=False))

@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning layers: LoRA and bottleneck adapters, and LoRA merging.
+"""Parameter-efficient fine-tuning layers: LoRA, bottleneck adapters, prefixes; LoRA merging.
 
 Both are switched on by `BertConfig` fields and are off (absent) by default, so the plain
 model's parameter tree is unchanged and pretrained checkpoints restore as before.
@@ -13,6 +13,13 @@ sublayer's projected (and dropped-out) output before the residual add, with `up`
 initialised so the block starts as the identity. 'houlsby' places one after the attention
 output and one after the feed-forward output; 'pfeiffer' only after the feed-forward one.
 Parameters: ``.../attention/output/adapter/{down,up}/{kernel,bias}``.
+
+Prefix tuning (Li & Liang 2021, with a prefix in every layer's attention as in P-tuning v2):
+`prefix_length` learned key and value vectors per layer and head that every query attends
+to besides the real tokens; no reparametrisation MLP. Parameters:
+``.../attention/self/prefix/{key,value}`` of shape (prefix_length, heads, head_dim). Unlike
+LoRA and adapters the model does not start as the base model: the prefixes take a share of
+the attention from the first step.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ TARGET_ALIASES = {
 ADAPTER_PLACEMENTS = ('houlsby', 'pfeiffer')
 LORA_NAMES = ('lora_a', 'lora_b')
 ADAPTER_NAME = 'adapter'
+PREFIX_NAME = 'prefix'
 _ENCODER = re.compile(r'(^|/)encoder/layer_\d+/')
 
 
@@ -58,8 +66,8 @@ def is_lora_target(module_path: str, targets: Sequence[str]) -> bool:
 
 def validate_config(config: BertConfig) -> None:
     """Checks the PEFT fields of a BertConfig (raises ValueError); called by __post_init__."""
-    if config.lora_rank < 0 or config.adapter_size < 0:
-        raise ValueError('lora_rank and adapter_size must be >= 0')
+    if config.lora_rank < 0 or config.adapter_size < 0 or config.prefix_length < 0:
+        raise ValueError('lora_rank, adapter_size and prefix_length must be >= 0')
     if config.lora_alpha < 0:
         raise ValueError(f'lora_alpha must be >= 0, got {config.lora_alpha}')
     if config.adapter_placement not in ADAPTER_PLACEMENTS:
@@ -131,13 +139,36 @@ class Adapter(nn.Module):
         return h + up(jax.nn.gelu(down(h), approximate=False))
 
 
+class Prefix(nn.Module):
+    """Prepends the learned prefix keys and values to one layer's (B, L, heads, head_dim)
+    keys and values, and opens them to every query in the boolean (B, 1, L, L) mask."""
+
+    config: Any  # BertConfig
+
+    @nn.compact
+    def __call__(self, k: jax.Array, v: jax.Array, mask: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.config
+        shape = (cfg.prefix_length, cfg.num_heads, cfg.head_dim)
+        init = nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                            (None, 'heads', 'kv'))
+
+        def prepend(name: str, x: jax.Array) -> jax.Array:
+            prefix = self.param(name, init, shape, jnp.float32).astype(x.dtype)
+            return jnp.concatenate([jnp.broadcast_to(prefix, (x.shape[0], *shape)), x], axis=1)
+
+        visible = jnp.ones((*mask.shape[:-1], cfg.prefix_length), bool)
+        return prepend('key', k), prepend('value', v), jnp.concatenate([visible, mask], -1)
+
+
 # ----------------------------------------------------------------------------- param trees
 
 
 def is_peft_path(path: str) -> bool:
-    """Whether a '/'-joined parameter path is a LoRA or adapter parameter."""
+    """Whether a '/'-joined parameter path is a LoRA, adapter or prefix parameter."""
     parts = path.split('/')
-    return parts[-1] in LORA_NAMES or ADAPTER_NAME in parts[:-1]
+    return (parts[-1] in LORA_NAMES or ADAPTER_NAME in parts[:-1]
+            or PREFIX_NAME in parts[:-1])
 
 
 def _paths(tree: Any, prefix: str = ''):
@@ -150,11 +181,11 @@ def _paths(tree: Any, prefix: str = ''):
 
 
 def without_peft(tree: dict) -> dict:
-    """A nested dict of parameters without its LoRA / adapter leaves (empty dicts dropped)."""
+    """A nested dict of parameters without its PEFT leaves (empty dicts dropped)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            if key == ADAPTER_NAME:
+            if key in (ADAPTER_NAME, PREFIX_NAME):
                 continue
             sub = without_peft(value)
             if sub:

@@ -70,6 +70,7 @@ class JaxRunner:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.model_config = bert_config(cfg)
         self.mesh, self.state, step, self.flops = build_step(cfg)
         self.batch = mesh_lib.shard_batch(
             synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size), self.mesh)
@@ -201,6 +202,14 @@ def _report(cfg, args, result: dict) -> None:
         print(f'torch step: {1e3 * torch_seconds:.1f} ms (median of {args.repeats} x '
               f'{args.torch_steps or args.steps} steps, alternating with JAX)')
         print(f'torch tokens/s: {tokens / torch_seconds:,.0f}')
+        # torch computes vocabulary logits at every position, JAX only at the masked ones:
+        # at equal matmul efficiency the speed ratio would be the ratio of their FLOPs.
+        torch_flops = train_flops_per_step(jax_runner.model_config, cfg.batch_size,
+                                           cfg.seq_len, cfg.seq_len)
+        print(f'torch model TFLOP/s: {torch_flops / torch_seconds / 1e12:.3f} (vocab logits '
+              f'at all {cfg.seq_len} positions)')
+        print(f'FLOP ratio torch/JAX (the speed ratio at equal efficiency): '
+              f'{torch_flops / jax_runner.flops:.2f}')
         print(f'ratio vs torch: {torch_seconds / seconds:.2f}')
 
 

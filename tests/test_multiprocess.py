@@ -109,3 +109,14 @@ def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single):
     assert result.returncode == 0, result.stderr
     assert 'resuming from step 3' in result.stdout
     assert_close(params(alone), params(single))
+
+
+def test_a_failure_in_process_0_data_preparation_stops_process_1(tmp_path, corpus):
+    # A corrupt tokenizer file: process 0 fails to load it while process 1 waits.
+    bad = tmp_path / 'bad.model'
+    bad.write_text('not a sentencepiece model')
+    args = run_args(corpus) + [f'--config.data.tokenizer_model={bad}']
+    first, second = launch_two(tmp_path / 'fails', args)
+    assert first.returncode == 2 and 'cannot load a sentencepiece model' in first.stderr
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert "error: process 0 failed in 'data'" in second.stderr

@@ -1,5 +1,6 @@
-"""Parameter-efficient fine-tuning: LoRA and adapters start as the base model, train only
-their own params (plus the head) with optimizer state for those only, and LoRA merges."""
+"""Parameter-efficient fine-tuning: LoRA and adapters start as the base model, prefixes are
+attended to as extra keys/values; all train only their own params (plus the head) with
+optimizer state for those only, and LoRA merges."""
 
 import dataclasses
 import functools
@@ -30,6 +31,7 @@ BASE = BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
 ALL = ('query', 'key', 'value', 'attention_output', 'intermediate', 'output')
 LORA = dataclasses.replace(BASE, lora_rank=4, lora_alpha=8.0, lora_targets=ALL)
 ADAPTER = dataclasses.replace(BASE, adapter_size=8)
+PREFIX = dataclasses.replace(BASE, prefix_length=3)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 100, (4, 16)))
 MASK = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [9], [12], [3]]), jnp.int32)
 
@@ -89,6 +91,39 @@ def test_lora_targets_by_name_and_regex():
         'bert/encoder/layer_0/output', 'bert/encoder/layer_1/output'}
 
 
+def test_prefix_attention_matches_a_hand_computation_and_ignores_padding():
+    from models.bert import BertSelfAttention, make_attention_mask
+    x = np.random.default_rng(2).normal(size=(4, 16, 32)).astype(np.float32)
+    mask = make_attention_mask(MASK)
+    module = BertSelfAttention(PREFIX)
+    params = nn.unbox(module.init(jax.random.key(1), x, mask, True)['params'])
+    assert params['prefix']['key'].shape == params['prefix']['value'].shape == (3, 2, 16)
+    out = np.asarray(module.apply({'params': params}, x, mask, True))
+
+    def heads(name):  # (B, L, heads, head_dim)
+        return (x @ params[name]['kernel'] + params[name]['bias']).reshape(4, 16, 2, 16)
+    prefix = {n: np.broadcast_to(params['prefix'][n], (4, 3, 2, 16)) for n in ('key', 'value')}
+    k = np.concatenate([prefix['key'], heads('key')], 1)
+    v = np.concatenate([prefix['value'], heads('value')], 1)
+    scores = np.einsum('bqhd,bkhd->bhqk', heads('query'), k) / 4.0
+    visible = np.concatenate([np.ones((4, 1, 1, 3), bool), np.asarray(MASK, bool)[:, None, None]],
+                             -1)
+    scores = np.where(visible, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum('bhqk,bkhd->bqhd', weights, v).reshape(4, 16, 32)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+    # The whole model: base names unchanged, padded token ids change nothing.
+    prefixed = _init(PREFIX)
+    assert jax.tree.structure(peft.without_peft(prefixed)) == jax.tree.structure(_init(BASE))
+    other_pad = jnp.where(MASK == 1, IDS, 7)
+    model = BertForSequenceClassification(PREFIX)
+    np.testing.assert_allclose(
+        model.apply({'params': prefixed}, other_pad, attention_mask=MASK),
+        _logits(PREFIX, prefixed), rtol=1e-6, atol=1e-7)
+
+
 def test_merged_lora_is_a_plain_model_with_the_same_logits():
     rng = np.random.default_rng(1)
 
@@ -123,9 +158,10 @@ def _trains(path: str, norms: bool) -> bool:
     return peft.is_peft_path(path) or is_head(path) or (norms and '/LayerNorm/' in path)
 
 
-@pytest.mark.parametrize('method,norms', [('lora', False), ('adapter', True)])
+@pytest.mark.parametrize('method,norms', [('lora', False), ('adapter', True),
+                                          ('prefix', False)])
 def test_only_peft_and_head_params_train_and_hold_optimizer_state(method, norms):
-    cfg = _finetune_cfg(method, ('train_layer_norm', norms))
+    cfg = _finetune_cfg(method, ('train_layer_norm', norms), ('prefix_length', 4))
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     built = setup.build(cfg, {'label_names': ['a', 'b']}, types.SimpleNamespace(vocab_size=100))
     phase = unfreeze.phase_of_state(0, cfg.gradual_unfreeze_steps, BASE.num_layers)
@@ -156,7 +192,9 @@ def test_only_peft_and_head_params_train_and_hold_optimizer_state(method, norms)
 
 def test_bad_peft_configs_are_one_line_errors():
     with pytest.raises(ConfigError, match='peft.method'):
-        ft_peft.model_fields(_finetune_cfg('prefix'))
+        ft_peft.model_fields(_finetune_cfg('bitfit'))
+    with pytest.raises(ConfigError, match='peft.prefix_length'):
+        ft_peft.model_fields(_finetune_cfg('prefix', ('prefix_length', 0)))
     with pytest.raises(ConfigError, match='peft.rank'):
         ft_peft.model_fields(_finetune_cfg('lora', ('rank', 0)))
     with pytest.raises(ConfigError, match='peft.adapter_placement'):

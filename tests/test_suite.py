@@ -28,6 +28,13 @@ def test_run_config_layers_task_variant_and_seed():
     assert scratch.init_from == 'none' and scratch.tokenizer_model == '/pre/spm.model'
 
 
+def test_scratch_baseline_of_an_imported_wordpiece_run_uses_its_vocabulary(tmp_path):
+    (tmp_path / 'wordpiece.json').write_text('{}')
+    cfg = _suite(f'init_from={tmp_path}')
+    scratch = suite.run_config(cfg, 'sentiment_2k', 'scratch', 0)
+    assert scratch.tokenizer_model == str(tmp_path / 'wordpiece.json')
+
+
 def test_bad_entries_name_the_key():
     with pytest.raises(ConfigError, match='learning_rat'):
         suite.run_config(_suite('variants.x=learning_rat=1'), 'sentiment_2k', 'x', 0)

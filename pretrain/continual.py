@@ -1,0 +1,326 @@
+"""Continual pretraining: a `launch.py pretrain` run that starts from another run's weights.
+
+    python launch.py pretrain --config configs/pretrain.py:tiny --workdir W \\
+        --config.init_from=runs/tiny --config.data.train_files=pydocs
+
+`init_from` is a pretraining workdir, ours or one made by `launch.py import`. The model's
+architecture comes from its config.json (this config's model size is ignored; dropout,
+dtype and remat stay this config's), its weights from its checkpoint `init_step` (latest
+by default). The optimizer starts fresh: new Adam moments, step 0, the warm-up and decay
+of this config (old moments belong to another data distribution and schedule). Once this
+run has saved a checkpoint, it resumes from its own checkpoints and never reads init_from's
+weights again.
+
+Tokenizer (`continual.tokenizer`): 'keep' copies init_from's and loads every parameter as it
+is; 'train' trains a new one on this run's text. A new vocabulary rebuilds the two
+vocabulary-sized parameters (the word embeddings, which the MLM decoder shares, and the MLM
+output bias): rows of pieces in both vocabularies are copied by piece string; a new piece
+gets the mean of the old rows of its old tokenization ('subwords', as in Fast Vocabulary
+Transfer, Gee et al. 2022), or of all old rows ('mean'; Hewitt 2021). Both keep a new
+piece's logit near those of the pieces it is made of or of an average piece, where the
+model's random init (N(0, 0.02) rows beside trained rows of larger norm) would start every
+new piece as a near-zero logit that the softmax must first learn to raise or suppress.
+
+Forgetting (`continual.old_eval_files`): the run also evaluates held-out text of the old
+domain, logged as old_eval_loss / old_eval_mlm_accuracy at step 0 (before any update)
+and at every eval. 'init_from' rebuilds init_from's own eval split; with its tokenizer
+kept, the step-0 numbers equal init_from's final eval exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from engine.checkpoint import restore_subtree
+from engine.config_cli import ConfigError, config_from_json
+from engine.mesh import strip_boxes
+from pretrain import corpus, data
+from pretrain.tokenizer import SPECIAL_PIECES, load_tokenizer, tokenizer_file
+
+TOKENIZER_MODES = ('keep', 'train')
+NEW_ROWS = ('subwords', 'mean')
+# What makes the weights fit: taken from init_from. Dropout, dtype and remat stay this run's.
+RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'dtype', 'remat')
+EMBEDDINGS = ('bert', 'embeddings', 'word_embeddings', 'embedding')
+OUTPUT_BIAS = ('cls', 'predictions', 'bias')
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The run continued from."""
+
+    root: pathlib.Path
+    step: int  # its checkpoint read
+    config: ml_collections.ConfigDict  # its config.json
+    tokenizer_path: str
+    imported: bool  # made by `launch.py import`: its eval text is not its training text
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> Source | None:
+    """Checks init_from and sets this run's model section from it; None without init_from.
+
+    Raises ConfigError (one line) before anything is written.
+    """
+    if not cfg.init_from:
+        return None
+    k = cfg.continual
+    if k.tokenizer not in TOKENIZER_MODES:
+        raise ConfigError(f'continual.tokenizer: must be one of {TOKENIZER_MODES}, '
+                          f'got {k.tokenizer!r}')
+    if k.new_rows not in NEW_ROWS:
+        raise ConfigError(f'continual.new_rows: must be one of {NEW_ROWS}, got {k.new_rows!r}')
+    if k.tokenizer == 'train' and cfg.data.tokenizer_model:
+        raise ConfigError("continual.tokenizer: 'train' and data.tokenizer_model both name "
+                          'a tokenizer; set one')
+    src = _source(cfg)
+    _apply_model(cfg, src)
+    return src
+
+
+def _source(cfg) -> Source:
+    root = pathlib.Path(cfg.init_from).absolute()
+    if not root.is_dir():
+        raise ConfigError(f'init_from: no such directory {cfg.init_from!r}')
+    tok = tokenizer_file(str(root))
+    if tok is None or not (root / 'config.json').is_file():
+        raise ConfigError(f'init_from: {cfg.init_from!r} has no tokenizer or config.json; is '
+                          'it a pretraining workdir?')
+    ckpt_dir = root / 'checkpoints'
+    saved = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
+        if ckpt_dir.is_dir() else []
+    if not saved or (cfg.init_step and cfg.init_step not in saved):
+        wanted = f'step {cfg.init_step}' if cfg.init_step else 'any step'
+        raise ConfigError(f'init_step: no checkpoint of {wanted} in {ckpt_dir} (have {saved})')
+    old = config_from_json((root / 'config.json').read_text())
+    step = cfg.init_step or saved[-1]
+    meta, shapes = _read_checkpoint(ckpt_dir, step)
+    _check_shapes(old, shapes)
+    return Source(root, step, old, tok, 'imported_from' in meta)
+
+
+def _read_checkpoint(ckpt_dir: pathlib.Path, step: int) -> tuple[dict, dict]:
+    """(JSON side item, {param path: shape}) of a checkpoint; nothing written into it."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=('state', 'meta'),
+                                    item_handlers={'state': ocp.StandardCheckpointHandler()})
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        params = manager.item_metadata(step)['state']['params']
+    finally:
+        manager.close()
+    return meta, _flat_shapes(params)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+            for path, leaf in flat}
+
+
+def _check_shapes(old: ml_collections.ConfigDict, saved: dict[str, tuple]) -> None:
+    """The checkpoint holds the model its config.json describes (hidden size, layers...)."""
+    from models.bert import BertConfig, BertForMaskedLM
+    model = BertForMaskedLM(BertConfig(**old.model.to_dict()))
+    ids = jnp.zeros((1, 2), jnp.int32)
+    want = _flat_shapes(strip_boxes(jax.eval_shape(
+        lambda: model.init(jax.random.key(0), ids, ids))['params']))
+    for path in sorted(want.keys() | saved.keys()):
+        if want.get(path) != saved.get(path):
+            raise ConfigError(f'init_from: its checkpoint does not fit its config.json model: '
+                              f'{path} is {saved.get(path, "absent")} in the checkpoint, '
+                              f'{want.get(path, "absent")} in the model')
+
+
+def _apply_model(cfg, src: Source) -> None:
+    """This run's model: init_from's architecture and vocabulary size (the new tokenizer's
+    target size with continual.tokenizer='train' or a different data.tokenizer_model)."""
+    model = src.config.model.to_dict()
+    for key in RUNTIME_FIELDS:
+        model.pop(key, None)
+    vocab = _vocab_size(cfg, src, model['vocab_size'])
+    changed = [f'{k} {cfg.model[k]} -> {v}' for k, v in {**model, 'vocab_size': vocab}.items()
+               if k in cfg.model and cfg.model[k] != v]
+    if changed and jax.process_index() == 0:
+        print(f'model: architecture of init_from ({", ".join(changed)})', flush=True)
+    with cfg.unlocked(), cfg.model.ignore_type():
+        for key, value in model.items():  # an imported run adds layer_norm_eps, ...
+            cfg.model[key] = value
+        cfg.model.vocab_size = vocab
+    if cfg.seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(f'seq_len: {cfg.seq_len} exceeds the max_position_embeddings '
+                          f'({cfg.model.max_position_embeddings}) of init_from {cfg.init_from}')
+
+
+def _vocab_size(cfg, src: Source, old_size: int) -> int:
+    if cfg.continual.tokenizer == 'train':
+        return cfg.continual.vocab_size or old_size
+    if not cfg.data.tokenizer_model:
+        return old_size
+    try:
+        given = load_tokenizer(cfg.data.tokenizer_model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f'data.tokenizer_model: {e}') from None
+    return old_size if same_vocabulary(load_tokenizer(src.tokenizer_path), given) else (
+        given.vocab_size)
+
+
+def same_vocabulary(a, b) -> bool:
+    """Same pieces at the same ids."""
+    return a.vocab_size == b.vocab_size and all(
+        a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
+
+
+def copy_tokenizer(cfg, src: Source | None, workdir: pathlib.Path) -> None:
+    """With continual.tokenizer='keep', init_from's tokenizer becomes this run's (once)."""
+    if src is None or cfg.continual.tokenizer != 'keep' or cfg.data.tokenizer_model:
+        return
+    if tokenizer_file(str(workdir)) is None:
+        shutil.copyfile(src.tokenizer_path, workdir / pathlib.Path(src.tokenizer_path).name)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _piece_key(piece: str, wordpiece: bool) -> tuple[bool, str]:
+    """(starts a word, text): the same key for a sentencepiece '▁the' and a WordPiece 'the',
+    or 'ing' and '##ing', so rows move between the two kinds of vocabulary too."""
+    if piece in SPECIAL_PIECES:
+        return True, piece
+    if wordpiece:
+        return (False, piece[2:]) if piece.startswith('##') else (True, piece)
+    return (True, piece[1:]) if piece.startswith('\u2581') else (False, piece)
+
+
+def _pieces(tokenizer) -> list[tuple[bool, str]]:
+    wordpiece = tokenizer.path.endswith('.json')
+    return [_piece_key(tokenizer.id_to_piece(i), wordpiece) for i in range(tokenizer.vocab_size)]
+
+
+def resize_vocab(table: np.ndarray, bias: np.ndarray, old_tok, new_tok, vocab_size: int,
+                 new_rows: str = 'subwords') -> tuple[np.ndarray, np.ndarray, int]:
+    """(table, bias, copied) for the new vocabulary: shared pieces' rows copied, others
+    initialised from old rows (see the module docstring); rows past the new tokenizer's
+    pieces (a model vocabulary larger than the tokenizer's) get the mean row."""
+    old_index = {key: i for i, key in enumerate(_pieces(old_tok))}
+    trained = np.arange(len(SPECIAL_PIECES), old_tok.vocab_size)  # the old regular pieces
+    mean_row, mean_bias = table[trained].mean(0), bias[trained].mean()
+    new_table = np.tile(mean_row, (vocab_size, 1)).astype(table.dtype)
+    new_bias = np.full((vocab_size,), mean_bias, dtype=bias.dtype)
+    copied = 0
+    for i, key in enumerate(_pieces(new_tok)[:vocab_size]):
+        if key in old_index:
+            new_table[i], new_bias[i] = table[old_index[key]], bias[old_index[key]]
+            copied += 1
+        elif new_rows == 'subwords':
+            ids = [j for j in old_tok.encode(key[1]) if len(SPECIAL_PIECES) <= j < len(table)]
+            if ids:
+                new_table[i], new_bias[i] = table[ids].mean(0), bias[ids].mean()
+    return new_table, new_bias, copied
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _replace(tree: dict, path: tuple[str, ...], value) -> dict:
+    head, *rest = path
+    return {**tree, head: _replace(tree[head], tuple(rest), value) if rest else value}
+
+
+def load_params(cfg, src: Source, tokenizer, abstract_params, param_shardings, mesh):
+    """init_from's params on this run's shardings; the vocabulary-sized ones resized when
+    the tokenizer changed. Returns (params, a line for the log)."""
+    old_tok = load_tokenizer(src.tokenizer_path)
+    old_vocab = src.config.model.vocab_size
+    resize = old_vocab != cfg.model.vocab_size or not same_vocabulary(old_tok, tokenizer)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, param_shardings)
+    if resize:  # read the old vocabulary-sized leaves whole, onto every device
+        from engine.mesh import replicated
+        hidden = cfg.model.hidden_size
+        target = _replace(target, EMBEDDINGS, jax.ShapeDtypeStruct(
+            (old_vocab, hidden), jnp.float32, sharding=replicated(mesh)))
+        target = _replace(target, OUTPUT_BIAS, jax.ShapeDtypeStruct(
+            (old_vocab,), jnp.float32, sharding=replicated(mesh)))
+    try:
+        params = restore_subtree(str(src.root / 'checkpoints'), src.step,
+                                 {'params': target})['params']
+    except ValueError as e:  # shapes differ from those its config.json gives
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f'init_from: its checkpoint does not fit the model of its '
+                          f'config.json ({first})') from None
+    line = f'init_from: {src.root} step {src.step}, all params loaded as saved'
+    if resize:
+        table, bias, copied = resize_vocab(
+            np.asarray(_get(params, EMBEDDINGS)), np.asarray(_get(params, OUTPUT_BIAS)),
+            old_tok, tokenizer, cfg.model.vocab_size, cfg.continual.new_rows)
+        for path, value in ((EMBEDDINGS, table), (OUTPUT_BIAS, bias)):
+            params = _replace(params, path, jax.device_put(value, _get(param_shardings, path)))
+        line = (f'init_from: {src.root} step {src.step}; vocabulary {old_vocab} -> '
+                f'{cfg.model.vocab_size}: {copied} rows copied by piece, the rest '
+                f"'{cfg.continual.new_rows}'")
+    return params, line
+
+
+def initial_state(cfg, src: Source, tokenizer, tx, abstract, shardings, mesh):
+    """Step 0 of a continual run: init_from's params, a fresh optimizer state."""
+    from pretrain.steps import TrainState
+    params, line = load_params(cfg, src, tokenizer, abstract.params, shardings.params, mesh)
+    if jax.process_index() == 0:
+        print(line + '; optimizer state fresh', flush=True)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+# ---------------------------------------------------------------- old held-out text
+
+
+def old_eval_chunks(cfg, src: Source | None, tokenizer, data_dir: str) -> dict | None:
+    """The old domain's held-out text, in this run's tokenization, packed; or None."""
+    docs = _old_eval_docs(cfg, src, tokenizer, data_dir)
+    if docs is None:
+        return None
+    if not len(docs):
+        raise ConfigError('continual.old_eval_files: the old held-out text has no document')
+    return data.pack_documents(docs, cfg.seq_len)
+
+
+def _old_eval_docs(cfg, src: Source | None, tokenizer, data_dir: str):
+    """Documents of the old domain's held-out text in this run's tokenization, or None.
+
+    'init_from' rebuilds init_from's eval split exactly as its run did: its eval files, or
+    the same seeded eval_fraction of its training documents.
+    """
+    spec = cfg.continual.old_eval_files
+    if not spec or (spec == 'init_from' and (src is None or src.imported)):
+        return None
+    key = 'continual.old_eval_files'
+    try:
+        if spec != 'init_from':
+            return _tokenize(corpus.resolve_text_files(spec, 'validation', key), tokenizer, key)
+        from pretrain.train import _resolve_files  # lazily: train imports this module
+        old = src.config
+        files = _resolve_files(old)
+        if files['eval'] is None:  # held out of its training text, as its run did
+            return data.load_tokenized_corpus(files['train'], None, tokenizer, data_dir,
+                                              old.data.eval_fraction, old.seed)['validation']
+        sources = [files['eval']] if isinstance(files['eval'], str) else files['eval']
+        return _tokenize(sources, tokenizer, key)
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f'{key}: {e}') from None
+
+
+def _tokenize(sources: list[str], tokenizer, key: str) -> list[np.ndarray]:
+    """As the data build does: one document per line, empty encodings dropped."""
+    texts = list(corpus.iter_texts(sources, 'line', 'validation', key))
+    return [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts) if ids]
