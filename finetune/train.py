@@ -100,6 +100,23 @@ def _scalar_metrics(results: dict, prefix: str) -> dict:
     return {f'{prefix}{k}': v for k, v in results.items() if isinstance(v, int | float)}
 
 
+def _validation_fn(cfg, mesh, predict_fn, encoded: dict, task: dict, tracker, writer,
+                   report: Callable[[int, dict], None] | None):
+    """evaluate(state) -> eval_* scalars; keeps the best checkpoint, then calls `report`."""
+    def evaluate(s) -> dict:
+        results = _evaluate_split(cfg, mesh, predict_fn, s.params, encoded, task)
+        tracker.update(int(s.step), s, results)
+        scalars = _scalar_metrics(results, 'eval_')
+        if report is not None:
+            try:
+                report(int(s.step), results)
+            except BaseException:  # stopped here: this evaluation is still logged
+                writer.write(int(s.step), scalars)
+                raise
+        return scalars
+    return evaluate
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str,
         report: Callable[[int, dict], None] | None = None) -> dict:
     """Fine-tunes (or resumes) in `workdir`; returns the contents of results.json.
@@ -133,18 +150,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
     _, predict_fn = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
 
-    def evaluate(s) -> dict:
-        results = _evaluate_split(cfg, mesh, predict_fn, s.params, encoded['validation'], task)
-        tracker.update(int(s.step), s, results)
-        scalars = _scalar_metrics(results, 'eval_')
-        if report is not None:
-            try:
-                report(int(s.step), results)
-            except BaseException:  # stopped here: this evaluation is still logged
-                writer.write(int(s.step), scalars)
-                raise
-        return scalars
-
+    evaluate = _validation_fn(cfg, mesh, predict_fn, encoded['validation'], task, tracker,
+                              writer, report)
     callbacks = LoopCallbacks(
         step=None, evaluate=evaluate, write=writer.write, should_stop=tracker.should_stop,
         save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}))

@@ -187,6 +187,35 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
     return evaluate
 
 
+def _prepare_all_data(cfg, workdir: pathlib.Path, files: dict, src, main: bool):
+    """Tokenizer, train/validation chunks and (continual runs) the old text's eval chunks;
+    process 0 trains the tokenizer and builds the data before the others read them."""
+    start = time.time()
+    with distributed.main_first('data'):
+        continual.copy_tokenizer(cfg, src, workdir)
+        tokenizer, chunks = prepare_data(cfg, workdir, files)
+        old_chunks = continual.old_eval_chunks(cfg, src, tokenizer,
+                                               cfg.data.data_dir or str(workdir / 'data'))
+    _log(main, f'data: {len(chunks["train"]["input_ids"]):,} train / '
+               f'{len(chunks["validation"]["input_ids"]):,} eval sequences of {cfg.seq_len} '
+               f'tokens, vocab {tokenizer.vocab_size} ({time.time() - start:.1f}s)')
+    return tokenizer, chunks, old_chunks
+
+
+def _evaluate_both(cfg, mesh, eval_fn, eval_chunks, old_chunks, results: dict):
+    """evaluate(state) -> the held-out metrics, plus old_* ones on a continual run's old
+    text (forgetting); `results` keeps the latest of each."""
+    evaluator = _evaluator(cfg, mesh, eval_fn, eval_chunks)
+    old_evaluator = old_chunks and _evaluator(cfg, mesh, eval_fn, old_chunks)
+
+    def evaluate(state):
+        results.update(evaluator(state))
+        if old_evaluator:
+            results.update({f'old_{k}': v for k, v in old_evaluator(state).items()})
+        return dict(results)
+    return evaluate
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
@@ -198,15 +227,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / 'config.json').write_text(config_to_json(cfg))
-    start = time.time()
-    with distributed.main_first('data'):  # process 0 trains the tokenizer, builds the data
-        continual.copy_tokenizer(cfg, src, workdir)
-        tokenizer, chunks = prepare_data(cfg, workdir, files)
-        old_chunks = continual.old_eval_chunks(cfg, src, tokenizer,
-                                               cfg.data.data_dir or str(workdir / 'data'))
-    _log(main, f'data: {len(chunks["train"]["input_ids"]):,} train / '
-               f'{len(chunks["validation"]["input_ids"]):,} eval sequences of {cfg.seq_len} '
-               f'tokens, vocab {tokenizer.vocab_size} ({time.time() - start:.1f}s)')
+    tokenizer, chunks, old_chunks = _prepare_all_data(cfg, workdir, files, src, main)
     model_cfg = bert_config(cfg)
     model = BertForMaskedLM(model_cfg)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
@@ -231,15 +252,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                           'budget': budget.meta(step)}
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
     results = {}
-    evaluator = _evaluator(cfg, mesh, eval_fn, chunks['validation'])
-    old_evaluator = old_chunks and _evaluator(cfg, mesh, eval_fn, old_chunks)
-
-    def evaluate(s):
-        results.update(evaluator(s))
-        if old_evaluator:  # forgetting: the old domain's held-out text
-            results.update({f'old_{k}': v for k, v in old_evaluator(s).items()})
-        return dict(results)
-
+    evaluate = _evaluate_both(cfg, mesh, eval_fn, chunks['validation'], old_chunks, results)
     if src is not None and start_step == 0:  # before any update: the continual baseline
         with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
             writer.write(0, evaluate(state))

@@ -4,10 +4,14 @@ Tests that need a different device count (1-device resume) run `launch.py` in a 
 """
 
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One XLA compilation cache for this test session, shared with the launch.py subprocesses
+# (they inherit the environment): many end-to-end tests compile the same tiny programs.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bertjax-xla-'))
 
 
 import pytest  # noqa: E402  (after the environment is set)
