@@ -4,6 +4,7 @@ Tests that need a different device count (1-device resume) run `launch.py` in a 
 """
 
 import os
+import shutil
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -11,10 +12,16 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One XLA compilation cache for this test session, shared with the launch.py subprocesses
 # (they inherit the environment): many end-to-end tests compile the same tiny programs.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bertjax-xla-'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _XLA_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='bertjax-xla-')
 
 
 import pytest  # noqa: E402  (after the environment is set)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if '_XLA_CACHE' in globals():  # only the cache this session made
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

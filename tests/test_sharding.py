@@ -67,11 +67,6 @@ def test_parameter_partition_specs_on_a_2x2x2_mesh():
     assert mu.sharding.spec == P('tensor', 'fsdp')
 
 
-@pytest.mark.parametrize('mesh_shape, grad_accum, dropout', [
-    ((2, 4), 1, 0.1),
-    ((1, 2, 4), 1, 0.1),
-    ((4, 2), 2, 0.0),  # accumulation: same masks, summed grads -> same step (no dropout)
-])
 @functools.cache
 def _one_device_run(dropout: float) -> tuple[float, float, list]:
     """(loss_sum, weight_sum, params) after two steps on one device (shared by the cases)."""
@@ -82,6 +77,11 @@ def _one_device_run(dropout: float) -> tuple[float, float, list]:
             jax.tree.leaves(jax.device_get(state1.params)))
 
 
+@pytest.mark.parametrize('mesh_shape, grad_accum, dropout', [
+    ((2, 4), 1, 0.1),
+    ((1, 2, 4), 1, 0.1),
+    ((4, 2), 2, 0.0),  # accumulation: same masks, summed grads -> same step (no dropout)
+])
 def test_two_steps_on_a_mesh_match_one_device(mesh_shape, grad_accum, dropout):
     loss1, weight1, flat1 = _one_device_run(dropout)
     _, mesh8, state8, _, train8 = _setup(mesh_shape, dropout=dropout, grad_accum=grad_accum)
