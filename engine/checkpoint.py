@@ -1,5 +1,6 @@
 """Checkpoints: orbax, async, atomic; restore onto any mesh by giving target shardings."""
 
+import pathlib
 import warnings
 from typing import Any
 
@@ -7,6 +8,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from engine.config_cli import ConfigError
 
 
 def _absolute(directory: str) -> epath.Path:
@@ -18,6 +21,17 @@ def _absolute(directory: str) -> epath.Path:
 def absolute_path(directory: str) -> epath.Path:
     """A local path made absolute, a cloud path (gs://...) passed through unchanged."""
     return _absolute(directory)
+
+
+def saved_steps(directory: pathlib.Path, init_step: int = 0) -> list[int]:
+    """The steps saved in a run's checkpoint `directory`, to start another run from; a
+    one-line ConfigError if there is none, or not `init_step` (0 = any)."""
+    saved = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
+        if directory.is_dir() else []
+    if not saved or (init_step and init_step not in saved):
+        wanted = f'step {init_step}' if init_step else 'any step'
+        raise ConfigError(f'init_step: no checkpoint of {wanted} in {directory} (have {saved})')
+    return saved
 
 
 class Checkpoints:

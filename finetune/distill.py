@@ -35,6 +35,7 @@ import optax
 
 from engine.config_cli import ConfigError, config_from_json
 from finetune import data, predict
+from models.flops import count_params
 from pretrain.tokenizer import load_tokenizer, tokenizer_file
 
 SPEED_MAX_EXAMPLES = 4096  # examples timed per model and repeat
@@ -70,15 +71,6 @@ def distillation_losses(student_logits: jax.Array, teacher_logits: jax.Array,
     kl = jnp.sum(jnp.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
     ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
     return alpha * t * t * kl + (1.0 - alpha) * ce
-
-
-def loss_terms(logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
-               weights: jax.Array, temperature: float, alpha: float) -> dict[str, jax.Array]:
-    """As finetune.steps.loss_terms, with the distillation loss."""
-    losses = distillation_losses(logits, teacher_logits, labels, temperature, alpha)
-    correct = (logits.argmax(-1) == labels).astype(jnp.float32)
-    return {'loss_sum': (losses * weights).sum(), 'correct_sum': (correct * weights).sum(),
-            'weight_sum': weights.sum()}
 
 
 # ---------------------------------------------------------------- the student's layers
@@ -205,10 +197,6 @@ def with_teacher_logits(cfg: ml_collections.ConfigDict, encoded: dict[str, np.nd
 # ---------------------------------------------------------------- size and speed
 
 
-def param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def examples_per_second(runs: list[tuple], repeats: int = SPEED_REPEATS) -> list[float]:
     """Prediction throughput of each (model, params, encoded): every model runs all its
     batches once per repeat, models alternating (so load on the machine hits all alike);
@@ -255,7 +243,7 @@ def report(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, task: dict) ->
               'alpha': float(cfg.distill.alpha)}
     for name, (_, model, params, _) in runs.items():
         record[f'{name}_layers'] = model.config.num_layers
-        record[f'{name}_params'] = param_count(params)
+        record[f'{name}_params'] = count_params(params)
     record['teacher_results'] = {k: teacher_results[k] for k in ('validation', 'test')
                                  if k in teacher_results}
     record.update({'speed_split': split, 'speed_examples': n,
@@ -272,13 +260,10 @@ def _speed_main(workdirs: list[str], repeats: int = 5) -> None:
     """Prints each fine-tuning workdir's size, test metrics and prediction examples/s on
     (up to SPEED_MAX_EXAMPLES of) the first run's test split (validation without one), all
     timed in this process."""
+    from finetune.train import load_config_task  # train imports this module
     roots = [pathlib.Path(w).absolute() for w in workdirs]
     runs = [predict.load_run(root) for root in roots]
-    d = runs[0][0].data
-    task = data.load_task(d.train_file, d.validation_file, d.test_file,
-                          text_column=d.text_column, text_b_column=d.text_b_column,
-                          label_column=d.label_column, task=runs[0][0].task,
-                          validation_fraction=d.validation_fraction, seed=runs[0][0].seed)
+    task = load_config_task(runs[0][0])
     examples = _head(task['test'] if task.get('test') is not None else task['validation'])
     speeds = examples_per_second([(model, params, _encode_for(run_cfg, root, examples))
                                   for root, (run_cfg, model, params, _) in zip(roots, runs,
@@ -286,7 +271,7 @@ def _speed_main(workdirs: list[str], repeats: int = 5) -> None:
                                  repeats)
     for root, (_, model, params, _), speed in zip(roots, runs, speeds, strict=True):
         results = json.loads((root / 'results.json').read_text()).get('test', {})
-        print(f'{root}: layers={model.config.num_layers}, {param_count(params):,} params, '
+        print(f'{root}: layers={model.config.num_layers}, {count_params(params):,} params, '
               f"test accuracy {results.get('accuracy', float('nan')):.4f}, "
               f"F1 {results.get('f1', float('nan')):.4f}, {speed:,.0f} examples/s", flush=True)
 

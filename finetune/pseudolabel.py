@@ -119,15 +119,6 @@ def _read_pool(pl, cfg) -> dict:
             'gold': [r['label'] for r in rows] if pl.gold_column else None}
 
 
-def _load_train(cfg, max_train_examples: int) -> dict:
-    d = cfg.data
-    return data.load_task(d.train_file, d.validation_file, d.test_file,
-                          text_column=d.text_column, text_b_column=d.text_b_column,
-                          label_column=d.label_column, task=cfg.task,
-                          validation_fraction=d.validation_fraction, seed=cfg.seed,
-                          max_train_examples=max_train_examples)
-
-
 def labelled_indices(n: int, max_train_examples: int, few_shot_k: int, seed: int,
                      labels: np.ndarray) -> np.ndarray:
     """Which of the n full training rows the task's labelled subset keeps: the same
@@ -147,7 +138,7 @@ def _rest_pool(cfg, task: dict) -> dict:
     if not (d.max_train_examples or d.few_shot_k):
         raise ConfigError(f'unlabeled_file={REST!r}: the task keeps all its training labels; '
                           'set data.max_train_examples or data.few_shot_k in task')
-    full = _load_train(cfg, 0)['train']
+    full = finetune_train.load_config_task(cfg)['train']
     kept = labelled_indices(len(full), d.max_train_examples, d.few_shot_k, cfg.seed,
                             full.labels)
     labelled = task['train']

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from engine import mesh as mesh_lib
-from engine.checkpoint import Checkpoints, restore_subtree
+from engine.checkpoint import Checkpoints, restore_subtree, saved_steps
 from engine.config_cli import ConfigError, config_from_json
 from finetune import distill, peft, steps, unfreeze
 from finetune.optim import learning_rate_at, make_optimizer
@@ -43,12 +43,7 @@ def check_init_from(cfg: ml_collections.ConfigDict) -> None:
         if not (root / name).exists():
             raise ConfigError(f'init_from: {str(root)!r} has no {name}; is it a pretraining '
                               'workdir?')
-    steps_saved = sorted(int(p.name) for p in (root / 'checkpoints').iterdir()
-                         if p.name.isdigit())
-    if not steps_saved or (cfg.init_step and cfg.init_step not in steps_saved):
-        wanted = f'step {cfg.init_step}' if cfg.init_step else 'any step'
-        raise ConfigError(f'init_step: no checkpoint of {wanted} in {root}/checkpoints '
-                          f'(have {steps_saved})')
+    saved_steps(root / 'checkpoints', cfg.init_step)
 
 
 def tokenizer_for(cfg, workdir: pathlib.Path, task: dict) -> Tokenizer:

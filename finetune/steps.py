@@ -25,14 +25,16 @@ class FinetuneState:
     opt_state: Any
 
 
-def loss_terms(logits: jax.Array, labels: jax.Array, weights: jax.Array,
-               task: str) -> dict[str, jax.Array]:
-    """Weighted sums (cross-entropy, or squared error for regression) and correct counts."""
+def loss_terms(logits: jax.Array, labels: jax.Array, weights: jax.Array, task: str,
+               losses: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Weighted sums (cross-entropy, or squared error for regression) and correct counts;
+    `losses` (per example, e.g. finetune.distill's) replaces the cross-entropy."""
     if task == 'regression':
         errors = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
         correct = jnp.zeros_like(errors)
     else:
-        errors = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        errors = (optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+                  if losses is None else losses)
         correct = (logits.argmax(-1) == labels).astype(jnp.float32)
     return {'loss_sum': (errors * weights).sum(), 'correct_sum': (correct * weights).sum(),
             'weight_sum': weights.sum()}
@@ -58,11 +60,9 @@ def train_step(state: FinetuneState, batch: dict, *, model: BertForSequenceClass
     def loss_fn(trainable):
         logits = _apply(model, merge_params(trainable, frozen), batch, deterministic=False,
                         rng=rng)
-        if distill is None:
-            terms = loss_terms(logits, batch['labels'], weights, task)
-        else:
-            terms = distill_lib.loss_terms(logits, batch['teacher_logits'], batch['labels'],
-                                           weights, *distill)
+        losses = None if distill is None else distill_lib.distillation_losses(
+            logits, batch['teacher_logits'], batch['labels'], *distill)
+        terms = loss_terms(logits, batch['labels'], weights, task, losses)
         return terms['loss_sum'] / terms['weight_sum'], terms
 
     grads, terms = jax.grad(loss_fn, has_aux=True)(trainable)

@@ -26,6 +26,16 @@ from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
 
 
+def load_config_task(cfg: ml_collections.ConfigDict, max_train_examples: int = 0) -> dict:
+    """data.load_task on the files, columns, split and seed `cfg.data` names."""
+    d = cfg.data
+    return data.load_task(d.train_file, d.validation_file, d.test_file,
+                          text_column=d.text_column, text_b_column=d.text_b_column,
+                          label_column=d.label_column, task=cfg.task,
+                          validation_fraction=d.validation_fraction, seed=cfg.seed,
+                          max_train_examples=max_train_examples)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
     """Checks config, files and data before anything is written; returns (mesh, task)."""
     for key in ('num_epochs', 'batch_size', 'seq_len', 'log_every_steps'):
@@ -44,11 +54,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
                           f'size {mesh_lib.data_parallel_size(mesh)}')
     d = cfg.data
     try:
-        task = data.load_task(d.train_file, d.validation_file, d.test_file,
-                              text_column=d.text_column, text_b_column=d.text_b_column,
-                              label_column=d.label_column, task=cfg.task,
-                              validation_fraction=d.validation_fraction, seed=cfg.seed,
-                              max_train_examples=d.max_train_examples)
+        task = load_config_task(cfg, d.max_train_examples)
         if d.few_shot_k:  # K examples per class (see finetune/augment.py)
             if cfg.task != 'classification':
                 raise ValueError('few_shot_k: needs task=classification')

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from engine.checkpoint import restore_subtree
+from engine.checkpoint import restore_subtree, saved_steps
 from engine.config_cli import ConfigError, config_from_json
 from engine.mesh import strip_boxes
 from pretrain import corpus, data
@@ -93,11 +93,7 @@ def _source(cfg) -> Source:
         raise ConfigError(f'init_from: {cfg.init_from!r} has no tokenizer or config.json; is '
                           'it a pretraining workdir?')
     ckpt_dir = root / 'checkpoints'
-    saved = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
-        if ckpt_dir.is_dir() else []
-    if not saved or (cfg.init_step and cfg.init_step not in saved):
-        wanted = f'step {cfg.init_step}' if cfg.init_step else 'any step'
-        raise ConfigError(f'init_step: no checkpoint of {wanted} in {ckpt_dir} (have {saved})')
+    saved = saved_steps(ckpt_dir, cfg.init_step)
     old = config_from_json((root / 'config.json').read_text())
     step = cfg.init_step or saved[-1]
     meta, shapes = _read_checkpoint(ckpt_dir, step)

@@ -16,7 +16,7 @@ from configs.finetune import get_config
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints, read_params_numpy, read_state_numpy
 from engine.config_cli import ConfigError, config_from_json, config_to_json
-from finetune import data, distill, predict, setup, unfreeze
+from finetune import data, distill, predict, setup, steps, unfreeze
 from models.bert import BertConfig, BertForMaskedLM
 from pretrain.tokenizer import Tokenizer
 from tests.test_finetune_e2e import finetune_args, task_files  # noqa: F401  (a fixture)
@@ -48,9 +48,11 @@ def test_loss_matches_a_hand_computation():
     np.testing.assert_allclose(losses(1.0), t * t * kl, rtol=1e-5)
     np.testing.assert_allclose(losses(0.3), 0.3 * t * t * kl + 0.7 * ce, rtol=1e-5)
     weights = np.array([1, 1, 1, 1, 0, 0], np.float32)  # padding rows count for nothing
-    terms = distill.loss_terms(jnp.asarray(student, jnp.float32),
-                               jnp.asarray(teacher, jnp.float32), jnp.asarray(labels),
-                               jnp.asarray(weights), t, 0.3)
+    student_logits = jnp.asarray(student, jnp.float32)
+    terms = steps.loss_terms(student_logits, jnp.asarray(labels), jnp.asarray(weights),
+                             'classification', distill.distillation_losses(
+                                 student_logits, jnp.asarray(teacher, jnp.float32),
+                                 jnp.asarray(labels), t, 0.3))
     np.testing.assert_allclose(float(terms['loss_sum']), (losses(0.3) * weights).sum(),
                                rtol=1e-5)
     assert float(terms['correct_sum']) == ((student.argmax(-1) == labels) * weights).sum()
