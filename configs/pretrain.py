@@ -134,7 +134,9 @@ def _data_config() -> ml_collections.ConfigDict:
     d.eval_fraction = 0.05  # share of training documents held out when eval_files is ''
     d.tokenizer_model = ''  # an existing sentencepiece .model to use instead of training one
     d.tokenizer_type = 'unigram'  # sentencepiece model type when training: 'unigram' or 'bpe'
-    d.data_dir = ''  # where tokenized TFDS data is cached; '' = WORKDIR/data
+    # Where the tokenized TFDS data is cached. '' = WORKDIR/data, or for a gs:// workdir this
+    # host's $BERTJAX_CACHE/tokenized (array_record files are written locally).
+    d.data_dir = ''
     return d
 
 

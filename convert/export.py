@@ -18,9 +18,12 @@ import pathlib
 import shutil
 import tempfile
 
+from etils import epath
+
 from convert import names, tokenizer_files, verify
 from engine.checkpoint import read_state_numpy
 from engine.config_cli import ConfigError, config_from_json
+from engine.paths import absolute_path
 from models.bert import BertConfig
 from pretrain.tokenizer import PAD_ID, load_tokenizer, tokenizer_file
 from pretrain.wordpiece import WORDPIECE_FILENAME
@@ -28,14 +31,14 @@ from pretrain.wordpiece import WORDPIECE_FILENAME
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
 
 
-def _steps(directory: pathlib.Path) -> list[int]:
+def _steps(directory: epath.Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def _checkpoint_dir(workdir: pathlib.Path, head: str, step: int | None
-                    ) -> tuple[pathlib.Path, int]:
+def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
+                    ) -> tuple[epath.Path, int]:
     """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
     places = ['checkpoints'] if head == 'mlm' else ['best', 'checkpoints']
     for place in places:
@@ -47,7 +50,7 @@ def _checkpoint_dir(workdir: pathlib.Path, head: str, step: int | None
     raise ConfigError(f'--step: no {wanted} in {workdir} (have {found})')
 
 
-def load_workdir(workdir: pathlib.Path, step: int | None
+def load_workdir(workdir: epath.Path, step: int | None
                  ) -> tuple[str, BertConfig, dict, dict, int]:
     """(head, model config, params, task info, step) of a pretraining or fine-tuning run."""
     if not (workdir / 'config.json').is_file() or tokenizer_file(str(workdir)) is None:
@@ -108,22 +111,22 @@ def hf_config(head: str, m: BertConfig, task: dict) -> dict:
     return config
 
 
-def _write_tokenizer(workdir: pathlib.Path, out: pathlib.Path, max_len: int):
+def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int):
     """Our tokenizer file (copied) and the transformers tokenizer files; returns ours."""
     from tokenizers import Tokenizer as HFTokenizer
-    source = pathlib.Path(tokenizer_file(str(workdir)))
-    shutil.copyfile(source, out / source.name)
+    source = epath.Path(tokenizer_file(str(workdir)))
+    (out / source.name).write_bytes(source.read_bytes())
     if source.name == WORDPIECE_FILENAME:
-        pipeline = HFTokenizer.from_file(str(source))
+        pipeline = HFTokenizer.from_str(source.read_text())
         vocab = sorted(pipeline.get_vocab().items(), key=lambda kv: kv[1])
         (out / 'vocab.txt').write_text(''.join(f'{piece}\n' for piece, _ in vocab))
     else:
         pipeline = tokenizer_files.from_sentencepiece(source.read_bytes())
     tokenizer_files.write_hf_tokenizer(pipeline, out, max_len)
-    return load_tokenizer(str(source))
+    return load_tokenizer(str(out / source.name))
 
 
-def _write(workdir: pathlib.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
+def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
     from safetensors.numpy import save_file
     head, model_cfg, params, task, step = load_workdir(workdir, step)
     try:
@@ -142,7 +145,7 @@ def _write(workdir: pathlib.Path, out: pathlib.Path, step: int | None, check: bo
 
 def run(workdir: str, output: str, step: int | None = None, check: bool = True) -> None:
     """Exports `workdir` to `output` (which must not exist yet)."""
-    source, target = pathlib.Path(workdir).absolute(), pathlib.Path(output).absolute()
+    source, target = absolute_path(workdir), pathlib.Path(output).absolute()
     if target.exists():
         raise ConfigError(f'--output: {output} exists; remove it or choose another path')
     target.parent.mkdir(parents=True, exist_ok=True)

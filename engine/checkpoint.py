@@ -1,6 +1,5 @@
 """Checkpoints: orbax, async, atomic; restore onto any mesh by giving target shardings."""
 
-import pathlib
 import warnings
 from typing import Any
 
@@ -10,20 +9,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from engine.config_cli import ConfigError
+from engine.paths import absolute_path
 
 
-def _absolute(directory: str) -> epath.Path:
-    """Orbax needs absolute paths; cloud paths (gs://...) already are."""
-    path = epath.Path(directory)
-    return path if '://' in str(directory) else epath.Path(str(path.absolute()))
-
-
-def absolute_path(directory: str) -> epath.Path:
-    """A local path made absolute, a cloud path (gs://...) passed through unchanged."""
-    return _absolute(directory)
-
-
-def saved_steps(directory: pathlib.Path, init_step: int = 0) -> list[int]:
+def saved_steps(directory: epath.Path, init_step: int = 0) -> list[int]:
     """The steps saved in a run's checkpoint `directory`, to start another run from; a
     one-line ConfigError if there is none, or not `init_step` (0 = any)."""
     saved = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
@@ -45,7 +34,7 @@ class Checkpoints:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.directory = _absolute(directory)
+        self.directory = absolute_path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=('state', 'meta'))
 
@@ -87,7 +76,7 @@ class Checkpoints:
 def read_state_numpy(directory: str, step: int | None = None) -> dict:
     """A checkpoint's whole state as nested dicts of host numpy arrays, on any device count
     (for tests, export, prediction and inspection; no mesh needed)."""
-    manager = ocp.CheckpointManager(_absolute(directory), item_names=('state', 'meta'),
+    manager = ocp.CheckpointManager(absolute_path(directory), item_names=('state', 'meta'),
                                     item_handlers={'state': ocp.StandardCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -120,7 +109,7 @@ def restore_subtree(directory: str, step: int | None, target: dict) -> dict:
     Fine-tuning uses it to take `params/bert/...` from a pretraining checkpoint, leaving
     its MLM head and optimizer state unread.
     """
-    manager = ocp.CheckpointManager(_absolute(directory), item_names=('state', 'meta'))
+    manager = ocp.CheckpointManager(absolute_path(directory), item_names=('state', 'meta'))
     step = manager.latest_step() if step is None else step
     if step is None:
         manager.close()

@@ -1,11 +1,22 @@
-"""Metrics out of the loop: `metrics.jsonl`, TensorBoard events (tensorboardX, no TensorFlow)."""
+"""Metrics out of the loop: `metrics.jsonl`, TensorBoard events (tensorboardX, no TensorFlow).
+
+Both files are appended to, which cloud storage cannot do: for a gs:// workdir they are
+written in a local staging directory and uploaded whole at most every `upload_every_s`
+seconds and on close (SIGTERM included). A crash loses at most that much of the log; the
+resumed run logs the steps after its checkpoint again anyway.
+"""
 
 import json
 import math
 import pathlib
+import shutil
+import tempfile
+import time
 from typing import Any
 
 from tensorboardX import SummaryWriter
+
+from engine.paths import absolute_path, is_remote
 
 
 def _plain(value: Any) -> Any:
@@ -23,14 +34,21 @@ class MetricWriter:
     Only the writing process (process 0) should hold an enabled writer.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0,
+                 upload_every_s: float = 30.0):
         self.enabled = enabled
         if not enabled:
             return
-        self.path = pathlib.Path(workdir) / 'metrics.jsonl'
+        self._remote = absolute_path(workdir) if is_remote(workdir) else None
+        local = (pathlib.Path(tempfile.mkdtemp(prefix='bertjax-logs-')) if self._remote
+                 else pathlib.Path(workdir))
+        self.path = local / 'metrics.jsonl'
+        if self._remote and (self._remote / 'metrics.jsonl').exists():
+            self.path.write_bytes((self._remote / 'metrics.jsonl').read_bytes())
         self._truncate_after(resume_step)
         self._file = self.path.open('a')
-        self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
+        self._tb = SummaryWriter(str(local / 'tensorboard'))
+        self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint: they will be logged again."""
@@ -50,8 +68,24 @@ class MetricWriter:
             if key != 'step' and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
+        if self._remote and time.monotonic() - self._uploaded_at >= self._upload_every_s:
+            self._upload()
+
+    def _upload(self) -> None:
+        """Copies the staged files over the workdir's (this run's event file is new; earlier
+        runs' event files there are left as they are)."""
+        local = self.path.parent
+        events = sorted(p for p in (local / 'tensorboard').rglob('*') if p.is_file())
+        for file in [self.path, *events]:
+            target = self._remote / file.relative_to(local)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.read_bytes())
+        self._uploaded_at = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             self._tb.close()
+            if self._remote:
+                self._upload()
+                shutil.rmtree(self.path.parent, ignore_errors=True)

@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
 from pretrain import corpus
 from pretrain import data as pretrain_data
@@ -68,10 +69,10 @@ def _show(value) -> str:
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, 'rb') as f:
-            raw = f.read()
+        raw = epath.Path(path).read_bytes()  # a local file or gs://...
     except OSError as e:
-        raise _error(path, None, f'cannot read ({type(e).__name__}: {e.strerror})') from None
+        raise _error(path, None, f'cannot read ({type(e).__name__}: '
+                                 f'{e.strerror or e})') from None
     try:
         return raw.decode('utf-8-sig')  # -sig: spreadsheet exports often start with a BOM
     except UnicodeDecodeError as e:

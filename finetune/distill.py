@@ -24,7 +24,6 @@ on the same examples.
 """
 
 import json
-import pathlib
 import time
 
 import jax
@@ -32,8 +31,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from engine.config_cli import ConfigError, config_from_json
+from engine.paths import absolute_path
 from finetune import data, predict
 from models.flops import count_params
 from pretrain.tokenizer import load_tokenizer, tokenizer_file
@@ -102,7 +103,7 @@ def _pretrained_layers(cfg: ml_collections.ConfigDict) -> int:
     """Encoder layers of init_from's model (of `model` for init_from=none)."""
     if cfg.init_from.lower() == 'none':
         return int(cfg.model.num_layers)
-    config = pathlib.Path(cfg.init_from) / 'config.json'
+    config = absolute_path(cfg.init_from) / 'config.json'
     return int(config_from_json(config.read_text()).model.num_layers)
 
 
@@ -142,7 +143,7 @@ def check(cfg: ml_collections.ConfigDict, task: dict) -> None:
     if augment is not None and any(float(augment[k]) for k in ('delete', 'swap', 'mask')):
         raise ConfigError('distill.teacher: cannot be combined with augment.* (the teacher\'s '
                           'logits are computed once on the unaugmented text)')
-    root = pathlib.Path(d.teacher).absolute()
+    root = absolute_path(d.teacher)
     if not root.is_dir():
         raise ConfigError(f'distill.teacher: no such directory {str(root)!r}')
     for name in ('config.json', 'model.json', 'task.json', 'best'):
@@ -173,7 +174,7 @@ def _logits_fn(model):
                                             attention_mask=b['attention_mask']))
 
 
-def _encode_for(run_cfg, workdir: pathlib.Path, examples: data.Examples) -> dict:
+def _encode_for(run_cfg, workdir: epath.Path, examples: data.Examples) -> dict:
     """`examples` as the run in `workdir` saw its inputs: its tokenizer and seq_len."""
     return data.encode(load_tokenizer(tokenizer_file(str(workdir))), examples, run_cfg.seq_len)
 
@@ -184,7 +185,7 @@ def with_teacher_logits(cfg: ml_collections.ConfigDict, encoded: dict[str, np.nd
     without a teacher)."""
     if not enabled(cfg):
         return encoded
-    root = pathlib.Path(cfg.distill.teacher).absolute()
+    root = absolute_path(cfg.distill.teacher)
     run_cfg, model, params, _ = predict.load_run(root)
     start = time.perf_counter()
     logits = teacher_logits(model, params, _encode_for(run_cfg, root, examples))
@@ -222,11 +223,11 @@ def _head(examples: data.Examples, n: int = SPEED_MAX_EXAMPLES) -> data.Examples
                          text_b=None if examples.text_b is None else examples.text_b[:n])
 
 
-def report(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, task: dict) -> dict:
+def report(cfg: ml_collections.ConfigDict, workdir: epath.Path, task: dict) -> dict:
     """The 'distill' record of results.json: sizes, the teacher's results, and the
     throughput of both best checkpoints on (up to SPEED_MAX_EXAMPLES) test examples
     (validation without a test split)."""
-    teacher_dir = pathlib.Path(cfg.distill.teacher).absolute()
+    teacher_dir = absolute_path(cfg.distill.teacher)
     runs = {name: predict.load_run(root) for name, root in
             (('student', workdir), ('teacher', teacher_dir))}
     split = 'test' if task.get('test') is not None else 'validation'
@@ -261,7 +262,7 @@ def _speed_main(workdirs: list[str], repeats: int = 5) -> None:
     (up to SPEED_MAX_EXAMPLES of) the first run's test split (validation without one), all
     timed in this process."""
     from finetune.train import load_config_task  # train imports this module
-    roots = [pathlib.Path(w).absolute() for w in workdirs]
+    roots = [absolute_path(w) for w in workdirs]
     runs = [predict.load_run(root) for root in roots]
     task = load_config_task(runs[0][0])
     examples = _head(task['test'] if task.get('test') is not None else task['validation'])

@@ -6,14 +6,15 @@ Output: one JSON object per input row: {"text", ["text_b"], "label", "probabilit
 """
 
 import json
-import pathlib
 import sys
 
 import jax
 import numpy as np
+from etils import epath
 
 from engine.checkpoint import read_state_numpy
 from engine.config_cli import ConfigError, config_from_json
+from engine.paths import absolute_path
 from finetune import data
 from models.bert import BertConfig, BertForSequenceClassification
 from models.peft import merge_lora, merged_config
@@ -24,7 +25,7 @@ BATCH_SIZE = 64
 
 def read_inputs(path: str, cfg) -> tuple[list[str], list[str] | None]:
     """Texts (and second texts for pair tasks) from a .txt, .csv, .tsv or .jsonl file."""
-    file = pathlib.Path(path)
+    file = epath.Path(path)
     if not file.is_file():
         raise ConfigError(f'--input: no such file {path!r}')
     if file.suffix in ('.csv', '.tsv', '.jsonl', '.json'):
@@ -37,7 +38,7 @@ def read_inputs(path: str, cfg) -> tuple[list[str], list[str] | None]:
     return [line for line in lines if line], None
 
 
-def load_run(workdir: pathlib.Path):
+def load_run(workdir: epath.Path):
     """(config, model, params, label names) of a fine-tuning workdir's best checkpoint."""
     if tokenizer_file(str(workdir)) is None:
         raise ConfigError(f'--workdir: {workdir} has no {MODEL_FILENAME}; is it a finished '
@@ -74,7 +75,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def run(workdir: str, input_path: str, output_path: str = '') -> None:
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = absolute_path(workdir)
     cfg, model, params, label_names = load_run(workdir)
     texts, texts_b = read_inputs(input_path, cfg)
     examples = data.Examples(text_a=texts, text_b=texts_b,

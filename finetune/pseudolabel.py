@@ -21,6 +21,7 @@ import numpy as np
 
 from configs.pseudolabel import REST
 from engine.config_cli import ConfigError, apply_overrides
+from engine.paths import local_dir
 from finetune import augment, data, predict
 from finetune import suite as finetune_suite
 from finetune import train as finetune_train
@@ -259,7 +260,7 @@ def write_tables(root: pathlib.Path, rows: list[dict]) -> None:
 def run(pl: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs (or resumes) round 0 and `rounds` pseudo-label rounds; returns their rows."""
     cfg, task, pool = validate(pl)
-    root = pathlib.Path(workdir).absolute()
+    root = local_dir(workdir, 'pseudolabel')
     root.mkdir(parents=True, exist_ok=True)
     names, paired = task['label_names'], task['train'].text_b is not None
     has_test = task['test'] is not None

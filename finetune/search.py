@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.config_cli import ConfigError, config_to_json
 from engine.loop import NonFiniteLoss, Preempted
+from engine.paths import local_dir
 from finetune import metrics, search_space
 from finetune import suite as finetune_suite
 from finetune import train as finetune_train
@@ -168,7 +169,7 @@ def run(search: ml_collections.ConfigDict, workdir: str) -> 'optuna.Study':
     from optuna.trial import TrialState
     params = validate(search)
     metric = base_config(search).metric
-    root = pathlib.Path(workdir).absolute()
+    root = local_dir(workdir, 'search')
     root.mkdir(parents=True, exist_ok=True)
     direction = 'maximize' if metrics.METRIC_DIRECTIONS[metric] == 'max' else 'minimize'
     study = _open_study(search, root, direction)

@@ -2,17 +2,17 @@
 
 import dataclasses
 import functools
-import pathlib
-import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints, restore_subtree, saved_steps
 from engine.config_cli import ConfigError, config_from_json
+from engine.paths import absolute_path, write_bytes_atomic
 from finetune import distill, peft, steps, unfreeze
 from finetune.optim import learning_rate_at, make_optimizer
 from models import peft as peft_layers
@@ -23,8 +23,8 @@ from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenize
 ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
 
 
-def pretrained_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path | None:
-    return None if cfg.init_from.lower() == 'none' else pathlib.Path(cfg.init_from).absolute()
+def pretrained_dir(cfg: ml_collections.ConfigDict) -> epath.Path | None:
+    return None if cfg.init_from.lower() == 'none' else absolute_path(cfg.init_from)
 
 
 def check_init_from(cfg: ml_collections.ConfigDict) -> None:
@@ -33,7 +33,7 @@ def check_init_from(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("init_from: set a pretraining workdir, or 'none' for random init")
     root = pretrained_dir(cfg)
     if root is None:
-        if cfg.tokenizer_model and not pathlib.Path(cfg.tokenizer_model).is_file():
+        if cfg.tokenizer_model and not epath.Path(cfg.tokenizer_model).is_file():
             raise ConfigError(f'tokenizer_model: no such file {cfg.tokenizer_model!r}')
         return
     if tokenizer_file(str(root)) is None:  # spm.model, or an imported wordpiece.json
@@ -46,13 +46,13 @@ def check_init_from(cfg: ml_collections.ConfigDict) -> None:
     saved_steps(root / 'checkpoints', cfg.init_step)
 
 
-def tokenizer_for(cfg, workdir: pathlib.Path, task: dict) -> Tokenizer:
+def tokenizer_for(cfg, workdir: epath.Path, task: dict) -> Tokenizer:
     """The pretrained run's tokenizer (copied into this workdir), a given one, or - for a
     from-scratch run without one - a tokenizer trained on the task's training text."""
     source = pretrained_dir(cfg)
     if source is not None and tokenizer_file(str(workdir)) is None:
-        given = pathlib.Path(tokenizer_file(str(source)))
-        shutil.copyfile(given, workdir / given.name)
+        given = epath.Path(tokenizer_file(str(source)))
+        write_bytes_atomic(workdir / given.name, given.read_bytes())
     texts = lambda: iter(task['train'].text_a + (task['train'].text_b or []))  # noqa: E731
     return load_or_train_tokenizer(str(workdir), texts, cfg.model.vocab_size, 'unigram',
                                    cfg.tokenizer_model)

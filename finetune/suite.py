@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from engine.config_cli import ConfigError, apply_overrides, load_config
+from engine.paths import local_dir
 from finetune import train as finetune_train
 from pretrain.tokenizer import MODEL_FILENAME, tokenizer_file
 
@@ -129,7 +130,7 @@ def write_tables(workdir: pathlib.Path, table: list[dict], metrics: tuple[str, .
 def run(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs (or resumes) the whole suite; returns the summary table."""
     validate(suite)
-    root = pathlib.Path(workdir).absolute()
+    root = local_dir(workdir, 'suite')
     root.mkdir(parents=True, exist_ok=True)
     metrics = tuple(suite.metrics)
     rows, runs = [], list(_runs(suite))

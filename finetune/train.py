@@ -8,12 +8,12 @@ frozen, and trains with the same loop as pretraining. Writes the best checkpoint
 
 import dataclasses
 import json
-import pathlib
 from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from engine import distributed
 from engine import mesh as mesh_lib
@@ -22,6 +22,7 @@ from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
 from engine.metrics_writer import MetricWriter
+from engine.paths import absolute_path
 from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
 
@@ -133,7 +134,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     """
     mesh, task = validate(cfg)
     sigterm = SigtermFlag()
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
     results_path = workdir / 'results.json'
     if results_path.exists():
@@ -210,7 +211,7 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
     return state
 
 
-def _prepare(cfg, workdir: pathlib.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
+def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
     """Writes the config, tokenizer and what `predict` needs; encodes every split."""
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
@@ -228,7 +229,7 @@ def _prepare(cfg, workdir: pathlib.Path, task: dict, main: bool) -> tuple[dict, 
 
 
 def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, task,
-                   workdir: pathlib.Path) -> dict:
+                   workdir: epath.Path) -> dict:
     """Validation and test metrics of the best checkpoint (and, distilled, the student's
     size and speed against the teacher's)."""
     best = setup.restore_best(best_ckpts, state)

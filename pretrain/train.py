@@ -7,23 +7,24 @@ before anything is written, then tokenizer -> data -> sharded state (fresh or re
 
 import functools
 import math
-import pathlib
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from engine import distributed
 from engine import mesh as mesh_lib
 from engine.budget import Budget
-from engine.checkpoint import Checkpoints, absolute_path
+from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop, summarize_sums
 from engine.metrics_writer import MetricWriter
 from engine.optim import learning_rate_schedule, make_optimizer
+from engine.paths import absolute_path, tokenized_data_dir
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
 from pretrain import continual, corpus, data, steps
@@ -58,7 +59,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
     except ValueError as e:
         raise ConfigError(f'mesh.shape: {e}') from None
     check_batch(cfg, mesh_lib.data_parallel_size(mesh))
-    if cfg.data.tokenizer_model and not pathlib.Path(cfg.data.tokenizer_model).is_file():
+    if cfg.data.tokenizer_model and not epath.Path(cfg.data.tokenizer_model).is_file():
         raise ConfigError(f'data.tokenizer_model: no such file {cfg.data.tokenizer_model!r}')
     return mesh, _resolve_files(cfg)
 
@@ -105,7 +106,7 @@ def _resolve_files(cfg: ml_collections.ConfigDict) -> dict:
     return files
 
 
-def prepare_data(cfg, workdir: pathlib.Path, files: dict) -> tuple[Tokenizer, dict]:
+def prepare_data(cfg, workdir: epath.Path, files: dict) -> tuple[Tokenizer, dict]:
     """Tokenizer (trained once, then reused) and packed train/eval chunks."""
     train = files['train']
     tokenizer = load_or_train_tokenizer(
@@ -114,7 +115,7 @@ def prepare_data(cfg, workdir: pathlib.Path, files: dict) -> tuple[Tokenizer, di
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f'model.vocab_size: {cfg.model.vocab_size} is smaller than the '
                           f'tokenizer vocabulary ({tokenizer.vocab_size})')
-    data_dir = cfg.data.data_dir or str(workdir / 'data')
+    data_dir = tokenized_data_dir(cfg.data.data_dir, workdir)
     docs = data.load_tokenized_corpus(train, files['eval'], tokenizer, data_dir,
                                       cfg.data.eval_fraction, cfg.seed)
     chunks = {split: data.pack_documents(d, cfg.seq_len) for split, d in docs.items()}
@@ -187,7 +188,7 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
     return evaluate
 
 
-def _prepare_all_data(cfg, workdir: pathlib.Path, files: dict, src, main: bool):
+def _prepare_all_data(cfg, workdir: epath.Path, files: dict, src, main: bool):
     """Tokenizer, train/validation chunks and (continual runs) the old text's eval chunks;
     process 0 trains the tokenizer and builds the data before the others read them."""
     start = time.time()
@@ -195,7 +196,7 @@ def _prepare_all_data(cfg, workdir: pathlib.Path, files: dict, src, main: bool):
         continual.copy_tokenizer(cfg, src, workdir)
         tokenizer, chunks = prepare_data(cfg, workdir, files)
         old_chunks = continual.old_eval_chunks(cfg, src, tokenizer,
-                                               cfg.data.data_dir or str(workdir / 'data'))
+                                               tokenized_data_dir(cfg.data.data_dir, workdir))
     _log(main, f'data: {len(chunks["train"]["input_ids"]):,} train / '
                f'{len(chunks["validation"]["input_ids"]):,} eval sequences of {cfg.seq_len} '
                f'tokens, vocab {tokenizer.vocab_size} ({time.time() - start:.1f}s)')
@@ -222,7 +223,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, files = validate(cfg)
     sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
     started = time.time()
-    workdir = absolute_path(workdir)  # orbax needs absolute paths; gs://... is kept as is
+    workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     if main:

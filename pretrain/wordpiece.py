@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
 from tokenizers.implementations import BertWordPieceTokenizer
@@ -40,8 +41,7 @@ class WordPieceTokenizer:
     def __init__(self, path: str):
         self.path = str(path)
         try:
-            with open(self.path, 'rb') as f:
-                self._bytes = f.read()
+            self._bytes = epath.Path(self.path).read_bytes()
             self._tok = HFTokenizer.from_str(self._bytes.decode('utf-8'))
         except Exception as e:  # OSError, UnicodeError, or tokenizers' plain Exception
             raise ValueError(f'tokenizer {self.path}: cannot load a WordPiece tokenizer '

@@ -8,8 +8,8 @@ import pytest
 
 import launch
 from engine import cluster, distributed
-from engine.checkpoint import absolute_path
 from engine.config_cli import ConfigError
+from engine.paths import absolute_path
 
 # A sample run whose overrides need quoting: a space, a single quote, a double quote.
 RUN = ['pretrain', '--config', 'configs/pretrain.py:base', '--workdir', 'gs://bucket/my run',

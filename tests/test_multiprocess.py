@@ -4,7 +4,8 @@ exactly as one process with 8 devices, and resume each other's checkpoints.
 Each run goes through `launch.py pretrain --coordinator ... --num-processes 2
 --process-id I`, as on a cluster: process 0 trains the tokenizer and builds the data while
 process 1 waits, each process feeds only its own rows of every batch, only process 0
-writes metrics, and both write their checkpoint shards.
+writes metrics, and both write their checkpoint shards - into a gs:// bucket (a local
+GCS server, tests/fake_gcs.py) for the first two-process run, as pods do.
 """
 
 import json
@@ -15,7 +16,9 @@ import sys
 
 import numpy as np
 import pytest
+from etils import epath
 
+from tests.fake_gcs import download, fake_gcs
 from tests.helpers import REPO, env, launch, tiny_args
 
 STEPS = 6
@@ -53,13 +56,13 @@ def run_args(corpus: str) -> list[str]:
 
 
 def losses(workdir) -> list[float]:
-    lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+    lines = (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
     return [json.loads(line)['loss'] for line in lines if 'loss' in json.loads(line)]
 
 
 def params(workdir) -> dict[str, np.ndarray]:
     from engine.checkpoint import read_params_numpy
-    return read_params_numpy(str(workdir / 'checkpoints'))
+    return read_params_numpy(f'{workdir}/checkpoints')
 
 
 def assert_close(a: dict, b: dict) -> None:
@@ -86,9 +89,11 @@ def single(tmp_path_factory, corpus):
 
 
 def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single):
-    two = tmp_path / 'two'
-    results = launch_two(two, run_args(corpus))
-    assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
+    with fake_gcs() as bucket:
+        results = launch_two(f'{bucket}/two', run_args(corpus))
+        assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
+        two = download(f'{bucket}/two', tmp_path / 'two')
+    assert not (REPO / 'gs:').exists()  # no process mistook the URL for a local path
     assert 'fresh start' in results[0].stdout and 'step 6:' in results[0].stdout
     assert 'fresh start' not in results[1].stdout and 'step ' not in results[1].stdout
     assert len(losses(two)) == STEPS

@@ -1,0 +1,71 @@
+"""Workdirs and model files as local paths or cloud URLs (gs://bucket/...).
+
+Everything a run reads or writes in its workdir goes through `etils.epath`, which serves
+gs:// with gcsfs (no TensorFlow needed); orbax writes checkpoints there with tensorstore.
+Two things need a local file system and stay on the host: the tokenized corpus
+(array_record files, see `tokenized_data_dir`) and the log files while they are being
+appended to (engine.metrics_writer uploads them).
+"""
+
+import os
+import pathlib
+import tempfile
+
+from etils import epath
+
+from engine.config_cli import ConfigError
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URL such as gs://bucket/run, false for a local path."""
+    return '://' in str(path)
+
+
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute (orbax needs that); a URL passed through unchanged."""
+    p = epath.Path(path)
+    return p if is_remote(path) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
+def default_cache_dir() -> str:
+    """This host's cache of prepared corpora: $BERTJAX_CACHE or ~/.cache/bertjax."""
+    return os.environ.get('BERTJAX_CACHE') or os.path.expanduser('~/.cache/bertjax')
+
+
+def tokenized_data_dir(data_dir: str, workdir: str | os.PathLike) -> str:
+    """Where the tokenized corpus is built: `data.data_dir` if set, else WORKDIR/data, or
+    for a cloud workdir this host's cache (array_record files are written locally; the
+    directory name inside is a hash of the inputs and tokenizer, so runs share it safely)."""
+    if data_dir:
+        return data_dir
+    if is_remote(workdir):
+        return os.path.join(default_cache_dir(), 'tokenized')
+    return os.path.join(os.fspath(workdir), 'data')
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes a whole file that readers never see half-written: a cloud object appears
+    only when its upload completes; a local file is written beside and renamed."""
+    target = absolute_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        target.write_bytes(data)
+        return
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix='.tmp-')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def local_dir(path: str | os.PathLike, command: str) -> pathlib.Path:
+    """`path` made absolute, for commands whose files need a local file system (an SQLite
+    study, many small tables); a URL is a one-line ConfigError."""
+    if is_remote(path):
+        raise ConfigError(f'--workdir: launch.py {command} writes to a local directory, not '
+                          f'{path}; its runs can still use gs:// init_from and data files')
+    return pathlib.Path(path).absolute()
