@@ -50,7 +50,9 @@ def run_launch(command: str, workdir, args, devices: int):
 
 def test_pretrained_on_2x4_mesh_finetunes_on_one_device_and_predicts(tmp_path, corpus,
                                                                       task_files):
-    pretrain(tmp_path / 'pre', corpus, 8, '--config.mesh.shape=(2,4)')
+    # Pretrained in this process (8 fake devices), fine-tuned in a 1-device subprocess.
+    assert launch.main(['pretrain', '--workdir', str(tmp_path / 'pre'),
+                        *tiny_args(corpus, 10, '--config.mesh.shape=(2,4)')]) == 0
     ft = tmp_path / 'ft'
     result = run_launch('finetune', ft, finetune_args(tmp_path / 'pre', task_files), 1)
     assert result.returncode == 0, result.stderr

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from etils import epath
 
+from launch import main as launch_main
 from tests.fake_gcs import download, fake_gcs
-from tests.helpers import REPO, env, launch, tiny_args
+from tests.helpers import REPO, env, tiny_args
 
 STEPS = 6
 
@@ -82,13 +83,13 @@ def rewind(source, target, step: int = 3):
 
 @pytest.fixture(scope='module')
 def single(tmp_path_factory, corpus):
+    """The one-process reference, run in this process (which has 8 fake CPU devices)."""
     workdir = tmp_path_factory.mktemp('single')
-    result = launch(workdir, run_args(corpus), devices=8)
-    assert result.returncode == 0, result.stderr
+    assert launch_main(['pretrain', '--workdir', str(workdir), *run_args(corpus)]) == 0
     return workdir
 
 
-def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single):
+def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single, capsys):
     with fake_gcs() as bucket:
         results = launch_two(f'{bucket}/two', run_args(corpus))
         assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
@@ -108,11 +109,11 @@ def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single):
     assert_close(params(again), params(single))
     np.testing.assert_allclose(losses(again), losses(single), rtol=1e-5)
 
-    # ... and by one process with 8 devices.
+    # ... and by one process with 8 devices (this one).
     alone = rewind(two, tmp_path / 'alone')
-    result = launch(alone, run_args(corpus), devices=8)
-    assert result.returncode == 0, result.stderr
-    assert 'resuming from step 3' in result.stdout
+    capsys.readouterr()
+    assert launch_main(['pretrain', '--workdir', str(alone), *run_args(corpus)]) == 0
+    assert 'resuming from step 3' in capsys.readouterr().out
     assert_close(params(alone), params(single))
 
 
