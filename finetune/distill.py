@@ -23,6 +23,8 @@ own results, and the prediction throughput (examples/s) of both, measured in thi
 on the same examples.
 """
 
+import hashlib
+import io
 import json
 import time
 
@@ -34,13 +36,14 @@ import optax
 from etils import epath
 
 from engine.config_cli import ConfigError, config_from_json
-from engine.paths import absolute_path
+from engine.paths import absolute_path, write_bytes_atomic
 from finetune import data, predict
 from models.flops import count_params
 from pretrain.tokenizer import load_tokenizer, tokenizer_file
 
 SPEED_MAX_EXAMPLES = 4096  # examples timed per model and repeat
 SPEED_REPEATS = 3  # alternating teacher / student; the best repeat counts
+CACHE_FILENAME = 'teacher_logits.npz'  # in the student's workdir, reused on resume
 
 
 def _section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
@@ -180,19 +183,52 @@ def _encode_for(run_cfg, workdir: epath.Path, examples: data.Examples) -> dict:
 
 
 def with_teacher_logits(cfg: ml_collections.ConfigDict, encoded: dict[str, np.ndarray],
-                        examples: data.Examples) -> dict[str, np.ndarray]:
+                        examples: data.Examples, workdir: epath.Path | None = None
+                        ) -> dict[str, np.ndarray]:
     """`encoded` (the training split) plus the teacher's 'teacher_logits' (unchanged
-    without a teacher)."""
+    without a teacher). With `workdir` they are kept in WORKDIR/teacher_logits.npz, so a
+    resumed run reuses them while the teacher and the examples are the same."""
     if not enabled(cfg):
         return encoded
     root = absolute_path(cfg.distill.teacher)
-    run_cfg, model, params, _ = predict.load_run(root)
-    start = time.perf_counter()
-    logits = teacher_logits(model, params, _encode_for(run_cfg, root, examples))
-    if jax.process_index() == 0:
-        print(f'distill: teacher logits of {len(logits):,} training examples in '
-              f'{time.perf_counter() - start:.1f}s', flush=True)
+    run_cfg = config_from_json((root / 'config.json').read_text())
+    inputs = _encode_for(run_cfg, root, examples)
+    key = _cache_key(root, inputs)
+    cache = workdir / CACHE_FILENAME if workdir is not None else None
+    logits = _read_cache(cache, key)
+    if logits is None:
+        _, model, params, _ = predict.load_run(root)
+        start = time.perf_counter()
+        logits = teacher_logits(model, params, inputs)
+        if jax.process_index() == 0:
+            print(f'distill: teacher logits of {len(logits):,} training examples in '
+                  f'{time.perf_counter() - start:.1f}s', flush=True)
+            if cache is not None:
+                buffer = io.BytesIO()
+                np.savez(buffer, key=np.array(key), logits=logits)
+                write_bytes_atomic(cache, buffer.getvalue())
+    elif jax.process_index() == 0:
+        print(f'distill: teacher logits read from {cache}', flush=True)
     return {**encoded, 'teacher_logits': logits}
+
+
+def _cache_key(teacher: epath.Path, inputs: dict[str, np.ndarray]) -> str:
+    """Names the teacher (its config, model and best checkpoint's step) and the exact
+    inputs it sees (its tokenization of the examples)."""
+    h = hashlib.sha256()
+    for name in ('config.json', 'model.json'):
+        h.update((teacher / name).read_bytes())
+    h.update(' '.join(sorted(p.name for p in (teacher / 'best').iterdir())).encode())
+    for name in sorted(inputs):
+        h.update(name.encode() + np.ascontiguousarray(inputs[name]).tobytes())
+    return h.hexdigest()
+
+
+def _read_cache(cache: epath.Path | None, key: str) -> np.ndarray | None:
+    if cache is None or not cache.exists():
+        return None
+    with np.load(io.BytesIO(cache.read_bytes())) as saved:
+        return saved['logits'] if str(saved['key']) == key else None
 
 
 # ---------------------------------------------------------------- size and speed

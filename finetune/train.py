@@ -142,7 +142,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
         return json.loads(results_path.read_text())
     with distributed.main_first('prepare'):  # process 0 writes the tokenizer first
         encoded, built = _prepare(cfg, workdir, task, main)
-    encoded['train'] = distill.with_teacher_logits(cfg, encoded['train'], task['train'])
+    encoded['train'] = distill.with_teacher_logits(cfg, encoded['train'], task['train'],
+                                                   workdir)
     batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
                                    *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 import launch
 from configs.finetune import get_config
@@ -122,6 +123,24 @@ def test_student_starts_from_every_other_pretrained_layer(deep_pretrained):
         setup.build(_student_cfg(deep_pretrained, 5), {'label_names': ['a', 'b']}, tokenizer)
 
 
+def _check_the_logits_cache(cfg, encoded, task, computed, workdir) -> None:
+    """Written once into the workdir; read back while teacher and examples are the same."""
+    assert distill.with_teacher_logits(cfg, encoded, task['test'], workdir).keys() == \
+        computed.keys()
+    assert (workdir / distill.CACHE_FILENAME).exists()
+
+    def never(*args):
+        raise AssertionError('recomputed')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, 'teacher_logits', never)
+        again = distill.with_teacher_logits(cfg, encoded, task['test'], workdir)
+        np.testing.assert_array_equal(again['teacher_logits'], computed['teacher_logits'])
+        test = task['test']
+        other = data.Examples(test.text_a[:-1], test.text_b, test.labels[:-1])
+        with pytest.raises(AssertionError, match='recomputed'):  # other examples: a miss
+            distill.with_teacher_logits(cfg, encoded, other, workdir)
+
+
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory, deep_pretrained, task_files) -> pathlib.Path:  # noqa: F811
     """A fine-tuned teacher on the toy task: layers 0 and 2 of deep_pretrained (itself a
@@ -143,6 +162,7 @@ def test_teacher_logits_are_its_predictions_and_bad_teachers_are_errors(
     _, model, params, _ = predict.load_run(teacher)
     probs = predict.predict(model, params, encoded, 'classification')
     np.testing.assert_allclose(jax.nn.softmax(with_logits['teacher_logits']), probs, atol=1e-6)
+    _check_the_logits_cache(cfg, encoded, task, with_logits, epath.Path(tmp_path))
 
     distill.check(cfg, task)  # fine as it is
     bad = [('teacher', str(tmp_path / 'nowhere'), 'no such directory'),
@@ -188,4 +208,5 @@ def test_distilled_one_layer_student_end_to_end(tmp_path, deep_pretrained, teach
     assert record['speed_examples'] == 96
     assert record['student_examples_per_sec'] > 0 and record['teacher_examples_per_sec'] > 0
     assert json.loads((student / 'model.json').read_text())['num_layers'] == 1
+    assert (student / distill.CACHE_FILENAME).is_file()  # the teacher's logits, for a resume
     assert set(results['test']) >= {'accuracy', 'f1'}
