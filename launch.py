@@ -20,7 +20,7 @@ Examples:
   python launch.py pretrain --config configs/pretrain.py:large --workdir gs://bucket/run \\
       --config.mesh.shape='(16,16)' --dry-run
   python launch.py tpu --name my-v5e-64 --zone us-central2-b -- pretrain \\
-      --config configs/pretrain.py:base --workdir /mnt/shared/runs/base
+      --config configs/pretrain.py:base --workdir gs://my-bucket/runs/base
   python launch.py slurm --nodes 4 --gpus-per-node 8 --submit -- pretrain \\
       --config configs/pretrain.py:base --workdir /shared/runs/base
   python launch.py export --workdir runs/tiny --output hf/tiny

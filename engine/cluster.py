@@ -117,7 +117,7 @@ def pinned_jax_version() -> str:
 
 
 TPU_EXAMPLE = ['pretrain', '--config', 'configs/pretrain.py:base', '--workdir',
-               '/mnt/shared/runs/base',  # a file system every worker mounts (README)
+               'gs://my-bucket/runs/base',  # every worker reads and writes the bucket
                "--config.mesh.shape=(-1,)"]
 SLURM_EXAMPLE = ['pretrain', '--config', 'configs/pretrain.py:base', '--workdir', '/shared/run']
 
