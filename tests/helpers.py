@@ -64,10 +64,20 @@ def env(devices: int) -> dict:
     return out
 
 
+def launch_command(*args: str) -> list[str]:
+    """`python launch.py ARGS` as a user without the test extras runs it: tensorboardX
+    imports torch whenever it is installed (2.4 s per process here), and no launch.py
+    subprocess of the tests needs torch, so it is hidden from them."""
+    no_torch = ("import os, runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                "sys.path[0] = os.path.dirname(sys.argv[0]); "  # as `python launch.py` sets it
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, '-c', no_torch, str(REPO / 'launch.py'), *args]
+
+
 def launch(workdir, args, devices: int = 1, cwd=REPO,
            command: str = 'pretrain') -> subprocess.CompletedProcess:
     """Runs `launch.py COMMAND --workdir WORKDIR ARGS` in a subprocess."""
-    cmd = [sys.executable, str(REPO / 'launch.py'), command, '--workdir', str(workdir), *args]
+    cmd = launch_command(command, '--workdir', str(workdir), *args)
     return subprocess.run(cmd, cwd=cwd, env=env(devices), capture_output=True, text=True,
                           timeout=600)
 

@@ -12,7 +12,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from etils import epath
 
 from launch import main as launch_main
 from tests.fake_gcs import download, fake_gcs
-from tests.helpers import REPO, env, tiny_args
+from tests.helpers import REPO, env, launch_command, tiny_args
 
 STEPS = 6
 
@@ -35,8 +34,8 @@ def launch_two(workdir, args) -> list[subprocess.CompletedProcess]:
     """The same command as two processes with 4 CPU devices each; waits for both."""
     coordinator = f'127.0.0.1:{free_port()}'
     procs = [subprocess.Popen(
-        [sys.executable, 'launch.py', 'pretrain', '--workdir', str(workdir), *args,
-         '--coordinator', coordinator, '--num-processes', '2', '--process-id', str(i)],
+        launch_command('pretrain', '--workdir', str(workdir), *args, '--coordinator',
+                       coordinator, '--num-processes', '2', '--process-id', str(i)),
         cwd=REPO, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     results = []

@@ -8,19 +8,18 @@ import json
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from launch import main as launch_main
-from tests.helpers import REPO, env, launch, tiny_args
+from tests.helpers import REPO, env, launch, launch_command, tiny_args
 
 
 def launch_and_signal(workdir, args, sig, ready) -> tuple[int, str]:
     """Starts a run, sends `sig` once `ready(workdir)` is true; returns (exit code, stderr)."""
-    cmd = [sys.executable, 'launch.py', 'pretrain', '--workdir', str(workdir), *args]
+    cmd = launch_command('pretrain', '--workdir', str(workdir), *args)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(1), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
