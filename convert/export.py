@@ -21,7 +21,7 @@ import tempfile
 from etils import epath
 
 from convert import names, tokenizer_files, verify
-from engine.checkpoint import read_state_numpy
+from engine.checkpoint import read_state_numpy, step_dirs
 from engine.config_cli import ConfigError, config_from_json
 from engine.paths import absolute_path
 from models.bert import BertConfig
@@ -31,21 +31,15 @@ from pretrain.wordpiece import WORDPIECE_FILENAME
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
 
 
-def _steps(directory: epath.Path) -> list[int]:
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
 def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
                     ) -> tuple[epath.Path, int]:
     """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
     places = ['checkpoints'] if head == 'mlm' else ['best', 'checkpoints']
     for place in places:
-        saved = _steps(workdir / place)
+        saved = step_dirs(workdir / place)
         if saved and (step is None or step in saved):
             return workdir / place, saved[-1] if step is None else step
-    found = {p: _steps(workdir / p) for p in places}
+    found = {p: step_dirs(workdir / p) for p in places}
     wanted = f'step {step}' if step is not None else 'any checkpoint'
     raise ConfigError(f'--step: no {wanted} in {workdir} (have {found})')
 

@@ -12,11 +12,17 @@ from engine.config_cli import ConfigError
 from engine.paths import absolute_path
 
 
+def step_dirs(directory: epath.Path) -> list[int]:
+    """The steps of the finished checkpoints in `directory`, ascending ([] if none)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def saved_steps(directory: epath.Path, init_step: int = 0) -> list[int]:
     """The steps saved in a run's checkpoint `directory`, to start another run from; a
     one-line ConfigError if there is none, or not `init_step` (0 = any)."""
-    saved = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
-        if directory.is_dir() else []
+    saved = step_dirs(directory)
     if not saved or (init_step and init_step not in saved):
         wanted = f'step {init_step}' if init_step else 'any step'
         raise ConfigError(f'init_step: no checkpoint of {wanted} in {directory} (have {saved})')

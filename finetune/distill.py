@@ -35,11 +35,11 @@ import numpy as np
 import optax
 from etils import epath
 
+from engine.checkpoint import step_dirs
 from engine.config_cli import ConfigError, config_from_json
 from engine.paths import absolute_path, write_bytes_atomic
 from finetune import data, predict
 from models.flops import count_params
-from pretrain.tokenizer import load_tokenizer, tokenizer_file
 
 SPEED_MAX_EXAMPLES = 4096  # examples timed per model and repeat
 SPEED_REPEATS = 3  # alternating teacher / student; the best repeat counts
@@ -149,12 +149,7 @@ def check(cfg: ml_collections.ConfigDict, task: dict) -> None:
     root = absolute_path(d.teacher)
     if not root.is_dir():
         raise ConfigError(f'distill.teacher: no such directory {str(root)!r}')
-    for name in ('config.json', 'model.json', 'task.json', 'best'):
-        if not (root / name).exists():
-            raise ConfigError(f'distill.teacher: {str(root)!r} has no {name}; is it a finished '
-                              'fine-tuning run?')
-    if tokenizer_file(str(root)) is None:
-        raise ConfigError(f'distill.teacher: {str(root)!r} has no tokenizer')
+    predict.check_finished_run(root, 'distill.teacher')
     theirs = json.loads((root / 'task.json').read_text())
     if theirs['task'] != cfg.task or list(theirs['label_names']) != list(task['label_names']):
         raise ConfigError(f'distill.teacher: it was trained for {theirs["task"]} with labels '
@@ -164,22 +159,11 @@ def check(cfg: ml_collections.ConfigDict, task: dict) -> None:
 
 def teacher_logits(model, params, encoded: dict[str, np.ndarray]) -> np.ndarray:
     """float32 (N, C) eval-mode logits of every encoded example, in order."""
-    apply = _logits_fn(model)
+    apply = predict.logits_fn(model)
     params = jax.device_put(params)
     out = [np.asarray(apply(params, b))[b['weights'] > 0]
            for b in data.eval_batches(encoded, predict.BATCH_SIZE)]
     return np.concatenate(out).astype(np.float32)
-
-
-def _logits_fn(model):
-    return jax.jit(lambda p, b: model.apply({'params': p}, b['input_ids'],
-                                            token_type_ids=b['token_type_ids'],
-                                            attention_mask=b['attention_mask']))
-
-
-def _encode_for(run_cfg, workdir: epath.Path, examples: data.Examples) -> dict:
-    """`examples` as the run in `workdir` saw its inputs: its tokenizer and seq_len."""
-    return data.encode(load_tokenizer(tokenizer_file(str(workdir))), examples, run_cfg.seq_len)
 
 
 def with_teacher_logits(cfg: ml_collections.ConfigDict, encoded: dict[str, np.ndarray],
@@ -192,7 +176,7 @@ def with_teacher_logits(cfg: ml_collections.ConfigDict, encoded: dict[str, np.nd
         return encoded
     root = absolute_path(cfg.distill.teacher)
     run_cfg = config_from_json((root / 'config.json').read_text())
-    inputs = _encode_for(run_cfg, root, examples)
+    inputs = predict.encode_for_run(run_cfg, root, examples)
     key = _cache_key(root, inputs)
     cache = workdir / CACHE_FILENAME if workdir is not None else None
     logits = _read_cache(cache, key)
@@ -218,7 +202,7 @@ def _cache_key(teacher: epath.Path, inputs: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in ('config.json', 'model.json'):
         h.update((teacher / name).read_bytes())
-    h.update(' '.join(sorted(p.name for p in (teacher / 'best').iterdir())).encode())
+    h.update(str(step_dirs(teacher / 'best')).encode())
     for name in sorted(inputs):
         h.update(name.encode() + np.ascontiguousarray(inputs[name]).tobytes())
     return h.hexdigest()
@@ -240,7 +224,7 @@ def examples_per_second(runs: list[tuple], repeats: int = SPEED_REPEATS) -> list
     the best repeat counts. Compilation is excluded."""
     prepared = []
     for model, params, encoded in runs:
-        apply = _logits_fn(model)
+        apply = predict.logits_fn(model)
         batches = [jax.device_put(b) for b in data.eval_batches(encoded, predict.BATCH_SIZE)]
         params = jax.device_put(params)
         jax.block_until_ready(apply(params, batches[0]))  # compile
@@ -270,7 +254,7 @@ def report(cfg: ml_collections.ConfigDict, workdir: epath.Path, task: dict) -> d
     examples = _head(task[split])
     n = len(examples)
     speeds = examples_per_second([
-        (model, params, _encode_for(run_cfg, root, examples))
+        (model, params, predict.encode_for_run(run_cfg, root, examples))
         for (run_cfg, model, params, _), root in zip(runs.values(), (workdir, teacher_dir),
                                                       strict=True)])
     teacher_results_file = teacher_dir / 'results.json'
@@ -302,7 +286,8 @@ def _speed_main(workdirs: list[str], repeats: int = 5) -> None:
     runs = [predict.load_run(root) for root in roots]
     task = load_config_task(runs[0][0])
     examples = _head(task['test'] if task.get('test') is not None else task['validation'])
-    speeds = examples_per_second([(model, params, _encode_for(run_cfg, root, examples))
+    speeds = examples_per_second([(model, params,
+                                   predict.encode_for_run(run_cfg, root, examples))
                                   for root, (run_cfg, model, params, _) in zip(roots, runs,
                                                                                 strict=True)],
                                  repeats)

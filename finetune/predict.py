@@ -38,15 +38,20 @@ def read_inputs(path: str, cfg) -> tuple[list[str], list[str] | None]:
     return [line for line in lines if line], None
 
 
-def load_run(workdir: epath.Path):
-    """(config, model, params, label names) of a fine-tuning workdir's best checkpoint."""
-    if tokenizer_file(str(workdir)) is None:
-        raise ConfigError(f'--workdir: {workdir} has no {MODEL_FILENAME}; is it a finished '
-                          'fine-tuning run?')
+def check_finished_run(workdir: epath.Path, key: str = '--workdir') -> None:
+    """A one-line ConfigError naming `key` unless `workdir` holds what `load_run` reads."""
     for name in ('config.json', 'model.json', 'task.json', 'best'):
         if not (workdir / name).exists():
-            raise ConfigError(f'--workdir: {workdir} has no {name}; is it a finished '
+            raise ConfigError(f'{key}: {workdir} has no {name}; is it a finished '
                               'fine-tuning run?')
+    if tokenizer_file(str(workdir)) is None:
+        raise ConfigError(f'{key}: {workdir} has no {MODEL_FILENAME}; is it a finished '
+                          'fine-tuning run?')
+
+
+def load_run(workdir: epath.Path):
+    """(config, model, params, label names) of a fine-tuning workdir's best checkpoint."""
+    check_finished_run(workdir)
     cfg = config_from_json((workdir / 'config.json').read_text())
     model_cfg = BertConfig(**json.loads((workdir / 'model.json').read_text()))
     params = read_state_numpy(str(workdir / 'best'))['params']
@@ -57,11 +62,21 @@ def load_run(workdir: epath.Path):
     return cfg, model, params, label_names
 
 
+def encode_for_run(run_cfg, workdir: epath.Path, examples: data.Examples) -> dict:
+    """`examples` encoded as the run in `workdir` saw its inputs: its tokenizer, seq_len."""
+    return data.encode(load_tokenizer(tokenizer_file(str(workdir))), examples, run_cfg.seq_len)
+
+
+def logits_fn(model):
+    """jitted (params, eval batch) -> eval-mode logits."""
+    return jax.jit(lambda p, b: model.apply({'params': p}, b['input_ids'],
+                                            token_type_ids=b['token_type_ids'],
+                                            attention_mask=b['attention_mask']))
+
+
 def predict(model, params, encoded: dict, task: str) -> np.ndarray:
     """Probabilities (N, C), or regression outputs (N,), in input order."""
-    apply = jax.jit(lambda p, b: model.apply({'params': p}, b['input_ids'],
-                                             token_type_ids=b['token_type_ids'],
-                                             attention_mask=b['attention_mask']))
+    apply = logits_fn(model)
     outputs = []
     for batch in data.eval_batches(encoded, BATCH_SIZE):
         logits = np.asarray(apply(params, batch))[batch['weights'] > 0]
@@ -81,8 +96,7 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
     examples = data.Examples(text_a=texts, text_b=texts_b,
                              labels=np.zeros(len(texts), np.float32 if cfg.task == 'regression'
                                              else np.int32))
-    encoded = data.encode(load_tokenizer(tokenizer_file(str(workdir))), examples,
-                          cfg.seq_len)
+    encoded = encode_for_run(cfg, workdir, examples)
     outputs = predict(model, params, encoded, cfg.task)
     out = open(output_path, 'w') if output_path else sys.stdout
     try:

@@ -21,11 +21,11 @@ import numpy as np
 
 from configs.pseudolabel import REST
 from engine.config_cli import ConfigError, apply_overrides
-from engine.paths import local_dir
+from engine.paths import local_dir, write_bytes_atomic
 from finetune import augment, data, predict
 from finetune import suite as finetune_suite
 from finetune import train as finetune_train
-from pretrain.tokenizer import MODEL_FILENAME, load_tokenizer, tokenizer_file
+from pretrain.tokenizer import MODEL_FILENAME
 
 GOLD = 'gold_label'  # the true-label column of a 'rest' pool (diagnostics only)
 
@@ -155,13 +155,8 @@ def _rest_pool(cfg, task: dict) -> dict:
 
 
 def _write_jsonl(path: pathlib.Path, rows) -> None:
-    """Written whole to a temporary file, then renamed: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for row in rows:
-            f.write(json.dumps(row) + '\n')
-    tmp.replace(path)
+    """Written whole, never half a file."""
+    write_bytes_atomic(path, ''.join(json.dumps(row) + '\n' for row in rows).encode('utf-8'))
 
 
 def _rows(text_a, text_b, labels, **extra) -> list[dict]:
@@ -183,7 +178,7 @@ def _predict_pool(teacher: pathlib.Path, pool: dict) -> tuple[np.ndarray, list[s
     cfg, model, params, names = predict.load_run(teacher)
     examples = data.Examples(text_a=pool['text_a'], text_b=pool['text_b'],
                              labels=np.zeros(len(pool['text_a']), np.int32))
-    encoded = data.encode(load_tokenizer(tokenizer_file(str(teacher))), examples, cfg.seq_len)
+    encoded = predict.encode_for_run(cfg, teacher, examples)
     return predict.predict(model, params, encoded, 'classification'), names
 
 

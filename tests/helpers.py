@@ -1,5 +1,6 @@
 """Shared by the end-to-end tests: a tiny generated corpus, tiny configs, subprocess runs."""
 
+import json
 import os
 import pathlib
 import random
@@ -55,6 +56,13 @@ def tiny_args(corpus: str, steps: int, *extra: str, dropout: float = 0.0) -> lis
             '--config.optimizer.warmup_steps=2', '--config.optimizer.learning_rate=3e-3',
             '--config.data.tokenizer_type=bpe',  # unigram keeps ~50 pieces on this corpus
             f'--config.data.train_files={corpus}', *extra]
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The records of a run's metrics.jsonl (a local workdir or gs://...)."""
+    from etils import epath
+    lines = (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def env(devices: int) -> dict:

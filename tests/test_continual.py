@@ -14,11 +14,7 @@ from engine.checkpoint import read_params_numpy
 from pretrain import continual
 from pretrain.tokenizer import load_tokenizer
 from tests.helpers import make_sentences, tiny_args
-
-
-def metrics(workdir) -> list[dict]:
-    lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-    return [json.loads(line) for line in lines]
+from tests.helpers import read_metrics as metrics
 
 
 def continual_args(corpus: str, init_from: str, steps: int, *extra: str) -> list[str]:

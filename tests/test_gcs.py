@@ -13,7 +13,7 @@ from engine.config_cli import ConfigError
 from engine.metrics_writer import MetricWriter
 from engine.paths import local_dir
 from tests.fake_gcs import fake_gcs
-from tests.helpers import REPO, tiny_args, write_toy_task
+from tests.helpers import REPO, read_metrics, tiny_args, write_toy_task
 
 STEPS, BATCH, SEQ = 10, 16, 32  # as conftest's pretrained_run; tiny_args' batch and length
 
@@ -26,8 +26,7 @@ def bucket():
 
 def losses(workdir) -> list[tuple]:
     """(step, training loss) of every logged step, and the final held-out loss."""
-    lines = (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    records = read_metrics(workdir)
     return ([(r['step'], r['loss']) for r in records if 'loss' in r]
             + [records[-1]['eval_loss']])
 

@@ -8,18 +8,16 @@ writes metrics, and both write their checkpoint shards - into a gs:// bucket (a 
 GCS server, tests/fake_gcs.py) for the first two-process run, as pods do.
 """
 
-import json
 import shutil
 import socket
 import subprocess
 
 import numpy as np
 import pytest
-from etils import epath
 
 from launch import main as launch_main
 from tests.fake_gcs import download, fake_gcs
-from tests.helpers import REPO, env, launch_command, tiny_args
+from tests.helpers import REPO, env, launch_command, read_metrics, tiny_args
 
 STEPS = 6
 
@@ -56,8 +54,7 @@ def run_args(corpus: str) -> list[str]:
 
 
 def losses(workdir) -> list[float]:
-    lines = (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-    return [json.loads(line)['loss'] for line in lines if 'loss' in json.loads(line)]
+    return [r['loss'] for r in read_metrics(workdir) if 'loss' in r]
 
 
 def params(workdir) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import pytest
 
 from launch import main as launch_main
 from tests.helpers import REPO, env, launch, launch_command, tiny_args
+from tests.helpers import read_metrics as metrics
 
 
 def launch_and_signal(workdir, args, sig, ready) -> tuple[int, str]:
@@ -29,11 +30,6 @@ def launch_and_signal(workdir, args, sig, ready) -> tuple[int, str]:
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=300)
     return proc.returncode, stderr
-
-
-def metrics(workdir) -> list[dict]:
-    lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def final_params(workdir) -> dict[str, np.ndarray]:
