@@ -1,6 +1,7 @@
 """Command-line entry: `python launch.py SUBCOMMAND ...`.
 
 Subcommands:
+  prepare    train the tokenizer and prepare the corpus (pretrain runs it when needed)
   pretrain   masked-LM pretraining (resumes from WORKDIR's latest checkpoint if any)
   finetune   fine-tune a pretraining run's encoder on a classification/regression task
   predict    class probabilities of a fine-tuned run for new text, as JSONL
@@ -53,6 +54,20 @@ def _pretrain(config, args) -> None:
     distributed.initialize(args)  # before anything touches a device
     from pretrain import train  # imported late so `--help` and config errors stay instant
     train.run(config, args.workdir)
+
+
+def _prepare(config, args) -> None:
+    from engine import distributed
+    distributed.initialize(args)
+    from pretrain import train
+    train.prepare_only(config, args.workdir, beam_options=args.passthrough if args.beam else None)
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    _train_arguments(parser)
+    parser.add_argument('--beam', action='store_true',
+                        help='prepare with an Apache Beam pipeline (optional extra); Beam '
+                             "options follow a bare '--', e.g. -- --runner=DataflowRunner")
 
 
 def _finetune(config, args) -> None:
@@ -205,6 +220,9 @@ class Command:
 COMMANDS = {
     'pretrain': Command(_pretrain, 'masked-LM pretraining', _pretrain_arguments,
                         'configs/pretrain.py:tiny'),
+    'prepare': Command(_prepare, 'tokenizer + corpus preparation only (pretrain does it when '
+                       'needed): parallel, resumable, packed array_record shards',
+                       _prepare_arguments, 'configs/pretrain.py:tiny'),
     'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
                         _train_arguments, 'configs/finetune.py:sentiment'),
     'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments),

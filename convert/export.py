@@ -25,8 +25,8 @@ from engine.checkpoint import read_state_numpy, step_dirs
 from engine.config_cli import ConfigError, config_from_json
 from engine.paths import absolute_path
 from models.bert import BertConfig
-from pretrain.tokenizer import PAD_ID, load_tokenizer, tokenizer_file
-from pretrain.wordpiece import WORDPIECE_FILENAME
+from text.tokenizer import PAD_ID, load_tokenizer, tokenizer_file
+from text.wordpiece import WORDPIECE_FILENAME
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
 

@@ -17,8 +17,8 @@ import shutil
 import numpy as np
 
 from engine.config_cli import ConfigError
-from pretrain.tokenizer import MODEL_FILENAME, SPECIAL_PIECES, Tokenizer
-from pretrain.wordpiece import WORDPIECE_FILENAME, WordPieceTokenizer, build_wordpiece
+from text.tokenizer import MODEL_FILENAME, SPECIAL_PIECES, Tokenizer
+from text.wordpiece import WORDPIECE_FILENAME, WordPieceTokenizer, build_wordpiece
 
 # Rows indexed by token id, reordered with the vocabulary.
 VOCAB_ROWS = ('bert.embeddings.word_embeddings.weight', 'cls.predictions.bias',

@@ -28,7 +28,7 @@ from tokenizers import (
     processors,
 )
 
-from pretrain.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, UNK_ID
+from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, UNK_ID
 
 _UNIGRAM, _BPE = 1, 2  # sentencepiece TrainerSpec.ModelType
 _NORMAL = 1  # sentencepiece piece type of ordinary pieces

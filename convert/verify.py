@@ -16,7 +16,7 @@ import numpy as np
 
 from finetune.data import Examples, encode
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
-from pretrain.tokenizer import CLS_ID, SEP_ID
+from text.tokenizer import CLS_ID, SEP_ID
 
 TOLERANCE = 1e-4  # max |logit difference| in float32
 SENTENCES = (

@@ -85,6 +85,24 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def broadcast_int(value: int) -> int:
+    """Process 0's `value` on every process (a collective)."""
+    if jax.process_count() == 1:
+        return int(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(np.array([value], np.int64))
+    return int(np.asarray(gathered).reshape(-1)[0])
+
+
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op for one process)."""
     if jax.process_count() > 1:

@@ -15,7 +15,7 @@ Few-shot (`data.few_shot_k` > 0): K training examples per class, drawn with the 
 import numpy as np
 
 from finetune import data
-from pretrain.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 _SPECIAL = (PAD_ID, CLS_ID, SEP_ID)
 

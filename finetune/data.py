@@ -9,7 +9,7 @@ TSV is read without quoting (csv.QUOTE_NONE), as GLUE-style TSVs are written: a 
 character there is text (e.g. MNLI), while tabs and newlines cannot occur in a field.
 CSV follows RFC 4180: quoted fields may hold commas, quotes and newlines.
 
-Batches mirror pretrain.data: TaskBatches is PretrainBatches over the encoded rows (a
+Batches mirror text.batches: TaskBatches is PretrainBatches over the encoded rows (a
 pure function of (seed, step)); eval_batches adds a `weights` column so padding rows of
 the last batch count for nothing.
 """
@@ -29,9 +29,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from pretrain import corpus
-from pretrain import data as pretrain_data
-from pretrain.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
+from text import batches as text_batches
+from text import corpus
+from text.records import ArraySequences
+from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
 
 TASKS = ('classification', 'regression')
 DEMO_TASK = corpus.DEMO_NAME
@@ -256,10 +257,10 @@ def _tfds_rows(spec: str, split: str, columns: Sequence[str], label_column: str,
             raise _error(where, None, f'no feature {col!r}; the features are {sorted(features)}')
     names = getattr(features[label_column], 'names', None) if task == 'classification' else None
     rows = []
-    for start in range(0, len(source), corpus._READ_BATCH):
-        batch = source.__getitems__(range(start, min(start + corpus._READ_BATCH, len(source))))
+    for start in range(0, len(source), corpus.READ_BATCH):
+        batch = source.__getitems__(range(start, min(start + corpus.READ_BATCH, len(source))))
         for i, example in enumerate(batch, start=start):
-            row = {c: corpus._as_text(example[c]) for c in columns if c != label_column}
+            row = {c: corpus.as_text(example[c]) for c in columns if c != label_column}
             label = example[label_column]
             if names is not None:
                 label = names[int(label)] if 0 <= int(label) < len(names) else None
@@ -289,6 +290,14 @@ def _tfds_split(spec: str, split: str, text_column: str, text_b_column: str,
                    for i, row in rows]
 
 
+def _held_out_mask(num_rows: int, fraction: float, seed: int) -> np.ndarray:
+    """Seeded choice of round(fraction * n) rows (at least one, never all)."""
+    k = min(max(1, round(fraction * num_rows)), num_rows - 1)
+    mask = np.zeros(num_rows, dtype=bool)
+    mask[np.random.default_rng(seed).choice(num_rows, size=k, replace=False)] = True
+    return mask
+
+
 def carve_validation(rows: Sequence[dict], fraction: float, seed: int
                      ) -> tuple[list[dict], list[dict]]:
     """(train, validation): a seeded `fraction` of rows held out, both in their order."""
@@ -296,7 +305,7 @@ def carve_validation(rows: Sequence[dict], fraction: float, seed: int
         raise ValueError(f'validation_fraction: must be in (0, 1), got {fraction}')
     if len(rows) < 2:
         raise ValueError(f'need at least 2 training examples to hold some out, got {len(rows)}')
-    held = pretrain_data._held_out_mask(len(rows), fraction, seed)
+    held = _held_out_mask(len(rows), fraction, seed)
     return ([r for r, h in zip(rows, held, strict=True) if not h],
             [r for r, h in zip(rows, held, strict=True) if h])
 
@@ -462,13 +471,13 @@ def encode(tokenizer: Tokenizer, examples: Examples, seq_len: int) -> dict[str, 
 
 
 def _check_encoded(encoded: dict[str, np.ndarray]) -> int:
-    n = pretrain_data._check_chunks(encoded)
+    n = len(ArraySequences(encoded))
     if n == 0:
         raise ValueError('encoded: no examples')
     return n
 
 
-class TaskBatches(pretrain_data.PretrainBatches):
+class TaskBatches(text_batches.PretrainBatches):
     """Training batches as a pure function of (seed, step), as PretrainBatches.
 
     Epoch e is a seeded permutation of the examples; an epoch's last incomplete batch
@@ -493,6 +502,6 @@ def eval_batches(encoded: dict[str, np.ndarray], batch_size: int, process_index:
     The last batch is padded to batch_size with [PAD] rows; 'weights' (float32) is 1 on
     real rows and 0 on padding, so metrics and losses can ignore the filler.
     """
-    n = pretrain_data._check_chunks(encoded)
+    n = len(ArraySequences(encoded))
     with_weights = {**encoded, 'weights': np.ones(n, dtype=np.float32)}
-    yield from pretrain_data.eval_batches(with_weights, batch_size, process_index, process_count)
+    yield from text_batches.eval_batches(with_weights, batch_size, process_index, process_count)

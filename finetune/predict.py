@@ -18,7 +18,7 @@ from engine.paths import absolute_path
 from finetune import data
 from models.bert import BertConfig, BertForSequenceClassification
 from models.peft import merge_lora, merged_config
-from pretrain.tokenizer import MODEL_FILENAME, load_tokenizer, tokenizer_file
+from text.tokenizer import MODEL_FILENAME, load_tokenizer, tokenizer_file
 
 BATCH_SIZE = 64
 

@@ -25,7 +25,7 @@ from engine.paths import local_dir, write_bytes_atomic
 from finetune import augment, data, predict
 from finetune import suite as finetune_suite
 from finetune import train as finetune_train
-from pretrain.tokenizer import MODEL_FILENAME
+from text.tokenizer import MODEL_FILENAME
 
 GOLD = 'gold_label'  # the true-label column of a 'rest' pool (diagnostics only)
 

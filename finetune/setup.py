@@ -18,7 +18,7 @@ from finetune.optim import learning_rate_at, make_optimizer
 from models import peft as peft_layers
 from models.bert import BertConfig, BertForSequenceClassification
 from models.flops import forward_flops, train_flops_per_step
-from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenizer, tokenizer_file
+from text.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenizer, tokenizer_file
 
 ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
 

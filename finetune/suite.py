@@ -20,7 +20,7 @@ import numpy as np
 from engine.config_cli import ConfigError, apply_overrides, load_config
 from engine.paths import local_dir
 from finetune import train as finetune_train
-from pretrain.tokenizer import MODEL_FILENAME, tokenizer_file
+from text.tokenizer import MODEL_FILENAME, tokenizer_file
 
 FINETUNE_CONFIG = 'configs/finetune.py'
 

@@ -41,8 +41,13 @@ from engine.checkpoint import restore_subtree, saved_steps
 from engine.config_cli import ConfigError, config_from_json
 from engine.mesh import strip_boxes
 from engine.paths import absolute_path, write_bytes_atomic
-from pretrain import corpus, data
-from pretrain.tokenizer import SPECIAL_PIECES, load_tokenizer, tokenizer_file
+from pretrain import data
+from text import corpus, records
+from text.batches import Mixed
+from text.packing import pack_documents
+from text.records import ArraySequences
+from text.tokenizer import SPECIAL_PIECES, load_tokenizer, tokenizer_file
+from text.units import iter_texts
 
 TOKENIZER_MODES = ('keep', 'train')
 NEW_ROWS = ('subwords', 'mean')
@@ -282,21 +287,13 @@ def initial_state(cfg, src: Source, tokenizer, tx, abstract, shardings, mesh):
 # ---------------------------------------------------------------- old held-out text
 
 
-def old_eval_chunks(cfg, src: Source | None, tokenizer, data_dir: str) -> dict | None:
-    """The old domain's held-out text, in this run's tokenization, packed; or None."""
-    docs = _old_eval_docs(cfg, src, tokenizer, data_dir)
-    if docs is None:
-        return None
-    if not len(docs):
-        raise ConfigError('continual.old_eval_files: the old held-out text has no document')
-    return data.pack_documents(docs, cfg.seq_len)
+def old_eval_source(cfg, src: Source | None, tokenizer, data_dir: str):
+    """The old domain's held-out text in this run's tokenization, packed to this run's
+    seq_len (a `read`-able source for the evaluator); or None.
 
-
-def _old_eval_docs(cfg, src: Source | None, tokenizer, data_dir: str):
-    """Documents of the old domain's held-out text in this run's tokenization, or None.
-
-    'init_from' rebuilds init_from's eval split exactly as its run did: its eval files, or
-    the same seeded eval_fraction of its training documents.
+    'init_from' rebuilds init_from's eval split as its run did: its eval files, or the
+    same hash-held-out documents of its training text (prepared again with this run's
+    tokenizer; every process takes part).
     """
     spec = cfg.continual.old_eval_files
     if not spec or (spec == 'init_from' and (src is None or src.imported)):
@@ -304,20 +301,39 @@ def _old_eval_docs(cfg, src: Source | None, tokenizer, data_dir: str):
     key = 'continual.old_eval_files'
     try:
         if spec != 'init_from':
-            return _tokenize(corpus.resolve_text_files(spec, 'validation', key), tokenizer, key)
-        from pretrain.train import _resolve_files  # lazily: train imports this module
-        old = src.config
-        files = _resolve_files(old)
-        if files['eval'] is None:  # held out of its training text, as its run did
-            return data.load_tokenized_corpus(files['train'], None, tokenizer, data_dir,
-                                              old.data.eval_fraction, old.seed)['validation']
-        sources = [files['eval']] if isinstance(files['eval'], str) else files['eval']
-        return _tokenize(sources, tokenizer, key)
+            files = corpus.resolve_text_files(spec, 'validation', key)
+            return ArraySequences(_packed(files, tokenizer, cfg.seq_len, key))
+        old = _as_old_domain(cfg, src.config)
+        parts = []
+        for source in data.resolve_sources(old):
+            if source.eval is not None:
+                parts.append(ArraySequences(_packed(source.eval, tokenizer, cfg.seq_len, key)))
+                continue
+            directory = data.prepare_source(data.prepare_spec(old, source.train, None),
+                                            tokenizer, data_dir, cfg.data.workers)
+            parts.append(records.open_split(directory, 'validation'))
     except (ValueError, ConfigError) as e:
-        raise ConfigError(f'{key}: {e}') from None
+        message = str(e)
+        raise ConfigError(message if message.startswith(key) else f'{key}: {message}') from None
+    return parts[0] if len(parts) == 1 else Mixed(parts, None)
 
 
-def _tokenize(sources: list[str], tokenizer, key: str) -> list[np.ndarray]:
+def _as_old_domain(cfg, old):
+    """This run's config with init_from's data settings and seed (its held-out split
+    depends on them), keeping this run's seq_len."""
+    merged = ml_collections.ConfigDict(cfg.to_dict())
+    merged.seed = old.seed
+    with merged.data.ignore_type():
+        for k, v in old.data.items():
+            if k in merged.data:
+                merged.data[k] = v
+    return merged
+
+
+def _packed(sources, tokenizer, seq_len: int, key: str) -> dict:
     """As the data build does: one document per line, empty encodings dropped."""
-    texts = list(corpus.iter_texts(sources, 'line', 'validation', key))
-    return [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts) if ids]
+    texts = list(iter_texts(list(sources), 'line', 'validation', key))
+    docs = [ids for ids in tokenizer.encode_batch(texts) if ids]
+    if not docs:
+        raise ConfigError(f'{key}: the old held-out text has no document')
+    return pack_documents(docs, seq_len)

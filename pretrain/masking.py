@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pretrain.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 NUM_SPECIAL = 5  # ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]; random replacements avoid them
 

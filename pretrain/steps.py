@@ -15,7 +15,7 @@ import optax
 
 from models.bert import BertForMaskedLM
 from pretrain.masking import MaskingConfig, mask_tokens, mlm_loss_terms
-from pretrain.tokenizer import PAD_ID
+from text.tokenizer import PAD_ID
 
 
 @flax.struct.dataclass

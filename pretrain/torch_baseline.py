@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from pretrain.masking import NUM_SPECIAL
-from pretrain.tokenizer import MASK_ID
+from text.tokenizer import MASK_ID
 
 
 def masked_labels(input_ids: np.ndarray, cfg: ml_collections.ConfigDict, max_predictions: int,

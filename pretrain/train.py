@@ -27,9 +27,10 @@ from engine.optim import learning_rate_schedule, make_optimizer
 from engine.paths import absolute_path, tokenized_data_dir
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
-from pretrain import continual, corpus, data, steps
+from pretrain import continual, data, steps
 from pretrain.masking import MaskingConfig
-from pretrain.tokenizer import Tokenizer, load_or_train_tokenizer
+from text.batches import PretrainBatches, eval_batches
+from text.tokenizer import Tokenizer, load_or_train_tokenizer
 
 
 def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
@@ -49,7 +50,7 @@ def masking_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> MaskingCo
 
 
 def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
-    """Checks everything checkable up front; returns the mesh and the resolved files.
+    """Checks everything checkable up front; returns the mesh and the resolved sources.
 
     Raises ConfigError with a one-line message naming the key.
     """
@@ -61,7 +62,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
     check_batch(cfg, mesh_lib.data_parallel_size(mesh))
     if cfg.data.tokenizer_model and not epath.Path(cfg.data.tokenizer_model).is_file():
         raise ConfigError(f'data.tokenizer_model: no such file {cfg.data.tokenizer_model!r}')
-    return mesh, _resolve_files(cfg)
+    return mesh, data.resolve_sources(cfg)
 
 
 def validate_values(cfg: ml_collections.ConfigDict) -> None:
@@ -87,39 +88,28 @@ def check_batch(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:
             f'{data_parallel} x grad_accum_steps {cfg.grad_accum_steps}')
 
 
-def _resolve_files(cfg: ml_collections.ConfigDict) -> dict:
-    spec = cfg.data.train_files
-    try:
-        if spec.startswith('tfds:'):
-            return {'train': spec, 'eval': cfg.data.eval_files or None}
-        files = {'train': corpus.resolve_text_files(spec, 'train')}
-        if cfg.data.eval_files:
-            files['eval'] = corpus.resolve_text_files(cfg.data.eval_files, 'validation')
-        elif spec in corpus.NAMED_CORPORA:  # the named corpus's validation split
-            files['eval'] = corpus.resolve_text_files(spec, 'validation')
-        else:
-            files['eval'] = None
-    except ValueError as e:
-        key = 'data.eval_files' if 'eval' in str(e) else 'data.train_files'
-        message = str(e)
-        raise ConfigError(message if message.startswith('data.') else f'{key}: {message}') from None
-    return files
-
-
-def prepare_data(cfg, workdir: epath.Path, files: dict) -> tuple[Tokenizer, dict]:
-    """Tokenizer (trained once, then reused) and packed train/eval chunks."""
-    train = files['train']
-    tokenizer = load_or_train_tokenizer(
-        str(workdir), lambda: corpus.iter_texts(train if isinstance(train, list) else [train]),
-        cfg.model.vocab_size, cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+def prepare_data(cfg, workdir: epath.Path, sources: list[data.Source], src=None,
+                 show_progress: bool = True, beam_options: list[str] | None = None
+                 ) -> tuple[Tokenizer, list[str]]:
+    """The run's tokenizer (trained once on a sample of the corpus, then reused) and each
+    source's prepared directory (prepared once, shared by the processes)."""
+    with distributed.main_first('data'):
+        continual.copy_tokenizer(cfg, src, workdir)
+        tokenizer = load_or_train_tokenizer(
+            str(workdir), lambda: data.tokenizer_sample(cfg, sources), cfg.model.vocab_size,
+            cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f'model.vocab_size: {cfg.model.vocab_size} is smaller than the '
                           f'tokenizer vocabulary ({tokenizer.vocab_size})')
-    data_dir = tokenized_data_dir(cfg.data.data_dir, workdir)
-    docs = data.load_tokenized_corpus(train, files['eval'], tokenizer, data_dir,
-                                      cfg.data.eval_fraction, cfg.seed)
-    chunks = {split: data.pack_documents(d, cfg.seq_len) for split, d in docs.items()}
-    return tokenizer, chunks
+    root = tokenized_data_dir(cfg.data.data_dir, workdir)
+    specs = [data.prepare_spec(cfg, s.train, s.eval) for s in sources]
+    if beam_options is not None:
+        from text import beam_prepare  # an optional extra
+        return tokenizer, [data.local_copy(beam_prepare.run(spec, tokenizer, root,
+                                                            beam_options)[0]) for spec in specs]
+    directories = [data.prepare_source(spec, tokenizer, root, cfg.data.workers, show_progress)
+                   for spec in specs]
+    return tokenizer, directories
 
 
 def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints, src=None, tokenizer=None):
@@ -168,17 +158,15 @@ def _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts):
     return train, evaluate
 
 
-def _evaluator(cfg, mesh, eval_fn, eval_chunks):
-    """Held-out MLM loss and accuracy over (at most eval_max_batches of) the eval split."""
-    batches = list(data.eval_batches(eval_chunks, cfg.batch_size))
-    if cfg.eval_max_batches:
-        batches = batches[:cfg.eval_max_batches]
-    lo, hi = mesh_lib.process_rows(cfg.batch_size, mesh)
+def _evaluator(cfg, mesh, eval_fn, eval_source):
+    """Held-out MLM loss and accuracy over (at most eval_max_batches of) the eval split;
+    this process reads only its rows, once (they are kept for the next evals)."""
+    batches = list(eval_batches(eval_source, cfg.batch_size, *mesh_lib.data_shard(
+        cfg.batch_size, mesh), max_batches=cfg.eval_max_batches))
 
     def evaluate(state) -> dict:
         totals = []
-        for index, batch in enumerate(batches):
-            local = {k: v[lo:hi] for k, v in batch.items()}
+        for index, local in enumerate(batches):
             totals.append(eval_fn(state.params, mesh_lib.shard_batch(local, mesh),
                                   jnp.int32(index)))
         sums = jax.device_get(totals)
@@ -188,26 +176,25 @@ def _evaluator(cfg, mesh, eval_fn, eval_chunks):
     return evaluate
 
 
-def _prepare_all_data(cfg, workdir: epath.Path, files: dict, src, main: bool):
-    """Tokenizer, train/validation chunks and (continual runs) the old text's eval chunks;
-    process 0 trains the tokenizer and builds the data before the others read them."""
+def _prepare_all_data(cfg, workdir: epath.Path, sources: list, src, main: bool):
+    """Tokenizer, train splits and eval source, and (continual runs) the old text's eval
+    source."""
     start = time.time()
-    with distributed.main_first('data'):
-        continual.copy_tokenizer(cfg, src, workdir)
-        tokenizer, chunks = prepare_data(cfg, workdir, files)
-        old_chunks = continual.old_eval_chunks(cfg, src, tokenizer,
-                                               tokenized_data_dir(cfg.data.data_dir, workdir))
-    _log(main, f'data: {len(chunks["train"]["input_ids"]):,} train / '
-               f'{len(chunks["validation"]["input_ids"]):,} eval sequences of {cfg.seq_len} '
-               f'tokens, vocab {tokenizer.vocab_size} ({time.time() - start:.1f}s)')
-    return tokenizer, chunks, old_chunks
+    tokenizer, directories = prepare_data(cfg, workdir, sources, src, show_progress=main)
+    train, evals = data.open_splits(directories, [s.weight for s in sources])
+    old_eval = continual.old_eval_source(cfg, src, tokenizer,
+                                         tokenized_data_dir(cfg.data.data_dir, workdir))
+    _log(main, f'data: {sum(len(t) for t in train):,} train / {len(evals):,} eval sequences '
+               f'of {cfg.seq_len} tokens, vocab {tokenizer.vocab_size} '
+               f'({time.time() - start:.1f}s)')
+    return tokenizer, (train, evals), old_eval
 
 
-def _evaluate_both(cfg, mesh, eval_fn, eval_chunks, old_chunks, results: dict):
+def _evaluate_both(cfg, mesh, eval_fn, eval_source, old_source, results: dict):
     """evaluate(state) -> the held-out metrics, plus old_* ones on a continual run's old
     text (forgetting); `results` keeps the latest of each."""
-    evaluator = _evaluator(cfg, mesh, eval_fn, eval_chunks)
-    old_evaluator = old_chunks and _evaluator(cfg, mesh, eval_fn, old_chunks)
+    evaluator = _evaluator(cfg, mesh, eval_fn, eval_source)
+    old_evaluator = old_source is not None and _evaluator(cfg, mesh, eval_fn, old_source)
 
     def evaluate(state):
         results.update(evaluator(state))
@@ -217,10 +204,31 @@ def _evaluate_both(cfg, mesh, eval_fn, eval_chunks, old_chunks, results: dict):
     return evaluate
 
 
+def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
+                 beam_options: list[str] | None = None) -> list[str]:
+    """`launch.py prepare`: the tokenizer and the prepared corpus, nothing else; the
+    directories (a later `pretrain` with the same config and workdir finds them).
+    beam_options (a list, possibly empty): prepare with Apache Beam and these options."""
+    src = continual.resolve(cfg)
+    validate_values(cfg)
+    sources = data.resolve_sources(cfg)
+    if beam_options is not None:
+        from text.beam_prepare import require_beam
+        require_beam()  # before the tokenizer is trained
+    workdir = absolute_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    main = jax.process_index() == 0
+    _, directories = prepare_data(cfg, workdir, sources, src, show_progress=main,
+                                  beam_options=beam_options)
+    for source, directory in zip(sources, directories, strict=True):
+        _log(main, f'{source.name}: {data.describe(directory)}')
+    return directories
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
-    mesh, files = validate(cfg)
+    mesh, sources = validate(cfg)
     sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
     started = time.time()
     workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
@@ -228,7 +236,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / 'config.json').write_text(config_to_json(cfg))
-    tokenizer, chunks, old_chunks = _prepare_all_data(cfg, workdir, files, src, main)
+    tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     model_cfg = bert_config(cfg)
     model = BertForMaskedLM(model_cfg)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
@@ -246,14 +254,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
               else 'starting from init_from' if src else 'fresh start')
     _log(main, f'model: {count_params(state.params) / 1e6:.2f}M params, mesh '
                f'{dict(mesh.shape)}, {flops / 1e9:.1f} GFLOPs/step, {origin}')
-    batches = data.PretrainBatches(chunks['train'], cfg.batch_size, cfg.seed,
-                                   *mesh_lib.data_shard(cfg.batch_size, mesh))
+    train_splits, eval_source = splits
+    weights = [s.weight for s in sources] if len(sources) > 1 else None
+    batches = PretrainBatches(train_splits, cfg.batch_size, cfg.seed,
+                              *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights)
     meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
                                   'position': step}, 'config': cfg.to_dict(),
                           'budget': budget.meta(step)}
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
     results = {}
-    evaluate = _evaluate_both(cfg, mesh, eval_fn, chunks['validation'], old_chunks, results)
+    evaluate = _evaluate_both(cfg, mesh, eval_fn, eval_source, old_eval, results)
     if src is not None and start_step == 0:  # before any update: the continual baseline
         with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
             writer.write(0, evaluate(state))

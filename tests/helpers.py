@@ -101,6 +101,6 @@ def make_sentences(n: int, seed: int = 0) -> list[str]:
 
 def small_tokenizer(directory: pathlib.Path):
     """A 150-piece BPE tokenizer trained on `make_sentences(300)`."""
-    from pretrain import tokenizer
+    from text import tokenizer
     return tokenizer.train_tokenizer(make_sentences(300), str(directory / 'spm.model'), 150,
                                      'bpe')

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from finetune import augment, data
-from pretrain.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 from tests.test_finetune_e2e import task_files  # noqa: F401  (a fixture)
+from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 
 def _encoded(n: int = 40, length: int = 24) -> dict[str, np.ndarray]:

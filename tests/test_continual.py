@@ -12,9 +12,9 @@ import pytest
 import launch
 from engine.checkpoint import read_params_numpy
 from pretrain import continual
-from pretrain.tokenizer import load_tokenizer
 from tests.helpers import make_sentences, tiny_args
 from tests.helpers import read_metrics as metrics
+from text.tokenizer import load_tokenizer
 
 
 def continual_args(corpus: str, init_from: str, steps: int, *extra: str) -> list[str]:
@@ -157,7 +157,7 @@ def test_bad_init_from_is_one_line(tmp_path, corpus, pretrained_run, capsys):
 
 
 def test_pydocs_reads_docstrings_without_importing(tmp_path):
-    from pretrain import pydocs
+    from text import pydocs
     (tmp_path / 'pkg' / 'tests').mkdir(parents=True)
     (tmp_path / 'site-packages').mkdir()
     (tmp_path / 'mod.py').write_text(

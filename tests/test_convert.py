@@ -17,8 +17,8 @@ from convert import export, names, verify  # noqa: E402
 from engine.checkpoint import read_params_numpy  # noqa: E402
 from finetune import predict  # noqa: E402
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification  # noqa: E402
-from pretrain.tokenizer import load_tokenizer, tokenizer_file  # noqa: E402
 from tests.helpers import REPO, sentence, small_tokenizer  # noqa: E402
+from text.tokenizer import load_tokenizer, tokenizer_file  # noqa: E402
 
 # vocab_size: small_tokenizer's 150 pieces
 TINY = BertConfig(vocab_size=150, hidden_size=32, num_layers=2, num_heads=2,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pretrain import corpus
+from text import corpus
 
 
 @pytest.fixture(scope='module')

@@ -19,8 +19,8 @@ from engine.checkpoint import Checkpoints, read_params_numpy, read_state_numpy
 from engine.config_cli import ConfigError, config_from_json, config_to_json
 from finetune import data, distill, predict, setup, steps, unfreeze
 from models.bert import BertConfig, BertForMaskedLM
-from pretrain.tokenizer import Tokenizer
 from tests.test_finetune_e2e import finetune_args, task_files  # noqa: F401  (a fixture)
+from text.tokenizer import Tokenizer
 
 DEEP_LAYERS = 4
 SHORT = ('--config.num_epochs=1', '--config.data.max_train_examples=128')  # 8 steps

@@ -8,9 +8,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from finetune import data
-from pretrain import corpus
-from pretrain import tokenizer as tk
 from tests.helpers import make_sentences, small_tokenizer
+from text import corpus
+from text import tokenizer as tk
 
 
 @pytest.fixture(scope='module')

@@ -76,6 +76,23 @@ def test_runs_in_a_bucket_match_runs_on_disk(bucket, corpus, pretrained_run, tmp
         ['ft', 'task.csv', 'texts.txt', 'local.jsonl', 'remote.jsonl', 'hf'])
 
 
+def test_prepared_data_in_a_bucket_is_shared_and_read_locally(bucket, corpus,
+                                                               pretrained_run, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))
+    workdir = tmp_path / 'run'
+    assert launch.main(['pretrain', '--workdir', str(workdir), *tiny_args(corpus, STEPS),
+                        f'--config.data.data_dir={bucket}/prepared']) == 0
+    assert losses(workdir) == losses(pretrained_run)  # the same data as prepared on disk
+    (remote,) = list(epath.Path(bucket, 'prepared').iterdir())
+    names = {p.name for p in remote.iterdir()}
+    assert {'index.json', 'unit-00000.json', 'train-00000-0000.array_record'} <= names
+    local = tmp_path / 'cache' / 'prepared' / remote.name  # this host's copy of the shards
+    assert sorted(p.name for p in local.iterdir()) == sorted(
+        n for n in names if not n.startswith('unit-'))
+    assert not (workdir / 'data').exists()
+
+
 def test_metric_writer_uploads_on_its_schedule_and_truncates_on_resume(bucket):
     workdir = f'{bucket}/writer'
     target = epath.Path(workdir, 'metrics.jsonl')

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pretrain.masking import NUM_SPECIAL, MaskingConfig, mask_tokens, mlm_loss_terms
-from pretrain.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 VOCAB = 500
 

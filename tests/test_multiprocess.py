@@ -8,6 +8,7 @@ writes metrics, and both write their checkpoint shards - into a gs:// bucket (a 
 GCS server, tests/fake_gcs.py) for the first two-process run, as pods do.
 """
 
+import json
 import shutil
 import socket
 import subprocess
@@ -86,14 +87,18 @@ def single(tmp_path_factory, corpus):
 
 
 def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single, capsys):
+    prepared = tmp_path / 'prepared'  # a data_dir both processes see: they share the work
     with fake_gcs() as bucket:
-        results = launch_two(f'{bucket}/two', run_args(corpus))
+        results = launch_two(f'{bucket}/two', [*run_args(corpus),
+                                               f'--config.data.data_dir={prepared}'])
         assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
         two = download(f'{bucket}/two', tmp_path / 'two')
     assert not (REPO / 'gs:').exists()  # no process mistook the URL for a local path
     assert 'fresh start' in results[0].stdout and 'step 6:' in results[0].stdout
     assert 'fresh start' not in results[1].stdout and 'step ' not in results[1].stdout
     assert len(losses(two)) == STEPS
+    summaries = [json.loads(p.read_text()) for p in prepared.glob('*/unit-*.json')]
+    assert sorted(s['process'] for s in summaries) == [0, 1]  # one unit (file) each
     np.testing.assert_allclose(losses(two), losses(single), rtol=1e-5)
     assert_close(params(two), params(single))
 

@@ -223,7 +223,7 @@ def test_lora_finetune_end_to_end_then_merged_predict(tmp_path, pretrained_run,
     merged = [json.loads(line)['probabilities'] for line in out.read_text().splitlines()]
     # The unmerged LoRA model on the same inputs gives the same probabilities.
     from finetune import data, predict
-    from pretrain.tokenizer import Tokenizer
+    from text.tokenizer import Tokenizer
     examples = data.Examples(text_a=texts.read_text().splitlines(), text_b=None,
                              labels=np.zeros(2, np.int32))
     encoded = data.encode(Tokenizer(str(ft / 'spm.model')), examples, 16)

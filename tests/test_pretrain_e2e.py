@@ -147,3 +147,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cor
     assert 'last good checkpoint: step 1' in last
     saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
     assert saved == ['1']
+
+
+def test_mixture_of_two_sources(tmp_path, corpus):
+    first, second = sorted(pathlib.Path(corpus).parent.glob('*.txt'))
+    workdir = tmp_path / 'mix'
+    args = tiny_args(corpus, 4, f'--config.data.sources.first={first}',
+                     f'--config.data.sources.second={second}',
+                     '--config.data.mixture=first:0.75,second:0.25', '--config.eval_every_steps=4')
+    assert launch_main(['prepare', '--workdir', str(workdir), *args]) == 0
+    prepared = sorted((workdir / 'data').iterdir())
+    assert len(prepared) == 2  # each source prepared once, on its own
+    assert launch_main(['pretrain', '--workdir', str(workdir), *args]) == 0
+    assert sorted((workdir / 'data').iterdir()) == prepared  # found, not prepared again
+    records = metrics(workdir)
+    assert [r['step'] for r in records if 'loss' in r] == [2, 4]
+    assert np.isfinite(records[-1]['eval_loss'])

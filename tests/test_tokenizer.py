@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pretrain import tokenizer as tk
+from text import tokenizer as tk
 
 VOCAB = 200
 

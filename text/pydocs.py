@@ -11,7 +11,7 @@ on the Python version (3.11.7 here: 734 files, 8,251 docstrings, 1.7M characters
 the cache directory names it.
 
 The documents are shuffled with np.random.default_rng(seed) and split 80/10/10 like the
-tweets (pretrain.corpus.SPLIT_FRACTIONS); files live in CACHE/pydocs-py3.11-seed{seed}/
+tweets (text.corpus.SPLIT_FRACTIONS); files live in CACHE/pydocs-py3.11-seed{seed}/
 and are reused when present.
 """
 
@@ -24,7 +24,7 @@ import sysconfig
 
 import numpy as np
 
-from pretrain import corpus
+from text import corpus
 
 NAME = 'pydocs'
 _SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idle_test'})

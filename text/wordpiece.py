@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
 from tokenizers.implementations import BertWordPieceTokenizer
 
-from pretrain.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
+from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
 
 WORDPIECE_FILENAME = 'wordpiece.json'
 _CONTINUATION = '##'
@@ -36,7 +36,7 @@ def build_wordpiece(vocab: Sequence[str], lowercase: bool = True,
 
 
 class WordPieceTokenizer:
-    """Same methods as pretrain.tokenizer.Tokenizer, over a saved `tokenizers` pipeline."""
+    """Same methods as text.tokenizer.Tokenizer, over a saved `tokenizers` pipeline."""
 
     def __init__(self, path: str):
         self.path = str(path)
@@ -59,7 +59,8 @@ class WordPieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        del num_threads  # the tokenizers library sizes its own thread pool
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:

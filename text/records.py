@@ -1,0 +1,204 @@
+"""The prepared-data format: packed sequences in sharded array_record files + index.json.
+
+A prepared directory holds, per split, shard files `{split}-{unit}-{part}.array_record`
+(at most RECORDS_PER_FILE sequences each, per work unit of the preparation) and
+`index.json`, written last: a directory without it is incomplete and never read. A
+record is one sequence: its input_ids and segment_ids, stacked as a (2, seq_len) array of
+the index's dtype (uint16 when the vocabulary fits), raw bytes. Readers cast to int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from etils import epath
+
+from engine.paths import is_remote, write_bytes_atomic
+
+INDEX_FILENAME = 'index.json'
+FORMAT_VERSION = 1
+SPLITS = ('train', 'validation')
+KEYS = ('input_ids', 'segment_ids')
+# group_size:1 keeps every record separately addressable (random access without reading
+# neighbours); token ids barely compress, so no compression.
+WRITER_OPTIONS = 'group_size:1,uncompressed'
+# array_record's cost of reading one record grows with the records in its file (about
+# 10 us at 4,096, 135 us at 75,000 here), and a batch reads rows from many files.
+RECORDS_PER_FILE = 4096
+
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 halves the files when every id fits, else int32."""
+    return 'uint16' if vocab_size <= np.iinfo(np.uint16).max + 1 else 'int32'
+
+
+def encode_rows(input_ids: np.ndarray, segment_ids: np.ndarray, dtype: str) -> list[bytes]:
+    """One record per row of (n, seq_len) arrays."""
+    stacked = np.stack([input_ids, segment_ids], axis=1).astype(dtype)  # (n, 2, seq_len)
+    return [row.tobytes() for row in stacked]
+
+
+def decode_records(records: Sequence[bytes], seq_len: int, dtype: str) -> dict[str, np.ndarray]:
+    """Records -> int32 'input_ids' and 'segment_ids' of shape (len(records), seq_len)."""
+    flat = np.frombuffer(b''.join(records), dtype=dtype)
+    rows = flat.reshape(len(records), 2, seq_len).astype(np.int32)
+    return {'input_ids': rows[:, 0], 'segment_ids': rows[:, 1]}
+
+
+def shard_name(split: str, unit: int, part: int) -> str:
+    return f'{split}-{unit:05d}-{part:04d}.array_record'
+
+
+class ShardWriter:
+    """Streams one unit's records of one split into array_record files of at most
+    RECORDS_PER_FILE records each. Files get their names only when `close` succeeds (a
+    crash leaves temporary files, never a short shard)."""
+
+    def __init__(self, directory: str, split: str, unit: int):
+        self.directory, self.split, self.unit = directory, split, unit
+        self.files: list[dict] = []  # {'file', 'sequences'} of the finished parts
+        self._tmp: list[str] = []
+        self._writer = None
+        self._count = 0
+
+    def _open(self) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        name = shard_name(self.split, self.unit, len(self.files))
+        self._tmp.append(os.path.join(self.directory, f'{name}.tmp-{os.getpid()}'))
+        self._writer = ArrayRecordWriter(self._tmp[-1], WRITER_OPTIONS)
+        self.files.append({'file': name, 'sequences': 0})
+
+    def write_rows(self, input_ids: np.ndarray, segment_ids: np.ndarray, dtype: str) -> None:
+        for record in encode_rows(input_ids, segment_ids, dtype):
+            if self._writer is None or self.files[-1]['sequences'] == RECORDS_PER_FILE:
+                self._close_writer()
+                self._open()
+            self._writer.write(record)
+            self.files[-1]['sequences'] += 1
+        self._count += len(input_ids)
+
+    @property
+    def records(self) -> int:
+        return self._count
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[dict]:
+        self._close_writer()
+        for tmp, entry in zip(self._tmp, self.files, strict=True):
+            os.replace(tmp, os.path.join(self.directory, entry['file']))
+        return self.files
+
+    def abort(self) -> None:
+        self._close_writer()
+        for tmp in self._tmp:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """What index.json says: the shards of each split and how the data was made."""
+
+    seq_len: int
+    dtype: str
+    shards: dict[str, list[dict]]  # split -> [{'file', 'sequences'}], in order
+    totals: dict[str, dict]  # split -> {'sequences', 'documents', 'tokens'}
+    fingerprint: str
+    info: dict  # sources, tokenizer, settings and input statistics, for people
+
+    def sequences(self, split: str) -> int:
+        return sum(s['sequences'] for s in self.shards[split])
+
+    def to_json(self) -> str:
+        return json.dumps({'format_version': FORMAT_VERSION, **dataclasses.asdict(self)},
+                          indent=1, sort_keys=True)
+
+
+def write_index(directory: str | os.PathLike, index: Index) -> None:
+    write_bytes_atomic(epath.Path(directory) / INDEX_FILENAME, index.to_json().encode())
+
+
+def read_index(directory: str | os.PathLike) -> Index | None:
+    """The directory's index, or None if it is absent (preparation not finished)."""
+    path = epath.Path(directory) / INDEX_FILENAME
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    if raw.pop('format_version', None) != FORMAT_VERSION:
+        return None  # an older layout: prepare again
+    return Index(**raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileSpan:
+    """array_record's FileInstruction protocol: all records of one file."""
+
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
+class PreparedSplit:
+    """Random access to one split's packed sequences over its array_record shards."""
+
+    def __init__(self, directory: str | os.PathLike, index: Index, split: str):
+        from grain import sources
+
+        self.seq_len, self.dtype = index.seq_len, index.dtype
+        shards = [s for s in index.shards[split] if s['sequences']]
+        self.paths = [os.path.join(os.fspath(directory), s['file']) for s in shards]
+        self._len = index.sequences(split)
+        # The index's counts: no file is opened until it is read, so opening a split costs
+        # the same for any corpus size.
+        files = [_FileSpan(p, 0, s['sequences'], s['sequences'])
+                 for p, s in zip(self.paths, shards, strict=True)]
+        self._source = sources.ArrayRecordDataSource(files) if files else None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """The sequences at `indices` (int32 arrays, one row per index)."""
+        # One record at a time: grain's batched __getitems__ starts a thread pool per call,
+        # which costs more than the reads (2.9 ms vs 0.4 ms for 32 rows here).
+        records = [self._source[int(i)] for i in indices]
+        return decode_records(records, self.seq_len, self.dtype)
+
+
+class ArraySequences:
+    """The same `read` interface over packed arrays held in memory (small eval sets)."""
+
+    def __init__(self, chunks: dict[str, np.ndarray]):
+        n = len(chunks['input_ids'])
+        for k, v in chunks.items():
+            if len(v) != n:
+                raise ValueError(f'chunks: {k!r} has {len(v)} rows, input_ids {n}')
+        self._chunks = chunks
+        self.seq_len = chunks['input_ids'].shape[1] if chunks['input_ids'].ndim == 2 else 0
+
+    def __len__(self) -> int:
+        return len(self._chunks['input_ids'])
+
+    def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        return {k: v[idx] for k, v in self._chunks.items()}
+
+
+def open_split(directory: str | os.PathLike, split: str) -> PreparedSplit:
+    """One split of a prepared directory (local; see prepare.local_copy for gs://)."""
+    if is_remote(directory):
+        raise ValueError(f'{directory}: read a local copy of remote prepared data')
+    index = read_index(directory)
+    if index is None:
+        raise ValueError(f'{directory}: not prepared (no {INDEX_FILENAME})')
+    return PreparedSplit(directory, index, split)

@@ -1,0 +1,58 @@
+"""The text a tokenizer trains on: a bounded, seeded sample spread over the whole corpus.
+
+A corpus within the budget is used whole, in order. A larger one is cut into blocks of
+about 1 MiB (at document boundaries) and a seeded choice of blocks filling the budget
+is read, so every part of every file can contribute and memory stays bounded by the
+budget. TFDS sources contribute a seeded choice of example ranges in the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from text.corpus import TFDS_PREFIX, open_tfds_split
+from text.units import TFDS_EXAMPLE_BYTES, BadInput, Unit, plan_units, unit_documents
+
+BLOCK_BYTES = 1 << 20
+
+
+def _size(source: str) -> int:
+    if source.startswith(TFDS_PREFIX):
+        return len(open_tfds_split(source, 'train', 'data.train_files')) * TFDS_EXAMPLE_BYTES
+    return os.path.getsize(source)
+
+
+def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
+                 seed: int = 0) -> Iterator[str]:
+    """Documents of `sources` (text files, 'tfds:' specs), at most ~budget_bytes of them."""
+    sources = [s for s in sources if s.startswith(TFDS_PREFIX) or os.path.getsize(s)]
+    total = sum(_size(s) for s in sources)
+    block = BLOCK_BYTES
+    if budget_bytes <= 0 or total <= budget_bytes:
+        block = max(total, 1)  # one unit per source: everything, in order
+    units = plan_units(sources, (), doc_separator, block)
+    units = [_tfds_blocks(u) if u.is_tfds else [u] for u in units]
+    units = [u for group in units for u in group]
+    if total > budget_bytes > 0:
+        rng = np.random.default_rng(seed)
+        weights = np.array([u.size for u in units], dtype=np.float64)
+        order = rng.permutation(len(units))
+        chosen, used = [], 0.0
+        for i in order:
+            if used >= budget_bytes:
+                break
+            chosen.append(i)
+            used += weights[i]
+        units = [units[i] for i in sorted(chosen)]
+    bad = BadInput()  # the preparation reports bad input; the sample just leaves it out
+    for unit in units:
+        yield from unit_documents(unit, doc_separator, bad, 'skip')
+
+
+def _tfds_blocks(unit: Unit) -> list[Unit]:
+    step = max(BLOCK_BYTES // TFDS_EXAMPLE_BYTES, 1)
+    return [Unit(unit.number, unit.source, a, min(a + step, unit.end), unit.role, unit.split)
+            for a in range(unit.start, unit.end, step)]
