@@ -429,3 +429,12 @@ def test_killed_preparation_resumes_to_the_same_bytes(tmp_path, tok):
         assert done_run.returncode == 0, done_run.stderr[-2000:]
     (reference,) = list((whole / 'data').iterdir())
     assert dir_bytes(directory) == dir_bytes(reference)
+
+
+def test_segment_ids_are_recomputed_exactly_from_the_ids():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        docs = [rng.integers(5, 50, rng.integers(0, 12)) for _ in range(rng.integers(0, 30))]
+        packed = packing.pack_documents(docs, int(rng.integers(2, 20)))
+        np.testing.assert_array_equal(records.segments_of(packed['input_ids']),
+                                      packed['segment_ids'])

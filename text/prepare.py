@@ -156,10 +156,10 @@ class _SplitOutput:
 
     def add(self, docs: list) -> None:
         self.documents += len(docs)
-        self.writer.write_rows(*self.packer.add(docs), self.dtype)
+        self.writer.write_rows(self.packer.add(docs)[0], self.dtype)
 
     def close(self) -> dict:
-        self.writer.write_rows(*self.packer.finish(), self.dtype)
+        self.writer.write_rows(self.packer.finish()[0], self.dtype)
         files = self.writer.close()
         return {'files': files, 'sequences': self.writer.records, 'tokens': self.packer.tokens,
                 'documents': self.documents}

@@ -3,8 +3,9 @@
 A prepared directory holds, per split, shard files `{split}-{unit}-{part}.array_record`
 (at most RECORDS_PER_FILE sequences each, per work unit of the preparation) and
 `index.json`, written last: a directory without it is incomplete and never read. A
-record is one sequence: its input_ids and segment_ids, stacked as a (2, seq_len) array of
-the index's dtype (uint16 when the vocabulary fits), raw bytes. Readers cast to int32.
+record is one sequence: its input ids as raw bytes of the index's dtype (uint16 when the
+vocabulary fits). Segment ids are not stored: readers recompute them from the [SEP]s
+(`segments_of`), which halves the files; ids are cast to int32.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from etils import epath
 
 from engine.paths import is_remote, write_bytes_atomic
+from text.tokenizer import PAD_ID, SEP_ID
 
 INDEX_FILENAME = 'index.json'
 FORMAT_VERSION = 1
@@ -36,17 +38,25 @@ def token_dtype(vocab_size: int) -> str:
     return 'uint16' if vocab_size <= np.iinfo(np.uint16).max + 1 else 'int32'
 
 
-def encode_rows(input_ids: np.ndarray, segment_ids: np.ndarray, dtype: str) -> list[bytes]:
-    """One record per row of (n, seq_len) arrays."""
-    stacked = np.stack([input_ids, segment_ids], axis=1).astype(dtype)  # (n, 2, seq_len)
-    return [row.tobytes() for row in stacked]
+def encode_rows(input_ids: np.ndarray, dtype: str) -> list[bytes]:
+    """One record per row of (n, seq_len) input ids."""
+    return [row.tobytes() for row in np.asarray(input_ids).astype(dtype)]
+
+
+def segments_of(input_ids: np.ndarray) -> np.ndarray:
+    """The packer's segment ids, recomputed from the ids: a window's first piece is
+    segment 1 and each [SEP] closes one ([SEP] itself belongs to the piece it ends);
+    [PAD] is 0."""
+    is_sep = (input_ids == SEP_ID).astype(np.int32)
+    segments = 1 + np.cumsum(is_sep, axis=1, dtype=np.int32) - is_sep
+    return np.where(input_ids == PAD_ID, 0, segments).astype(np.int32)
 
 
 def decode_records(records: Sequence[bytes], seq_len: int, dtype: str) -> dict[str, np.ndarray]:
     """Records -> int32 'input_ids' and 'segment_ids' of shape (len(records), seq_len)."""
     flat = np.frombuffer(b''.join(records), dtype=dtype)
-    rows = flat.reshape(len(records), 2, seq_len).astype(np.int32)
-    return {'input_ids': rows[:, 0], 'segment_ids': rows[:, 1]}
+    ids = flat.reshape(len(records), seq_len).astype(np.int32)
+    return {'input_ids': ids, 'segment_ids': segments_of(ids)}
 
 
 def shard_name(split: str, unit: int, part: int) -> str:
@@ -73,8 +83,8 @@ class ShardWriter:
         self._writer = ArrayRecordWriter(self._tmp[-1], WRITER_OPTIONS)
         self.files.append({'file': name, 'sequences': 0})
 
-    def write_rows(self, input_ids: np.ndarray, segment_ids: np.ndarray, dtype: str) -> None:
-        for record in encode_rows(input_ids, segment_ids, dtype):
+    def write_rows(self, input_ids: np.ndarray, dtype: str) -> None:
+        for record in encode_rows(input_ids, dtype):
             if self._writer is None or self.files[-1]['sequences'] == RECORDS_PER_FILE:
                 self._close_writer()
                 self._open()
