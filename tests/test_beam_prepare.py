@@ -84,6 +84,7 @@ def _files(directory: str) -> dict[str, bytes]:
             for name in sorted(os.listdir(directory))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('held_out', [False, True], ids=['eval_files', 'hash_holdout'])
 def test_beam_matches_local_prepare(tmp_path, demo, tokenizer, held_out, beam_python):
     train, evals = demo

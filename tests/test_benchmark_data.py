@@ -3,9 +3,12 @@
 import json
 import math
 
+import pytest
+
 from pretrain import benchmark_data
 
 
+@pytest.mark.slow
 def test_benchmark_data_small_corpus(tmp_path, capsys):
     assert benchmark_data.main(['--size-mb', '2', '--workdir', str(tmp_path), '--steps', '10']) == 0
     result = json.loads((tmp_path / 'benchmark_data.json').read_text())

@@ -420,6 +420,7 @@ def _remat_policies_in_jaxpr(cfg: BertConfig, params) -> list[str]:
     return [line.strip() for line in jaxpr.splitlines() if 'policy=' in line]
 
 
+@pytest.mark.slow
 def test_remat_matches_no_remat():
     params = _random_params(_shapes(BertForMaskedLM, CFG1))
     assert _remat_policies_in_jaxpr(CFG1, params) == []

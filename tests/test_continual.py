@@ -29,6 +29,7 @@ def new_text(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_same_tokenizer_loads_exactly_and_step0_old_eval_is_the_source_eval(
         tmp_path, corpus, pretrained_run, new_text):
     source_eval = [r for r in metrics(pretrained_run) if 'eval_loss' in r][-1]
@@ -109,6 +110,7 @@ def test_resize_copies_shared_rows_and_initialises_the_rest(tmp_path, corpus, pr
         np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_new_tokenizer_run_resumes_from_its_own_checkpoint(tmp_path, corpus, pretrained_run,
                                                            new_text, capsys):
     workdir = tmp_path / 'run'

@@ -108,6 +108,7 @@ def _noisy(params, seed: int):
                                      for x in leaves])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('head', ['mlm', 'classifier'])
 def test_random_params_match_transformers(tmp_path, runs, head):
     tok = load_tokenizer(str(runs['pre'] / 'spm.model'))
@@ -159,6 +160,7 @@ def test_import_back_gives_equal_params_tokenizer_and_architecture(runs):
     assert BertConfig(**config[0]['model']) == BertConfig(**config[1]['model'])
 
 
+@pytest.mark.slow
 def test_finetuned_classifier_round_trip_predicts_alike(wordpiece):
     assert _diff(wordpiece['export_stdout']) <= 1e-4
     assert 'tokenizer: 20/20 fixed inputs give the same ids' in wordpiece['export_stdout']

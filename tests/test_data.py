@@ -390,6 +390,7 @@ def test_big_units_are_split_into_files_of_bounded_records(tmp_path, tok, monkey
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_killed_preparation_resumes_to_the_same_bytes(tmp_path, tok):
     """SIGKILL to `launch.py prepare` and its worker processes mid-way, then the same
     command again: it redoes only the unfinished units and ends byte for byte as a

@@ -98,6 +98,7 @@ def _student_cfg(init_from, student_layers: int):
     return cfg
 
 
+@pytest.mark.slow
 def test_student_starts_from_every_other_pretrained_layer(deep_pretrained):
     cfg = _student_cfg(deep_pretrained, 2)
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
@@ -151,6 +152,7 @@ def teacher(tmp_path_factory, deep_pretrained, task_files) -> pathlib.Path:  # n
     return workdir
 
 
+@pytest.mark.slow
 def test_teacher_logits_are_its_predictions_and_bad_teachers_are_errors(
         teacher, task_files, tmp_path):  # noqa: F811
     cfg = config_from_json((teacher / 'config.json').read_text())
@@ -186,6 +188,7 @@ def test_teacher_logits_are_its_predictions_and_bad_teachers_are_errors(
         distill.check(regression, task)
 
 
+@pytest.mark.slow
 def test_distilled_one_layer_student_end_to_end(tmp_path, deep_pretrained, teacher,
                                                 task_files):  # noqa: F811
     student = tmp_path / 'student'

@@ -48,6 +48,7 @@ def run_launch(command: str, workdir, args, devices: int):
     return launch_run(workdir, args, devices=devices, command=command)
 
 
+@pytest.mark.slow
 def test_pretrained_on_2x4_mesh_finetunes_on_one_device_and_predicts(tmp_path, corpus,
                                                                       task_files):
     # Pretrained in this process (8 fake devices), fine-tuned in a 1-device subprocess.
@@ -78,6 +79,7 @@ def test_pretrained_on_2x4_mesh_finetunes_on_one_device_and_predicts(tmp_path, c
         assert sum(row['probabilities'].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_pretrained_on_one_device_linear_probe_on_2x4_mesh(tmp_path, corpus, task_files):
     pretrain(tmp_path / 'pre', corpus, 1)
     result = run_launch('finetune', tmp_path / 'ft', finetune_args(
@@ -106,6 +108,7 @@ def test_bad_rows_are_reported_with_file_and_line(tmp_path, capsys):
     assert not (tmp_path / 'ft').exists()
 
 
+@pytest.mark.slow
 def test_regression_from_scratch_with_early_stopping(tmp_path):
     """Random init, a tokenizer trained on the task text, a numeric target, patience 1."""
     rng = np.random.default_rng(2)

@@ -37,6 +37,7 @@ def finetune_args(init_from: str, task: str) -> list[str]:
             '--config.batch_size=16', '--config.seq_len=16', '--config.log_every_steps=5']
 
 
+@pytest.mark.slow
 def test_runs_in_a_bucket_match_runs_on_disk(bucket, corpus, pretrained_run, tmp_path,
                                              monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory

@@ -23,6 +23,7 @@ def _batch(rows=256, length=64, seed=0):
     return jnp.asarray(ids)
 
 
+@pytest.mark.slow
 def test_specials_never_chosen_and_rate_is_15_percent():
     ids = _batch()
     cfg = MaskingConfig(vocab_size=VOCAB, max_predictions=10)

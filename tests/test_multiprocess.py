@@ -86,6 +86,7 @@ def single(tmp_path_factory, corpus):
     return workdir
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single, capsys):
     prepared = tmp_path / 'prepared'  # a data_dir both processes see: they share the work
     with fake_gcs() as bucket:

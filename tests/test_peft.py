@@ -61,6 +61,7 @@ def _same(a, b) -> bool:
         np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', [LORA, ADAPTER])
 def test_step_zero_is_the_base_model_with_the_base_names(config):
     plain = BASE
@@ -91,6 +92,7 @@ def test_lora_targets_by_name_and_regex():
         'bert/encoder/layer_0/output', 'bert/encoder/layer_1/output'}
 
 
+@pytest.mark.slow
 def test_prefix_attention_matches_a_hand_computation_and_ignores_padding():
     from models.bert import BertSelfAttention, make_attention_mask
     x = np.random.default_rng(2).normal(size=(4, 16, 32)).astype(np.float32)
@@ -160,6 +162,7 @@ def _trains(path: str, norms: bool) -> bool:
 
 @pytest.mark.parametrize('method,norms', [('lora', False), ('adapter', True),
                                           ('prefix', False)])
+@pytest.mark.slow
 def test_only_peft_and_head_params_train_and_hold_optimizer_state(method, norms):
     cfg = _finetune_cfg(method, ('train_layer_norm', norms), ('prefix_length', 4))
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
@@ -202,6 +205,7 @@ def test_bad_peft_configs_are_one_line_errors():
     assert ft_peft.model_fields(_finetune_cfg('none')) == {}
 
 
+@pytest.mark.slow
 def test_lora_finetune_end_to_end_then_merged_predict(tmp_path, pretrained_run,
                                                       task_files):  # noqa: F811
     pre, ft = pretrained_run, tmp_path / 'ft'

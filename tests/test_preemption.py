@@ -92,6 +92,7 @@ def test_processes_stop_at_the_same_step(monkeypatch):
     assert len(seen) == 2 and run.saved == [10]  # asked at steps 5 and 10 only
 
 
+@pytest.mark.slow
 def test_sigterm_then_same_command_honours_the_token_budget(tmp_path, corpus):
     budget = 40 * 16 * 32  # 40 steps of batch 16 x seq_len 32
     args = tiny_args(corpus, 200, f'--config.train_tokens={budget}',

@@ -62,6 +62,7 @@ def has_logged(workdir: pathlib.Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_writes_its_workdir(tmp_path, corpus):
     # A relative --workdir, as users type it (orbax itself needs absolute paths).
     result = launch('run', tiny_args(corpus, 80, '--config.eval_every_steps=40'), cwd=tmp_path)
@@ -87,6 +88,7 @@ def test_tiny_run_learns_and_writes_its_workdir(tmp_path, corpus):
     assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_identical(tmp_path, corpus, uninterrupted):
     args = resume_args(corpus)
     code, stderr = launch_and_signal(tmp_path, args, signal.SIGTERM, has_logged)
@@ -102,6 +104,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, corpus, uninterrupted):
     assert [r['step'] for r in metrics(tmp_path) if 'loss' in r] == list(range(2, 201, 2))
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path, corpus, uninterrupted):
     args = resume_args(corpus)
     code, _ = launch_and_signal(tmp_path, args, signal.SIGKILL,
@@ -113,6 +116,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, corpus, uninterrupted):
     assert_same_params(final_params(tmp_path), final_params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_a_2x4_mesh_resumes_on_one_device(tmp_path, corpus, capsys):
     # The first half (in this process: 8 fake devices) also exercises bf16 compute and
     # whole-word masking end to end; the second runs in a 1-device subprocess.
@@ -137,6 +141,7 @@ def test_bad_config_is_one_line_with_no_traceback(tmp_path, corpus):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     result = launch(tmp_path, tiny_args(
         corpus, 20, '--config.optimizer.learning_rate=1e30', '--config.optimizer.warmup_steps=0',
@@ -149,6 +154,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cor
     assert saved == ['1']
 
 
+@pytest.mark.slow
 def test_mixture_of_two_sources(tmp_path, corpus):
     first, second = sorted(pathlib.Path(corpus).parent.glob('*.txt'))
     workdir = tmp_path / 'mix'

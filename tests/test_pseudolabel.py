@@ -59,6 +59,7 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pseudolabel_end_to_end_and_resume(tmp_path, pretrained_run, capsys):
     write_toy_task(tmp_path, 400, seed=3)
     root = tmp_path / 'pl'

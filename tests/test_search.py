@@ -85,6 +85,7 @@ def _f1(run_dir) -> float:
     return json.loads((run_dir / 'results.json').read_text())['validation']['f1']
 
 
+@pytest.mark.slow
 def test_search_end_to_end_best_config_resume_and_crash(tmp_path, pretrained_run, capsys,
                                                          monkeypatch):
     import optuna

@@ -82,6 +82,7 @@ def _one_device_run(dropout: float) -> tuple[float, float, list]:
     ((1, 2, 4), 1, 0.1),
     ((4, 2), 2, 0.0),  # accumulation: same masks, summed grads -> same step (no dropout)
 ])
+@pytest.mark.slow
 def test_two_steps_on_a_mesh_match_one_device(mesh_shape, grad_accum, dropout):
     loss1, weight1, flat1 = _one_device_run(dropout)
     _, mesh8, state8, _, train8 = _setup(mesh_shape, dropout=dropout, grad_accum=grad_accum)

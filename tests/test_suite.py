@@ -59,6 +59,7 @@ def _task_file(root) -> str:
     return write_toy_task(root, 200, seed=3)
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_writes_tables_and_resumes(tmp_path, pretrained_run, capsys):
     pre = pretrained_run
     task = (f'custom data.train_file={_task_file(tmp_path)} num_epochs=1 batch_size=16 '

