@@ -83,17 +83,17 @@ def _predict(config, args) -> None:
 
 
 def _evaluate(config, args) -> None:
-    from finetune import suite
+    from studies import suite
     suite.run(config, args.workdir)
 
 
 def _search(config, args) -> None:
-    from finetune import search  # imports optuna only here
+    from studies import search  # imports optuna only here
     search.run(config, args.workdir)
 
 
 def _pseudolabel(config, args) -> None:
-    from finetune import pseudolabel
+    from studies import pseudolabel
     pseudolabel.run(config, args.workdir)
 
 

@@ -24,7 +24,7 @@ Searches:
 `base` is 'FINETUNE_CONFIG_ARG key=value ...' (the arg of configs/finetune.py, then
 overrides of its keys), the config every trial starts from; `init_from` is applied before
 those overrides. A `space` entry maps a dotted fine-tuning key to a spec string (see
-finetune/search_space.py): 'loguniform(1e-5, 1e-3)', 'uniform(0, 0.2)', 'int(1, 5)',
+studies/search_space.py): 'loguniform(1e-5, 1e-3)', 'uniform(0, 0.2)', 'int(1, 5)',
 "choice(16, 32)", "choice('none', 'layers:1', 'encoder')". Add or drop entries from the
 command line: `--config.space.num_epochs='int(1, 5)'`, `--config.space.weight_decay=`.
 """

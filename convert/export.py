@@ -23,7 +23,7 @@ from etils import epath
 from convert import names, tokenizer_files, verify
 from engine.checkpoint import read_state_numpy, step_dirs
 from engine.config_cli import ConfigError, config_from_json
-from engine.paths import absolute_path
+from engine.paths import absolute_path, local_file_argument
 from models.bert import BertConfig
 from text.tokenizer import PAD_ID, load_tokenizer, tokenizer_file
 from text.wordpiece import WORDPIECE_FILENAME
@@ -139,6 +139,7 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
 
 def run(workdir: str, output: str, step: int | None = None, check: bool = True) -> None:
     """Exports `workdir` to `output` (which must not exist yet)."""
+    local_file_argument(output, '--output', 'export')
     source, target = absolute_path(workdir), pathlib.Path(output).absolute()
     if target.exists():
         raise ConfigError(f'--output: {output} exists; remove it or choose another path')

@@ -1,6 +1,7 @@
 """The tokenizer of an imported Hugging Face directory, written the way this project keeps it.
 
-Looked for in this order (in the weights directory, then its parent for Trainer output):
+Looked for in this order (in the weights directory; for a Trainer checkpoint-N directory,
+then in the --hf-dir that holds it):
   wordpiece.json / spm.model  this project's own files (an `export` round trip): copied;
   *.model                     another sentencepiece model: used if ids 0..4 are ours;
   vocab.txt                   WordPiece (do_lower_case/strip_accents from

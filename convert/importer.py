@@ -33,6 +33,7 @@ from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.mesh import strip_boxes
 from engine.optim import make_optimizer
+from engine.paths import local_file_argument
 from models.bert import BertConfig, BertForMaskedLM
 from pretrain.steps import TrainState
 
@@ -175,7 +176,10 @@ def _save(tmp: pathlib.Path, cfg, params: dict, source: str) -> None:
 
 def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     """Imports the BERT in `hf_dir` into a new `workdir`."""
-    source = resolve_dir(pathlib.Path(hf_dir).absolute(), step)
+    local_file_argument(hf_dir, '--hf-dir', 'import')
+    local_file_argument(workdir, '--workdir', 'import')
+    given = pathlib.Path(hf_dir).absolute()
+    source = resolve_dir(given, step)
     target = pathlib.Path(workdir).absolute()
     if target.exists() and any(target.iterdir()):
         raise ConfigError(f'--workdir: {workdir} exists and is not empty')
@@ -187,7 +191,10 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
     try:
-        tok = hf_tokenizer_in.import_tokenizer([source, source.parent], tmp)
+        # A Trainer checkpoint-N folder keeps its tokenizer in the run folder above it;
+        # any other --hf-dir must hold its own (never a stray one from its parent).
+        tok = hf_tokenizer_in.import_tokenizer([source] if source == given else [source, given],
+                                               tmp)
         state = hf_tokenizer_in.reorder_vocab(state, tok.order)
         params, head = _head_params(state, model_cfg)
         _save(tmp, pretrain_config(fields, tok.kind), params, str(source))

@@ -72,12 +72,29 @@ def _remote_path(path: str) -> str:
     return shlex.quote(path)
 
 
+# What an #SBATCH header value may hold: a newline or a space would end the header line
+# and run the rest as shell (or drop --requeue/--signal after it).
+HEADER_VALUES = {'--job-name': re.compile(r'[A-Za-z0-9._-]+'),
+                 '--time': re.compile(r'[0-9]+(-[0-9]+)?(:[0-9]+){0,2}'),
+                 '--partition': re.compile(r'[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*')}
+
+
+def check_header_value(flag: str, value: str) -> None:
+    """A ValueError naming the flag unless `value` is empty or safe in an #SBATCH line."""
+    if value and not HEADER_VALUES[flag].fullmatch(value):
+        raise ValueError(f'{flag} {value!r}: use letters, digits, . _ - only'
+                         + (' (e.g. 24:00:00 or 2-00:00:00)' if flag == '--time' else ''))
+
+
 def sbatch_script(argv: Sequence[str], nodes: int, gpus_per_node: int, job_name: str = 'bert',
                   time_limit: str = '', workdir_of_code: str = '.', partition: str = '') -> str:
     """An sbatch script starting `launch.py ARGV` as one task per node (see module doc)."""
     check_run_command(argv)
     if nodes < 1 or gpus_per_node < 0:
         raise ValueError(f'--nodes {nodes} / --gpus-per-node {gpus_per_node}: need nodes >= 1')
+    for flag, value in (('--job-name', job_name), ('--time', time_limit),
+                        ('--partition', partition)):
+        check_header_value(flag, value)
     lines = ['#!/bin/bash', f'#SBATCH --job-name={job_name}', f'#SBATCH --nodes={nodes}',
              '#SBATCH --ntasks-per-node=1']
     if gpus_per_node:

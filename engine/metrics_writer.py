@@ -10,6 +10,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -51,11 +52,23 @@ class MetricWriter:
         self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: they will be logged again."""
+        """On resume, drop lines logged after the checkpoint: they will be logged again.
+        A line that is not JSON (a write cut short by a crash or a full disk) is dropped
+        too, with a warning, instead of blocking the resume."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get('step', 0) <= step]
+        keep, torn = [], 0
+        for line in self.path.read_text(errors='replace').splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if isinstance(record, dict) and record.get('step', 0) <= step:
+                keep.append(line)
+        if torn:
+            print(f'warning: metrics.jsonl: dropped {torn} unreadable line(s), a write cut '
+                  'short', file=sys.stderr, flush=True)
         self.path.write_text(''.join(line + '\n' for line in keep))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:

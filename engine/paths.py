@@ -69,3 +69,19 @@ def local_dir(path: str | os.PathLike, command: str) -> pathlib.Path:
         raise ConfigError(f'--workdir: launch.py {command} writes to a local directory, not '
                           f'{path}; its runs can still use gs:// init_from and data files')
     return pathlib.Path(path).absolute()
+
+
+def local_file_argument(path: str, flag: str, command: str) -> str:
+    """`path` for a command that writes it with the local file system; a URL is a one-line
+    ConfigError before any work (instead of a folder named 'gs:' in the working directory)."""
+    if is_remote(path):
+        raise ConfigError(f'{flag}: launch.py {command} reads and writes {flag} on a local '
+                          f'disk, not {path}; write locally, then copy it (gsutil cp -r)')
+    return path
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """A one-line ConfigError when a local --workdir names something that is not a folder."""
+    path = os.fspath(workdir)
+    if not is_remote(path) and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f'--workdir: {path} exists and is not a directory')

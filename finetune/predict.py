@@ -14,7 +14,7 @@ from etils import epath
 
 from engine.checkpoint import read_state_numpy
 from engine.config_cli import ConfigError, config_from_json
-from engine.paths import absolute_path
+from engine.paths import absolute_path, local_file_argument
 from finetune import data
 from models.bert import BertConfig, BertForSequenceClassification
 from models.peft import merge_lora, merged_config
@@ -90,6 +90,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def run(workdir: str, input_path: str, output_path: str = '') -> None:
+    local_file_argument(input_path, '--input', 'predict')
+    if output_path:
+        local_file_argument(output_path, '--output', 'predict')
     workdir = absolute_path(workdir)
     cfg, model, params, label_names = load_run(workdir)
     texts, texts_b = read_inputs(input_path, cfg)

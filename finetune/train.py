@@ -22,7 +22,7 @@ from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
 from engine.metrics_writer import MetricWriter
-from engine.paths import absolute_path
+from engine.paths import absolute_path, check_workdir
 from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
 
@@ -214,6 +214,7 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
 
 def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
     """Writes the config, tokenizer and what `predict` needs; encodes every split."""
+    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / 'config.json').write_text(config_to_json(cfg))

@@ -24,7 +24,7 @@ from engine.hardware import peak_flops_per_device
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop, summarize_sums
 from engine.metrics_writer import MetricWriter
 from engine.optim import learning_rate_schedule, make_optimizer
-from engine.paths import absolute_path, tokenized_data_dir
+from engine.paths import absolute_path, check_workdir, tokenized_data_dir
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
 from pretrain import continual, data, steps
@@ -216,6 +216,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
         from text.beam_prepare import require_beam
         require_beam()  # before the tokenizer is trained
     workdir = absolute_path(workdir)
+    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
     _, directories = prepare_data(cfg, workdir, sources, src, show_progress=main,
@@ -233,10 +234,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     started = time.time()
     workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
+    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if main:
-        (workdir / 'config.json').write_text(config_to_json(cfg))
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
+    if main:  # after the data: a bad vocabulary size or input leaves no config behind
+        (workdir / 'config.json').write_text(config_to_json(cfg))
     model_cfg = bert_config(cfg)
     model = BertForMaskedLM(model_cfg)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)

@@ -55,6 +55,28 @@ def test_sbatch_script_text(tmp_path, capsys):
     subprocess.run(['bash', '-n', str(script)], check=True)  # valid shell
 
 
+@pytest.mark.parametrize('flag, value', [
+    ('--job-name', 'bert\n#!/bin/sh\ntouch /tmp/owned'), ('--job-name', 'a b'),
+    ('--time', '24:00:00\nrm -rf ~'), ('--time', '1h'), ('--partition', 'gpu;reboot'),
+])
+def test_sbatch_header_values_cannot_inject_shell(tmp_path, capsys, flag, value):
+    script = tmp_path / 'never.sbatch'
+    assert launch.main(['slurm', '--nodes', '2', flag, value, '--script', str(script),
+                        '--', *RUN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {flag} ') and err.count('\n') == 1 and not script.exists()
+
+
+def test_sbatch_header_values_in_slurm_formats_are_kept(tmp_path):
+    script = tmp_path / 'ok.sbatch'
+    assert launch.main(['slurm', '--nodes', '2', '--job-name', 'bert-base_v2.1', '--time',
+                        '2-00:00:00', '--partition', 'gpu,gpu-long', '--script', str(script),
+                        '--', *RUN]) == 0
+    lines = script.read_text().splitlines()
+    assert {'#SBATCH --job-name=bert-base_v2.1', '#SBATCH --time=2-00:00:00',
+            '#SBATCH --partition=gpu,gpu-long'} <= set(lines)
+
+
 @pytest.mark.parametrize('run, message', [
     (['predict', '--workdir', 'x', '--input', 'y'], 'after --, give the run to start'),
     (['pretrain', '--workdir', 'x', '--config.model.num_layer=3'], "did you mean"),

@@ -216,6 +216,21 @@ def _hf_wordpiece_bert(directory: pathlib.Path) -> list[str]:
     return vocab
 
 
+def test_import_takes_no_tokenizer_from_a_parent_folder_unless_trainer_output(tmp_path,
+                                                                           capsys):
+    parent = tmp_path / 'models'
+    _hf_wordpiece_bert(parent / 'bert')
+    for name in ('vocab.txt', 'tokenizer_config.json'):  # the tokenizer only one level up
+        (parent / 'bert' / name).rename(parent / name)
+    assert launch.main(['import', '--hf-dir', str(parent / 'bert'), '--workdir',
+                        str(tmp_path / 'w')]) == 2
+    assert 'no tokenizer in' in capsys.readouterr().err and not (tmp_path / 'w').exists()
+    (parent / 'bert').rename(parent / 'checkpoint-5')  # Trainer output: run folder + checkpoint
+    assert launch.main(['import', '--hf-dir', str(parent), '--workdir',
+                        str(tmp_path / 'w')]) == 0
+    assert (tmp_path / 'w' / 'wordpiece.json').is_file()
+
+
 @pytest.fixture(scope='module')
 def wordpiece(tmp_path_factory, corpus, files) -> dict:
     """A transformers WordPiece BERT imported, pretrained a step, fine-tuned, exported."""

@@ -115,3 +115,19 @@ def test_multi_run_commands_refuse_a_bucket_workdir(tmp_path):
     with pytest.raises(ConfigError, match='search writes to a local directory'):
         local_dir('gs://bucket/sweep', 'search')
     assert local_dir(str(tmp_path / 'x'), 'suite') == tmp_path / 'x'
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['export', '--workdir', 'runs/x', '--output', 'gs://bucket/hf'], '--output'),
+    (['import', '--hf-dir', 'gs://bucket/hf', '--workdir', 'runs/y'], '--hf-dir'),
+    (['import', '--hf-dir', 'hf', '--workdir', 'gs://bucket/run'], '--workdir'),
+    (['predict', '--workdir', 'runs/ft', '--input', 'in.txt', '--output', 'gs://b/p.jsonl'],
+     '--output'),
+])
+def test_commands_writing_local_files_refuse_a_url_before_any_work(argv, flag, tmp_path,
+                                                                    monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {flag}: launch.py {argv[0]} ') and err.count('\n') == 1
+    assert list(tmp_path.iterdir()) == []  # no './gs:' folder, nothing else either

@@ -39,3 +39,29 @@ def test_unknown_size_in_config_arg(tmp_path, capsys):
     argv = ['pretrain', '--config', 'configs/pretrain.py:gigantic', '--workdir', str(tmp_path)]
     assert launch.main(argv) == 2
     assert 'unknown model size' in capsys.readouterr().err
+
+
+def test_a_vocabulary_too_small_for_the_text_leaves_no_config_behind(tmp_path, capsys, corpus):
+    workdir = tmp_path / 'run'
+    argv = ['pretrain', '--config', 'configs/pretrain.py:tiny', '--workdir', str(workdir),
+            f'--config.data.train_files={corpus}', '--config.model.vocab_size=10']
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'model.vocab_size=10 is smaller than the number of ' in err
+    assert not workdir.exists() or list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize('command', ['pretrain', 'prepare', 'finetune'])
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys, corpus, command):
+    afile = tmp_path / 'afile'
+    afile.write_text('mine')
+    config = ('configs/finetune.py:sentiment' if command == 'finetune'
+              else 'configs/pretrain.py:tiny')
+    argv = [command, '--config', config, '--workdir', str(afile)]
+    if command != 'finetune':
+        argv.append(f'--config.data.train_files={corpus}')
+    else:
+        argv.append('--config.init_from=none')
+    assert launch.main(argv) == 2
+    assert capsys.readouterr().err == f'error: --workdir: {afile} exists and is not a directory\n'
+    assert afile.read_text() == 'mine'

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import launch
-from finetune import data, predict, pseudolabel
+from finetune import data, predict
+from studies import pseudolabel
 from tests.helpers import REPO, write_toy_task
 
 PROBS = np.array([[0.95, 0.05, 0.0], [0.6, 0.4, 0.0], [0.1, 0.9, 0.0], [0.2, 0.8, 0.0],

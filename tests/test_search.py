@@ -7,8 +7,8 @@ import pytest
 
 import launch
 from engine.config_cli import ConfigError, apply_overrides, load_config
-from finetune import search, search_space
-from finetune.search_space import Param, parse_spec
+from studies import search, search_space
+from studies.search_space import Param, parse_spec
 from tests.helpers import REPO, write_toy_task
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from engine.config_cli import ConfigError, apply_overrides, load_config
-from finetune import suite
+from studies import suite
 from tests.helpers import REPO, write_toy_task
 
 

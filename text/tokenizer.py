@@ -119,19 +119,19 @@ def _spm_train(texts: Iterable[str], vocab_size: int, model_type: str) -> bytes:
     return writer.getvalue()
 
 
-def _spm_error(e: RuntimeError, vocab_size: int) -> ValueError:
+def _spm_error(e: RuntimeError, vocab_size: int) -> ConfigError:
     msg = str(e)
     limit = re.search(r'value <= (\d+)', msg)
     if limit:
-        return ValueError(f'model.vocab_size={vocab_size} is too large for this corpus; '
+        return ConfigError(f'model.vocab_size={vocab_size} is too large for this corpus; '
                           f'set it to at most {limit.group(1)}')
     if 'smaller than required_chars' in msg or 'Vocabulary size is smaller' in msg:
-        return ValueError(f'model.vocab_size={vocab_size} is smaller than the number of '
+        return ConfigError(f'model.vocab_size={vocab_size} is smaller than the number of '
                           f'distinct characters in the corpus; increase it')
     if 'sentences_.empty()' in msg:
-        return ValueError('tokenizer training failed: the training text is empty')
+        return ConfigError('tokenizer training failed: the training text is empty')
     last = msg.strip().splitlines()[-1] if msg.strip() else type(e).__name__
-    return ValueError(f'tokenizer training failed: {last}')
+    return ConfigError(f'tokenizer training failed: {last}')
 
 
 def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int,
@@ -142,9 +142,9 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int,
     warning) rather than an error. Training is deterministic for a given corpus.
     """
     if model_type not in MODEL_TYPES:
-        raise ValueError(f'data.tokenizer_type: must be one of {MODEL_TYPES}, got {model_type!r}')
+        raise ConfigError(f'data.tokenizer_type: must be one of {MODEL_TYPES}, got {model_type!r}')
     if vocab_size <= len(SPECIAL_PIECES):
-        raise ValueError(f'model.vocab_size={vocab_size} must exceed {len(SPECIAL_PIECES)}')
+        raise ConfigError(f'model.vocab_size={vocab_size} must exceed {len(SPECIAL_PIECES)}')
     try:
         data = _spm_train(texts, vocab_size, model_type)
     except RuntimeError as e:

@@ -23,8 +23,8 @@ from configs.pseudolabel import REST
 from engine.config_cli import ConfigError, apply_overrides
 from engine.paths import local_dir, write_bytes_atomic
 from finetune import augment, data, predict
-from finetune import suite as finetune_suite
 from finetune import train as finetune_train
+from studies import suite
 from text.tokenizer import MODEL_FILENAME
 
 GOLD = 'gold_label'  # the true-label column of a 'rest' pool (diagnostics only)
@@ -46,7 +46,7 @@ def select(probs: np.ndarray, threshold: float, max_per_class: int = 0) -> np.nd
 
 def base_config(pl: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Round 0's fine-tuning config: the task with init_from applied first."""
-    return finetune_suite.task_config(pl.task, 'task', f'init_from={pl.init_from}')
+    return suite.task_config(pl.task, 'task', f'init_from={pl.init_from}')
 
 
 def _columns(cfg) -> tuple[str, str]:

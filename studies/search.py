@@ -30,9 +30,9 @@ import numpy as np
 from engine.config_cli import ConfigError, config_to_json
 from engine.loop import NonFiniteLoss, Preempted
 from engine.paths import local_dir
-from finetune import metrics, search_space
-from finetune import suite as finetune_suite
+from finetune import metrics
 from finetune import train as finetune_train
+from studies import search_space, suite
 
 if TYPE_CHECKING:  # optuna is imported only when a search runs
     import optuna
@@ -45,7 +45,7 @@ _IDENTITY = ('base', 'init_from', 'space')
 
 def base_config(search: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The fine-tuning config every trial starts from: `base` with `init_from` applied."""
-    return finetune_suite.task_config(search.base, 'base', f'init_from={search.init_from}')
+    return suite.task_config(search.base, 'base', f'init_from={search.init_from}')
 
 
 def trial_config(search: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
