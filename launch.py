@@ -38,6 +38,7 @@ config; anything after a bare `--` is passed through untouched (to `args.passthr
 """
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -276,7 +277,20 @@ def parse(argv: list[str]):
     return command, config, args
 
 
+# Libraries whose INFO lines would bury ours (orbax, grain and tfds log through absl).
+QUIET_LOGGERS = ('absl', 'jax', 'orbax', 'etils', 'urllib3', 'gcsfs', 'google')
+
+
+def _configure_logging() -> None:
+    """Our `log.info` lines to stderr, bare; the libraries' only from WARNING up. A root
+    logger that already has handlers (a caller's, pytest's) is left as it is."""
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str]) -> int:
+    _configure_logging()
     try:
         command, config, args = parse(argv)
         command.run(config, args)
@@ -285,11 +299,11 @@ def main(argv: list[str]) -> int:
         return 2
     except Exception as e:  # the loop's own stop reasons: one clear line, no traceback
         from engine import distributed
-        from engine.loop import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted
+        from engine.loop import REQUEUE_EXIT_CODE, CheckpointSaveFailed, NonFiniteLoss, Preempted
         if isinstance(e, Preempted):  # saved; 75 asks the scheduler to run it again
             print(str(e), file=sys.stderr)
             return REQUEUE_EXIT_CODE
-        if isinstance(e, NonFiniteLoss | distributed.PeerFailed):
+        if isinstance(e, NonFiniteLoss | CheckpointSaveFailed | distributed.PeerFailed):
             print(f'error: {e}', file=sys.stderr)
             return 1
         raise

@@ -54,15 +54,51 @@ def resolve_dir(hf_dir: pathlib.Path, step: int | None) -> pathlib.Path:
     return saved[max(saved)]
 
 
+def _read_json(file: pathlib.Path) -> dict:
+    """A JSON object file of --hf-dir; a one-line ConfigError if it is not one."""
+    try:
+        value = json.loads(file.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f'--hf-dir: {file} is not valid JSON ({e})') from None
+    if not isinstance(value, dict):
+        raise ConfigError(f'--hf-dir: {file} holds a JSON {type(value).__name__}, not an object')
+    return value
+
+
+def _shard(d: pathlib.Path, index: pathlib.Path, name) -> pathlib.Path:
+    """A shard named in the index: a .safetensors file inside `d` (never ../ or absolute)."""
+    if not isinstance(name, str) or not name.endswith('.safetensors'):
+        raise ConfigError(f'--hf-dir: {index.name} names shard {name!r}; expected a '
+                          '.safetensors file name')
+    parts = pathlib.PurePosixPath(name.replace('\\', '/')).parts
+    if (pathlib.PurePosixPath(name).is_absolute() or pathlib.PureWindowsPath(name).anchor
+            or '..' in parts):
+        raise ConfigError(f'--hf-dir: {index.name} names shard {name!r} outside {d}; '
+                          'shards must be files inside --hf-dir')
+    return d / name
+
+
 def _weights_files(d: pathlib.Path) -> list[pathlib.Path]:
     index = d / 'model.safetensors.index.json'
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
-        return [d / s for s in shards]
+        weight_map = _read_json(index).get('weight_map')
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f'--hf-dir: {index} has no weight_map')
+        shards = [_shard(d, index, s) for s in sorted(set(map(str, weight_map.values())))]
+        for shard in shards:
+            if not shard.is_file():
+                raise ConfigError(f'--hf-dir: {index.name} names shard '
+                                  f'{str(shard.relative_to(d))!r}, which is not in {d}')
+        return shards
     for name in ('model.safetensors', 'pytorch_model.bin'):
         if (d / name).is_file():
             return [d / name]
     return []
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {lines[0]}' if lines else type(e).__name__
 
 
 def read_weights(d: pathlib.Path) -> dict[str, np.ndarray]:
@@ -74,24 +110,35 @@ def read_weights(d: pathlib.Path) -> dict[str, np.ndarray]:
     for file in files:
         if file.suffix == '.safetensors':
             from safetensors import safe_open
-            with safe_open(str(file), framework='numpy') as f:
-                for key in f.keys():
-                    state[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+            try:
+                with safe_open(str(file), framework='numpy') as f:
+                    for key in f.keys():
+                        state[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+            except Exception as e:  # SafetensorError, OSError, ...: truncated or garbled
+                raise ConfigError(f'--hf-dir: {file.name} is not a readable safetensors file '
+                                  f'(truncated or corrupt? {_first_line(e)})') from None
         else:
             try:
                 import torch
             except ImportError:
                 raise ConfigError(f'--hf-dir: reading {file.name} needs torch; convert it to '
                                   'model.safetensors or install torch') from None
-            loaded = torch.load(str(file), map_location='cpu', weights_only=True)
-            state.update({k: v.float().numpy() for k, v in loaded.items()})
+            try:
+                loaded = torch.load(str(file), map_location='cpu', weights_only=True)
+                state.update({k: v.float().numpy() for k, v in loaded.items()})
+            except Exception as e:  # truncated zip, pickle refused by weights_only, ...
+                raise ConfigError(f'--hf-dir: {file.name} is not a readable PyTorch state '
+                                  f'dict (truncated or corrupt? {_first_line(e)})') from None
     return names.normalize_hf_keys(state)
 
 
 def model_fields(config: dict) -> dict:
     """BertConfig fields from a transformers config.json; refuses what our model lacks."""
-    if config.get('model_type', 'bert') != 'bert':
-        raise ConfigError(f"--hf-dir: model_type {config.get('model_type')!r} is not 'bert'")
+    if config.get('model_type') != 'bert':
+        found = (f"model_type {config['model_type']!r}" if 'model_type' in config
+                 else 'no model_type')
+        raise ConfigError(f"--hf-dir: config.json has {found}; only model_type 'bert' can be "
+                          'imported')
     if config.get('hidden_act', 'gelu') != 'gelu':
         raise ConfigError(f"--hf-dir: hidden_act {config['hidden_act']!r}: only 'gelu' (erf) "
                           'is supported')
@@ -185,7 +232,7 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
         raise ConfigError(f'--workdir: {workdir} exists and is not empty')
     if not (source / 'config.json').is_file():
         raise ConfigError(f'--hf-dir: {source} has no config.json')
-    fields = model_fields(json.loads((source / 'config.json').read_text()))
+    fields = model_fields(_read_json(source / 'config.json'))
     model_cfg = BertConfig(**fields)
     state = read_weights(source)
     target.parent.mkdir(parents=True, exist_ok=True)

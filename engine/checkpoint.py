@@ -1,5 +1,9 @@
 """Checkpoints: orbax, async, atomic; restore onto any mesh by giving target shardings."""
 
+import logging
+import os
+import re
+import sys
 import warnings
 from typing import Any
 
@@ -8,7 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from engine import distributed
 from engine.config_cli import ConfigError
+from engine.loop import CheckpointSaveFailed
 from engine.paths import absolute_path
 
 
@@ -29,12 +35,34 @@ def saved_steps(directory: epath.Path, init_step: int = 0) -> list[int]:
     return saved
 
 
+class _OrbaxFailures(logging.Filter):
+    """Drops orbax's own logs of a failed background save (logged with its whole traceback
+    by the save thread, then by the wait that raises it): Checkpoints raises that error
+    itself, as one line. Orbax's other logs pass."""
+
+    SITES = ('_thread_func', 'wait_until_finished', '_finalize_checkpoint')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.levelno >= logging.ERROR
+                    and record.funcName in self.SITES
+                    and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+def _quiet_orbax_failures() -> None:
+    absl_logger = logging.getLogger('absl')  # orbax logs through absl
+    if not any(isinstance(f, _OrbaxFailures) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxFailures())
+
+
 class Checkpoints:
     """Train state + a JSON side item (data position, resolved config) per step.
 
     Orbax writes each step into a temporary directory and renames it when complete, so a
     run killed mid-save (even with SIGKILL) leaves the previous checkpoints intact and
-    the half-written one is ignored.
+    the half-written one is ignored. A save that fails (disk full) raises
+    CheckpointSaveFailed, one line; orbax deletes old checkpoints only after a save has
+    succeeded, so the earlier ones stay. A checkpoint damaged on disk is skipped by
+    `restore_latest`.
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
@@ -43,6 +71,8 @@ class Checkpoints:
         self.directory = absolute_path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=('state', 'meta'))
+        self._unconfirmed = None  # step of the last save, until it is known to be on disk
+        _quiet_orbax_failures()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -51,11 +81,117 @@ class Checkpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Starts an async save; returns once device buffers are copied out. A failure of
-        an earlier async save is raised here, not left in a background thread's log."""
-        self._manager.check_for_errors()
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        """Starts an async save; returns once device buffers are copied out. Raises
+        CheckpointSaveFailed if this save, or the previous one (in the background), failed."""
+        self.check(wait=True)  # orbax would wait for the previous save here anyway
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        self._unconfirmed = step
+
+    def check(self, wait: bool = False) -> None:
+        """Raises CheckpointSaveFailed if the last save failed in the background. wait:
+        block until it is on disk; otherwise look only if it has already finished (cheap:
+        the loop asks after every step, so a failure stops the run at once). With several
+        processes every one calls it at the same point: they compare, and one whose own
+        save went well stops with PeerFailed."""
+        failure = self._failure(wait)
+        if jax.process_count() > 1 and distributed.agree(failure is not None)[0]:
+            failure = failure or distributed.PeerFailed(
+                'a checkpoint save failed on another process; its log has the error')
+        if failure is not None:
+            raise failure
+
+    def _failure(self, wait: bool) -> CheckpointSaveFailed | None:
+        """This process's CheckpointSaveFailed for the last save, if it failed."""
+        if self._unconfirmed is None or not wait and self._manager.is_saving_in_progress():
+            return None
+        step, self._unconfirmed = self._unconfirmed, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            failure = self._save_failed(step, e)
+            failure.__cause__ = e
+            return failure
+        return None
+
+    def _save_failed(self, step: int, error: Exception) -> CheckpointSaveFailed:
+        try:
+            kept = [s for s in step_dirs(self.directory) if s < step]
+        except Exception:  # the storage itself failing
+            kept = None
+        last = (f'its last good checkpoint is step {kept[-1]}' if kept
+                else 'with no checkpoint saved before' if kept is not None
+                else f'see {self.directory} for the checkpoints kept')
+        return CheckpointSaveFailed(
+            f'could not save the checkpoint of step {step} ({_describe(error)}); '
+            f'the run stopped, {last}')
+
+    def restore_latest(self, abstract_state: Any, shardings: Any
+                       ) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest checkpoint that restores; None if there is none.
+
+        A newer one that does not restore while an older one does is damaged (a truncated
+        array file, a missing _METADATA, a torn meta): it is moved aside to corrupt-STEP,
+        never deleted, and one line on stderr says so. If none restores, nothing is moved
+        and the newest one's error is raised as it is: a config that no longer matches the
+        checkpoints, not damage, is then the likely cause.
+        """
+        failures = []  # (step, why) of the newer ones that did not restore
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state, shardings)
+                error = None
+            except Exception as e:  # any damage: OSError, ValueError, JSONDecodeError, ...
+                error = e
+                _quiet_abandoned_reads()
+            # Every process must take the same step (each reads its own shards).
+            if not distributed.agree(error is not None)[0]:
+                break
+            failures.append((step, error))
+        else:
+            if not failures:
+                return None
+            newest = failures[0][1]
+            if newest is None:
+                raise distributed.PeerFailed('no checkpoint restores on another process; '
+                                             'its log has the error')
+            raise newest
+        for bad, error in failures:
+            why = self._missing_file(bad) or (
+                _describe(error).replace(f'{self.directory}/', '') if error is not None
+                else 'unreadable on another process')
+            moved = self._move_aside(bad)
+            if jax.process_index() == 0:
+                print(f'checkpoint {bad} is unreadable ({why}); moved to '
+                      f'{self.directory.name}/{moved}, resuming from step {step}',
+                      file=sys.stderr, flush=True)
+        if failures:
+            self._manager.reload()
+        return step, state, meta
+
+    def _missing_file(self, step: int) -> str | None:
+        """Why `step` is damaged when a file orbax needs is missing (its own error then names
+        a pytree mismatch instead)."""
+        for name in ('state/_METADATA', 'meta/metadata'):
+            if not (self.directory / str(step) / name).exists():
+                return f'{name} is missing'
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        """Renames checkpoint `step` to corrupt-STEP (corrupt-STEP.2, ... if taken), out of
+        orbax's sight; returns the new name. Process 0 renames, every process waits."""
+        name, n = f'corrupt-{step}', 1
+        while (self.directory / name).exists():
+            n += 1
+            name = f'corrupt-{step}.{n}'
+        distributed.barrier(f'checkpoint-aside-{step}-named')  # all looked before it moves
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(self.directory / name)
+        distributed.barrier(f'checkpoint-aside-{step}-moved')
+        return name
 
     def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
         """Restores `step` laid out by `shardings` (any mesh), with its JSON meta."""
@@ -71,12 +207,47 @@ class Checkpoints:
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending async saves are on disk; CheckpointSaveFailed if one failed."""
+        self.check(wait=True)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the last save (CheckpointSaveFailed if it failed), then closes. This
+        process alone: it runs on the way out of errors too, where the others may not be."""
+        failure = self._failure(wait=True)
+        self._manager.close()  # an error already raised is not raised again
+        if failure is not None:
+            raise failure
+
+
+def _quiet_abandoned_reads() -> None:
+    """A restore that fails leaves TensorStore reads in flight; each then calls back into
+    orbax's event loop, already closed, and Python prints that traceback (hundreds of
+    lines with several devices). Those are dropped; other unraisable errors print as ever."""
+    previous = sys.unraisablehook
+    if getattr(previous, 'drops_abandoned_reads', False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+            previous(unraisable)
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
+def _describe(error: BaseException) -> str:
+    """One short line for an exception: the innermost cause's first line ('[Errno 28] No
+    space left on device'; other types than OSError named), at most ~200 characters (the
+    middle of a longer one left out: a TensorStore error says what is wrong at its end)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    # TensorStore appends its whole JSON spec: what went wrong comes just before it.
+    message = re.sub(r'\s*\[(tensorstore_spec|source locations)=.*', '', str(error), flags=re.S)
+    lines = message.strip().splitlines()
+    text = lines[0] if lines else ''
+    if not isinstance(error, OSError) or not text:
+        text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+    return text if len(text) <= 200 else f'{text[:110]} ... {text[-85:]}'
 
 
 def read_state_numpy(directory: str, step: int | None = None) -> dict:

@@ -25,6 +25,11 @@ class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of the step reached was written."""
 
 
+class CheckpointSaveFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...): the run stops there,
+    the checkpoints written before it left as they were. Raised by engine.checkpoint."""
+
+
 # Exit status of a preempted run: EX_TEMPFAIL (sysexits.h, "try again later"). Not 0, so a
 # scheduler does not count the run as finished; the generated sbatch script turns it into
 # `scontrol requeue` (SLURM's RequeueExit=75 in slurm.conf does the same). A run that ends
@@ -65,6 +70,9 @@ class LoopCallbacks:
     write: Callable[[int, dict], None]  # (step, metrics) -> None
     summarize: Callable[[list[dict]], dict] = summarize_sums  # host records -> one record
     should_stop: Callable[[], bool] = lambda: False  # asked after each evaluation
+    # Raises CheckpointSaveFailed if a save failed. wait=False: only looks whether the
+    # background save has finished (asked every step); wait=True: blocks until it has.
+    check_saves: Callable[[bool], None] = lambda wait: None
 
 
 class SigtermFlag:
@@ -109,7 +117,9 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
     interactive = cfg.is_main and sys.stderr.isatty()
     bar = tqdm.tqdm(total=cfg.num_steps, initial=start_step, disable=not interactive,
                     dynamic_ncols=True, mininterval=1.0, desc='train')
-    pending, last_saved = [], (start_step or None)
+    # pending: this interval's metrics still on device; fetched: on host, not yet logged
+    # (a checkpoint step fetches them for the NaN check; they wait for the log step).
+    pending, fetched, last_saved = [], [], (start_step or None)
     timer = _Throughput(cfg)
     batches = timer.timed(batches)  # host time spent producing batches
     try:
@@ -128,8 +138,10 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
                 records = jax.device_get(pending)
                 pending = []
                 _check_finite(records, done, last_saved)
+                fetched += records
                 if log_now:
-                    _log(done, records, timer, cb, bar, cfg.is_main)
+                    _log(done, fetched, timer, cb, bar, cfg.is_main)
+                    fetched = []
             stop = False
             if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.num_steps:
                 _evaluate(done, state, cb, bar, cfg.is_main)
@@ -138,6 +150,10 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
             if save_now or preempted or out_of_time or stop:
                 cb.save(done, state)
                 last_saved = done
+            last = preempted or out_of_time or stop or done >= cfg.num_steps
+            # A failed background save stops the run within a step of failing (not at the
+            # next save); the last one is waited for, so "saved" below is true.
+            _check_saves(cb, wait=last, synced=log_now or save_now or last)
             if preempted:
                 raise Preempted(f'SIGTERM: saved a checkpoint at step {done}; '
                                 'run the same command to resume')
@@ -168,6 +184,14 @@ def _stop_requests(sigterm: SigtermFlag, cfg: LoopConfig, synced: bool) -> tuple
         return False, False
     from engine.distributed import agree
     return agree(*flags)
+
+
+def _check_saves(cb: LoopCallbacks, wait: bool, synced: bool) -> None:
+    """cb.check_saves after every step of one process; with several, only at log and
+    checkpoint steps, which every process reaches (engine.checkpoint's check compares the
+    processes there, so that all stop together)."""
+    if synced or jax.process_count() == 1:
+        cb.check_saves(wait)
 
 
 def _print(enabled: bool, message: str) -> None:

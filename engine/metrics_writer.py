@@ -1,5 +1,8 @@
 """Metrics out of the loop: `metrics.jsonl`, TensorBoard events (tensorboardX, no TensorFlow).
 
+TensorBoard groups the scalars as `train/KEY` and `eval/KEY` (keys starting with `eval_` or
+`old_eval_`); metrics.jsonl keeps the keys as they are.
+
 Both files are appended to, which cloud storage cannot do: for a gs:// workdir they are
 written in a local staging directory and uploaded whole at most every `upload_every_s`
 seconds and on close (SIGTERM included). A crash loses at most that much of the log; the
@@ -15,8 +18,6 @@ import tempfile
 import time
 from typing import Any
 
-from tensorboardX import SummaryWriter
-
 from engine.paths import absolute_path, is_remote
 
 
@@ -27,6 +28,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metrics key -> its TensorBoard tag: `eval/KEY` for eval metrics, else `train/KEY`."""
+    return f"{'eval' if key.startswith(('eval_', 'old_eval_')) else 'train'}/{key}"
 
 
 class MetricWriter:
@@ -48,6 +54,9 @@ class MetricWriter:
             self.path.write_bytes((self._remote / 'metrics.jsonl').read_bytes())
         self._truncate_after(resume_step)
         self._file = self.path.open('a')
+        # Imported here: tensorboardX imports torch whenever it is installed (~2.4 s), which
+        # `--help`, config errors, dry runs and the other processes need not pay.
+        from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(local / 'tensorboard'))
         self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
 
@@ -79,7 +88,7 @@ class MetricWriter:
         self._file.flush()
         for key, value in record.items():
             if key != 'step' and isinstance(value, int | float):
-                self._tb.add_scalar(key, value, step)
+                self._tb.add_scalar(tensorboard_tag(key), value, step)
         self._tb.flush()
         if self._remote and time.monotonic() - self._uploaded_at >= self._upload_every_s:
             self._upload()

@@ -159,11 +159,8 @@ def check(cfg: ml_collections.ConfigDict, task: dict) -> None:
 
 def teacher_logits(model, params, encoded: dict[str, np.ndarray]) -> np.ndarray:
     """float32 (N, C) eval-mode logits of every encoded example, in order."""
-    apply = predict.logits_fn(model)
-    params = jax.device_put(params)
-    out = [np.asarray(apply(params, b))[b['weights'] > 0]
-           for b in data.eval_batches(encoded, predict.BATCH_SIZE)]
-    return np.concatenate(out).astype(np.float32)
+    logits = predict.all_logits(model, jax.device_put(params), encoded, 'teacher logits')
+    return logits.astype(np.float32)
 
 
 def with_teacher_logits(cfg: ml_collections.ConfigDict, encoded: dict[str, np.ndarray],

@@ -1,20 +1,24 @@
 """`launch.py predict`: class probabilities of a fine-tuned run's best checkpoint, as JSONL.
 
-Input: a text file (one text a line), or CSV/TSV/JSONL with the run's text column(s).
+Input: a text file (one text a line; `-` for standard input), or CSV/TSV/JSONL with the
+run's text column(s).
 Output: one JSON object per input row: {"text", ["text_b"], "label", "probabilities"}
 (or {"text", "prediction"} for regression), to stdout or --output.
 """
 
 import json
+import os
+import pathlib
 import sys
 
 import jax
 import numpy as np
 from etils import epath
 
-from engine.checkpoint import read_state_numpy
+from engine.checkpoint import read_state_numpy, step_dirs
 from engine.config_cli import ConfigError, config_from_json
 from engine.paths import absolute_path, local_file_argument
+from engine.progress import Progress
 from finetune import data
 from models.bert import BertConfig, BertForSequenceClassification
 from models.peft import merge_lora, merged_config
@@ -24,18 +28,83 @@ BATCH_SIZE = 64
 
 
 def read_inputs(path: str, cfg) -> tuple[list[str], list[str] | None]:
-    """Texts (and second texts for pair tasks) from a .txt, .csv, .tsv or .jsonl file."""
+    """Texts (and second texts for pair tasks) from a .txt, .csv, .tsv or .jsonl file, or
+    from standard input (`-`, one text a line). A one-line ConfigError if there are none."""
+    if path == '-':
+        return _text_lines(_read_stdin(), 'standard input'), None
     file = epath.Path(path)
+    if file.is_dir():
+        raise ConfigError(f'--input: {path} is a directory, not a file')
     if not file.is_file():
         raise ConfigError(f'--input: no such file {path!r}')
+    raw = file.read_bytes()
     if file.suffix in ('.csv', '.tsv', '.jsonl', '.json'):
-        rows = data.read_examples(path, text_column=cfg.data.text_column,
-                                  text_b_column=cfg.data.text_b_column,
-                                  label_column='', task=cfg.task)
+        _check_not_binary(raw, path)
+        try:
+            rows = data.read_examples(path, text_column=cfg.data.text_column,
+                                      text_b_column=cfg.data.text_b_column,
+                                      label_column='', task=cfg.task)
+        except ValueError as e:  # names the file and line: no rows, a bad row, not UTF-8
+            raise ConfigError(f'--input: {e}') from None
         texts_b = [r['text_b'] for r in rows] if cfg.data.text_b_column else None
         return [r['text_a'] for r in rows], texts_b
-    lines = [line.strip() for line in file.read_text(encoding='utf-8').splitlines()]
-    return [line for line in lines if line], None
+    return _text_lines(raw, path), None
+
+
+def _read_stdin() -> bytes:
+    stream = getattr(sys.stdin, 'buffer', None)  # bytes: decoded (and refused) below
+    if stream is not None:
+        return stream.read()
+    return sys.stdin.read().encode('utf-8', 'surrogateescape')
+
+
+def _check_not_binary(raw: bytes, name: str) -> None:
+    if b'\0' in raw:
+        line = raw.count(b'\n', 0, raw.index(b'\0')) + 1
+        raise ConfigError(f'--input: {name} looks binary (a NUL byte on line {line}); '
+                          'expected UTF-8 text')
+
+
+def _text_lines(raw: bytes, name: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text, stripped."""
+    _check_not_binary(raw, name)
+    try:
+        text = raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise ConfigError(f'--input: {name}, line {line}: not valid UTF-8 (byte '
+                          f'{raw[e.start]:#04x})') from None
+    lines = [line.strip() for line in text.splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise ConfigError(f'--input: {name} has no text to predict (empty or blank lines '
+                          'only; expected one text a line)')
+    return texts
+
+
+def check_output(output_path: str, input_path: str = '') -> None:
+    """A one-line ConfigError, before any work, unless --output can be written as a file."""
+    out = pathlib.Path(output_path).absolute()
+    if out.is_dir():
+        raise ConfigError(f'--output: {output_path} is a directory; give a file path')
+    if not out.parent.is_dir():
+        raise ConfigError(f'--output: the folder {str(out.parent)!r} does not exist')
+    if input_path and input_path != '-' and out == pathlib.Path(input_path).absolute():
+        raise ConfigError(f'--output: {output_path} is the --input file')
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Writes `path` whole or not at all: a file beside it, renamed over it."""
+    target = pathlib.Path(path).absolute()
+    tmp = target.parent / f'.{target.name}.tmp-{os.getpid()}'
+    try:
+        tmp.write_text(text, encoding='utf-8')
+        os.replace(tmp, target)
+    except OSError as e:
+        raise ConfigError(f'--output: cannot write {path} ({type(e).__name__}: '
+                          f'{e.strerror or e})') from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_finished_run(workdir: epath.Path, key: str = '--workdir') -> None:
@@ -44,6 +113,9 @@ def check_finished_run(workdir: epath.Path, key: str = '--workdir') -> None:
         if not (workdir / name).exists():
             raise ConfigError(f'{key}: {workdir} has no {name}; is it a finished '
                               'fine-tuning run?')
+    if not step_dirs(workdir / 'best'):
+        raise ConfigError(f'{key}: {workdir / "best"} holds no checkpoint; is it a finished '
+                          'fine-tuning run?')
     if tokenizer_file(str(workdir)) is None:
         raise ConfigError(f'{key}: {workdir} has no {MODEL_FILENAME}; is it a finished '
                           'fine-tuning run?')
@@ -54,7 +126,10 @@ def load_run(workdir: epath.Path):
     check_finished_run(workdir)
     cfg = config_from_json((workdir / 'config.json').read_text())
     model_cfg = BertConfig(**json.loads((workdir / 'model.json').read_text()))
-    params = read_state_numpy(str(workdir / 'best'))['params']
+    try:
+        params = read_state_numpy(str(workdir / 'best'))['params']
+    except FileNotFoundError as e:
+        raise ConfigError(f'--workdir: {e}') from None
     # LoRA folds into the kernels: the plain architecture (plus any adapters) predicts alike.
     params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)
     model = BertForSequenceClassification(model_cfg)
@@ -74,14 +149,23 @@ def logits_fn(model):
                                             attention_mask=b['attention_mask']))
 
 
+def all_logits(model, params, encoded: dict, label: str = 'predict') -> np.ndarray:
+    """Eval-mode logits (N, C) of every encoded example, in order; a progress line
+    (examples/s, ETA) shows while it runs long."""
+    apply = logits_fn(model)
+    total = len(encoded['input_ids'])
+    outputs, done = [], [0]
+    with Progress(label, total, lambda: (done[0], 0), unit='examples', scale=1):
+        for batch in data.eval_batches(encoded, BATCH_SIZE):
+            outputs.append(np.asarray(apply(params, batch))[batch['weights'] > 0])
+            done[0] += len(outputs[-1])
+    return np.concatenate(outputs)
+
+
 def predict(model, params, encoded: dict, task: str) -> np.ndarray:
     """Probabilities (N, C), or regression outputs (N,), in input order."""
-    apply = logits_fn(model)
-    outputs = []
-    for batch in data.eval_batches(encoded, BATCH_SIZE):
-        logits = np.asarray(apply(params, batch))[batch['weights'] > 0]
-        outputs.append(logits[:, 0] if task == 'regression' else _softmax(logits))
-    return np.concatenate(outputs)
+    logits = all_logits(model, params, encoded)
+    return logits[:, 0] if task == 'regression' else _softmax(logits)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -93,27 +177,32 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
     local_file_argument(input_path, '--input', 'predict')
     if output_path:
         local_file_argument(output_path, '--output', 'predict')
+        check_output(output_path, input_path)
     workdir = absolute_path(workdir)
+    check_finished_run(workdir)
+    # The inputs are read (and refused) before the checkpoint is loaded.
+    texts, texts_b = read_inputs(input_path, config_from_json(
+        (workdir / 'config.json').read_text()))
     cfg, model, params, label_names = load_run(workdir)
-    texts, texts_b = read_inputs(input_path, cfg)
     examples = data.Examples(text_a=texts, text_b=texts_b,
                              labels=np.zeros(len(texts), np.float32 if cfg.task == 'regression'
                                              else np.int32))
     encoded = encode_for_run(cfg, workdir, examples)
     outputs = predict(model, params, encoded, cfg.task)
-    out = open(output_path, 'w') if output_path else sys.stdout
-    try:
-        for i, text in enumerate(texts):
-            record = {'text': text}
-            if texts_b is not None:
-                record['text_b'] = texts_b[i]
-            if cfg.task == 'regression':
-                record['prediction'] = float(outputs[i])
-            else:
-                record['label'] = label_names[int(outputs[i].argmax())]
-                record['probabilities'] = {n: round(float(p), 6)
-                                           for n, p in zip(label_names, outputs[i], strict=True)}
-            out.write(json.dumps(record) + '\n')
-    finally:
-        if output_path:
-            out.close()
+    lines = []
+    for i, text in enumerate(texts):
+        record = {'text': text}
+        if texts_b is not None:
+            record['text_b'] = texts_b[i]
+        if cfg.task == 'regression':
+            record['prediction'] = float(outputs[i])
+        else:
+            record['label'] = label_names[int(outputs[i].argmax())]
+            record['probabilities'] = {n: round(float(p), 6)
+                                       for n, p in zip(label_names, outputs[i], strict=True)}
+        lines.append(json.dumps(record) + '\n')
+    if output_path:
+        _write_atomic(output_path, ''.join(lines))
+    else:
+        sys.stdout.write(''.join(lines))
+        sys.stdout.flush()

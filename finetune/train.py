@@ -20,6 +20,7 @@ from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
+from engine.lock import workdir_lock
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
 from engine.metrics_writer import MetricWriter
 from engine.paths import absolute_path, check_workdir
@@ -140,6 +141,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     if results_path.exists():
         print(f'{results_path} exists: this run is complete', flush=True)
         return json.loads(results_path.read_text())
+    check_workdir(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir, 'finetune'):
+        return _finetune(cfg, workdir, mesh, task, sigterm, main, report)
+
+
+def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, main: bool,
+              report: Callable[[int, dict], None] | None) -> dict:
+    """The run itself, with the workdir held."""
+    results_path = workdir / 'results.json'
     with distributed.main_first('prepare'):  # process 0 writes the tokenizer first
         encoded, built = _prepare(cfg, workdir, task, main)
     encoded['train'] = distill.with_teacher_logits(cfg, encoded['train'], task['train'],
@@ -162,7 +173,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
                               writer, report)
     callbacks = LoopCallbacks(
         step=None, evaluate=evaluate, write=writer.write, should_stop=tracker.should_stop,
-        save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}))
+        save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}),
+        check_saves=ckpts.check)
     loop_cfg = LoopConfig(
         num_steps=num_steps, log_every=cfg.log_every_steps,
         eval_every=cfg.eval_every_steps or batches.steps_per_epoch,
@@ -214,7 +226,6 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
 
 def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
     """Writes the config, tokenizer and what `predict` needs; encodes every split."""
-    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / 'config.json').write_text(config_to_json(cfg))

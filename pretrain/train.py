@@ -21,6 +21,7 @@ from engine.budget import Budget
 from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
+from engine.lock import workdir_lock
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop, summarize_sums
 from engine.metrics_writer import MetricWriter
 from engine.optim import learning_rate_schedule, make_optimizer
@@ -126,7 +127,8 @@ def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints, src=None, tokenizer=N
         if latest is None:
             state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
             return state, shardings, 0
-    state, meta = ckpts.restore(latest, abstract, shardings)
+    # The newest one that restores: a damaged newer one is moved aside, with one line.
+    latest, state, meta = ckpts.restore_latest(abstract, shardings)
     _check_resume(cfg, meta)
     return state, shardings, latest
 
@@ -219,8 +221,9 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
     check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
-    _, directories = prepare_data(cfg, workdir, sources, src, show_progress=main,
-                                  beam_options=beam_options)
+    with workdir_lock(workdir, 'prepare'):
+        _, directories = prepare_data(cfg, workdir, sources, src, show_progress=main,
+                                      beam_options=beam_options)
     for source, directory in zip(sources, directories, strict=True):
         _log(main, f'{source.name}: {data.describe(directory)}')
     return directories
@@ -236,6 +239,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     main = jax.process_index() == 0
     check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir, 'pretrain'):
+        return _pretrain(cfg, workdir, src, mesh, sources, sigterm, started, main)
+
+
+def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: SigtermFlag,
+              started: float, main: bool) -> dict:
+    """The run itself, with the workdir held."""
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
         (workdir / 'config.json').write_text(config_to_json(cfg))
@@ -280,6 +290,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
+        check_saves=ckpts.check,
         summarize=functools.partial(summarize_sums, accuracy_key='mlm_accuracy'))
     try:
         with mesh_lib.sharding_context(mesh, cfg.mesh.rules):

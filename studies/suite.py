@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import pathlib
+import re
 import shlex
 from collections.abc import Iterator
 
@@ -23,6 +24,8 @@ from finetune import train as finetune_train
 from text.tokenizer import MODEL_FILENAME, tokenizer_file
 
 FINETUNE_CONFIG = 'configs/finetune.py'
+# Task and variant names become folders (WORKDIR/TASK/VARIANT/): no '/', no leading '.'.
+_NAME = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]*')
 
 
 def _tokens(text: str, what: str) -> list[str]:
@@ -79,8 +82,22 @@ def _runs(suite) -> Iterator[tuple[str, str, int]]:
                 yield task, variant, int(seed)
 
 
+def check_names(suite: ml_collections.ConfigDict) -> None:
+    """Every task and variant name is a plain folder name, so that no run's workdir
+    (WORKDIR/TASK/VARIANT/seed_N) lands outside WORKDIR."""
+    for section in ('tasks', 'variants'):
+        for name in suite[section]:
+            if not _NAME.fullmatch(name):
+                key = f'--config.{section}.{name}'
+                raise ConfigError(f'{key if key.isprintable() else repr(key)}: the name '
+                                  'becomes a folder of the workdir; use letters, digits, '
+                                  "'_', '-' and '.' (not first)")
+
+
 def validate(suite: ml_collections.ConfigDict) -> None:
-    """Every run's config resolves (keys exist, values parse) before anything trains."""
+    """Names are folder names and every run's config resolves (keys exist, values parse),
+    before anything trains."""
+    check_names(suite)
     if not list(_runs(suite)):
         raise ConfigError('tasks, variants and seeds: each needs at least one entry')
     for task, variant, seed in _runs(suite):

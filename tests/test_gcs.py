@@ -131,3 +131,13 @@ def test_commands_writing_local_files_refuse_a_url_before_any_work(argv, flag, t
     err = capsys.readouterr().err
     assert err.startswith(f'error: {flag}: launch.py {argv[0]} ') and err.count('\n') == 1
     assert list(tmp_path.iterdir()) == []  # no './gs:' folder, nothing else either
+
+
+def test_a_bucket_workdir_is_locked_too(bucket):
+    from engine.lock import WorkdirLock
+    workdir = f'{bucket}/locked'
+    with WorkdirLock(workdir, 'pretrain'):
+        assert epath.Path(workdir, '.lock').exists()
+        with pytest.raises(ConfigError, match='is in use by pretrain'):
+            WorkdirLock(workdir, 'finetune').acquire()
+    assert not epath.Path(workdir, '.lock').exists()

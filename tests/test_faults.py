@@ -1,0 +1,199 @@
+"""Fault injection: logged means that do not depend on checkpoint steps, a damaged newest
+checkpoint (the run resumes from the older one), a disk that fills up during a save.
+
+The end-to-end runs are in this process (launch.main, 8 fake devices) so that orbax can be
+monkeypatched; runs are deterministic, so a resumed run's params equal an uninterrupted one's.
+"""
+
+import pathlib
+import re
+import shutil
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+import launch
+from engine import loop
+from engine.checkpoint import read_params_numpy, step_dirs
+from tests.helpers import read_metrics, tiny_args
+
+
+def pretrain(workdir, *args) -> int:
+    return launch.main(['pretrain', '--workdir', str(workdir), *args])
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# --- 1. logged means ----------------------------------------------------------------------
+
+def fake_loop(checkpoint_every: int, check_saves=lambda wait: None, num_steps: int = 8):
+    """run_loop on host numbers (step i has loss i); returns (written records, saved steps)."""
+    written, saved = [], []
+
+    def step(state, batch):
+        return state + 1, {'loss_sum': float(state + 1), 'correct_sum': 0.0, 'weight_sum': 1.0,
+                           'learning_rate': 0.1, 'grad_norm': 1.0}
+    callbacks = loop.LoopCallbacks(step=step, evaluate=lambda s: {},
+                                   save=lambda step, s: saved.append(step),
+                                   write=lambda step, m: written.append((step, m['loss'])),
+                                   check_saves=check_saves)
+    cfg = loop.LoopConfig(num_steps=num_steps, log_every=4, eval_every=0,
+                          checkpoint_every=checkpoint_every, tokens_per_step=1,
+                          flops_per_step=1.0, peak_flops=1.0, is_main=False)
+    loop.run_loop(0, ((i, None) for i in range(num_steps)), 0, cfg, callbacks)
+    return written, saved
+
+
+def test_logged_mean_covers_every_step_of_the_interval():
+    # Steps 1-4 have losses 1..4 (mean 2.5), steps 5-8 losses 5..8 (mean 6.5); a checkpoint
+    # at step 3 or 6 used to drop the steps fetched for it from the next logged mean.
+    written, saved = fake_loop(checkpoint_every=3)
+    assert saved == [3, 6, 8]
+    assert written == [(4, 2.5), (8, 6.5)] == fake_loop(checkpoint_every=100)[0]
+
+
+def test_a_failed_background_save_stops_the_loop_at_the_next_step():
+    calls = []
+
+    def check_saves(wait):
+        calls.append(wait)
+        if len(calls) == 4:  # asked after step 4: the save of step 3 failed meanwhile
+            raise loop.CheckpointSaveFailed('could not save the checkpoint of step 3')
+    with pytest.raises(loop.CheckpointSaveFailed, match='step 3'):
+        fake_loop(checkpoint_every=3, check_saves=check_saves)
+    assert calls == [False] * 4  # asked after every step without waiting, until it failed
+    # The last save is waited for: a run does not end "done" with its checkpoint unwritten.
+    calls.clear()
+    fake_loop(checkpoint_every=100, check_saves=lambda wait: calls.append(wait))
+    assert calls == [False] * 7 + [True]
+
+
+@pytest.mark.slow
+def test_logged_losses_do_not_depend_on_checkpoint_every_steps(tmp_path, corpus):
+    losses = {}
+    for every in (3, 100):
+        workdir = tmp_path / f'every-{every}'
+        assert pretrain(workdir, *tiny_args(corpus, 8, '--config.log_every_steps=4',
+                                            f'--config.checkpoint_every_steps={every}')) == 0
+        losses[every] = [(r['step'], r['loss'], r['mlm_accuracy'])
+                         for r in read_metrics(workdir) if 'loss' in r]
+    assert step_dirs(tmp_path / 'every-3' / 'checkpoints') == [3, 6, 8]
+    assert [r[0] for r in losses[3]] == [4, 8]
+    assert losses[3] == losses[100]
+
+
+# --- 2. a damaged newest checkpoint -------------------------------------------------------
+
+def saved_at_10_and_20(corpus: str) -> list[str]:
+    return tiny_args(corpus, 20, '--config.checkpoint_every_steps=10')
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, corpus):
+    """An uninterrupted 20-step run with checkpoints at 10 and 20; its final params."""
+    workdir = tmp_path_factory.mktemp('finished') / 'run'
+    assert pretrain(workdir, *saved_at_10_and_20(corpus)) == 0
+    assert step_dirs(workdir / 'checkpoints') == [10, 20]
+    return workdir, read_params_numpy(str(workdir / 'checkpoints'), 20)
+
+
+def truncate_array_files(step: pathlib.Path) -> None:
+    """Every data file of the state cut to half (which of them a restore reads depends on
+    orbax's layout: per-process databases, merged or not), as by a torn copy."""
+    for path in (step / 'state').rglob('*'):
+        if path.is_file() and path.parent.name == 'd':
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DAMAGE = {
+    'truncated array files': truncate_array_files,
+    'missing _METADATA': lambda step: (step / 'state' / '_METADATA').unlink(),
+    'empty meta': lambda step: (step / 'meta' / 'metadata').write_bytes(b''),
+    'garbled meta': lambda step: (step / 'meta' / 'metadata').write_text('{"data": {"se'),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', DAMAGE)
+def test_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(
+        tmp_path, corpus, finished_run, damage, capsys):
+    finished, final_params = finished_run
+    workdir = tmp_path / 'run'
+    shutil.copytree(finished, workdir)
+    DAMAGE[damage](workdir / 'checkpoints' / '20')
+    capsys.readouterr()
+
+    assert pretrain(workdir, *saved_at_10_and_20(corpus)) == 0  # the same command again
+    out, err = capsys.readouterr()
+    # One line, no traceback.
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.fullmatch(r'checkpoint 20 is unreadable \(.+\); moved to checkpoints/corrupt-20, '
+                        r'resuming from step 10', err.strip()), err
+    if damage == 'missing _METADATA':
+        assert '(state/_METADATA is missing)' in err
+    if damage.endswith('meta'):
+        assert 'JSONDecodeError' in err
+    assert 'resuming from step 10' in out
+    # Kept aside, not deleted; step 20 trained again from step 10, to the same params.
+    assert (workdir / 'checkpoints' / 'corrupt-20' / 'state').is_dir()
+    assert step_dirs(workdir / 'checkpoints') == [10, 20]
+    assert_same_params(read_params_numpy(str(workdir / 'checkpoints'), 20), final_params)
+
+
+# --- 3. disk full during a save ------------------------------------------------------------
+
+def no_space(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+
+def fail_in_background(monkeypatch):
+    """The async part of the save of step 20 fails after its arrays are written (before the
+    rename that makes the checkpoint): training has gone on meanwhile."""
+    wait = async_checkpointer._background_wait_for_commit_futures
+
+    def commit(directory, commit_futures, *args, **kwargs):
+        if pathlib.Path(directory).name != '20':
+            return wait(directory, commit_futures, *args, **kwargs)
+        for future in commit_futures:
+            future.result()
+        no_space()
+    monkeypatch.setattr(async_checkpointer, '_background_wait_for_commit_futures', commit)
+
+
+def fail_when_starting(monkeypatch):
+    """The save of step 20 fails in the call itself (creating its directory)."""
+    save = ocp.CheckpointManager.save
+    monkeypatch.setattr(ocp.CheckpointManager, 'save', lambda self, step, *a, **k: (
+        no_space() if step == 20 else save(self, step, *a, **k)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('inject', [fail_in_background, fail_when_starting])
+def test_disk_full_stops_the_run_and_keeps_the_last_good_checkpoint(
+        tmp_path, corpus, inject, monkeypatch, capsys):
+    # keep_checkpoints=1: the failed save of step 20 must not make room by deleting 10.
+    args = tiny_args(corpus, 40, '--config.checkpoint_every_steps=10',
+                     '--config.keep_checkpoints=1')
+    inject(monkeypatch)
+    assert pretrain(tmp_path, *args) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ('error: could not save the checkpoint of step 20 ([Errno 28] No space '
+                           'left on device); the run stopped, its last good checkpoint is step 10')
+    # Stopped at once (a failure in the background: once known, by the next save at the
+    # latest), not on to step 40 without a checkpoint.
+    assert step_dirs(tmp_path / 'checkpoints') == [10]
+    last = max(r['step'] for r in read_metrics(tmp_path))
+    assert last == 20 if inject is fail_when_starting else last <= 30
+    assert all(np.isfinite(v).all()
+               for v in read_params_numpy(str(tmp_path / 'checkpoints'), 10).values())
+    # Space again: the same command resumes from the checkpoint kept.
+    monkeypatch.undo()
+    assert pretrain(tmp_path, *args) == 0
+    assert 'resuming from step 10' in capsys.readouterr().out
+    assert step_dirs(tmp_path / 'checkpoints') == [40]

@@ -1,0 +1,107 @@
+"""One run per workdir (engine/lock.py): a live holder is named in one line, a dead one's
+lock is taken over, and two runs started together do not both run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import lock as lock_lib
+from engine.config_cli import ConfigError
+from launch import main as launch_main
+from tests.helpers import REPO, env, launch_command, read_metrics, tiny_args
+
+
+def write_lock(workdir, **fields) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {'host': socket.gethostname(), 'pid': os.getpid(), 'command': 'pretrain',
+              'token': 'other', 'started': time.time(), 'heartbeat': time.time(), **fields}
+    (workdir / lock_lib.LOCK_FILENAME).write_text(json.dumps(record))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_live_holder_is_refused_in_one_line_and_released_locks_are_free(tmp_path):
+    first = lock_lib.WorkdirLock(tmp_path, 'pretrain')
+    first.acquire()
+    with pytest.raises(ConfigError) as refused:
+        lock_lib.WorkdirLock(tmp_path, 'finetune').acquire()
+    message = str(refused.value)
+    assert f'is in use by pretrain (pid {os.getpid()} on {socket.gethostname()}' in message
+    assert '\n' not in message
+    first.release()
+    assert not (tmp_path / lock_lib.LOCK_FILENAME).exists()
+    with lock_lib.WorkdirLock(tmp_path, 'finetune'):
+        assert json.loads((tmp_path / '.lock').read_text())['command'] == 'finetune'
+
+
+@pytest.mark.parametrize('fields, stale', [
+    ({'pid': None}, True),  # this host, a process that has exited
+    ({'host': 'elsewhere', 'heartbeat': time.time() - 10 * lock_lib.STALE_S}, True),
+    ({'host': 'elsewhere'}, False),  # another host's fresh heartbeat: alive
+    ({}, False),  # this host, a live pid (this process)
+])
+def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, fields, stale):
+    if fields.get('pid', 0) is None:
+        fields = {**fields, 'pid': dead_pid()}
+    write_lock(tmp_path, **fields)
+    candidate = lock_lib.WorkdirLock(tmp_path, 'pretrain')
+    if stale:
+        with candidate:
+            assert json.loads((tmp_path / '.lock').read_text())['token'] == candidate.token
+    else:
+        with pytest.raises(ConfigError, match='is in use by pretrain'):
+            candidate.acquire()
+
+
+def test_a_torn_lock_file_is_taken_over(tmp_path):
+    (tmp_path / '.lock').write_text('{"host": "x", "pi')
+    with lock_lib.WorkdirLock(tmp_path, 'pretrain'):
+        pass
+    assert not (tmp_path / '.lock').exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_workdir_stops_and_leaves_it_alone(tmp_path, corpus, capsys):
+    workdir = tmp_path / 'run'
+    args = tiny_args(corpus, 400, '--config.checkpoint_every_steps=1000')
+    first = subprocess.Popen(launch_command('pretrain', '--workdir', str(workdir), *args),
+                             cwd=REPO, env=env(1), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (workdir / 'metrics.jsonl').exists():
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        assert launch_main(['pretrain', '--workdir', str(workdir), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'error: --workdir: {workdir} is in use by pretrain (pid '
+                              f'{first.pid} on ') and err.count('\n') == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    steps = [r['step'] for r in read_metrics(workdir) if 'loss' in r]
+    assert steps == sorted(set(steps))  # one writer: no duplicated or reordered steps
+    assert not (workdir / '.lock').exists()  # released on the way out
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_a_fresh_workdir(tmp_path, corpus):
+    workdir = tmp_path / 'run'
+    cmd = launch_command('pretrain', '--workdir', str(workdir), *tiny_args(corpus, 4))
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env(1), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert 'is in use by pretrain' in refused and 'Traceback' not in refused
+    assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [2, 4]
