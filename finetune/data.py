@@ -9,9 +9,8 @@ TSV is read without quoting (csv.QUOTE_NONE), as GLUE-style TSVs are written: a 
 character there is text (e.g. MNLI), while tabs and newlines cannot occur in a field.
 CSV follows RFC 4180: quoted fields may hold commas, quotes and newlines.
 
-Batches mirror text.batches: TaskBatches is PretrainBatches over the encoded rows (a
-pure function of (seed, step)); eval_batches adds a `weights` column so padding rows of
-the last batch count for nothing.
+Batches: TaskBatches is text.batches.PretrainBatches over the encoded rows; eval_batches
+adds a `weights` column so the last batch's padding rows count for nothing.
 """
 
 from __future__ import annotations
@@ -290,24 +289,18 @@ def _tfds_split(spec: str, split: str, text_column: str, text_b_column: str,
                    for i, row in rows]
 
 
-def _held_out_mask(num_rows: int, fraction: float, seed: int) -> np.ndarray:
-    """Seeded choice of round(fraction * n) rows (at least one, never all)."""
-    k = min(max(1, round(fraction * num_rows)), num_rows - 1)
-    mask = np.zeros(num_rows, dtype=bool)
-    mask[np.random.default_rng(seed).choice(num_rows, size=k, replace=False)] = True
-    return mask
-
-
 def carve_validation(rows: Sequence[dict], fraction: float, seed: int
                      ) -> tuple[list[dict], list[dict]]:
-    """(train, validation): a seeded `fraction` of rows held out, both in their order."""
+    """(train, validation): a seeded round(fraction * n) rows held out (at least one,
+    never all), both in their order."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f'validation_fraction: must be in (0, 1), got {fraction}')
     if len(rows) < 2:
         raise ValueError(f'need at least 2 training examples to hold some out, got {len(rows)}')
-    held = _held_out_mask(len(rows), fraction, seed)
-    return ([r for r, h in zip(rows, held, strict=True) if not h],
-            [r for r, h in zip(rows, held, strict=True) if h])
+    k = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+    held = set(np.random.default_rng(seed).choice(len(rows), size=k, replace=False).tolist())
+    return ([r for i, r in enumerate(rows) if i not in held],
+            [r for i, r in enumerate(rows) if i in held])
 
 
 def subsample(rows: Sequence[dict], count: int, seed: int) -> list[dict]:
