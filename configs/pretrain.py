@@ -54,6 +54,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.eval_max_batches = 20  # cap on held-out batches per eval (0 = the whole split)
     c.checkpoint_every_steps = 350  # also saved at the end and on SIGTERM
     c.keep_checkpoints = 3  # most recent checkpoints kept on disk
+    # NaN/Inf loss: roll back to the last checkpoint and skip the batches from there to the
+    # bad step, at most this many times per run; the next one stops the run. 0 = stop at once.
+    c.nan_rollbacks = 0
     # Budgets that survive restarts (kept in each checkpoint); reaching one saves and ends
     # the run with exit status 0. 0 = no limit.
     c.max_runtime = 0.0  # wall-clock seconds over all runs of this workdir, set-up included

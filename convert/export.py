@@ -5,8 +5,12 @@ and task.json) becomes `BertForSequenceClassification` with id2label/label2id (r
 one output, problem_type 'regression'). Written: config.json, model.safetensors (numpy
 API: no torch needed), tokenizer.json + tokenizer_config.json + special_tokens_map.json,
 and this project's own tokenizer file (spm.model or wordpiece.json) so `import` restores it
-exactly. Everything goes to a temporary directory beside --output that is renamed at the
-end, after verification: a failure leaves nothing behind.
+exactly. An imported WordPiece BERT whose special tokens `import` moved to ids 0..4 is
+written back in its original id order (vocab.txt, tokenizer.json, the word-embedding rows and
+MLM output bias), so the original tokenizer works with the exported weights; a workdir whose
+vocabulary no longer allows that (resized) is refused. Everything goes to a temporary
+directory beside --output that is renamed at the end, after verification: a failure leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import pathlib
 import shutil
 import tempfile
 
+import numpy as np
 from etils import epath
 
-from convert import names, tokenizer_files, verify
+from convert import hf_tokenizer_in, names, tokenizer_files, verify
 from engine.checkpoint import read_state_numpy, step_dirs
 from engine.config_cli import ConfigError, config_from_json
 from engine.paths import absolute_path, local_file_argument
 from models.bert import BertConfig
-from text.tokenizer import PAD_ID, load_tokenizer, tokenizer_file
+from text.tokenizer import PAD_ID, SPECIAL_PIECES, load_tokenizer, tokenizer_file
 from text.wordpiece import WORDPIECE_FILENAME
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
@@ -105,35 +110,78 @@ def hf_config(head: str, m: BertConfig, task: dict) -> dict:
     return config
 
 
-def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int):
-    """Our tokenizer file (copied) and the transformers tokenizer files; returns ours."""
+def _restored_order(workdir: epath.Path, model_cfg: BertConfig
+                    ) -> tuple[list[str], list[int]] | None:
+    """(original vocabulary, our id -> original id) of an imported WordPiece BERT whose
+    special tokens `import` moved to 0..4; None when our ids are the ones to export."""
+    source = epath.Path(tokenizer_file(str(workdir)))
+    if source.name != WORDPIECE_FILENAME:
+        return None
+    restored = hf_tokenizer_in.original_order(source, '--workdir')
+    if restored is not None and model_cfg.vocab_size < len(restored[0]):
+        raise ConfigError(f'--workdir: the model has {model_cfg.vocab_size} token rows for the '
+                          f'{len(restored[0])}-piece vocabulary of the imported BERT (resized?);'
+                          ' its original token ids cannot be restored')
+    return restored
+
+
+def _original_pipeline(source: epath.Path, vocab: list[str]):
+    """Our WordPiece pipeline (same normalizer and pre-tokenizer) over the original ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+    data = json.loads(source.read_text())
+    data['model'].pop(hf_tokenizer_in.ORIGINAL_VOCAB, None)
+    data['model']['vocab'] = {piece: i for i, piece in enumerate(vocab)}
+    data['added_tokens'] = []  # re-added at the vocabulary's ids by write_hf_tokenizer
+    return HFTokenizer.from_str(json.dumps(data))
+
+
+def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
+                     restored: tuple[list[str], list[int]] | None):
+    """Our tokenizer file (copied) and the transformers tokenizer files (in the original id
+    order for an imported BERT whose special tokens were moved); returns ours."""
     from tokenizers import Tokenizer as HFTokenizer
     source = epath.Path(tokenizer_file(str(workdir)))
     (out / source.name).write_bytes(source.read_bytes())
-    if source.name == WORDPIECE_FILENAME:
+    special_ids = None
+    if restored is not None:
+        vocab, order = restored
+        pipeline = _original_pipeline(source, vocab)
+        (out / 'vocab.txt').write_text(''.join(f'{piece}\n' for piece in vocab),
+                                       encoding='utf-8')
+        special_ids = order[:len(SPECIAL_PIECES)]
+    elif source.name == WORDPIECE_FILENAME:
         pipeline = HFTokenizer.from_str(source.read_text())
         vocab = sorted(pipeline.get_vocab().items(), key=lambda kv: kv[1])
-        (out / 'vocab.txt').write_text(''.join(f'{piece}\n' for piece, _ in vocab))
+        (out / 'vocab.txt').write_text(''.join(f'{piece}\n' for piece, _ in vocab),
+                                       encoding='utf-8')
     else:
         pipeline = tokenizer_files.from_sentencepiece(source.read_bytes())
-    tokenizer_files.write_hf_tokenizer(pipeline, out, max_len)
+    tokenizer_files.write_hf_tokenizer(pipeline, out, max_len, special_ids=special_ids)
     return load_tokenizer(str(out / source.name))
 
 
 def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
     from safetensors.numpy import save_file
     head, model_cfg, params, task, step = load_workdir(workdir, step)
+    restored = _restored_order(workdir, model_cfg)
     try:
         tensors = names.to_hf(params, model_cfg.num_layers, head)
     except (KeyError, ValueError) as e:
         raise ConfigError(f'--workdir: cannot map its parameters to transformers BERT: '
                           f'{e}') from None
+    ids = None  # our id -> exported id
+    if restored is not None:
+        order = restored[1]
+        ids = np.concatenate([order, np.arange(len(order), model_cfg.vocab_size)])
+        tensors = hf_tokenizer_in.reorder_vocab(tensors, np.argsort(order).tolist())
     save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
     config = hf_config(head, model_cfg, task)
+    if ids is not None:
+        config['pad_token_id'] = int(ids[PAD_ID])
     (out / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
-    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings)
+    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, restored)
     if check:
-        verify.verify(out, head, model_cfg, params, tokenizer)
+        verify.verify(out, head, model_cfg, params, tokenizer, ids)
     return f'{ARCHITECTURES[head]} (step {step})'
 
 

@@ -21,6 +21,11 @@ from engine.config_cli import ConfigError
 from text.tokenizer import MODEL_FILENAME, SPECIAL_PIECES, Tokenizer
 from text.wordpiece import WORDPIECE_FILENAME, WordPieceTokenizer, build_wordpiece
 
+# Key in the "model" object of wordpiece.json (tokenizers ignores it on load): the imported
+# vocabulary in its original id order, written when import moved the special tokens, so
+# that `export` restores the original ids (and a re-import of that export moves them again).
+ORIGINAL_VOCAB = 'original_vocab'
+
 # Rows indexed by token id, reordered with the vocabulary.
 VOCAB_ROWS = ('bert.embeddings.word_embeddings.weight', 'cls.predictions.bias',
               'cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')
@@ -70,6 +75,36 @@ def reorder_vocab(state: dict[str, np.ndarray], order: list[int] | None) -> dict
     return out
 
 
+def _record_original(path: pathlib.Path, vocab: list[str]) -> None:
+    data = json.loads(path.read_text(encoding='utf-8'))
+    data['model'][ORIGINAL_VOCAB] = list(vocab)
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding='utf-8')
+
+
+def original_order(path, where: str) -> tuple[list[str], list[int]] | None:
+    """(original vocabulary, new id -> original id) that `import` recorded in the WordPiece
+    file `path` (pathlib or epath); None when the ids were never moved. A ConfigError
+    (`where` names the argument) when the file's vocabulary is no longer the recorded one
+    reordered."""
+    from tokenizers import Tokenizer as HFTokenizer
+    text = path.read_text(encoding='utf-8')
+    vocab = (json.loads(text).get('model') or {}).get(ORIGINAL_VOCAB)
+    if vocab is None:
+        return None
+    current = [p for p, _ in sorted(HFTokenizer.from_str(text).get_vocab().items(),
+                                    key=lambda kv: kv[1])]
+    try:
+        order = special_order(vocab)
+    except ConfigError:
+        order = None
+    if order is None or [vocab[i] for i in order] != current:
+        raise ConfigError(f'{where}: {path.name} records the original vocabulary of an '
+                          'imported BERT, but its own vocabulary is no longer that one '
+                          'reordered (changed or resized?); the original token ids cannot be '
+                          'restored')
+    return vocab, order
+
+
 def _wordpiece_settings(d: pathlib.Path) -> tuple[bool, bool | None]:
     config = d / 'tokenizer_config.json'
     settings = json.loads(config.read_text()) if config.is_file() else {}
@@ -101,6 +136,8 @@ def _import_wordpiece(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
     ordered = vocab if order is None else [vocab[i] for i in order]
     pipeline = build_wordpiece(ordered, lowercase=lowercase, strip_accents=strip_accents)
     pipeline.save(str(out / WORDPIECE_FILENAME))
+    if order is not None:
+        _record_original(out / WORDPIECE_FILENAME, vocab)
     WordPieceTokenizer(str(out / WORDPIECE_FILENAME))  # checks ids 0..4
     return Imported('wordpiece', order)
 
@@ -114,8 +151,10 @@ def _spm_kind(path: pathlib.Path) -> str:
 def _import_own(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
     if (d / WORDPIECE_FILENAME).is_file():
         WordPieceTokenizer(str(d / WORDPIECE_FILENAME))
+        # An export of an imported BERT holds its weights in the original id order.
+        restored = original_order(d / WORDPIECE_FILENAME, '--hf-dir')
         shutil.copyfile(d / WORDPIECE_FILENAME, out / WORDPIECE_FILENAME)
-        return Imported('wordpiece', None)
+        return Imported('wordpiece', restored and restored[1])
     for model in [d / MODEL_FILENAME, *sorted(d.glob('*.model'))]:
         if model.is_file():
             try:

@@ -90,24 +90,27 @@ def from_sentencepiece(model_bytes: bytes) -> Tokenizer:
     return tok
 
 
-def with_bert_specials(tok: Tokenizer) -> Tokenizer:
-    """Adds the special tokens (matched in text too, e.g. [MASK]) and the BERT template."""
+def with_bert_specials(tok: Tokenizer, special_ids: list[int] | None = None) -> Tokenizer:
+    """Adds the special tokens (matched in text too, e.g. [MASK]) and the BERT template.
+    `special_ids`: where the vocabulary holds SPECIAL_PIECES (default this project's 0..4;
+    an imported WordPiece vocabulary exported in its original id order has its own)."""
+    special_ids = list(range(len(SPECIAL_PIECES))) if special_ids is None else special_ids
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t in SPECIAL_PIECES])
-    for i, t in enumerate(SPECIAL_PIECES):
+    for i, t in zip(special_ids, SPECIAL_PIECES, strict=True):
         if tok.token_to_id(t) != i:
             raise ValueError(f'special token {t} has id {tok.token_to_id(t)}, expected {i}')
     cls, sep = SPECIAL_PIECES[CLS_ID], SPECIAL_PIECES[SEP_ID]
     tok.post_processor = processors.TemplateProcessing(
         single=f'{cls} $A:0 {sep}:0', pair=f'{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1',
-        special_tokens=[(cls, CLS_ID), (sep, SEP_ID)])
+        special_tokens=[(cls, special_ids[CLS_ID]), (sep, special_ids[SEP_ID])])
     return tok
 
 
 def write_hf_tokenizer(tok: Tokenizer, directory: pathlib.Path, model_max_length: int,
-                       extra: dict | None = None) -> None:
+                       extra: dict | None = None, special_ids: list[int] | None = None) -> None:
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json in `directory`."""
-    tok = with_bert_specials(tok)
+    tok = with_bert_specials(tok, special_ids)
     tok.save(str(directory / 'tokenizer.json'))
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': model_max_length,
               'model_input_names': ['input_ids', 'token_type_ids', 'attention_mask'],

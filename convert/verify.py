@@ -95,29 +95,35 @@ def max_logit_diff(head: str, ours: np.ndarray, theirs: np.ndarray, mask: np.nda
     return float(diff.max())
 
 
-def tokenizer_parity(directory: pathlib.Path, tokenizer) -> tuple[int, int]:
-    """(matching, total) fixed inputs, singles and pairs: ids and token types must agree."""
+def tokenizer_parity(directory: pathlib.Path, tokenizer, ids: np.ndarray | None = None
+                     ) -> tuple[int, int]:
+    """(matching, total) fixed inputs, singles and pairs: ids and token types must agree.
+    `ids`: our id -> the exported id (None: the same)."""
     import transformers
     hf = transformers.AutoTokenizer.from_pretrained(str(directory))
+    to_hf = (lambda x: list(x)) if ids is None else (lambda x: [int(ids[i]) for i in x])
     matching = total = 0
     for i, text in enumerate(SENTENCES):
-        a = tokenizer.encode(text)
+        a = to_hf(tokenizer.encode(text))
         other = SENTENCES[(i + 1) % len(SENTENCES)]
-        b = tokenizer.encode(other)
+        b = to_hf(tokenizer.encode(other))
         single = hf(text)
         pair = hf(text, other)
-        want_pair = [CLS_ID, *a, SEP_ID, *b, SEP_ID]
+        cls, sep = to_hf([CLS_ID, SEP_ID])
+        want_pair = [cls, *a, sep, *b, sep]
         types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
-        matching += single['input_ids'] == [CLS_ID, *a, SEP_ID]
+        matching += single['input_ids'] == [cls, *a, sep]
         matching += pair['input_ids'] == want_pair and pair['token_type_ids'] == types
         total += 2
     return matching, total
 
 
 def verify(directory: pathlib.Path, head: str, model_cfg: BertConfig, params: dict,
-           tokenizer) -> None:
+           tokenizer, ids: np.ndarray | None = None) -> None:
     """Prints the logit difference and tokenizer parity; raises VerificationError when the
-    logits differ by more than TOLERANCE or transformers reports missing/unused weights."""
+    logits differ by more than TOLERANCE or transformers reports missing/unused weights.
+    `ids` (our id -> exported id, for an export in an imported BERT's original id order):
+    transformers gets the batch in exported ids, and its MLM logits are compared in ours."""
     if not transformers_available():
         print('verify: skipped (transformers and torch are not installed)', flush=True)
         return
@@ -126,11 +132,15 @@ def verify(directory: pathlib.Path, head: str, model_cfg: BertConfig, params: di
     transformers.logging.disable_progress_bar()
     batch = fixed_batch(tokenizer, head == 'classifier',
                         min(64, model_cfg.max_position_embeddings))
-    diff = max_logit_diff(head, our_logits(head, model_cfg, params, batch),
-                          hf_logits(directory, head, batch), batch['attention_mask'])
+    theirs_batch = batch if ids is None else {**batch, 'input_ids': ids[batch['input_ids']]}
+    theirs = hf_logits(directory, head, theirs_batch)
+    if ids is not None and head == 'mlm':
+        theirs = theirs[..., ids]  # column of exported id ids[i] is our id i's
+    diff = max_logit_diff(head, our_logits(head, model_cfg, params, batch), theirs,
+                          batch['attention_mask'])
     print(f'max |logit diff|: {diff:.3g} (transformers vs this model, fp32, '
           f'{len(batch["input_ids"])} padded sequences)', flush=True)
-    matching, total = tokenizer_parity(directory, tokenizer)
+    matching, total = tokenizer_parity(directory, tokenizer, ids)
     print(f'tokenizer: {matching}/{total} fixed inputs give the same ids', flush=True)
     if not diff <= TOLERANCE:  # also catches NaN
         raise VerificationError(f'max |logit diff| {diff:.3g} exceeds {TOLERANCE:g}')

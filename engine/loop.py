@@ -60,6 +60,13 @@ class LoopConfig:
     peak_flops: float  # all devices together
     is_main: bool = True  # only the main process prints and writes metrics
     deadline: float = 0.0  # time.time() at which max_runtime is spent; 0 = no limit
+    # Non-finite losses survived by rolling back to the last checkpoint (cb.rollback) and
+    # skipping the batches since; the next one stops the run. 0: the first one stops it.
+    nan_rollbacks: int = 0
+    # Batches skipped by earlier rollbacks (kept in checkpoints): the batch of optimizer
+    # step s (1-based) is batch number s + data_offset, i.e. `batches` yields index
+    # s - 1 + data_offset for it. 0 when nothing was ever skipped.
+    data_offset: int = 0
 
 
 @dataclasses.dataclass
@@ -73,6 +80,10 @@ class LoopCallbacks:
     # Raises CheckpointSaveFailed if a save failed. wait=False: only looks whether the
     # background save has finished (asked every step); wait=True: blocks until it has.
     check_saves: Callable[[bool], None] = lambda wait: None
+    # (checkpoint step, new data offset) -> (that checkpoint's state, batches from data
+    # index step + offset on); saves made after it must record the new offset. Needed
+    # only with LoopConfig.nan_rollbacks > 0.
+    rollback: Callable[[int, int], tuple[Any, Iterator]] | None = None
 
 
 class SigtermFlag:
@@ -90,14 +101,23 @@ class SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(records: list[dict], step: int, last_saved: int | None) -> None:
-    for record in records:
+def _first_non_finite(records: list[dict], step: int) -> tuple[int, float] | None:
+    """(step, loss) of the first non-finite loss among the records of steps
+    step - len(records) + 1 .. step; None if all are finite."""
+    for index, record in enumerate(records):
         if not np.isfinite(record['loss_sum']):
-            kept = f'step {last_saved}' if last_saved is not None else 'none yet'
-            raise NonFiniteLoss(
-                f'loss became {float(record["loss_sum"])} by step {step}; stopped without '
-                f'saving this state (last good checkpoint: {kept}). Try a lower '
-                f'optimizer.learning_rate, more warm-up or optimizer.max_grad_norm.')
+            return step - len(records) + 1 + index, float(record['loss_sum'])
+    return None
+
+
+def _non_finite_loss(loss: float, step: int, last_saved: int | None,
+                     rollbacks: int) -> NonFiniteLoss:
+    kept = f'step {last_saved}' if last_saved is not None else 'none yet'
+    after = f' after {rollbacks} rollback(s)' if rollbacks else ''
+    return NonFiniteLoss(
+        f'loss became {loss} by step {step}{after}; stopped without saving this state (last '
+        f'good checkpoint: {kept}). Try a lower optimizer.learning_rate, more warm-up or '
+        f'optimizer.max_grad_norm.')
 
 
 def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
@@ -120,10 +140,12 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
     # pending: this interval's metrics still on device; fetched: on host, not yet logged
     # (a checkpoint step fetches them for the NaN check; they wait for the log step).
     pending, fetched, last_saved = [], [], (start_step or None)
+    offset, rollbacks = cfg.data_offset, 0
     timer = _Throughput(cfg)
-    batches = timer.timed(batches)  # host time spent producing batches
+    batches = _Replaceable(timer.timed(batches))  # host time spent producing batches
     try:
-        for step, batch in batches:  # `step` is the step about to be taken (1-based after)
+        for index, batch in batches:  # the data index of the step about to be taken
+            step = index - offset  # the optimizer step about to be taken (1-based after)
             state, metrics = cb.step(state, batch)
             pending.append(metrics)
             done = step + 1
@@ -137,7 +159,17 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
             if log_now or save_now or preempted:
                 records = jax.device_get(pending)
                 pending = []
-                _check_finite(records, done, last_saved)
+                bad = _first_non_finite(records, done)
+                if bad and (rollbacks >= cfg.nan_rollbacks or last_saved is None
+                            or cb.rollback is None):
+                    raise _non_finite_loss(bad[1], done, last_saved, rollbacks)
+                if bad:
+                    rollbacks += 1
+                    state, replay, offset = _rollback(bad, last_saved, offset, rollbacks,
+                                                      cfg, cb, bar)
+                    batches.replace(timer.timed(replay))
+                    timer.restart(last_saved)
+                    continue  # `fetched` holds only steps up to last_saved: they stay
                 fetched += records
                 if log_now:
                     _log(done, fetched, timer, cb, bar, cfg.is_main)
@@ -166,6 +198,42 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
         bar.close()
         sigterm.restore()
     return state
+
+
+class _Replaceable:
+    """An iterator whose source can be swapped between two `next` calls (a rollback
+    restarts the batches elsewhere)."""
+
+    def __init__(self, iterator: Iterator):
+        self._iterator = iterator
+
+    def replace(self, iterator: Iterator) -> None:
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+
+def _rollback(bad: tuple[int, float], last_saved: int, offset: int, rollbacks: int,
+              cfg: LoopConfig, cb: LoopCallbacks, bar) -> tuple[Any, Iterator, int]:
+    """Back to the checkpoint of `last_saved`, skipping the batches of the steps after it
+    up to the first non-finite one: (its state, the batches from there, the new offset)."""
+    step, loss = bad
+    # Batch numbers are 1-based like steps: batch n is the one of step n when none is skipped.
+    skipped = list(range(last_saved + offset + 1, step + offset + 1))
+    offset += step - last_saved
+    state, replay = cb.rollback(last_saved, offset)
+    bar.n = last_saved
+    bar.refresh()
+    cb.write(step, {'rollback_to': last_saved, 'skipped_batches': skipped})
+    if cfg.is_main:
+        bar.write(f'step {step}: loss is {loss}; rolled back to step {last_saved} and skipped '
+                  f'batches {skipped[0]}-{skipped[-1]} (rollback {rollbacks} of '
+                  f'{cfg.nan_rollbacks})', file=sys.stdout)
+    return state, replay, offset
 
 
 def _stop_requests(sigterm: SigtermFlag, cfg: LoopConfig, synced: bool) -> tuple[bool, bool]:

@@ -254,8 +254,13 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
     ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts, src, tokenizer)
-    budget = Budget.resume(cfg, ckpts.restore_meta(start_step) if start_step else None,
-                           start_step, cfg.batch_size * cfg.seq_len, started)
+    resumed_meta = ckpts.restore_meta(start_step) if start_step else None
+    budget = Budget.resume(cfg, resumed_meta, start_step, cfg.batch_size * cfg.seq_len, started)
+    # Batches skipped by NaN rollbacks: data position - step (0 in checkpoints before them;
+    # an imported checkpoint's position is 0).
+    position = (resumed_meta or {}).get('data', {}).get('position') or start_step
+    data_offset = [position - start_step]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     masking = masking_config(cfg, tokenizer.vocab_size)
     word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
@@ -271,8 +276,13 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     batches = PretrainBatches(train_splits, cfg.batch_size, cfg.seed,
                               *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights)
     meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
-                                  'position': step}, 'config': cfg.to_dict(),
+                                  'position': step + data_offset[0]}, 'config': cfg.to_dict(),
                           'budget': budget.meta(step)}
+
+    def rollback(step: int, offset: int):  # a NaN loss: back to checkpoint `step`
+        ckpts.wait()
+        data_offset[0] = offset
+        return ckpts.restore(step, abstract, shardings)[0], batches.iterate(step + offset)
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
     results = {}
     evaluate = _evaluate_both(cfg, mesh, eval_fn, eval_source, old_eval, results)
@@ -286,16 +296,17 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         eval_every=cfg.eval_every_steps, checkpoint_every=cfg.checkpoint_every_steps,
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=flops,
         peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
-        is_main=main, deadline=budget.deadline())
+        is_main=main, deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
+        data_offset=data_offset[0])
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
-        check_saves=ckpts.check,
+        check_saves=ckpts.check, rollback=rollback,
         summarize=functools.partial(summarize_sums, accuracy_key='mlm_accuracy'))
     try:
         with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-            run_loop(state, batches.iterate(start_step), start_step, loop_cfg, callbacks,
-                     sigterm)
+            run_loop(state, batches.iterate(start_step + data_offset[0]), start_step, loop_cfg,
+                     callbacks, sigterm)
     finally:
         ckpts.close()
         writer.close()

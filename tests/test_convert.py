@@ -177,7 +177,11 @@ def test_finetuned_classifier_round_trip_predicts_alike(wordpiece):
     assert enc['attention_mask'].min() == 0
     with torch.no_grad():
         theirs = hf(**enc).logits.numpy()
-    ours = np.asarray(model.apply({'params': params}, enc['input_ids'].numpy(),
+    # The export keeps the imported BERT's original ids; our model has [PAD]..[MASK] at 0..4.
+    ours_tok = load_tokenizer(tokenizer_file(str(wordpiece['ft'])))
+    our_id = {ours_tok.id_to_piece(i): i for i in range(ours_tok.vocab_size)}
+    to_ours = np.array([our_id[p] for p in (hf_dir / 'vocab.txt').read_text().splitlines()])
+    ours = np.asarray(model.apply({'params': params}, to_ours[enc['input_ids'].numpy()],
                                   token_type_ids=enc['token_type_ids'].numpy(),
                                   attention_mask=enc['attention_mask'].numpy()))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
@@ -299,3 +303,45 @@ def test_wordpiece_import_matches_transformers_and_trains(wordpiece):
     assert 'tokenizer: 20/20' in wordpiece['export_mlm_stdout']
     assert (wordpiece['ft'] / 'wordpiece.json').is_file()
     assert 'accuracy' in json.loads((wordpiece['ft'] / 'results.json').read_text())['validation']
+
+
+def test_wordpiece_export_restores_the_original_token_ids(tmp_path, capsys):
+    """import moves BERT's special tokens to 0..4; export moves them back, so the original
+    tokenizer and the exported weights give the original model's logits."""
+    hf_dir, work, out, back = (tmp_path / n for n in ('hf', 'w', 'out', 'back'))
+    _hf_wordpiece_bert(hf_dir)
+    assert launch.main(['import', '--hf-dir', str(hf_dir), '--workdir', str(work)]) == 0
+    assert launch.main(['export', '--workdir', str(work), '--output', str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert _diff(stdout) <= 1e-4 and 'tokenizer: 20/20' in stdout
+    assert (out / 'vocab.txt').read_bytes() == (hf_dir / 'vocab.txt').read_bytes()
+    assert json.loads((out / 'config.json').read_text())['pad_token_id'] == 0
+    texts = ['The Red cat jumped over the GARDEN.', 'a quiet horse walks', 'zebras [MASK] ?']
+    original = transformers.BertTokenizer.from_pretrained(str(hf_dir))
+    enc = original(texts, padding=True, return_tensors='pt')
+    assert transformers.AutoTokenizer.from_pretrained(str(out))(
+        texts, padding=True)['input_ids'] == enc['input_ids'].tolist()
+    with torch.no_grad():
+        expected = transformers.BertForMaskedLM.from_pretrained(str(hf_dir))(**enc).logits
+        got = transformers.BertForMaskedLM.from_pretrained(str(out))(**enc).logits
+    mask = enc['attention_mask'].bool()
+    assert float((got - expected).abs()[mask].max()) <= 1e-4
+    # Re-importing the export moves the ids to 0..4 again: the same params as the import.
+    assert launch.main(['import', '--hf-dir', str(out), '--workdir', str(back)]) == 0
+    first, again = (read_params_numpy(str(d / 'checkpoints')) for d in (work, back))
+    for key, value in first.items():
+        np.testing.assert_allclose(again[key], value, atol=1e-6, err_msg=key)
+
+
+def test_wordpiece_export_refuses_a_vocabulary_it_cannot_restore(tmp_path, capsys):
+    hf_dir, work, out = (tmp_path / n for n in ('hf', 'w', 'out'))
+    _hf_wordpiece_bert(hf_dir)
+    assert launch.main(['import', '--hf-dir', str(hf_dir), '--workdir', str(work)]) == 0
+    capsys.readouterr()
+    data = json.loads((work / 'wordpiece.json').read_text())
+    data['model']['original_vocab'].append('##zz')  # not the vocabulary it was reordered from
+    (work / 'wordpiece.json').write_text(json.dumps(data))
+    assert launch.main(['export', '--workdir', str(work), '--output', str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'original token ids cannot be restored' in err[0]
+    assert not out.exists() and not list(tmp_path.glob('.out.tmp-*'))

@@ -5,10 +5,12 @@ The end-to-end runs are in this process (launch.main, 8 fake devices) so that or
 monkeypatched; runs are deterministic, so a resumed run's params equal an uninterrupted one's.
 """
 
+import json
 import pathlib
 import re
 import shutil
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -197,3 +199,145 @@ def test_disk_full_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert pretrain(tmp_path, *args) == 0
     assert 'resuming from step 10' in capsys.readouterr().out
     assert step_dirs(tmp_path / 'checkpoints') == [40]
+
+
+# --- 4. NaN rollbacks ----------------------------------------------------------------------
+
+def nan_loop(nan_rollbacks: int, bad_batches: set[int], num_steps: int = 8, log_every: int = 2,
+             checkpoint_every: int = 2):
+    """run_loop on host numbers where the state is the optimizer step and the batch of data
+    index i is i + 1 (its 1-based number); the loss is NaN on `bad_batches`. Returns (the
+    batches trained on, per step, of the surviving history; written records; saved steps
+    with their data offset; final state)."""
+    trained, written, saved, offset = {}, [], [], [0]
+    snapshots = {}
+
+    def step(state, batch):
+        trained[state + 1] = batch
+        loss = float('nan') if batch in bad_batches else 1.0
+        return state + 1, {'loss_sum': loss, 'correct_sum': 0.0, 'weight_sum': 1.0,
+                           'learning_rate': 0.1, 'grad_norm': 1.0}
+
+    def batches(start):
+        return ((i, i + 1) for i in range(start, 10 * num_steps))
+
+    def save(step, state):
+        snapshots[step] = state
+        saved.append((step, offset[0]))
+
+    def rollback(step, new_offset):
+        offset[0] = new_offset
+        return snapshots[step], batches(step + new_offset)
+    callbacks = loop.LoopCallbacks(step=step, evaluate=lambda s: {}, save=save,
+                                   write=lambda step, m: written.append({'step': step, **m}),
+                                   rollback=rollback)
+    cfg = loop.LoopConfig(num_steps=num_steps, log_every=log_every, eval_every=0,
+                          checkpoint_every=checkpoint_every, tokens_per_step=1,
+                          flops_per_step=1.0, peak_flops=1.0, is_main=True,
+                          nan_rollbacks=nan_rollbacks)
+    final = loop.run_loop(0, batches(0), 0, cfg, callbacks)
+    return trained, written, saved, final
+
+
+def test_nan_rollback_restores_the_checkpoint_and_skips_the_batches(capsys):
+    # Checkpoints at 2, 4, ...; batch 3 (step 3) is bad: detected at the log step 4, back
+    # to step 2, batches 3 skipped; steps 3.. train on batches 4...
+    trained, written, saved, final = nan_loop(1, {3}, checkpoint_every=2, log_every=4)
+    assert final == 8
+    assert trained == {1: 1, 2: 2, 3: 4, 4: 5, 5: 6, 6: 7, 7: 8, 8: 9}
+    assert {'step': 3, 'rollback_to': 2, 'skipped_batches': [3]} in written
+    assert saved == [(2, 0), (4, 1), (6, 1), (8, 1)]
+    out = capsys.readouterr().out
+    assert 'step 3: loss is nan; rolled back to step 2 and skipped batches 3-3 ' \
+           '(rollback 1 of 1)' in out
+    # Logged means cover steps 1-4 and 5-8 of the surviving history, all finite.
+    assert [(r['step'], r['loss']) for r in written if 'loss' in r] == [(4, 1.0), (8, 1.0)]
+
+
+def test_nan_rollbacks_are_limited_and_zero_stops_at_once():
+    with pytest.raises(loop.NonFiniteLoss, match=r'loss became nan by step 4; stopped'):
+        nan_loop(0, {3})
+    # Two bad batches, one rollback allowed: the second one stops the run.
+    with pytest.raises(loop.NonFiniteLoss, match=r'by step 6 after 1 rollback\(s\).*step 4'):
+        nan_loop(1, {3, 7}, checkpoint_every=2, log_every=2)
+    # Two allowed: both survived; the skipped batches follow the offset of the first.
+    trained, written, saved, final = nan_loop(2, {3, 7})
+    assert final == 8
+    rollbacks = [r for r in written if 'rollback_to' in r]
+    assert rollbacks == [{'step': 3, 'rollback_to': 2, 'skipped_batches': [3]},
+                         {'step': 6, 'rollback_to': 4, 'skipped_batches': [6, 7]}]
+    assert trained[5] == 8 and trained[8] == 11
+    assert saved[-1] == (8, 3)
+
+
+def test_nan_before_any_checkpoint_stops_the_run():
+    with pytest.raises(loop.NonFiniteLoss, match='last good checkpoint: none yet'):
+        nan_loop(1, {1}, checkpoint_every=4, log_every=2)
+
+
+POISON = 7  # a batch of input_ids all POISON: the step's loss and params become NaN
+
+
+def poison_batch(monkeypatch, index: int) -> None:
+    """Data index `index` (batch number index + 1) blows the model up, in whichever step
+    trains on it (a data-dependent fault: a rollback that skips it gets past it)."""
+    import jax.numpy as jnp
+
+    from pretrain import steps
+    from text.batches import PretrainBatches
+    batch, train_step = PretrainBatches.batch, steps.train_step
+
+    def poisoned_batch(self, step):
+        out = batch(self, step)
+        return {**out, 'input_ids': np.full_like(out['input_ids'], POISON)} if step == index \
+            else out
+
+    def poisoned_step(state, batch, **kwargs):
+        state, metrics = train_step(state, batch, **kwargs)
+        bad = jnp.all(batch['input_ids'] == POISON)
+        params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), state.params)
+        metrics = {**metrics, 'loss_sum': jnp.where(bad, jnp.nan, metrics['loss_sum'])}
+        return state.replace(params=params), metrics
+    monkeypatch.setattr(PretrainBatches, 'batch', poisoned_batch)
+    monkeypatch.setattr(steps, 'train_step', poisoned_step)
+
+
+def data_position(workdir, step: int) -> int:
+    meta = json.loads((workdir / 'checkpoints' / str(step) / 'meta' / 'metadata').read_text())
+    return meta['data']['position']
+
+
+@pytest.mark.slow
+def test_nan_rollback_end_to_end(tmp_path, corpus, monkeypatch, capsys):
+    # Checkpoints at 4, 8, 12; the batch of step 6 (data index 5) is poisoned: found at the
+    # log step 6, back to step 4, batches 5-6 skipped.
+    args = tiny_args(corpus, 12, '--config.checkpoint_every_steps=4')
+    poison_batch(monkeypatch, 5)
+    assert pretrain(tmp_path / 'stop', *args) == 1  # nan_rollbacks=0: stops as before
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith('error: loss became nan by step 6; stopped'), err
+    assert 'last good checkpoint: step 4' in err
+    assert step_dirs(tmp_path / 'stop' / 'checkpoints') == [4]
+
+    workdir = tmp_path / 'rollback'
+    assert pretrain(workdir, *args, '--config.nan_rollbacks=1') == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if 'rolled back' in line]
+    assert lines == ['step 6: loss is nan; rolled back to step 4 and skipped batches 5-6 '
+                     '(rollback 1 of 1)'], out
+    records = read_metrics(workdir)
+    assert {'step': 6, 'rollback_to': 4, 'skipped_batches': [5, 6]} in records
+    assert max(r['step'] for r in records) == 12
+    assert np.isfinite([r['loss'] for r in records if 'loss' in r]).all()
+    assert step_dirs(workdir / 'checkpoints') == [4, 8, 12]
+    params = read_params_numpy(str(workdir / 'checkpoints'), 12)
+    assert all(np.isfinite(v).all() for v in params.values())
+    # The offset is in the checkpoints: resumed from step 8, the run replays the same data
+    # (the poisoned batch is not seen again) and ends with the same params.
+    assert [data_position(workdir, s) for s in (4, 8, 12)] == [4, 10, 14]
+    resumed = tmp_path / 'resumed'
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / 'checkpoints' / '12')
+    assert pretrain(resumed, *args, '--config.nan_rollbacks=1') == 0
+    assert 'rolled back' not in capsys.readouterr().out
+    assert_same_params(read_params_numpy(str(resumed / 'checkpoints'), 12), params)
