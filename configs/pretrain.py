@@ -62,6 +62,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.max_runtime = 0.0  # wall-clock seconds over all runs of this workdir, set-up included
     c.train_tokens = 0  # tokens (batch_size x seq_len per step) over all runs of this workdir
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the chip, or measure a matmul on CPU
+    # JAX profiler window 'FIRST,LAST' (e.g. '10,15': trace from before step 10 to after step
+    # 15) written to WORKDIR/tensorboard/profile (TensorBoard's Profile tab); '' = off.
+    c.profile_steps = ''
+    c.wandb = wandb_config()
 
     # Continual pretraining (pretrain/continual.py): start from this pretraining workdir's
     # weights (ours, or one made by `launch.py import`) instead of random init; the model's
@@ -190,6 +194,16 @@ def mesh_config() -> ml_collections.ConfigDict:
         ('kv', None),
     )
     return s
+
+
+def wandb_config() -> ml_collections.ConfigDict:
+    w = ml_collections.ConfigDict()
+    # Weights & Biases: also log every metrics record to this project ('' = off; needs
+    # `pip install wandb`). A resumed run continues the same W&B run (WORKDIR/wandb_id.txt).
+    w.project = ''
+    w.entity = ''  # W&B team or user; '' = your default entity
+    w.name = ''  # the W&B run's display name; '' = the workdir's name
+    return w
 
 
 def apply_arg_overrides(c: ml_collections.ConfigDict, extras: list[str]) -> None:

@@ -67,6 +67,10 @@ class LoopConfig:
     # step s (1-based) is batch number s + data_offset, i.e. `batches` yields index
     # s - 1 + data_offset for it. 0 when nothing was ever skipped.
     data_offset: int = 0
+    # Profiler window (first, last) step: a JAX trace starts before step `first` and stops
+    # after step `last`, written to profile_dir (by the main process only). None = off.
+    profile: tuple[int, int] | None = None
+    profile_dir: str = ''
 
 
 @dataclasses.dataclass
@@ -99,6 +103,48 @@ class SigtermFlag:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """`profile_steps` ('FIRST,LAST', e.g. '10,15'; '' = off) -> (first, last) or None;
+    a one-line ConfigError for anything else."""
+    if not str(text).strip():
+        return None
+    from engine.config_cli import ConfigError
+    try:
+        first, last = (int(part) for part in str(text).split(','))
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last:
+        raise ConfigError(f"profile_steps: expected 'FIRST,LAST' steps with 1 <= FIRST <= LAST "
+                          f"(e.g. '10,15'), or '' for off; got {text!r}")
+    return first, last
+
+
+class _Profiler:
+    """Starts a JAX trace before step `first` and stops it after step `last` (its device
+    work finished), or when the loop ends inside the window."""
+
+    def __init__(self, cfg: LoopConfig):
+        self.window = cfg.profile if cfg.is_main and cfg.profile_dir else None
+        self.directory, self.active = cfg.profile_dir, False
+
+    def before(self, step: int) -> None:
+        """`step`: the 1-based step about to be taken."""
+        if self.window and not self.active and self.window[0] <= step <= self.window[1]:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.active and step >= self.window[1]:
+            jax.block_until_ready(outputs)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+            print(f'profile: trace written under {self.directory}', flush=True)
 
 
 def _first_non_finite(records: list[dict], step: int) -> tuple[int, float] | None:
@@ -143,12 +189,15 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
     offset, rollbacks = cfg.data_offset, 0
     timer = _Throughput(cfg)
     batches = _Replaceable(timer.timed(batches))  # host time spent producing batches
+    profiler = _Profiler(cfg)
     try:
         for index, batch in batches:  # the data index of the step about to be taken
             step = index - offset  # the optimizer step about to be taken (1-based after)
+            profiler.before(step + 1)
             state, metrics = cb.step(state, batch)
             pending.append(metrics)
             done = step + 1
+            profiler.after(done, metrics)
             bar.update(1)
             if done == start_step + 1:
                 jax.block_until_ready(metrics)  # compile time stays out of throughput
@@ -195,6 +244,7 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
             if done >= cfg.num_steps or stop:
                 break
     finally:
+        profiler.stop()
         bar.close()
         sigterm.restore()
     return state

@@ -7,6 +7,10 @@ Both files are appended to, which cloud storage cannot do: for a gs:// workdir t
 written in a local staging directory and uploaded whole at most every `upload_every_s`
 seconds and on close (SIGTERM included). A crash loses at most that much of the log; the
 resumed run logs the steps after its checkpoint again anyway.
+
+Optionally (`--config.wandb.project=NAME`) every record also goes to Weights & Biases; the
+run's W&B id is kept in WORKDIR/wandb_id.txt so that a resumed run continues the same W&B
+run. `wandb` is imported only then.
 """
 
 import json
@@ -16,8 +20,10 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from typing import Any
 
+from engine.config_cli import ConfigError
 from engine.paths import absolute_path, is_remote
 
 
@@ -35,15 +41,42 @@ def tensorboard_tag(key: str) -> str:
     return f"{'eval' if key.startswith(('eval_', 'old_eval_')) else 'train'}/{key}"
 
 
+def require_wandb(project: str):
+    """The `wandb` module when a W&B project is set (None when not); a one-line ConfigError
+    if it is not installed. Called before training starts, so the error comes early."""
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f'wandb.project={project!r} needs the wandb package: '
+                          'pip install wandb') from None
+    return wandb
+
+
+def _wandb_id(workdir) -> str:
+    """This workdir's W&B run id: read from WORKDIR/wandb_id.txt, or made and stored there."""
+    path = absolute_path(workdir) / 'wandb_id.txt'
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    path.write_text(run_id + '\n')
+    return run_id
+
+
 class MetricWriter:
     """Writes one JSON object per call to WORKDIR/metrics.jsonl and scalars to TensorBoard.
 
-    Only the writing process (process 0) should hold an enabled writer.
+    Only the writing process (process 0) should hold an enabled writer. `wandb` (a config
+    section with project, entity, name; project '' = off) also logs each record to W&B,
+    with `run_config` as the W&B run's config.
     """
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0,
-                 upload_every_s: float = 30.0):
+                 upload_every_s: float = 30.0, wandb: Any = None,
+                 run_config: dict | None = None):
         self.enabled = enabled
+        self._wandb, self.tensorboard_dir = None, None
         if not enabled:
             return
         self._remote = absolute_path(workdir) if is_remote(workdir) else None
@@ -57,8 +90,23 @@ class MetricWriter:
         # Imported here: tensorboardX imports torch whenever it is installed (~2.4 s), which
         # `--help`, config errors, dry runs and the other processes need not pay.
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(local / 'tensorboard'))
+        # Local; for a gs:// workdir uploaded with the events (profiler traces go under it).
+        self.tensorboard_dir = local / 'tensorboard'
+        self._tb = SummaryWriter(str(self.tensorboard_dir))
         self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
+        if wandb is not None and wandb.get('project'):
+            module = require_wandb(wandb['project'])
+            self._wandb = module.init(
+                project=wandb['project'], entity=wandb.get('entity') or None,
+                name=wandb.get('name') or absolute_path(workdir).name,
+                config=run_config or {}, dir=str(local), resume='allow',
+                id=_wandb_id(workdir))
+
+    @property
+    def profile_dir(self) -> str:
+        """Where the loop's profiler window writes its trace ('' for a disabled writer):
+        tensorboard/profile of the local (or, for gs://, staging) directory."""
+        return str(self.tensorboard_dir / 'profile') if self.tensorboard_dir else ''
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint: they will be logged again.
@@ -90,6 +138,9 @@ class MetricWriter:
             if key != 'step' and isinstance(value, int | float):
                 self._tb.add_scalar(tensorboard_tag(key), value, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({tensorboard_tag(k): v for k, v in record.items()
+                             if k != 'step' and isinstance(v, int | float)}, step=int(step))
         if self._remote and time.monotonic() - self._uploaded_at >= self._upload_every_s:
             self._upload()
 
@@ -108,6 +159,9 @@ class MetricWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
             if self._remote:
                 self._upload()
                 shutil.rmtree(self.path.parent, ignore_errors=True)

@@ -9,7 +9,10 @@ appended to (engine.metrics_writer uploads them).
 
 import os
 import pathlib
+import socket
 import tempfile
+import threading
+import urllib.parse
 
 from etils import epath
 
@@ -85,3 +88,57 @@ def check_workdir(workdir: str | os.PathLike) -> None:
     path = os.fspath(workdir)
     if not is_remote(path) and os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f'--workdir: {path} exists and is not a directory')
+
+
+PROBE_TIMEOUT_S = 5.0  # one connection attempt, name lookup included: far below gcsfs' retries
+
+
+def _gcs_endpoint() -> tuple[str, int]:
+    """The host and port gcsfs sends requests to: STORAGE_EMULATOR_HOST when set (a local
+    server, as in the tests), else the public JSON API endpoint."""
+    location = os.environ.get('STORAGE_EMULATOR_HOST', '')
+    if location in ('', 'default'):
+        return 'storage.googleapis.com', 443
+    if '://' not in location:
+        location = f'http://{location}'
+    url = urllib.parse.urlsplit(location)
+    return url.hostname or 'localhost', url.port or (443 if url.scheme == 'https' else 80)
+
+
+def _connect(host: str, port: int, timeout: float) -> str | None:
+    """None if a TCP connection to host:port opens within `timeout` seconds (the name
+    lookup included, which the socket timeout alone does not bound), else why not."""
+    outcome: list[str | None] = []
+
+    def attempt():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(None)
+        except TimeoutError:
+            outcome.append(f'no answer within {timeout:g} s')
+        except OSError as e:
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+
+    thread = threading.Thread(target=attempt, daemon=True, name='gcs-probe')
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f'no answer within {timeout:g} s'
+
+
+def check_reachable(workdir: str | os.PathLike, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """For a gs:// workdir, one quick connection to the storage endpoint before anything is
+    written: without network a one-line ConfigError within seconds, instead of a minute of
+    gcsfs retries, a long traceback and a local folder named 'gs:'. A local path is not
+    probed; nor are credentials (a request without them fails fast on its own)."""
+    path = os.fspath(workdir)
+    if not path.startswith('gs://'):
+        return
+    proxied = any(os.environ.get(k) for k in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY'))
+    if proxied and not os.environ.get('STORAGE_EMULATOR_HOST'):
+        return  # the way out is a proxy: a direct connection proves nothing
+    bucket = path[len('gs://'):].split('/', 1)[0]
+    host, port = _gcs_endpoint()
+    reason = _connect(host, port, timeout)
+    if reason is not None:
+        raise ConfigError(f'--workdir: cannot reach gs://{bucket} ({host}:{port}: {reason}); '
+                          'check the network and credentials')

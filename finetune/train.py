@@ -21,9 +21,9 @@ from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.lock import workdir_lock
-from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop
-from engine.metrics_writer import MetricWriter
-from engine.paths import absolute_path, check_workdir
+from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, parse_profile_steps, run_loop
+from engine.metrics_writer import MetricWriter, require_wandb
+from engine.paths import absolute_path, check_reachable, check_workdir
 from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
 
@@ -134,8 +134,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     best checkpoint. Single-process runs only: other processes would not stop with it.
     """
     mesh, task = validate(cfg)
+    parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
+    require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
     sigterm = SigtermFlag()
     workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
+    check_reachable(workdir)  # gs:// without network: one line now, not retries
     main = jax.process_index() == 0
     results_path = workdir / 'results.json'
     if results_path.exists():
@@ -166,7 +169,8 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
     _log_sizes(main, state, labels, built)
     state, start_step, best = setup.maybe_resume(ckpts, state)
     tracker = _BestTracker(cfg, best_ckpts, best)
-    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
+    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step,
+                          wandb=cfg.get('wandb'), run_config=cfg.to_dict())
     _, predict_fn = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
 
     evaluate = _validation_fn(cfg, mesh, predict_fn, encoded['validation'], task, tracker,
@@ -181,7 +185,8 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
         checkpoint_every=batches.steps_per_epoch,
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=built.flops(cfg),
         peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
-        is_main=main)
+        is_main=main, profile=parse_profile_steps(cfg.get('profile_steps', '')),
+        profile_dir=writer.profile_dir)
     try:
         with setup.sharding_context(mesh, cfg):
             state = _train_phases(cfg, mesh, built, (state, labels, tx, schedule), phase,

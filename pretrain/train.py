@@ -22,10 +22,17 @@ from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError, config_to_json
 from engine.hardware import peak_flops_per_device
 from engine.lock import workdir_lock
-from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, run_loop, summarize_sums
-from engine.metrics_writer import MetricWriter
+from engine.loop import (
+    LoopCallbacks,
+    LoopConfig,
+    SigtermFlag,
+    parse_profile_steps,
+    run_loop,
+    summarize_sums,
+)
+from engine.metrics_writer import MetricWriter, require_wandb
 from engine.optim import learning_rate_schedule, make_optimizer
-from engine.paths import absolute_path, check_workdir, tokenized_data_dir
+from engine.paths import absolute_path, check_reachable, check_workdir, tokenized_data_dir
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
 from pretrain import continual, data, steps
@@ -219,6 +226,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
         require_beam()  # before the tokenizer is trained
     workdir = absolute_path(workdir)
     check_workdir(workdir)
+    check_reachable(workdir)  # gs:// without network: one line now, not retries
     workdir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
     with workdir_lock(workdir, 'prepare'):
@@ -233,11 +241,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
     mesh, sources = validate(cfg)
+    parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
+    require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
     sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
     started = time.time()
     workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
     check_workdir(workdir)
+    check_reachable(workdir)  # gs:// without network: one line now, not retries
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir, 'pretrain'):
         return _pretrain(cfg, workdir, src, mesh, sources, sigterm, started, main)
@@ -283,7 +294,8 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         ckpts.wait()
         data_offset[0] = offset
         return ckpts.restore(step, abstract, shardings)[0], batches.iterate(step + offset)
-    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step)
+    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step,
+                          wandb=cfg.get('wandb'), run_config=cfg.to_dict())
     results = {}
     evaluate = _evaluate_both(cfg, mesh, eval_fn, eval_source, old_eval, results)
     if src is not None and start_step == 0:  # before any update: the continual baseline
@@ -297,7 +309,8 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=flops,
         peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
         is_main=main, deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
-        data_offset=data_offset[0])
+        data_offset=data_offset[0], profile=parse_profile_steps(cfg.get('profile_steps', '')),
+        profile_dir=writer.profile_dir)
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
