@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 from etils import epath
 
+from engine import distributed
 from engine.config_cli import ConfigError
 from engine.paths import absolute_path, is_remote
 
@@ -144,8 +145,6 @@ class WorkdirLock:
 @contextlib.contextmanager
 def workdir_lock(workdir, command: str) -> Iterator[WorkdirLock]:
     """Process 0 holds WORKDIR/.lock for the body; if it cannot, every process stops."""
-    from engine import distributed
-
     lock = WorkdirLock(workdir, command, enabled=distributed.is_main())
     with distributed.main_first('workdir lock'):
         lock.acquire()

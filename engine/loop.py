@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import tqdm
 
+from engine.config_cli import ConfigError
+
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the run stops without saving the bad state."""
@@ -110,7 +112,6 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     a one-line ConfigError for anything else."""
     if not str(text).strip():
         return None
-    from engine.config_cli import ConfigError
     try:
         first, last = (int(part) for part in str(text).split(','))
     except ValueError:

@@ -39,6 +39,7 @@ from engine.checkpoint import step_dirs
 from engine.config_cli import ConfigError, config_from_json
 from engine.paths import absolute_path, write_bytes_atomic
 from finetune import data, predict
+from finetune.task import load_config_task
 from models.flops import count_params
 
 SPEED_MAX_EXAMPLES = 4096  # examples timed per model and repeat
@@ -278,7 +279,6 @@ def _speed_main(workdirs: list[str], repeats: int = 5) -> None:
     """Prints each fine-tuning workdir's size, test metrics and prediction examples/s on
     (up to SPEED_MAX_EXAMPLES of) the first run's test split (validation without one), all
     timed in this process."""
-    from finetune.train import load_config_task  # train imports this module
     roots = [absolute_path(w) for w in workdirs]
     runs = [predict.load_run(root) for root in roots]
     task = load_config_task(runs[0][0])

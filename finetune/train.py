@@ -26,16 +26,7 @@ from engine.metrics_writer import MetricWriter, require_wandb
 from engine.paths import absolute_path, check_reachable, check_workdir
 from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
-
-
-def load_config_task(cfg: ml_collections.ConfigDict, max_train_examples: int = 0) -> dict:
-    """data.load_task on the files, columns, split and seed `cfg.data` names."""
-    d = cfg.data
-    return data.load_task(d.train_file, d.validation_file, d.test_file,
-                          text_column=d.text_column, text_b_column=d.text_b_column,
-                          label_column=d.label_column, task=cfg.task,
-                          validation_fraction=d.validation_fraction, seed=cfg.seed,
-                          max_train_examples=max_train_examples)
+from finetune.task import load_config_task
 
 
 def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:

@@ -110,7 +110,7 @@ def prepare_spec(cfg: ml_collections.ConfigDict, train, evals) -> prepare.Prepar
 def _shared(directory: str) -> bool:
     """Whether every process sees `directory` (a collective): gs:// always; a local path
     when all processes read back the token process 0 wrote there."""
-    if distributed.process_count() == 1 or is_remote(directory):
+    if is_remote(directory):
         return True
     token = distributed.broadcast_int(secrets.randbits(62))
     probe = epath.Path(directory) / '.shared-probe'
@@ -143,15 +143,12 @@ def prepare_source(spec: prepare.PrepareSpec, tokenizer, root: str, workers: int
     """Prepares one source across the run's processes; its (readable, local) directory."""
     plan = prepare.make_plan(spec, tokenizer, root)
     if records.read_index(plan.directory) is None:
-        if distributed.process_count() == 1:
-            prepare.run_units(plan, plan.units, workers, show_progress)
-            prepare.finalize(plan)
-        elif _shared(plan.directory):
+        if distributed.process_count() > 1 and _shared(plan.directory):
             p, n = distributed.process_index(), distributed.process_count()
             _collectively(lambda: prepare.run_units(plan, plan.units[p::n], workers,
                                                     show_progress and p == 0, p))
             _collectively(lambda: distributed.is_main() and prepare.finalize(plan))
-        else:
+        else:  # one process, or hosts that do not see each other's files: all of it here
             prepare.run_units(plan, plan.units, workers, show_progress)
             prepare.finalize(plan)
     return local_copy(plan.directory)

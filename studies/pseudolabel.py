@@ -24,6 +24,7 @@ from engine.config_cli import ConfigError, apply_overrides
 from engine.paths import local_dir, write_bytes_atomic
 from finetune import augment, data, predict
 from finetune import train as finetune_train
+from finetune.task import load_config_task
 from studies import suite
 from text.tokenizer import MODEL_FILENAME
 
@@ -139,7 +140,7 @@ def _rest_pool(cfg, task: dict) -> dict:
     if not (d.max_train_examples or d.few_shot_k):
         raise ConfigError(f'unlabeled_file={REST!r}: the task keeps all its training labels; '
                           'set data.max_train_examples or data.few_shot_k in task')
-    full = finetune_train.load_config_task(cfg)['train']
+    full = load_config_task(cfg)['train']
     kept = labelled_indices(len(full), d.max_train_examples, d.few_shot_k, cfg.seed,
                             full.labels)
     labelled = task['train']

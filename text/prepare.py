@@ -44,6 +44,7 @@ from engine.progress import Progress
 from text import records
 from text.corpus import TFDS_PREFIX, open_tfds_split
 from text.packing import Packer
+from text.tokenizer import load_tokenizer
 from text.units import BadInput, BadLine, Unit, check_files, plan_units, unit_document_batches
 
 ENCODE_BATCH_BYTES = 1 << 20  # documents are encoded ~1 MiB of text at a time
@@ -140,7 +141,6 @@ _COUNTERS: tuple | None = None  # shared (bytes, documents) counters in worker p
 
 def _tokenizer(path: str):
     if path not in _TOKENIZERS:
-        from text.tokenizer import load_tokenizer
         _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
