@@ -40,6 +40,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     # The BERT fine-tuning recipe (Devlin et al. 2018) as defaults ...
     c.num_epochs = 3
     c.batch_size = 32  # global
+    c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
     c.seq_len = 128  # tokens per example, [CLS]/[SEP] included; longer text is truncated
     c.learning_rate = 2e-5  # peak
     c.head_learning_rate = 0.0  # for pooler + classifier; 0 = learning_rate

@@ -26,12 +26,12 @@ import numpy as np
 from etils import epath
 
 from convert import hf_tokenizer_in, names, tokenizer_files, verify
-from engine.checkpoint import read_state_numpy, step_dirs
-from engine.config_cli import ConfigError, config_from_json
+from engine.checkpoint import read_state_numpy
+from engine.config_cli import ConfigError
 from engine.paths import absolute_path, local_file_argument
+from engine.rundir import WORDPIECE_FILENAME, RunDir, step_dirs
 from models.bert import BertConfig
-from text.tokenizer import PAD_ID, SPECIAL_PIECES, load_tokenizer, tokenizer_file
-from text.wordpiece import WORDPIECE_FILENAME
+from text.tokenizer import PAD_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
 
@@ -39,12 +39,13 @@ ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassif
 def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
                     ) -> tuple[epath.Path, int]:
     """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
-    places = ['checkpoints'] if head == 'mlm' else ['best', 'checkpoints']
+    run = RunDir(workdir)
+    places = [run.checkpoints] if head == 'mlm' else [run.best, run.checkpoints]
     for place in places:
-        saved = step_dirs(workdir / place)
+        saved = step_dirs(place)
         if saved and (step is None or step in saved):
-            return workdir / place, saved[-1] if step is None else step
-    found = {p: step_dirs(workdir / p) for p in places}
+            return place, saved[-1] if step is None else step
+    found = {p.name: step_dirs(p) for p in places}
     wanted = f'step {step}' if step is not None else 'any checkpoint'
     raise ConfigError(f'--step: no {wanted} in {workdir} (have {found})')
 
@@ -52,17 +53,17 @@ def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
 def load_workdir(workdir: epath.Path, step: int | None
                  ) -> tuple[str, BertConfig, dict, dict, int]:
     """(head, model config, params, task info, step) of a pretraining or fine-tuning run."""
-    if not (workdir / 'config.json').is_file() or tokenizer_file(str(workdir)) is None:
+    run = RunDir(workdir)
+    if not run.config_file.is_file() or run.tokenizer_file() is None:
         raise ConfigError(f'--workdir: {workdir} has no config.json and tokenizer; is it a '
                           'pretraining or fine-tuning run?')
-    finetuned = (workdir / 'model.json').is_file() and (workdir / 'task.json').is_file()
+    finetuned = run.model_config_file.is_file() and run.task_file.is_file()
     head = 'classifier' if finetuned else 'mlm'
     if finetuned:
-        model_cfg = BertConfig(**json.loads((workdir / 'model.json').read_text()))
-        task = json.loads((workdir / 'task.json').read_text())
+        model_cfg = BertConfig(**run.read_model_config())
+        task = run.read_task()
     else:
-        model_cfg = BertConfig(**config_from_json((workdir / 'config.json').read_text())
-                               .model.to_dict())
+        model_cfg = BertConfig(**run.read_config().model.to_dict())
         task = {}
     directory, step = _checkpoint_dir(workdir, head, step)
     absl = logging.getLogger('absl')  # orbax warns that it reads only part of each step
@@ -114,7 +115,7 @@ def _restored_order(workdir: epath.Path, model_cfg: BertConfig
                     ) -> tuple[list[str], list[int]] | None:
     """(original vocabulary, our id -> original id) of an imported WordPiece BERT whose
     special tokens `import` moved to 0..4; None when our ids are the ones to export."""
-    source = epath.Path(tokenizer_file(str(workdir)))
+    source = epath.Path(RunDir(workdir).tokenizer_file())
     if source.name != WORDPIECE_FILENAME:
         return None
     restored = hf_tokenizer_in.original_order(source, '--workdir')
@@ -140,7 +141,7 @@ def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
     """Our tokenizer file (copied) and the transformers tokenizer files (in the original id
     order for an imported BERT whose special tokens were moved); returns ours."""
     from tokenizers import Tokenizer as HFTokenizer
-    source = epath.Path(tokenizer_file(str(workdir)))
+    source = epath.Path(RunDir(workdir).tokenizer_file())
     (out / source.name).write_bytes(source.read_bytes())
     special_ids = None
     if restored is not None:
@@ -178,7 +179,7 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
     config = hf_config(head, model_cfg, task)
     if ids is not None:
         config['pad_token_id'] = int(ids[PAD_ID])
-    (out / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+    (out / names.HF_CONFIG_FILENAME).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, restored)
     if check:
         verify.verify(out, head, model_cfg, params, tokenizer, ids)

@@ -17,9 +17,11 @@ import shutil
 
 import numpy as np
 
+from convert.tokenizer_files import model_proto
 from engine.config_cli import ConfigError
-from text.tokenizer import MODEL_FILENAME, SPECIAL_PIECES, Tokenizer
-from text.wordpiece import WORDPIECE_FILENAME, WordPieceTokenizer, build_wordpiece
+from engine.rundir import SPM_FILENAME, WORDPIECE_FILENAME
+from text.tokenizer import SPECIAL_PIECES, Tokenizer
+from text.wordpiece import WordPieceTokenizer, build_wordpiece
 
 # Key in the "model" object of wordpiece.json (tokenizers ignores it on load): the imported
 # vocabulary in its original id order, written when import moved the special tokens, so
@@ -143,8 +145,7 @@ def _import_wordpiece(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
 
 
 def _spm_kind(path: pathlib.Path) -> str:
-    from convert.tokenizer_files import _model_proto
-    return {1: 'unigram', 2: 'bpe'}.get(_model_proto(path.read_bytes()).trainer_spec.model_type,
+    return {1: 'unigram', 2: 'bpe'}.get(model_proto(path.read_bytes()).trainer_spec.model_type,
                                         'unigram')
 
 
@@ -155,13 +156,13 @@ def _import_own(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
         restored = original_order(d / WORDPIECE_FILENAME, '--hf-dir')
         shutil.copyfile(d / WORDPIECE_FILENAME, out / WORDPIECE_FILENAME)
         return Imported('wordpiece', restored and restored[1])
-    for model in [d / MODEL_FILENAME, *sorted(d.glob('*.model'))]:
+    for model in [d / SPM_FILENAME, *sorted(d.glob('*.model'))]:
         if model.is_file():
             try:
                 Tokenizer(str(model))
             except ValueError as e:
                 raise ConfigError(f'--hf-dir: {e}') from None
-            shutil.copyfile(model, out / MODEL_FILENAME)
+            shutil.copyfile(model, out / SPM_FILENAME)
             return Imported(_spm_kind(model), None)
     return None
 

@@ -30,12 +30,13 @@ import numpy as np
 
 from convert import hf_tokenizer_in, names
 from engine.checkpoint import Checkpoints
-from engine.config_cli import ConfigError, config_to_json
+from engine.config_cli import ConfigError
 from engine.mesh import strip_boxes
 from engine.optim import make_optimizer
 from engine.paths import local_file_argument
+from engine.rundir import RunDir
+from engine.step import TrainState
 from models.bert import BertConfig, BertForMaskedLM
-from pretrain.steps import TrainState
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
 
@@ -210,13 +211,14 @@ def _check_shapes(want: dict, got: dict, path: str = '') -> None:
 
 
 def _save(tmp: pathlib.Path, cfg, params: dict, source: str) -> None:
-    (tmp / 'config.json').write_text(config_to_json(cfg))
+    run = RunDir(tmp)
+    run.write_config(cfg)
     params = jax.tree.map(jnp.asarray, params)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)  # as `pretrain` builds it
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     meta = {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size, 'position': 0},
             'config': cfg.to_dict(), 'imported_from': source}
-    ckpts = Checkpoints(str(tmp / 'checkpoints'), keep=cfg.keep_checkpoints, async_save=False)
+    ckpts = Checkpoints(str(run.checkpoints), keep=cfg.keep_checkpoints, async_save=False)
     ckpts.save(0, state, meta)
     ckpts.close()
 
@@ -230,9 +232,9 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     target = pathlib.Path(workdir).absolute()
     if target.exists() and any(target.iterdir()):
         raise ConfigError(f'--workdir: {workdir} exists and is not empty')
-    if not (source / 'config.json').is_file():
-        raise ConfigError(f'--hf-dir: {source} has no config.json')
-    fields = model_fields(_read_json(source / 'config.json'))
+    if not (source / names.HF_CONFIG_FILENAME).is_file():
+        raise ConfigError(f'--hf-dir: {source} has no {names.HF_CONFIG_FILENAME}')
+    fields = model_fields(_read_json(source / names.HF_CONFIG_FILENAME))
     model_cfg = BertConfig(**fields)
     state = read_weights(source)
     target.parent.mkdir(parents=True, exist_ok=True)

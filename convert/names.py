@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 Path = tuple[str, ...]
+HF_CONFIG_FILENAME = 'config.json'  # transformers' model config (not our workdir's)
 HEADS = ('mlm', 'classifier')
 # Keys older or other transformers BERT checkpoints carry that hold nothing we need: the
 # tied decoder copies, the position-id buffer, next-sentence prediction.

@@ -37,7 +37,7 @@ SPECIAL_TOKENS = {'pad_token': SPECIAL_PIECES[PAD_ID], 'unk_token': SPECIAL_PIEC
                   'mask_token': SPECIAL_PIECES[MASK_ID]}
 
 
-def _model_proto(model_bytes: bytes):
+def model_proto(model_bytes: bytes):
     # sentencepiece ships the generated protobuf module; it needs the protobuf package.
     from sentencepiece import sentencepiece_model_pb2
     proto = sentencepiece_model_pb2.ModelProto()
@@ -73,7 +73,7 @@ def _spm_model(proto) -> models.Model:
 
 def from_sentencepiece(model_bytes: bytes) -> Tokenizer:
     """A `tokenizers.Tokenizer` giving the ids this sentencepiece model gives."""
-    proto = _model_proto(model_bytes)
+    proto = model_proto(model_bytes)
     spec = proto.normalizer_spec
     if not spec.add_dummy_prefix or not spec.escape_whitespaces:
         raise ValueError('sentencepiece models without add_dummy_prefix/escape_whitespaces '

@@ -16,13 +16,7 @@ from engine import distributed
 from engine.config_cli import ConfigError
 from engine.loop import CheckpointSaveFailed
 from engine.paths import absolute_path
-
-
-def step_dirs(directory: epath.Path) -> list[int]:
-    """The steps of the finished checkpoints in `directory`, ascending ([] if none)."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+from engine.rundir import step_dirs
 
 
 def saved_steps(directory: epath.Path, init_step: int = 0) -> list[int]:
@@ -277,6 +271,25 @@ def read_params_numpy(directory: str, step: int | None = None) -> dict[str, np.n
     state = read_state_numpy(directory, step)
     flat = jax.tree_util.tree_flatten_with_path(state['params'])[0]
     return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v) for path, v in flat}
+
+
+def read_meta_and_shapes(directory: epath.Path, step: int) -> tuple[dict, dict[str, tuple]]:
+    """(JSON side item, {param path: shape}) of a checkpoint; nothing written into it."""
+    manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'),
+                                    item_handlers={'state': ocp.StandardCheckpointHandler()})
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        params = manager.item_metadata(step)['state']['params']
+    finally:
+        manager.close()
+    return meta, flat_shapes(params)
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple]:
+    """{'a/b/c': shape} of every leaf of a params tree (arrays or their metadata)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+            for path, leaf in flat}
 
 
 def restore_subtree(directory: str, step: int | None, target: dict) -> dict:

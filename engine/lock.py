@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,16 +24,16 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from etils import epath
-
 from engine import distributed
 from engine.config_cli import ConfigError
-from engine.paths import absolute_path, is_remote
+from engine.paths import absolute_path, is_remote, write_bytes_atomic
 
 LOCK_FILENAME = '.lock'
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
 _SETTLE_S = 1.0  # gs://: wait before reading the lock back
+
+log = logging.getLogger(__name__)
 
 
 def _alive(pid: int) -> bool:
@@ -121,9 +122,11 @@ class WorkdirLock:
         while not self._stop.wait(HEARTBEAT_S):
             if (self.holder() or {}).get('token') != self.token:
                 return  # taken over (we were judged dead): leave it alone
-            tmp = epath.Path(f'{self.path}.{self.token}')
-            tmp.write_text(json.dumps(self._record()))
-            tmp.rename(self.path)
+            try:  # atomic replace: a reader never sees a half-written lock
+                write_bytes_atomic(self.path, json.dumps(self._record()).encode())
+            except OSError as e:  # e.g. a full disk: the run goes on; the lock may go stale
+                log.warning('workdir lock heartbeat failed (%s); retrying in %.0f s', e,
+                            HEARTBEAT_S)
 
     def release(self) -> None:
         if not self.enabled or self._thread is None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from engine.config_cli import ConfigError
 from engine.paths import absolute_path, is_remote
+from engine.rundir import METRICS_FILENAME
 
 
 def _plain(value: Any) -> Any:
@@ -82,9 +83,9 @@ class MetricWriter:
         self._remote = absolute_path(workdir) if is_remote(workdir) else None
         local = (pathlib.Path(tempfile.mkdtemp(prefix='bertjax-logs-')) if self._remote
                  else pathlib.Path(workdir))
-        self.path = local / 'metrics.jsonl'
-        if self._remote and (self._remote / 'metrics.jsonl').exists():
-            self.path.write_bytes((self._remote / 'metrics.jsonl').read_bytes())
+        self.path = local / METRICS_FILENAME
+        if self._remote and (self._remote / METRICS_FILENAME).exists():
+            self.path.write_bytes((self._remote / METRICS_FILENAME).read_bytes())
         self._truncate_after(resume_step)
         self._file = self.path.open('a')
         # Imported here: tensorboardX imports torch whenever it is installed (~2.4 s), which
@@ -124,7 +125,7 @@ class MetricWriter:
             if isinstance(record, dict) and record.get('step', 0) <= step:
                 keep.append(line)
         if torn:
-            print(f'warning: metrics.jsonl: dropped {torn} unreadable line(s), a write cut '
+            print(f'warning: {METRICS_FILENAME}: dropped {torn} unreadable line(s), a write cut '
                   'short', file=sys.stderr, flush=True)
         self.path.write_text(''.join(line + '\n' for line in keep))
 

@@ -3,7 +3,7 @@
 Everything a run reads or writes in its workdir goes through `etils.epath`, which serves
 gs:// with gcsfs (no TensorFlow needed); orbax writes checkpoints there with tensorstore.
 Two things need a local file system and stay on the host: the tokenized corpus
-(array_record files, see `tokenized_data_dir`) and the log files while they are being
+(array_record files, see `engine.rundir.tokenized_data_dir`) and the log files while they are being
 appended to (engine.metrics_writer uploads them).
 """
 
@@ -33,17 +33,6 @@ def absolute_path(path: str | os.PathLike) -> epath.Path:
 def default_cache_dir() -> str:
     """This host's cache of prepared corpora: $BERTJAX_CACHE or ~/.cache/bertjax."""
     return os.environ.get('BERTJAX_CACHE') or os.path.expanduser('~/.cache/bertjax')
-
-
-def tokenized_data_dir(data_dir: str, workdir: str | os.PathLike) -> str:
-    """Where the tokenized corpus is built: `data.data_dir` if set, else WORKDIR/data, or
-    for a cloud workdir this host's cache (array_record files are written locally; the
-    directory name inside is a hash of the inputs and tokenizer, so runs share it safely)."""
-    if data_dir:
-        return data_dir
-    if is_remote(workdir):
-        return os.path.join(default_cache_dir(), 'tokenized')
-    return os.path.join(os.fspath(workdir), 'data')
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -142,3 +131,13 @@ def check_reachable(workdir: str | os.PathLike, timeout: float = PROBE_TIMEOUT_S
     if reason is not None:
         raise ConfigError(f'--workdir: cannot reach gs://{bucket} ({host}:{port}: {reason}); '
                           'check the network and credentials')
+
+
+def open_workdir(workdir: str | os.PathLike) -> epath.Path:
+    """The workdir a run writes: made absolute (or gs://), checked to be a folder and
+    reachable (one line each, before anything is written), and created."""
+    path = absolute_path(workdir)
+    check_workdir(path)
+    check_reachable(path)  # gs:// without network: one line now, not retries
+    path.mkdir(parents=True, exist_ok=True)
+    return path

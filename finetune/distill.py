@@ -25,7 +25,6 @@ on the same examples.
 
 import hashlib
 import io
-import json
 import time
 
 import jax
@@ -35,9 +34,9 @@ import numpy as np
 import optax
 from etils import epath
 
-from engine.checkpoint import step_dirs
-from engine.config_cli import ConfigError, config_from_json
+from engine.config_cli import ConfigError
 from engine.paths import absolute_path, write_bytes_atomic
+from engine.rundir import RunDir
 from finetune import data, predict
 from finetune.task import load_config_task
 from models.flops import count_params
@@ -107,8 +106,7 @@ def _pretrained_layers(cfg: ml_collections.ConfigDict) -> int:
     """Encoder layers of init_from's model (of `model` for init_from=none)."""
     if cfg.init_from.lower() == 'none':
         return int(cfg.model.num_layers)
-    config = absolute_path(cfg.init_from) / 'config.json'
-    return int(config_from_json(config.read_text()).model.num_layers)
+    return int(RunDir(cfg.init_from).read_config().model.num_layers)
 
 
 def source_names(cfg: ml_collections.ConfigDict) -> dict[str, str]:
@@ -119,11 +117,6 @@ def source_names(cfg: ml_collections.ConfigDict) -> dict[str, str]:
         return {}
     return {f'layer_{i}': f'layer_{j}'
             for i, j in enumerate(layer_sources(k, _pretrained_layers(cfg))) if i != j}
-
-
-def rename_layers(encoder: dict, names: dict[str, str]) -> dict:
-    """`encoder` (params/bert/encoder) with its 'layer_N' keys renamed by `names`."""
-    return {names.get(key, key): value for key, value in encoder.items()}
 
 
 # ---------------------------------------------------------------- the teacher
@@ -151,7 +144,7 @@ def check(cfg: ml_collections.ConfigDict, task: dict) -> None:
     if not root.is_dir():
         raise ConfigError(f'distill.teacher: no such directory {str(root)!r}')
     predict.check_finished_run(root, 'distill.teacher')
-    theirs = json.loads((root / 'task.json').read_text())
+    theirs = RunDir(root).read_task()
     if theirs['task'] != cfg.task or list(theirs['label_names']) != list(task['label_names']):
         raise ConfigError(f'distill.teacher: it was trained for {theirs["task"]} with labels '
                           f'{theirs["label_names"]}, this run is {cfg.task} with labels '
@@ -173,7 +166,7 @@ def with_teacher_logits(cfg: ml_collections.ConfigDict, encoded: dict[str, np.nd
     if not enabled(cfg):
         return encoded
     root = absolute_path(cfg.distill.teacher)
-    run_cfg = config_from_json((root / 'config.json').read_text())
+    run_cfg = RunDir(root).read_config()
     inputs = predict.encode_for_run(run_cfg, root, examples)
     key = _cache_key(root, inputs)
     cache = workdir / CACHE_FILENAME if workdir is not None else None
@@ -198,9 +191,10 @@ def _cache_key(teacher: epath.Path, inputs: dict[str, np.ndarray]) -> str:
     """Names the teacher (its config, model and best checkpoint's step) and the exact
     inputs it sees (its tokenization of the examples)."""
     h = hashlib.sha256()
-    for name in ('config.json', 'model.json'):
-        h.update((teacher / name).read_bytes())
-    h.update(str(step_dirs(teacher / 'best')).encode())
+    run = RunDir(teacher)
+    for path in (run.config_file, run.model_config_file):
+        h.update(path.read_bytes())
+    h.update(str(run.best_steps()).encode())
     for name in sorted(inputs):
         h.update(name.encode() + np.ascontiguousarray(inputs[name]).tobytes())
     return h.hexdigest()
@@ -255,9 +249,7 @@ def report(cfg: ml_collections.ConfigDict, workdir: epath.Path, task: dict) -> d
         (model, params, predict.encode_for_run(run_cfg, root, examples))
         for (run_cfg, model, params, _), root in zip(runs.values(), (workdir, teacher_dir),
                                                       strict=True)])
-    teacher_results_file = teacher_dir / 'results.json'
-    teacher_results = (json.loads(teacher_results_file.read_text())
-                       if teacher_results_file.exists() else {})
+    teacher_results = RunDir(teacher_dir).read_results() or {}
     record = {'teacher': str(teacher_dir), 'temperature': float(cfg.distill.temperature),
               'alpha': float(cfg.distill.alpha)}
     for name, (_, model, params, _) in runs.items():
@@ -289,7 +281,7 @@ def _speed_main(workdirs: list[str], repeats: int = 5) -> None:
                                                                                 strict=True)],
                                  repeats)
     for root, (_, model, params, _), speed in zip(roots, runs, speeds, strict=True):
-        results = json.loads((root / 'results.json').read_text()).get('test', {})
+        results = (RunDir(root).read_results() or {}).get('test', {})
         print(f'{root}: layers={model.config.num_layers}, {count_params(params):,} params, '
               f"test accuracy {results.get('accuracy', float('nan')):.4f}, "
               f"F1 {results.get('f1', float('nan')):.4f}, {speed:,.0f} examples/s", flush=True)

@@ -15,14 +15,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from engine.checkpoint import read_state_numpy, step_dirs
-from engine.config_cli import ConfigError, config_from_json
+from engine.checkpoint import read_state_numpy
+from engine.config_cli import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.progress import Progress
+from engine.rundir import SPM_FILENAME, RunDir
 from finetune import data
 from models.bert import BertConfig, BertForSequenceClassification
 from models.peft import merge_lora, merged_config
-from text.tokenizer import MODEL_FILENAME, load_tokenizer, tokenizer_file
+from text.tokenizer import load_tokenizer
 
 BATCH_SIZE = 64
 
@@ -109,37 +110,40 @@ def _write_atomic(path: str, text: str) -> None:
 
 def check_finished_run(workdir: epath.Path, key: str = '--workdir') -> None:
     """A one-line ConfigError naming `key` unless `workdir` holds what `load_run` reads."""
-    for name in ('config.json', 'model.json', 'task.json', 'best'):
-        if not (workdir / name).exists():
-            raise ConfigError(f'{key}: {workdir} has no {name}; is it a finished '
+    run = RunDir(workdir)
+    for path in (run.config_file, run.model_config_file, run.task_file, run.best):
+        if not path.exists():
+            raise ConfigError(f'{key}: {workdir} has no {path.name}; is it a finished '
                               'fine-tuning run?')
-    if not step_dirs(workdir / 'best'):
-        raise ConfigError(f'{key}: {workdir / "best"} holds no checkpoint; is it a finished '
+    if not run.best_steps():
+        raise ConfigError(f'{key}: {run.best} holds no checkpoint; is it a finished '
                           'fine-tuning run?')
-    if tokenizer_file(str(workdir)) is None:
-        raise ConfigError(f'{key}: {workdir} has no {MODEL_FILENAME}; is it a finished '
+    if run.tokenizer_file() is None:
+        raise ConfigError(f'{key}: {workdir} has no {SPM_FILENAME}; is it a finished '
                           'fine-tuning run?')
 
 
 def load_run(workdir: epath.Path):
     """(config, model, params, label names) of a fine-tuning workdir's best checkpoint."""
     check_finished_run(workdir)
-    cfg = config_from_json((workdir / 'config.json').read_text())
-    model_cfg = BertConfig(**json.loads((workdir / 'model.json').read_text()))
+    run = RunDir(workdir)
+    cfg = run.read_config()
+    model_cfg = BertConfig(**run.read_model_config())
     try:
-        params = read_state_numpy(str(workdir / 'best'))['params']
+        params = read_state_numpy(str(run.best))['params']
     except FileNotFoundError as e:
         raise ConfigError(f'--workdir: {e}') from None
     # LoRA folds into the kernels: the plain architecture (plus any adapters) predicts alike.
     params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)
     model = BertForSequenceClassification(model_cfg)
-    label_names = json.loads((workdir / 'task.json').read_text())['label_names']
+    label_names = run.read_task()['label_names']
     return cfg, model, params, label_names
 
 
 def encode_for_run(run_cfg, workdir: epath.Path, examples: data.Examples) -> dict:
     """`examples` encoded as the run in `workdir` saw its inputs: its tokenizer, seq_len."""
-    return data.encode(load_tokenizer(tokenizer_file(str(workdir))), examples, run_cfg.seq_len)
+    return data.encode(load_tokenizer(RunDir(workdir).tokenizer_file()), examples,
+                       run_cfg.seq_len)
 
 
 def logits_fn(model):
@@ -181,8 +185,7 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
     workdir = absolute_path(workdir)
     check_finished_run(workdir)
     # The inputs are read (and refused) before the checkpoint is loaded.
-    texts, texts_b = read_inputs(input_path, config_from_json(
-        (workdir / 'config.json').read_text()))
+    texts, texts_b = read_inputs(input_path, RunDir(workdir).read_config())
     cfg, model, params, label_names = load_run(workdir)
     examples = data.Examples(text_a=texts, text_b=texts_b,
                              labels=np.zeros(len(texts), np.float32 if cfg.task == 'regression'

@@ -10,17 +10,17 @@ import ml_collections
 from etils import epath
 
 from engine import mesh as mesh_lib
-from engine.checkpoint import Checkpoints, restore_subtree, saved_steps
-from engine.config_cli import ConfigError, config_from_json
+from engine.checkpoint import Checkpoints, saved_steps
+from engine.config_cli import ConfigError
+from engine.optim import learning_rate_at, make_optimizer
 from engine.paths import absolute_path, write_bytes_atomic
+from engine.rundir import SPM_FILENAME, RunDir
+from engine.step import TrainState
 from finetune import distill, peft, steps, unfreeze
-from finetune.optim import learning_rate_at, make_optimizer
-from models import peft as peft_layers
 from models.bert import BertConfig, BertForSequenceClassification
 from models.flops import forward_flops, train_flops_per_step
-from text.tokenizer import MODEL_FILENAME, Tokenizer, load_or_train_tokenizer, tokenizer_file
-
-ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
+from models.load import load
+from text.tokenizer import Tokenizer, load_or_train_tokenizer
 
 
 def pretrained_dir(cfg: ml_collections.ConfigDict) -> epath.Path | None:
@@ -36,22 +36,23 @@ def check_init_from(cfg: ml_collections.ConfigDict) -> None:
         if cfg.tokenizer_model and not epath.Path(cfg.tokenizer_model).is_file():
             raise ConfigError(f'tokenizer_model: no such file {cfg.tokenizer_model!r}')
         return
-    if tokenizer_file(str(root)) is None:  # spm.model, or an imported wordpiece.json
-        raise ConfigError(f'init_from: {str(root)!r} has no {MODEL_FILENAME}; is it a '
+    run = RunDir(root)
+    if run.tokenizer_file() is None:  # spm.model, or an imported wordpiece.json
+        raise ConfigError(f'init_from: {str(root)!r} has no {SPM_FILENAME}; is it a '
                           'pretraining workdir?')
-    for name in ('config.json', 'checkpoints'):
-        if not (root / name).exists():
-            raise ConfigError(f'init_from: {str(root)!r} has no {name}; is it a pretraining '
-                              'workdir?')
-    saved_steps(root / 'checkpoints', cfg.init_step)
+    for path in (run.config_file, run.checkpoints):
+        if not path.exists():
+            raise ConfigError(f'init_from: {str(root)!r} has no {path.name}; is it a '
+                              'pretraining workdir?')
+    saved_steps(run.checkpoints, cfg.init_step)
 
 
 def tokenizer_for(cfg, workdir: epath.Path, task: dict) -> Tokenizer:
     """The pretrained run's tokenizer (copied into this workdir), a given one, or - for a
     from-scratch run without one - a tokenizer trained on the task's training text."""
     source = pretrained_dir(cfg)
-    if source is not None and tokenizer_file(str(workdir)) is None:
-        given = epath.Path(tokenizer_file(str(source)))
+    if source is not None and RunDir(workdir).tokenizer_file() is None:
+        given = epath.Path(RunDir(source).tokenizer_file())
         write_bytes_atomic(workdir / given.name, given.read_bytes())
     texts = lambda: iter(task['train'].text_a + (task['train'].text_b or []))  # noqa: E731
     return load_or_train_tokenizer(str(workdir), texts, cfg.model.vocab_size, 'unigram',
@@ -78,7 +79,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     config's dropout, and one output per label (one for regression)."""
     source = pretrained_dir(cfg)
     if source is not None:
-        model_section = config_from_json((source / 'config.json').read_text()).model
+        model_section = RunDir(source).read_config().model
     else:
         model_section = cfg.model
     fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
@@ -108,24 +109,13 @@ def _fresh_params(cfg, mesh, built: Built):
 
 def _load_encoder(cfg, params: dict) -> dict:
     """Replaces embeddings and encoder with the pretrained ones, on this run's shardings.
-    LoRA / adapter parameters are not in a pretraining checkpoint: they stay fresh."""
-    fresh = {part: params['bert'][part] for part in ENCODER_PARTS}
-    # A distillation student with fewer layers reads each from its pretrained source layer.
-    names = distill.source_names(cfg)
-    wanted = {**fresh, 'encoder': distill.rename_layers(fresh['encoder'], names)}
-    target = {'params': {'bert': jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        peft_layers.without_peft(wanted))}}
+    LoRA / adapter / prefix parameters are not in a pretraining checkpoint: they stay fresh;
+    a distillation student with fewer layers reads each from its pretrained source layer."""
     try:
-        restored = restore_subtree(str(pretrained_dir(cfg) / 'checkpoints'),
-                                   cfg.init_step or None, target)
+        return load(params, str(RunDir(pretrained_dir(cfg)).checkpoints), cfg.init_step or None,
+                    layer_map=distill.source_names(cfg), dont_load=peft.NEW_PARAM_PATTERNS)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None
-    loaded = restored['params']['bert']
-    loaded = {**loaded, 'encoder': distill.rename_layers(loaded['encoder'],
-                                                         {v: k for k, v in names.items()})}
-    bert = {**params['bert'], **peft_layers.overlay(fresh, loaded)}
-    return {**params, 'bert': bert}
 
 
 def phase_labels(cfg, params, built: Built, phase: int):
@@ -141,7 +131,7 @@ def phase_labels(cfg, params, built: Built, phase: int):
 
 def fresh_optimizer(cfg, mesh, built: Built, params, labels, num_steps: int, step: int = 0):
     """(tx, opt_state) for `labels`, its learning-rate schedule at `step`."""
-    tx = make_optimizer(cfg, params, labels, num_steps, built.model_cfg.num_layers)
+    tx = make_optimizer(cfg, num_steps, params, labels, built.model_cfg.num_layers)
     # Moments inherit the parameters' shardings; step counters go replicated on the mesh.
     opt_state = jax.tree.map(
         lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
@@ -158,7 +148,7 @@ def initial_state(cfg, mesh, built: Built, num_steps: int, phase: int):
     labels = phase_labels(cfg, params, built, phase)
     tx, opt_state = fresh_optimizer(cfg, mesh, built, params, labels, num_steps)
     step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
-    state = steps.FinetuneState(step=step, params=params, opt_state=opt_state)
+    state = TrainState(step=step, params=params, opt_state=opt_state)
     return state, labels, tx, learning_rate_at(cfg, num_steps)
 
 
@@ -199,9 +189,10 @@ def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
     """The jitted train step (state donated) and prediction step."""
     shardings = _shardings(state)
     batch = mesh_lib.batch_sharding(mesh)
-    train = jax.jit(functools.partial(steps.train_step, model=built.model, tx=tx,
-                                      labels=labels, schedule=schedule, task=cfg.task,
-                                      seed=cfg.seed, distill=distill.loss_settings(cfg)),
+    train = jax.jit(steps.classifier_train_step(model=built.model, tx=tx, labels=labels,
+                                                schedule=schedule, task=cfg.task,
+                                                seed=cfg.seed, distill=distill.loss_settings(cfg),
+                                                grad_accum_steps=cfg.get('grad_accum_steps', 1)),
                     in_shardings=(shardings, batch), out_shardings=(shardings, None),
                     donate_argnums=0)
     predict = jax.jit(functools.partial(steps.predict_step, model=built.model, task=cfg.task),

@@ -1,28 +1,20 @@
-"""Pure functions of a fine-tuning run: the train step and the prediction step.
+"""Pure functions of a fine-tuning run: its train step and the prediction step.
 
-Inside the step, parameters are split by their static labels into `trainable` (the only
-argument differentiated) and `frozen` (constants): frozen gradients are never computed,
-and frozen values are passed through untouched, so they stay bit-identical.
+The train step is engine.step.train_step with the task loss; parameters are split there by
+their static labels into trainable (the only argument differentiated) and frozen (constants).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+from engine import step as step_lib
 from finetune import distill as distill_lib
-from finetune.freeze import merge_params, split_params
 from models.bert import BertForSequenceClassification
-
-
-@flax.struct.dataclass
-class FinetuneState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
 
 
 def loss_terms(logits: jax.Array, labels: jax.Array, weights: jax.Array, task: str,
@@ -47,33 +39,23 @@ def _apply(model, params, batch, *, deterministic: bool, rng=None) -> jax.Array:
                        rngs={'dropout': rng} if rng is not None else None)
 
 
-def train_step(state: FinetuneState, batch: dict, *, model: BertForSequenceClassification,
-               tx: optax.GradientTransformation, labels: dict, schedule: Callable, task: str,
-               seed: int, distill: tuple[float, float] | None = None
-               ) -> tuple[FinetuneState, dict]:
-    """One optimizer step; `labels` ('train'/'frozen' per leaf) is static. `distill` =
+def classifier_train_step(*, model: BertForSequenceClassification,
+                          tx: optax.GradientTransformation, labels: Any, schedule: Callable,
+                          task: str, seed: int, distill: tuple[float, float] | None = None,
+                          grad_accum_steps: int = 1) -> Callable:
+    """engine.step.train_step with the task loss (mean over the batch): (state, batch) ->
+    (state, metrics). `labels` ('train'/'frozen' per leaf) is static. `distill` =
     (temperature, alpha): the loss also fits batch['teacher_logits'] (finetune/distill.py)."""
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    weights = jnp.ones(batch['labels'].shape[0], jnp.float32)
-    trainable, frozen = split_params(state.params, labels)
-
-    def loss_fn(trainable):
-        logits = _apply(model, merge_params(trainable, frozen), batch, deterministic=False,
-                        rng=rng)
+    def loss_fn(params, batch, rng):
+        logits = _apply(model, params, batch, deterministic=False, rng=rng)
+        weights = jnp.ones(batch['labels'].shape[0], jnp.float32)
         losses = None if distill is None else distill_lib.distillation_losses(
             logits, batch['teacher_logits'], batch['labels'], *distill)
         terms = loss_terms(logits, batch['labels'], weights, task, losses)
         return terms['loss_sum'] / terms['weight_sum'], terms
 
-    grads, terms = jax.grad(loss_fn, has_aux=True)(trainable)
-    # Placeholders where the optimizer's frozen branch (set_to_zero) expects gradients.
-    full_grads = merge_params(grads, jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-    trainable = optax.apply_updates(trainable, split_params(updates, labels)[0])
-    new_state = state.replace(step=state.step + 1, opt_state=opt_state,
-                              params=merge_params(trainable, frozen))
-    metrics = {**terms, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step)}
-    return new_state, metrics
+    return functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                             seed=seed, labels=labels, grad_accum_steps=grad_accum_steps)
 
 
 def predict_step(params: Any, batch: dict, *, model: BertForSequenceClassification,

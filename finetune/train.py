@@ -18,12 +18,14 @@ from etils import epath
 from engine import distributed
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
-from engine.config_cli import ConfigError, config_to_json
+from engine.config_cli import ConfigError
 from engine.hardware import peak_flops_per_device
 from engine.lock import workdir_lock
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, parse_profile_steps, run_loop
 from engine.metrics_writer import MetricWriter, require_wandb
-from engine.paths import absolute_path, check_reachable, check_workdir
+from engine.optim import OptimizerConfig
+from engine.paths import open_workdir
+from engine.rundir import RunDir
 from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.freeze import count_params_by_label, tree_bytes
 from finetune.task import load_config_task
@@ -37,14 +39,18 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
     if cfg.metric not in metrics.METRIC_DIRECTIONS:
         raise ConfigError(f'metric: {cfg.metric!r} is not one of '
                           f'{sorted(metrics.METRIC_DIRECTIONS)}')
+    OptimizerConfig.from_config(cfg, '')  # its keys, checked before anything runs
     setup.check_init_from(cfg)
     try:
         mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     except ValueError as e:
         raise ConfigError(f'mesh.shape: {e}') from None
-    if cfg.batch_size % mesh_lib.data_parallel_size(mesh):
+    accum = cfg.get('grad_accum_steps', 1)
+    if accum < 1:
+        raise ConfigError(f'grad_accum_steps: must be >= 1, got {accum}')
+    if cfg.batch_size % (mesh_lib.data_parallel_size(mesh) * accum):
         raise ConfigError(f'batch_size: {cfg.batch_size} is not divisible by the data-parallel '
-                          f'size {mesh_lib.data_parallel_size(mesh)}')
+                          f'size {mesh_lib.data_parallel_size(mesh)} x grad_accum_steps {accum}')
     d = cfg.data
     try:
         task = load_config_task(cfg, d.max_train_examples)
@@ -128,15 +134,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
     require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
     sigterm = SigtermFlag()
-    workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
-    check_reachable(workdir)  # gs:// without network: one line now, not retries
+    workdir = open_workdir(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
-    results_path = workdir / 'results.json'
-    if results_path.exists():
-        print(f'{results_path} exists: this run is complete', flush=True)
-        return json.loads(results_path.read_text())
-    check_workdir(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    done = RunDir(workdir).read_results()
+    if done is not None:
+        print(f'{RunDir(workdir).results_file} exists: this run is complete', flush=True)
+        return done
     with workdir_lock(workdir, 'finetune'):
         return _finetune(cfg, workdir, mesh, task, sigterm, main, report)
 
@@ -144,7 +147,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
 def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, main: bool,
               report: Callable[[int, dict], None] | None) -> dict:
     """The run itself, with the workdir held."""
-    results_path = workdir / 'results.json'
+    rundir = RunDir(workdir)
     with distributed.main_first('prepare'):  # process 0 writes the tokenizer first
         encoded, built = _prepare(cfg, workdir, task, main)
     encoded['train'] = distill.with_teacher_logits(cfg, encoded['train'], task['train'],
@@ -152,8 +155,8 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
     batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
                                    *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch
-    ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=1)
-    best_ckpts = Checkpoints(str(workdir / 'best'), keep=1)
+    ckpts = Checkpoints(str(rundir.checkpoints), keep=1)
+    best_ckpts = Checkpoints(str(rundir.best), keep=1)
     every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
     phase = unfreeze.phase_of_state(ckpts.latest_step() or 0, every, num_layers)
     state, labels, tx, schedule = setup.initial_state(cfg, mesh, built, num_steps, phase)
@@ -190,7 +193,7 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
         best_ckpts.close()
         writer.close()
     if main:
-        results_path.write_text(json.dumps(results, indent=2) + '\n')
+        rundir.write_json(rundir.results_file, results, indent=2)
         print(json.dumps({k: results['test'].get(k) for k in ('accuracy', 'f1')}
                          if results.get('test') else results['validation']), flush=True)
     return results
@@ -223,17 +226,17 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
 def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
     """Writes the config, tokenizer and what `predict` needs; encodes every split."""
     workdir.mkdir(parents=True, exist_ok=True)
+    rundir = RunDir(workdir)
     if main:
-        (workdir / 'config.json').write_text(config_to_json(cfg))
+        rundir.write_config(cfg)
     tokenizer = setup.tokenizer_for(cfg, workdir, task)
     encoded = {split: data.encode(tokenizer, examples, cfg.seq_len)
                for split, examples in task.items()
                if split in ('train', 'validation', 'test') and examples is not None}
     built = setup.build(cfg, task, tokenizer)
     if main:
-        (workdir / 'model.json').write_text(json.dumps(dataclasses.asdict(built.model_cfg)))
-        (workdir / 'task.json').write_text(json.dumps(
-            {'task': cfg.task, 'label_names': task['label_names']}))
+        rundir.write_json(rundir.model_config_file, dataclasses.asdict(built.model_cfg))
+        rundir.write_json(rundir.task_file, {'task': cfg.task, 'label_names': task['label_names']})
     return encoded, built
 
 

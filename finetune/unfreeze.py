@@ -18,7 +18,9 @@ from typing import Any
 import jax
 import optax
 
-from finetune.freeze import FROZEN, TRAIN, freeze_labels, layer_depth, path_of
+from engine.step import FROZEN, TRAIN
+from finetune.freeze import freeze_labels
+from models.paths import layer_depth, path_of
 
 
 def num_phases(num_layers: int) -> int:

@@ -54,8 +54,7 @@ def build_step(cfg):
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
         state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-        step = jax.jit(functools.partial(
-            steps.train_step, model=model, tx=tx,
+        step = jax.jit(steps.mlm_train_step(model=model, tx=tx,
             schedule=learning_rate_schedule(cfg.optimizer, cfg.num_train_steps),
             masking=masking, word_starts=None, seed=cfg.seed,
             grad_accum_steps=cfg.grad_accum_steps),

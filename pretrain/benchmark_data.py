@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from engine.rundir import DATA_DIRNAME, METRICS_FILENAME, SPM_FILENAME
+
 MB = 1 << 20
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 8000
@@ -210,7 +212,7 @@ def benchmark_size(size_mb: float, corpus: pathlib.Path, model: pathlib.Path,
     """One row: raw spm, `launch.py prepare` and `launch.py pretrain` on `corpus`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _clear_run_dir(run_dir, keep=())
-    shutil.copyfile(model, run_dir / 'spm.model')
+    shutil.copyfile(model, run_dir / SPM_FILENAME)
     corpus_bytes = corpus.stat().st_size
     raw = raw_spm_mb_per_s(corpus, model)
     progress(f'{size_mb:g} MB: raw spm {raw:.2f} MB/s; launch.py prepare')
@@ -219,7 +221,7 @@ def benchmark_size(size_mb: float, corpus: pathlib.Path, model: pathlib.Path,
     prep_mb_s = corpus_bytes / MB / prep['seconds']
     progress(f'{size_mb:g} MB: prepared in {prep["seconds"]:.1f} s ({prep_mb_s:.2f} MB/s); '
              f'launch.py pretrain, {steps} steps')
-    _clear_run_dir(run_dir, keep=('spm.model', 'data', 'prepare.log'))
+    _clear_run_dir(run_dir, keep=(SPM_FILENAME, DATA_DIRNAME, 'prepare.log'))
     train = run_measured(launch_command(
         'pretrain', '--workdir', str(run_dir), *_config_args(corpus, workers),
         f'--config.num_train_steps={steps}', '--config.log_every_steps=5',
@@ -232,7 +234,7 @@ def benchmark_size(size_mb: float, corpus: pathlib.Path, model: pathlib.Path,
             'ratio': prep_mb_s / raw, 'prep_peak_rss_gb': prep['peak_rss'] / 2**30,
             'startup_s': train['first_step_s'], 'train_s': train['seconds'],
             'train_peak_rss_gb': train['peak_rss'] / 2**30,
-            'input_share_pct': 100 * median_input_fraction(run_dir / 'metrics.jsonl')}
+            'input_share_pct': 100 * median_input_fraction(run_dir / METRICS_FILENAME)}
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -266,7 +268,7 @@ def run(sizes: list[float], workdir: pathlib.Path, workers: int = 0, steps: int 
     for size in sizes:
         progress(f'{size:g} MB corpus: {corpora[size]}')
         build_corpus(corpora[size], size, lines=lines)
-    model = workdir / 'spm.model'
+    model = workdir / SPM_FILENAME
     progress(f'training the tokenizer (vocab {vocab_size}) on a {SAMPLE_MB} MB sample')
     tokenizer_s = train_shared_tokenizer(corpora[sizes[-1]], model, vocab_size)
     rows = [benchmark_size(size, corpora[size], model, workdir / f'size-{size:g}mb',

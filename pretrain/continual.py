@@ -37,16 +37,19 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from engine.checkpoint import restore_subtree, saved_steps
-from engine.config_cli import ConfigError, config_from_json
-from engine.mesh import strip_boxes
+from engine.checkpoint import flat_shapes, read_meta_and_shapes, restore_subtree, saved_steps
+from engine.config_cli import ConfigError
+from engine.mesh import replicated, strip_boxes
 from engine.paths import absolute_path, write_bytes_atomic
+from engine.rundir import RunDir
+from engine.step import TrainState
+from models.bert import BertConfig, BertForMaskedLM
 from pretrain import data
 from text import corpus, records
 from text.batches import Mixed
 from text.packing import pack_documents
 from text.records import ArraySequences
-from text.tokenizer import SPECIAL_PIECES, load_tokenizer, tokenizer_file
+from text.tokenizer import SPECIAL_PIECES, load_tokenizer
 from text.units import iter_texts
 
 TOKENIZER_MODES = ('keep', 'train')
@@ -93,44 +96,24 @@ def _source(cfg) -> Source:
     root = absolute_path(cfg.init_from)
     if not root.is_dir():
         raise ConfigError(f'init_from: no such directory {cfg.init_from!r}')
-    tok = tokenizer_file(str(root))
-    if tok is None or not (root / 'config.json').is_file():
+    run = RunDir(root)
+    tok = run.tokenizer_file()
+    if tok is None or not run.config_file.is_file():
         raise ConfigError(f'init_from: {cfg.init_from!r} has no tokenizer or config.json; is '
                           'it a pretraining workdir?')
-    ckpt_dir = root / 'checkpoints'
-    saved = saved_steps(ckpt_dir, cfg.init_step)
-    old = config_from_json((root / 'config.json').read_text())
+    saved = saved_steps(run.checkpoints, cfg.init_step)
+    old = run.read_config()
     step = cfg.init_step or saved[-1]
-    meta, shapes = _read_checkpoint(ckpt_dir, step)
+    meta, shapes = read_meta_and_shapes(run.checkpoints, step)
     _check_shapes(old, shapes)
     return Source(root, step, old, tok, 'imported_from' in meta)
 
 
-def _read_checkpoint(ckpt_dir: epath.Path, step: int) -> tuple[dict, dict]:
-    """(JSON side item, {param path: shape}) of a checkpoint; nothing written into it."""
-    import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=('state', 'meta'),
-                                    item_handlers={'state': ocp.StandardCheckpointHandler()})
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        params = manager.item_metadata(step)['state']['params']
-    finally:
-        manager.close()
-    return meta, _flat_shapes(params)
-
-
-def _flat_shapes(tree) -> dict[str, tuple]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
-            for path, leaf in flat}
-
-
 def _check_shapes(old: ml_collections.ConfigDict, saved: dict[str, tuple]) -> None:
     """The checkpoint holds the model its config.json describes (hidden size, layers...)."""
-    from models.bert import BertConfig, BertForMaskedLM
     model = BertForMaskedLM(BertConfig(**old.model.to_dict()))
     ids = jnp.zeros((1, 2), jnp.int32)
-    want = _flat_shapes(strip_boxes(jax.eval_shape(
+    want = flat_shapes(strip_boxes(jax.eval_shape(
         lambda: model.init(jax.random.key(0), ids, ids))['params']))
     for path in sorted(want.keys() | saved.keys()):
         if want.get(path) != saved.get(path):
@@ -182,7 +165,7 @@ def copy_tokenizer(cfg, src: Source | None, workdir: epath.Path) -> None:
     """With continual.tokenizer='keep', init_from's tokenizer becomes this run's (once)."""
     if src is None or cfg.continual.tokenizer != 'keep' or cfg.data.tokenizer_model:
         return
-    if tokenizer_file(str(workdir)) is None:
+    if RunDir(workdir).tokenizer_file() is None:
         given = epath.Path(src.tokenizer_path)
         write_bytes_atomic(workdir / given.name, given.read_bytes())
 
@@ -247,14 +230,13 @@ def load_params(cfg, src: Source, tokenizer, abstract_params, param_shardings, m
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params, param_shardings)
     if resize:  # read the old vocabulary-sized leaves whole, onto every device
-        from engine.mesh import replicated
         hidden = cfg.model.hidden_size
         target = _replace(target, EMBEDDINGS, jax.ShapeDtypeStruct(
             (old_vocab, hidden), jnp.float32, sharding=replicated(mesh)))
         target = _replace(target, OUTPUT_BIAS, jax.ShapeDtypeStruct(
             (old_vocab,), jnp.float32, sharding=replicated(mesh)))
     try:
-        params = restore_subtree(str(src.root / 'checkpoints'), src.step,
+        params = restore_subtree(str(RunDir(src.root).checkpoints), src.step,
                                  {'params': target})['params']
     except ValueError as e:  # shapes differ from those its config.json gives
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -275,7 +257,6 @@ def load_params(cfg, src: Source, tokenizer, abstract_params, param_shardings, m
 
 def initial_state(cfg, src: Source, tokenizer, tx, abstract, shardings, mesh):
     """Step 0 of a continual run: init_from's params, a fresh optimizer state."""
-    from pretrain.steps import TrainState
     params, line = load_params(cfg, src, tokenizer, abstract.params, shardings.params, mesh)
     if jax.process_index() == 0:
         print(line + '; optimizer state fresh', flush=True)

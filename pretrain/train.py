@@ -19,7 +19,7 @@ from engine import distributed
 from engine import mesh as mesh_lib
 from engine.budget import Budget
 from engine.checkpoint import Checkpoints
-from engine.config_cli import ConfigError, config_to_json
+from engine.config_cli import ConfigError
 from engine.hardware import peak_flops_per_device
 from engine.lock import workdir_lock
 from engine.loop import (
@@ -32,7 +32,8 @@ from engine.loop import (
 )
 from engine.metrics_writer import MetricWriter, require_wandb
 from engine.optim import learning_rate_schedule, make_optimizer
-from engine.paths import absolute_path, check_reachable, check_workdir, tokenized_data_dir
+from engine.paths import open_workdir
+from engine.rundir import RunDir, tokenized_data_dir
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
 from pretrain import continual, data, steps
@@ -155,7 +156,7 @@ def _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts):
     batch_sharding = mesh_lib.batch_sharding(mesh)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
     train = jax.jit(
-        functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
+        steps.mlm_train_step(model=model, tx=tx, schedule=schedule,
                           masking=masking, word_starts=word_starts, seed=cfg.seed,
                           grad_accum_steps=cfg.grad_accum_steps),
         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
@@ -224,10 +225,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
     if beam_options is not None:
         from text.beam_prepare import require_beam
         require_beam()  # before the tokenizer is trained
-    workdir = absolute_path(workdir)
-    check_workdir(workdir)
-    check_reachable(workdir)  # gs:// without network: one line now, not retries
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = open_workdir(workdir)
     main = jax.process_index() == 0
     with workdir_lock(workdir, 'prepare'):
         _, directories = prepare_data(cfg, workdir, sources, src, show_progress=main,
@@ -245,11 +243,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
     sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
     started = time.time()
-    workdir = absolute_path(workdir)  # a local path made absolute, or gs://...
+    workdir = open_workdir(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
-    check_workdir(workdir)
-    check_reachable(workdir)  # gs:// without network: one line now, not retries
-    workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir, 'pretrain'):
         return _pretrain(cfg, workdir, src, mesh, sources, sigterm, started, main)
 
@@ -259,11 +254,11 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     """The run itself, with the workdir held."""
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
-        (workdir / 'config.json').write_text(config_to_json(cfg))
+        RunDir(workdir).write_config(cfg)
     model_cfg = bert_config(cfg)
     model = BertForMaskedLM(model_cfg)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
-    ckpts = Checkpoints(str(workdir / 'checkpoints'), keep=cfg.keep_checkpoints)
+    ckpts = Checkpoints(str(RunDir(workdir).checkpoints), keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts, src, tokenizer)
     resumed_meta = ckpts.restore_meta(start_step) if start_step else None
     budget = Budget.resume(cfg, resumed_meta, start_step, cfg.batch_size * cfg.seq_len, started)

@@ -22,6 +22,7 @@ import numpy as np
 from configs.pseudolabel import REST
 from engine.config_cli import ConfigError, apply_overrides
 from engine.paths import local_dir, write_bytes_atomic
+from engine.rundir import RESULTS_FILENAME
 from finetune import augment, data, predict
 from finetune import train as finetune_train
 from finetune.task import load_config_task
@@ -230,7 +231,7 @@ def _fmt(value) -> str:
 
 def write_tables(root: pathlib.Path, rows: list[dict]) -> None:
     """results.json (everything) and results.md (one line a round + diagnostics)."""
-    (root / 'results.json').write_text(json.dumps(rows, indent=1) + '\n')
+    (root / RESULTS_FILENAME).write_text(json.dumps(rows, indent=1) + '\n')
     lines = ['| round | training examples | pseudo-labels accepted | pseudo-label precision '
              '| val acc | val F1 | test acc | test F1 |', '|---:' * 8 + '|']
     for row in rows:

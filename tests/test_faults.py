@@ -283,9 +283,9 @@ def poison_batch(monkeypatch, index: int) -> None:
     trains on it (a data-dependent fault: a rollback that skips it gets past it)."""
     import jax.numpy as jnp
 
-    from pretrain import steps
+    from engine import step as step_lib
     from text.batches import PretrainBatches
-    batch, train_step = PretrainBatches.batch, steps.train_step
+    batch, train_step = PretrainBatches.batch, step_lib.train_step
 
     def poisoned_batch(self, step):
         out = batch(self, step)
@@ -299,7 +299,7 @@ def poison_batch(monkeypatch, index: int) -> None:
         metrics = {**metrics, 'loss_sum': jnp.where(bad, jnp.nan, metrics['loss_sum'])}
         return state.replace(params=params), metrics
     monkeypatch.setattr(PretrainBatches, 'batch', poisoned_batch)
-    monkeypatch.setattr(steps, 'train_step', poisoned_step)
+    monkeypatch.setattr(step_lib, 'train_step', poisoned_step)
 
 
 def data_position(workdir, step: int) -> int:

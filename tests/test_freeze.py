@@ -14,18 +14,11 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from finetune.freeze import (
-    FROZEN,
-    TRAIN,
-    count_params_by_label,
-    freeze_labels,
-    merge_params,
-    path_of,
-    split_params,
-    tree_bytes,
-)
-from finetune.optim import learning_rate_at, make_optimizer, peak_learning_rates
+from engine.optim import learning_rate_at, make_optimizer, peak_learning_rates
+from engine.step import FROZEN, TRAIN, merge_params, split_params
+from finetune.freeze import count_params_by_label, freeze_labels, tree_bytes
 from models.bert import BertConfig, BertForSequenceClassification
+from models.paths import path_of
 
 LAYERS = 3
 MODEL = BertForSequenceClassification(BertConfig(
@@ -168,7 +161,7 @@ def _state_owners(opt_state, param_paths) -> collections.Counter:
 def test_adamw_steps_freeze_bit_identically_and_store_no_frozen_state():
     params = _params()
     labels = freeze_labels(params, 'encoder', LAYERS)
-    tx = make_optimizer(_cfg(weight_decay=0.01, max_grad_norm=1.0), params, labels, 10)
+    tx = make_optimizer(_cfg(weight_decay=0.01, max_grad_norm=1.0), 10, params, labels)
     sharded = _sharded(params)  # sharded arrays in, shardings kept
     state = tx.init(sharded)
     step = _step_fn(tx, labels)
@@ -186,7 +179,7 @@ def test_adamw_steps_freeze_bit_identically_and_store_no_frozen_state():
     counts = count_params_by_label(params, labels)
     assert counts == {TRAIN: HEAD, FROZEN: TOTAL - HEAD}
     assert tree_bytes(state) == counts[TRAIN] * 2 * 4 + len(scalars) * 4
-    full = make_optimizer(_cfg(), params, freeze_labels(params, 'none', LAYERS), 10)
+    full = make_optimizer(_cfg(), 10, params, freeze_labels(params, 'none', LAYERS))
     full_bytes = tree_bytes(full.init(params))
     assert full_bytes == TOTAL * 2 * 4 + 2 * 4
     assert tree_bytes(state) < 0.1 * full_bytes
@@ -204,7 +197,7 @@ def _norm(tree) -> float:
 def test_clipping_uses_the_trainable_norm_only():
     params = _params()
     labels = freeze_labels(params, 'embeddings', LAYERS)
-    tx = make_optimizer(_cfg(max_grad_norm=1e-4), params, labels, 10)
+    tx = make_optimizer(_cfg(max_grad_norm=1e-4), 10, params, labels)
     rng = np.random.default_rng(1)
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
     trainable, frozen = split_params(grads, labels)
@@ -247,7 +240,7 @@ def test_layer_decay_and_head_learning_rate():
         assert peaks[path] == pytest.approx(lr), path
     # The optimizer applies them: Adam's first step on unit gradients moves each leaf by lr.
     labels = freeze_labels(params, 'none', LAYERS)
-    tx = make_optimizer(cfg, params, labels, 10)
+    tx = make_optimizer(cfg, 10, params, labels)
     state = tx.init(params)
     updates = jax.jit(lambda: tx.update(jax.tree.map(np.ones_like, params), state, params)[0])()
     for path, update in _flat(updates).items():
@@ -265,7 +258,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_l2sp_pulls_pretrained_weights_back_to_the_start():
     params = _params()
     labels = freeze_labels(params, 'embeddings', LAYERS)
-    tx = make_optimizer(_cfg(l2sp=1.0, learning_rate=1e-3), params, labels, 10)
+    tx = make_optimizer(_cfg(l2sp=1.0, learning_rate=1e-3), 10, params, labels)
     state = tx.init(params)  # p0 = the pretrained weights
     counts = count_params_by_label(params, labels)
     anchored = counts[TRAIN] - HEAD  # p0 is kept for trainable pretrained leaves only

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -105,3 +106,17 @@ def test_two_runs_started_together_on_a_fresh_workdir(tmp_path, corpus):
     refused = next(err for code, err in results if code == 2)
     assert 'is in use by pretrain' in refused and 'Traceback' not in refused
     assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [2, 4]
+
+
+def test_the_heartbeat_refreshes_the_lock_without_errors(tmp_path, monkeypatch):
+    # The heartbeat replaces an existing lock file: several beats, no thread exception.
+    monkeypatch.setattr(lock_lib, 'HEARTBEAT_S', 0.05)
+    errors = []
+    monkeypatch.setattr(threading, 'excepthook', lambda args: errors.append(args.exc_value))
+    with lock_lib.WorkdirLock(tmp_path, 'pretrain') as lock:
+        first = json.loads((tmp_path / '.lock').read_text())['heartbeat']
+        time.sleep(0.4)
+        record = json.loads((tmp_path / '.lock').read_text())
+    assert errors == []
+    assert record['heartbeat'] > first and record['token'] == lock.token
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary files left

@@ -18,11 +18,13 @@ from configs.finetune import get_config
 from engine import mesh as mesh_lib
 from engine.checkpoint import read_state_numpy
 from engine.config_cli import ConfigError
+from engine.step import FROZEN, TRAIN
 from finetune import peft as ft_peft
 from finetune import setup, unfreeze
-from finetune.freeze import FROZEN, TRAIN, is_head, path_of, tree_bytes
+from finetune.freeze import tree_bytes
 from models import peft
 from models.bert import BertConfig, BertForSequenceClassification
+from models.paths import is_head, path_of
 from tests.test_finetune_e2e import finetune_args, task_files  # noqa: F401  (a fixture)
 
 BASE = BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,

@@ -30,8 +30,7 @@ def _setup(mesh_shape, devices=None, dropout=0.1, grad_accum=1):
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
         state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-        train = jax.jit(functools.partial(
-            steps.train_step, model=model, tx=tx,
+        train = jax.jit(steps.mlm_train_step(model=model, tx=tx,
             schedule=learning_rate_schedule(cfg.optimizer, 10),
             masking=MaskingConfig(vocab_size=VOCAB, max_predictions=3), word_starts=None,
             seed=0, grad_accum_steps=grad_accum),

@@ -8,9 +8,10 @@ import pytest
 
 import launch
 from engine.checkpoint import read_params_numpy
+from engine.step import FROZEN, TRAIN
 from finetune import unfreeze
-from finetune.freeze import FROZEN, TRAIN, path_of
 from models.bert import BertConfig, BertForSequenceClassification
+from models.paths import path_of
 from tests.helpers import REPO, write_toy_task
 
 

@@ -20,11 +20,12 @@ from etils import epath
 
 from engine.config_cli import ConfigError
 from engine.paths import absolute_path, write_bytes_atomic
+from engine.rundir import SPM_FILENAME, RunDir
+from text.special import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, UNK_ID
+from text.wordpiece import WordPieceTokenizer
 
-SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 MODEL_TYPES = ('unigram', 'bpe')
-MODEL_FILENAME = 'spm.model'
+MODEL_FILENAME = SPM_FILENAME
 # Ids that decode() drops. [UNK] stays: spm renders it as ' ⁇ ', which shows that text was lost.
 _SKIPPED_ON_DECODE = frozenset({PAD_ID, CLS_ID, SEP_ID, MASK_ID})
 _WORD_START = '\u2581'  # '▁', spm's marker for a preceding space
@@ -183,17 +184,11 @@ def load_or_train_tokenizer(workdir: str, texts: Callable[[], Iterable[str]], vo
 def tokenizer_file(directory: str) -> str | None:
     """The tokenizer a workdir holds: spm.model, or wordpiece.json (an imported WordPiece
     BERT, see text/wordpiece.py); None if neither."""
-    from text.wordpiece import WORDPIECE_FILENAME
-    for name in (MODEL_FILENAME, WORDPIECE_FILENAME):
-        path = absolute_path(directory) / name
-        if path.exists():
-            return str(path)
-    return None
+    return RunDir(directory).tokenizer_file()
 
 
 def load_tokenizer(path: str):
     """A sentencepiece Tokenizer, or a WordPieceTokenizer for a wordpiece .json file."""
     if str(path).endswith('.json'):
-        from text.wordpiece import WordPieceTokenizer
         return WordPieceTokenizer(path)
     return Tokenizer(path)

@@ -17,9 +17,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
 from tokenizers.implementations import BertWordPieceTokenizer
 
-from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
+from text.special import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
 
-WORDPIECE_FILENAME = 'wordpiece.json'
 _CONTINUATION = '##'
 
 

@@ -1,0 +1,142 @@
+"""The run directory (`--workdir`): the one module that knows its layout.
+
+    WORKDIR/
+      config.json      the run's resolved config (written before training starts)
+      spm.model        the tokenizer (or wordpiece.json: an imported WordPiece BERT)
+      checkpoints/     orbax steps: the train state and a JSON side item (engine.checkpoint)
+      metrics.jsonl    one JSON object per logged or evaluated step
+      data/            pretraining: the prepared corpus (text/records.py)
+      model.json       fine-tuning: the classifier's BertConfig
+      task.json        fine-tuning: the task kind and label names
+      best/            fine-tuning: the params of the best validation evaluation
+      results.json     fine-tuning: final metrics; a run with it is complete
+
+Every command reads and writes a workdir through `RunDir`, locally or on gs://.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from engine.config_cli import config_from_json, config_to_json
+from engine.paths import absolute_path, default_cache_dir, is_remote, write_bytes_atomic
+
+CONFIG_FILENAME = 'config.json'
+MODEL_CONFIG_FILENAME = 'model.json'
+TASK_FILENAME = 'task.json'
+RESULTS_FILENAME = 'results.json'
+METRICS_FILENAME = 'metrics.jsonl'
+SPM_FILENAME = 'spm.model'
+WORDPIECE_FILENAME = 'wordpiece.json'
+TOKENIZER_FILENAMES = (SPM_FILENAME, WORDPIECE_FILENAME)
+CHECKPOINTS_DIRNAME = 'checkpoints'
+BEST_DIRNAME = 'best'
+DATA_DIRNAME = 'data'
+
+
+def step_dirs(directory: epath.Path) -> list[int]:
+    """The steps of the finished checkpoints in `directory`, ascending ([] if none)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def tokenized_data_dir(data_dir: str, workdir: str | os.PathLike) -> str:
+    """Where the tokenized corpus is built: `data.data_dir` if set, else WORKDIR/data, or
+    for a cloud workdir this host's cache (array_record files are written locally; the
+    directory name inside is a hash of the inputs and tokenizer, so runs share it safely)."""
+    if data_dir:
+        return data_dir
+    if is_remote(workdir):
+        return os.path.join(default_cache_dir(), 'tokenized')
+    return os.path.join(os.fspath(workdir), DATA_DIRNAME)
+
+
+class RunDir:
+    """Typed access to one workdir's files (local path or gs:// URL)."""
+
+    def __init__(self, path: str | epath.Path):
+        self.path = absolute_path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------ locations
+    @property
+    def config_file(self) -> epath.Path:
+        return self.path / CONFIG_FILENAME
+
+    @property
+    def model_config_file(self) -> epath.Path:
+        return self.path / MODEL_CONFIG_FILENAME
+
+    @property
+    def task_file(self) -> epath.Path:
+        return self.path / TASK_FILENAME
+
+    @property
+    def results_file(self) -> epath.Path:
+        return self.path / RESULTS_FILENAME
+
+    @property
+    def metrics_file(self) -> epath.Path:
+        return self.path / METRICS_FILENAME
+
+    @property
+    def checkpoints(self) -> epath.Path:
+        return self.path / CHECKPOINTS_DIRNAME
+
+    @property
+    def best(self) -> epath.Path:
+        return self.path / BEST_DIRNAME
+
+    @property
+    def data(self) -> epath.Path:
+        return self.path / DATA_DIRNAME
+
+    @property
+    def spm_file(self) -> epath.Path:
+        return self.path / SPM_FILENAME
+
+    # ------------------------------------------------------------ reading
+    def tokenizer_file(self) -> str | None:
+        """spm.model, or wordpiece.json (an imported WordPiece BERT); None if neither."""
+        for name in TOKENIZER_FILENAMES:
+            if (self.path / name).exists():
+                return str(self.path / name)
+        return None
+
+    def read_config(self) -> ml_collections.ConfigDict:
+        return config_from_json(self.config_file.read_text())
+
+    def read_model_config(self) -> dict[str, Any]:
+        """A fine-tuning run's classifier fields (model.json)."""
+        return json.loads(self.model_config_file.read_text())
+
+    def read_task(self) -> dict[str, Any]:
+        return json.loads(self.task_file.read_text())
+
+    def read_results(self) -> dict[str, Any] | None:
+        """results.json, or None while the run is not complete."""
+        return json.loads(self.results_file.read_text()) if self.results_file.exists() else None
+
+    def latest_step(self) -> int | None:
+        steps = step_dirs(self.checkpoints)
+        return steps[-1] if steps else None
+
+    def best_steps(self) -> list[int]:
+        return step_dirs(self.best)
+
+    # ------------------------------------------------------------ writing
+    def write_config(self, cfg: ml_collections.ConfigDict) -> None:
+        write_bytes_atomic(self.config_file, config_to_json(cfg).encode())
+
+    def write_json(self, file: epath.Path, value: Any, indent: int | None = None) -> None:
+        """One of this workdir's JSON files (model.json, task.json, results.json)."""
+        text = json.dumps(value, indent=indent) + ('\n' if indent else '')
+        write_bytes_atomic(file, text.encode())
