@@ -79,6 +79,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.model = model_config('tiny')
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.1
+    c.model.pooling = 'cls'  # 'cls' or 'mean' (masked mean of the tokens) before the pooler
 
     # Parameter-efficient fine-tuning (finetune/peft.py): only these params + the head train.
     c.peft = ml_collections.ConfigDict()

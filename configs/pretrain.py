@@ -106,6 +106,15 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.pre_layer_norm = False  # False: post-LN as in BERT; True: pre-LN (stabler when deep)
     m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     m.remat = 'none'  # activation recomputation per layer: 'none', 'full' or 'dots'
+    # Architecture options (docs/configs.md); the defaults are BERT, and export needs them.
+    m.position_embedding = 'learned'  # 'learned' table, or 'rope' (rotary, no table)
+    m.rope_theta = 10000.0  # RoPE base frequency (position_embedding='rope' only)
+    m.mlp = 'gelu'  # feed-forward: 'gelu', or gated 'geglu' / 'swiglu' (act(input) * gate)
+    m.use_bias = True  # False: no biases in Dense layers and LayerNorms (heads' output keep one)
+    m.final_norm = False  # a LayerNorm after the last layer (pre-LN always has one)
+    m.local_attention_window = 0  # 0 = full attention; W: local layers see +-W/2 tokens
+    m.global_attention_every = 3  # with a window: layer i is global when i % N == 0
+    m.pooling = 'cls'  # classification pooling: 'cls' ([CLS]) or 'mean' (non-pad tokens)
     return m
 
 

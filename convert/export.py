@@ -30,7 +30,7 @@ from engine.checkpoint import read_state_numpy
 from engine.config_cli import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.rundir import WORDPIECE_FILENAME, RunDir, step_dirs
-from models.bert import BertConfig
+from models.bert import BertConfig, non_bert_options
 from text.tokenizer import PAD_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
@@ -79,6 +79,10 @@ def load_workdir(workdir: epath.Path, step: int | None
     if model_cfg.adapter_size or model_cfg.prefix_length:
         raise ConfigError('--workdir: adapters and prefixes (peft.method adapter/prefix) have '
                           'no transformers BERT counterpart; LoRA runs export merged')
+    options = ', '.join(f'model.{o}' for o in non_bert_options(model_cfg))
+    if options:
+        raise ConfigError(f'--workdir: {options}: no transformers BERT counterpart (BERT '
+                          'export needs these architecture options at their defaults)')
     if model_cfg.pre_layer_norm:
         raise ConfigError('--workdir: a pre-LN model (model.pre_layer_norm) has no '
                           'transformers BERT counterpart')

@@ -84,6 +84,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
         model_section = cfg.model
     fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
               'attention_dropout_rate': cfg.model.attention_dropout_rate,
+              'pooling': cfg.model.get('pooling', 'cls'),
               'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
               **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
     try:

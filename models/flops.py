@@ -9,6 +9,8 @@ size ``H``, intermediate size ``I``, vocab ``V``, ``P`` masked positions and ``N
         scores  Q K^T                  2*S*S*H      (all heads: heads * S*S*head_dim)
         weights . V                    2*S*S*H
         FFN (H->I and I->H)        2 * 2*S*H*I
+        gated FFN (geglu/swiglu:
+          H->2I and I->H)          3 * 2*S*H*I
     MLM head (only at the P masked positions):
         transform dense                2*P*H*H
         tied vocab decoder             2*P*H*V
@@ -17,7 +19,9 @@ size ``H``, intermediate size ``I``, vocab ``V``, ``P`` masked positions and ``N
     train   = 3 * forward   (backward ~ 2x forward: grads w.r.t. activations and weights)
 
 Embedding lookups, LayerNorm, softmax, GELU, dropout and biases are not counted; attention is
-counted over the full S x S score matrix regardless of padding or segment masking.
+counted over the full S x S score matrix regardless of padding, segment masking or a sliding
+window (a local layer still computes, then masks, every score). RoPE's rotations are
+elementwise, hence not counted either.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from models.bert import BertConfig
+from models.config import BertConfig
 
 
 def _layer_flops(config: BertConfig, seq_len: int) -> int:
@@ -37,7 +41,8 @@ def _layer_flops(config: BertConfig, seq_len: int) -> int:
     attn_out = 2 * s * h * h
     scores = 2 * s * s * h
     weighted_values = 2 * s * s * h
-    ffn = 2 * 2 * s * h * i
+    # A gated MLP's up projection is twice as wide (input and gate halves).
+    ffn = (3 if config.gated_mlp else 2) * 2 * s * h * i
     return qkv + attn_out + scores + weighted_values + ffn
 
 

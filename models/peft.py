@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-    from models.bert import BertConfig
+    from models.config import BertConfig
 
 # Short names for the encoder's Dense layers -> regexes on the '/'-joined module path.
 TARGET_ALIASES = {
@@ -192,14 +192,6 @@ def without_peft(tree: dict) -> dict:
                 out[key] = sub
         elif key not in LORA_NAMES:
             out[key] = value
-    return out
-
-
-def overlay(tree: dict, update: dict) -> dict:
-    """`tree` with the leaves `update` has replaced (a recursive dict merge)."""
-    out = dict(tree)
-    for key, value in update.items():
-        out[key] = overlay(tree[key], value) if isinstance(value, dict) else value
     return out
 
 

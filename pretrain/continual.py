@@ -137,7 +137,8 @@ def _apply_model(cfg, src: Source) -> None:
         for key, value in model.items():  # an imported run adds layer_norm_eps, ...
             cfg.model[key] = value
         cfg.model.vocab_size = vocab
-    if cfg.seq_len > cfg.model.max_position_embeddings:
+    if (cfg.model.get('position_embedding', 'learned') == 'learned'
+            and cfg.seq_len > cfg.model.max_position_embeddings):
         raise ConfigError(f'seq_len: {cfg.seq_len} exceeds the max_position_embeddings '
                           f'({cfg.model.max_position_embeddings}) of init_from {cfg.init_from}')
 

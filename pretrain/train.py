@@ -81,7 +81,7 @@ def validate_values(cfg: ml_collections.ConfigDict) -> None:
         if cfg[key] < 1:
             raise ConfigError(f'{key}: must be >= 1, got {cfg[key]}')
     model = bert_config(cfg)
-    if cfg.seq_len > model.max_position_embeddings:
+    if model.position_embedding == 'learned' and cfg.seq_len > model.max_position_embeddings:
         raise ConfigError(f'seq_len: {cfg.seq_len} exceeds model.max_position_embeddings '
                           f'({model.max_position_embeddings})')
     if not 0 < cfg.masking.mask_rate < 1:

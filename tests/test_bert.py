@@ -14,6 +14,7 @@ import pytest
 import scipy.special
 from flax.traverse_util import flatten_dict
 
+from models import attention as attention_lib
 from models import bert as bert_lib
 from models.bert import (
     BertConfig,
@@ -336,7 +337,7 @@ def test_explicit_path_matches_in_full_model(mlm, monkeypatch):
     def explicit(q, k, v, mask):
         return explicit_attention(q, k, v, mask)
 
-    monkeypatch.setattr(bert_lib, 'fused_attention', explicit)
+    monkeypatch.setattr(attention_lib, 'fused_attention', explicit)
     # A fresh jit so the patched function is traced (the cached one would not be).
     got = jax.jit(
         lambda p: model.apply({'params': p}, ids, positions, types, segment_ids=segments)

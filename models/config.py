@@ -1,0 +1,162 @@
+"""`BertConfig`: the one frozen dataclass every model module reads, and its validation.
+
+The architecture options (issue 17) default to BERT, so a config without them builds
+today's model bit for bit; `non_bert_options` names the ones a run moved away from BERT.
+
+    position_embedding  'learned': a learned absolute table (BERT; caps the length at
+                        max_position_embeddings). 'rope': rotary embeddings on q and k in
+                        every attention layer (ModernBERT's rotate_half convention, theta
+                        rope_theta), no position table and no length cap from one.
+    mlp                 'gelu': dense H->I, exact GELU, dense I->H (BERT). 'geglu' /
+                        'swiglu': the up projection yields 2I features split as
+                        `input, gate` (first half, second half, ModernBERT's Wi layout) and
+                        the block computes act(input) * gate (act = exact GELU / SiLU).
+    use_bias            False drops the bias of every Dense layer and LayerNorm in the
+                        encoder, the pooler and the MLM transform; the MLM output bias (a
+                        per-token prior) and the classifier's bias stay, as in ModernBERT,
+                        and so do the PEFT adapters' (models/peft.py).
+    final_norm          True adds a LayerNorm after the last layer (pre-LN always has one).
+    local_attention_window, global_attention_every
+                        window W > 0: token i attends to keys j with |i - j| <= W // 2
+                        (ModernBERT's local_attention), except in global layers: layer l is
+                        global when l % global_attention_every == 0 (0: no global layer).
+    pooling             sequence classification: 'cls' pools [CLS] (BERT), 'mean' the
+                        masked mean of the non-pad tokens; both then go through the pooler
+                        dense + tanh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from models import peft
+
+DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = {
+    'none': None,
+    'full': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+POSITION_EMBEDDINGS = ('learned', 'rope')
+MLPS = ('gelu', 'geglu', 'swiglu')
+POOLINGS = ('cls', 'mean')
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 8000
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout_rate: float = 0.1  # hidden dropout
+    attention_dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-12
+    pre_layer_norm: bool = False  # post-LN (BERT) by default; pre-LN adds a final LayerNorm
+    dtype: str = 'float32'  # compute dtype; params are always float32
+    initializer_range: float = 0.02  # truncated-normal std as in BERT
+    remat: str = 'none'  # 'none' | 'full' | 'dots'
+    num_labels: int = 2  # only for the classification head
+    # Architecture options (module docstring); the defaults are BERT.
+    position_embedding: str = 'learned'  # 'learned' | 'rope'
+    rope_theta: float = 10000.0  # RoPE base; only with position_embedding='rope'
+    mlp: str = 'gelu'  # 'gelu' | 'geglu' | 'swiglu'
+    use_bias: bool = True  # False: bias-free Dense layers and LayerNorms
+    final_norm: bool = False  # a LayerNorm after the last layer (implied by pre_layer_norm)
+    local_attention_window: int = 0  # 0 = off; W: attend within +-W/2 in local layers
+    global_attention_every: int = 3  # layer l is global when l % N == 0; 0 = none global
+    pooling: str = 'cls'  # sequence classification: 'cls' | 'mean'
+    # Parameter-efficient fine-tuning (models/peft.py); off by default, adding no params.
+    lora_rank: int = 0  # > 0: LoRA of this rank on the encoder Dense layers lora_targets match
+    lora_alpha: float = 0.0  # LoRA scale = alpha / rank; 0 means alpha = rank
+    lora_targets: tuple[str, ...] = ()  # peft.TARGET_ALIASES names or module-path regexes
+    adapter_size: int = 0  # > 0: bottleneck adapters of this width
+    adapter_placement: str = 'houlsby'  # after attention and FFN; 'pfeiffer': FFN only
+    prefix_length: int = 0  # > 0: prefix tuning, this many learned keys/values per layer
+
+    def __post_init__(self) -> None:
+        # A tuple (hashable) even when read back from JSON as a list.
+        object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
+        peft.validate_config(self)
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f'hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}'
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f'remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}')
+        for name in ('dropout_rate', 'attention_dropout_rate'):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f'{name} must be in [0, 1), got {rate}')
+        _validate_architecture(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp != 'gelu'
+
+    def is_global_layer(self, layer: int) -> bool:
+        """Whether `layer` attends over the whole sequence (always, without a window)."""
+        if not self.local_attention_window:
+            return True
+        every = self.global_attention_every
+        return every > 0 and layer % every == 0
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+
+
+def _validate_architecture(c: BertConfig) -> None:
+    """The architecture options: each a one-line ValueError naming the field."""
+    _one_of('position_embedding', c.position_embedding, POSITION_EMBEDDINGS)
+    _one_of('mlp', c.mlp, MLPS)
+    _one_of('pooling', c.pooling, POOLINGS)
+    if c.position_embedding == 'rope':
+        # rotate_half pairs dimension d with d + head_dim/2.
+        if c.head_dim % 2:
+            raise ValueError(f'position_embedding=rope needs an even head_dim, got '
+                             f'{c.head_dim} (hidden_size {c.hidden_size} / {c.num_heads} heads)')
+        if not c.rope_theta > 0:
+            raise ValueError(f'rope_theta must be > 0, got {c.rope_theta}')
+    window, every = c.local_attention_window, c.global_attention_every
+    if window < 0 or window % 2:
+        raise ValueError(f'local_attention_window must be 0 (off) or an even number of tokens '
+                         f'> 0 (each token sees +-window/2), got {window}')
+    if every < 0:
+        raise ValueError(f'global_attention_every must be >= 0 (0: no global layer), got {every}')
+    if window and every == 1:
+        raise ValueError('local_attention_window has no effect with global_attention_every=1 '
+                         '(every layer global); use 0 or N > 1')
+
+
+# field -> its BERT value; what `non_bert_options` checks.
+BERT_DEFAULTS = {
+    'position_embedding': 'learned',
+    'mlp': 'gelu',
+    'use_bias': True,
+    'final_norm': False,
+    'local_attention_window': 0,
+    'pooling': 'cls',
+}
+
+
+def non_bert_options(config: BertConfig) -> list[str]:
+    """'field=value' for each architecture option set away from BERT (empty: plain BERT)."""
+    return [f'{name}={getattr(config, name)!r}' for name, bert in BERT_DEFAULTS.items()
+            if getattr(config, name) != bert]
