@@ -2,7 +2,6 @@
 parameter carries logical axes, lays out as its BERT counterpart does, and one training step
 on a 2x2x2 mesh matches one device."""
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -11,12 +10,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 
-from configs.pretrain import get_config
 from engine import mesh as mesh_lib
-from engine.optim import adamw, learning_rate_schedule
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
-from pretrain import steps
-from pretrain.masking import MaskingConfig
+from tests.sharded import packed_batch, sharded_mlm
 
 SEQ, BATCH, VOCAB = 16, 8, 96
 ALL_ON = BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=2,
@@ -27,29 +23,11 @@ ALL_ON = BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=2,
 
 
 def _setup(mesh_shape, devices=None):
-    cfg = get_config('tiny')
-    mesh = mesh_lib.make_mesh(mesh_shape, cfg.mesh.axes, devices=devices)
-    model = BertForMaskedLM(ALL_ON)
-    tx = adamw(cfg.optimizer, 10)
-    init = functools.partial(steps.init_state, jax.random.key(0), model, tx, SEQ)
-    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
-        state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-        train = jax.jit(steps.mlm_train_step(model=model, tx=tx,
-            schedule=learning_rate_schedule(cfg.optimizer, 10),
-            masking=MaskingConfig(vocab_size=VOCAB, max_predictions=3), word_starts=None,
-            seed=0, grad_accum_steps=1),
-            in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-            out_shardings=(shardings, None))
-    return mesh, state, shardings, train
+    return sharded_mlm(ALL_ON, mesh_shape, devices)[1:]
 
 
 def _batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, VOCAB, size=(BATCH, SEQ)).astype(np.int32)
-    ids[:, 0], ids[:, -1] = 2, 3
-    ids[1, 10:] = 0
-    return {'input_ids': ids, 'segment_ids': (ids != 0).astype(np.int32)}
+    return packed_batch(BATCH, SEQ, VOCAB)
 
 
 @pytest.mark.parametrize('model_cls', [BertForMaskedLM, BertForSequenceClassification])

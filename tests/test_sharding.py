@@ -2,49 +2,27 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.pretrain import get_config
 from engine import mesh as mesh_lib
-from engine.optim import adamw, learning_rate_schedule
-from models.bert import BertConfig, BertForMaskedLM
-from pretrain import steps
-from pretrain.masking import MaskingConfig
+from models.bert import BertConfig
+from tests.sharded import packed_batch, sharded_mlm
 
 SEQ, BATCH, VOCAB = 16, 8, 96
 
 
 def _setup(mesh_shape, devices=None, dropout=0.1, grad_accum=1):
-    cfg = get_config('tiny')
-    mesh = mesh_lib.make_mesh(mesh_shape, cfg.mesh.axes, devices=devices)
-    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2,
-                                       num_heads=2, intermediate_size=64,
-                                       max_position_embeddings=SEQ, dropout_rate=dropout,
-                                       attention_dropout_rate=dropout))
-    tx = adamw(cfg.optimizer, 10)
-    init = functools.partial(steps.init_state, jax.random.key(0), model, tx, SEQ)
-    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
-        state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-        train = jax.jit(steps.mlm_train_step(model=model, tx=tx,
-            schedule=learning_rate_schedule(cfg.optimizer, 10),
-            masking=MaskingConfig(vocab_size=VOCAB, max_predictions=3), word_starts=None,
-            seed=0, grad_accum_steps=grad_accum),
-            in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-            out_shardings=(shardings, None))
-    return cfg, mesh, state, shardings, train
+    model_cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                           intermediate_size=64, max_position_embeddings=SEQ,
+                           dropout_rate=dropout, attention_dropout_rate=dropout)
+    return sharded_mlm(model_cfg, mesh_shape, devices, grad_accum)
 
 
 def _batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, VOCAB, size=(BATCH, SEQ)).astype(np.int32)
-    ids[:, 0], ids[:, -1] = 2, 3
-    ids[1, 10:] = 0
-    return {'input_ids': ids, 'segment_ids': (ids != 0).astype(np.int32)}
+    return packed_batch(BATCH, SEQ, VOCAB)
 
 
 def test_parameter_partition_specs_on_a_2x2x2_mesh():
