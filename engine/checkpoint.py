@@ -5,6 +5,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -123,9 +124,12 @@ class Checkpoints:
             f'could not save the checkpoint of step {step} ({_describe(error)}); '
             f'the run stopped, {last}')
 
-    def restore_latest(self, abstract_state: Any, shardings: Any
+    def restore_latest(self, abstract_state: Any, shardings: Any,
+                       template_for: Callable[[int], tuple[Any, Any]] | None = None
                        ) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest checkpoint that restores; None if there is none.
+        `template_for(step)` -> (abstract state, shardings), when the state's structure
+        depends on the step (gradual unfreezing), replaces the two arguments.
 
         A newer one that does not restore while an older one does is damaged (a truncated
         array file, a missing _METADATA, a torn meta): it is moved aside to corrupt-STEP,
@@ -135,6 +139,8 @@ class Checkpoints:
         """
         failures = []  # (step, why) of the newer ones that did not restore
         for step in sorted(self.all_steps(), reverse=True):
+            if template_for is not None:
+                abstract_state, shardings = template_for(step)
             try:
                 state, meta = self.restore(step, abstract_state, shardings)
                 error = None

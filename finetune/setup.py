@@ -169,13 +169,30 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def maybe_resume(ckpts: Checkpoints, state):
-    """(state, start step, best-so-far record) from this run's latest checkpoint, if any."""
-    latest = ckpts.latest_step()
-    if latest is None:
+def resume(cfg, mesh, built: Built, ckpts: Checkpoints, state, num_steps: int, phase: int):
+    """(state, start step, best-so-far record) from the newest checkpoint that restores (a
+    damaged newer one is set aside with one line); `state` itself when there is none.
+    `state` is the fresh state of gradual-unfreezing phase `phase`; a checkpoint of another
+    phase restores onto that phase's optimizer state."""
+    every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
+
+    def template(step: int):
+        at = unfreeze.phase_of_state(step, every, num_layers)
+        like = state if at == phase else enter_phase(cfg, mesh, built, state, num_steps, at)[0]
+        return _abstract(like), _shardings(like)
+
+    found = ckpts.restore_latest(None, None, template_for=template)
+    if found is None:
         return state, 0, None
-    restored, meta = ckpts.restore(latest, _abstract(state), _shardings(state))
-    return restored, latest, meta.get('best')
+    step, restored, meta = found
+    return restored, step, meta.get('best')
+
+
+def phase_optimizer(cfg, mesh, built: Built, params, num_steps: int, phase: int):
+    """(labels, tx) of gradual-unfreezing phase `phase`."""
+    labels = phase_labels(cfg, params, built, phase)
+    tx, _ = fresh_optimizer(cfg, mesh, built, params, labels, num_steps)
+    return labels, tx
 
 
 def restore_best(best_ckpts: Checkpoints, state):

@@ -155,13 +155,16 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
     batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
                                    *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch
-    ckpts = Checkpoints(str(rundir.checkpoints), keep=1)
+    ckpts = Checkpoints(str(rundir.checkpoints), keep=2)  # an older one to fall back to
     best_ckpts = Checkpoints(str(rundir.best), keep=1)
     every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
     phase = unfreeze.phase_of_state(ckpts.latest_step() or 0, every, num_layers)
     state, labels, tx, schedule = setup.initial_state(cfg, mesh, built, num_steps, phase)
     _log_sizes(main, state, labels, built)
-    state, start_step, best = setup.maybe_resume(ckpts, state)
+    state, start_step, best = setup.resume(cfg, mesh, built, ckpts, state, num_steps, phase)
+    if unfreeze.phase_of_state(start_step, every, num_layers) != phase:  # fell back a phase
+        phase = unfreeze.phase_of_state(start_step, every, num_layers)
+        labels, tx = setup.phase_optimizer(cfg, mesh, built, state.params, num_steps, phase)
     tracker = _BestTracker(cfg, best_ckpts, best)
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step,
                           wandb=cfg.get('wandb'), run_config=cfg.to_dict())

@@ -19,7 +19,8 @@ from orbax.checkpoint._src.checkpointers import async_checkpointer
 import launch
 from engine import loop
 from engine.checkpoint import read_params_numpy, step_dirs
-from tests.helpers import read_metrics, tiny_args
+from finetune.unfreeze import phase_of_state
+from tests.helpers import read_metrics, tiny_args, write_toy_task
 
 
 def pretrain(workdir, *args) -> int:
@@ -341,3 +342,39 @@ def test_nan_rollback_end_to_end(tmp_path, corpus, monkeypatch, capsys):
     assert pretrain(resumed, *args, '--config.nan_rollbacks=1') == 0
     assert 'rolled back' not in capsys.readouterr().out
     assert_same_params(read_params_numpy(str(resumed / 'checkpoints'), 12), params)
+
+
+def finetune(workdir, task: str, init_from: str, *extra: str) -> int:
+    return launch.main(['finetune', '--workdir', str(workdir), '--config',
+                        'configs/finetune.py:custom', f'--config.init_from={init_from}',
+                        f'--config.data.train_file={task}', '--config.num_epochs=3',
+                        '--config.batch_size=16', '--config.seq_len=16', *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('unfreeze', [0, 4])
+def test_finetune_resumes_from_the_older_checkpoint_when_the_newest_is_damaged(
+        tmp_path, pretrained_run, capsys, unfreeze):
+    # Checkpoints every epoch (3 steps), the last two kept. Damage the newest, drop
+    # results.json: the rerun sets it aside, retrains the last epoch from the older one and
+    # ends with the results of the uninterrupted run (also across an unfreezing phase).
+    task = write_toy_task(tmp_path, n=64)
+    args = (f'--config.gradual_unfreeze_steps={unfreeze}', '--config.model.dropout_rate=0.1')
+    workdir = tmp_path / 'run'
+    assert finetune(workdir, task, pretrained_run, *args) == 0
+    first = json.loads((workdir / 'results.json').read_text())
+    steps = step_dirs(workdir / 'checkpoints')
+    assert len(steps) == 2, steps
+    if unfreeze:  # the fallback crosses a phase boundary (1 layer: phases 0..2)
+        assert [phase_of_state(s, unfreeze, 1) for s in steps] == [1, 2]
+    (workdir / 'results.json').unlink()
+    truncate_array_files(workdir / 'checkpoints' / str(steps[-1]))
+    capsys.readouterr()
+
+    assert finetune(workdir, task, pretrained_run, *args) == 0
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf'checkpoint {steps[-1]} is unreadable \(.+\); moved to '
+                        rf'checkpoints/corrupt-{steps[-1]}, resuming from step {steps[0]}',
+                        err), err
+    assert (workdir / 'checkpoints' / f'corrupt-{steps[-1]}' / 'state').is_dir()
+    assert json.loads((workdir / 'results.json').read_text()) == first
