@@ -115,6 +115,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.local_attention_window = 0  # 0 = full attention; W: local layers see +-W/2 tokens
     m.global_attention_every = 3  # with a window: layer i is global when i % N == 0
     m.pooling = 'cls'  # classification pooling: 'cls' ([CLS]) or 'mean' (non-pad tokens)
+    # One nn.scan over the layers: compile time independent of depth; params stacked on a
+    # leading axis (fine-tuning and export see them as layer_0.. again; models/scan.py).
+    m.scan_layers = False
     return m
 
 
@@ -201,6 +204,7 @@ def mesh_config() -> ml_collections.ConfigDict:
         ('mlp', 'tensor'),
         ('heads', 'tensor'),
         ('kv', None),
+        ('layers', None),  # the stacked axis of scanned layers
     )
     return s
 

@@ -15,6 +15,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from engine.config_cli import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.rundir import WORDPIECE_FILENAME, RunDir, step_dirs
 from models.bert import BertConfig, non_bert_options
+from models.scan import unstack_layers
 from text.tokenizer import PAD_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
@@ -73,6 +75,9 @@ def load_workdir(workdir: epath.Path, step: int | None
         params = read_state_numpy(str(directory), step)['params']
     finally:
         absl.setLevel(level)
+    if model_cfg.scan_layers:  # per-layer names for the name map, as transformers has them
+        params['bert']['encoder'] = unstack_layers(params['bert']['encoder'])
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
     if finetuned:
         from models.peft import merge_lora, merged_config  # LoRA folds into the kernels
         params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)

@@ -85,6 +85,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
               'attention_dropout_rate': cfg.model.attention_dropout_rate,
               'pooling': cfg.model.get('pooling', 'cls'),
+              'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT
               'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
               **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
     try:
@@ -112,9 +113,12 @@ def _load_encoder(cfg, params: dict) -> dict:
     """Replaces embeddings and encoder with the pretrained ones, on this run's shardings.
     LoRA / adapter / prefix parameters are not in a pretraining checkpoint: they stay fresh;
     a distillation student with fewer layers reads each from its pretrained source layer."""
+    run = RunDir(pretrained_dir(cfg))
+    saved = run.read_config().model
     try:
-        return load(params, str(RunDir(pretrained_dir(cfg)).checkpoints), cfg.init_step or None,
-                    layer_map=distill.source_names(cfg), dont_load=peft.NEW_PARAM_PATTERNS)
+        return load(params, str(run.checkpoints), cfg.init_step or None,
+                    layer_map=distill.source_names(cfg), dont_load=peft.NEW_PARAM_PATTERNS,
+                    saved_layers=saved.num_layers if saved.get('scan_layers') else 0)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None
 

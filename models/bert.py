@@ -36,6 +36,7 @@ from models.layers import (
     norm,
     residual,
 )
+from models.scan import SCANNED_NAME
 
 __all__ = [
     'BertAttention', 'BertConfig', 'BertEmbeddings', 'BertEncoder', 'BertForMaskedLM',
@@ -113,6 +114,10 @@ class BertLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        return self.block(x, mask, deterministic)
+
+    def block(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        """The block itself, shared with the scanned layer (called in a compact method)."""
         cfg = self.config
         x = BertAttention(cfg, name='attention')(x, mask, deterministic)
         x = hidden_constraint(x)
@@ -129,6 +134,31 @@ def _layer_class(config: BertConfig) -> type[nn.Module]:
     return nn.remat(BertLayer, static_argnums=(3,), policy=REMAT_POLICIES[config.remat])
 
 
+class ScannedLayer(BertLayer):
+    """One step of nn.scan over the layers: the block, with this layer's mask chosen by its
+    (scanned) global flag; `deterministic` is an attribute, as scanned inputs are traced."""
+
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, local: Array, is_global: Array
+                 ) -> tuple[Array, None]:
+        layer_mask = jnp.where(is_global, mask, local)
+        return self.block(x, layer_mask, self.deterministic), None
+
+
+def _scanned_layers(config: BertConfig, deterministic: bool) -> nn.Module:
+    """All layers as one scanned module: params stacked on a leading 'layers' axis (never
+    sharded), so compile time does not grow with depth."""
+    step = ScannedLayer
+    if config.remat != 'none':
+        step = nn.remat(ScannedLayer, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+    scan = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                   in_axes=(nn.broadcast, nn.broadcast, 0), length=config.num_layers,
+                   metadata_params={nn.PARTITION_NAME: 'layers'})
+    return scan(config, deterministic, name=SCANNED_NAME)
+
+
 class BertEncoder(nn.Module):
     config: BertConfig
 
@@ -141,8 +171,12 @@ class BertEncoder(nn.Module):
         if cfg.local_attention_window:
             band = sliding_window_mask(x.shape[-2], cfg.local_attention_window)
             local = jnp.logical_and(mask, band)
+        if cfg.scan_layers:
+            flags = jnp.array([cfg.is_global_layer(i) for i in range(cfg.num_layers)])
+            x, _ = _scanned_layers(cfg, deterministic)(
+                x, mask, mask if local is None else local, flags)
         # Separate named layers (no scan) keep the tree one-to-one with HF's encoder.layer.{i}.
-        for i in range(cfg.num_layers):
+        for i in range(0 if cfg.scan_layers else cfg.num_layers):
             layer_mask = mask if cfg.is_global_layer(i) else local
             x = layer_cls(cfg, name=f'layer_{i}')(x, layer_mask, deterministic)
         if cfg.pre_layer_norm or cfg.final_norm:

@@ -71,6 +71,7 @@ class BertConfig:
     local_attention_window: int = 0  # 0 = off; W: attend within +-W/2 in local layers
     global_attention_every: int = 3  # layer l is global when l % N == 0; 0 = none global
     pooling: str = 'cls'  # sequence classification: 'cls' | 'mean'
+    scan_layers: bool = False  # one nn.scan over the layers (stacked params; models/scan.py)
     # Parameter-efficient fine-tuning (models/peft.py); off by default, adding no params.
     lora_rank: int = 0  # > 0: LoRA of this rank on the encoder Dense layers lora_targets match
     lora_alpha: float = 0.0  # LoRA scale = alpha / rank; 0 means alpha = rank
@@ -134,6 +135,9 @@ def _validate_architecture(c: BertConfig) -> None:
                              f'{c.head_dim} (hidden_size {c.hidden_size} / {c.num_heads} heads)')
         if not c.rope_theta > 0:
             raise ValueError(f'rope_theta must be > 0, got {c.rope_theta}')
+    if c.scan_layers and (c.lora_rank or c.adapter_size or c.prefix_length):
+        raise ValueError('scan_layers: PEFT needs per-layer parameters; fine-tuning unrolls '
+                         'the layers of a scanned run (leave scan_layers off)')
     window, every = c.local_attention_window, c.global_attention_every
     if window < 0 or window % 2:
         raise ValueError(f'local_attention_window must be 0 (off) or an even number of tokens '

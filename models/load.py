@@ -12,8 +12,10 @@ import re
 from collections.abc import Sequence
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.checkpoint import restore_subtree
+from models.scan import SCANNED_NAME, unstack_layers
 
 ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
 
@@ -40,29 +42,58 @@ def _overlay(tree: dict, update: dict) -> dict:
     return out
 
 
+def _onto(tree: dict, like: dict) -> dict:
+    """`tree`'s arrays placed with the shardings of the same leaves of `like`."""
+    return {k: _onto(v, like[k]) if isinstance(v, dict) else jax.device_put(v, like[k].sharding)
+            for k, v in tree.items()}
+
+
 def _rename_layers(encoder: dict, names: dict[str, str]) -> dict:
     return {names.get(key, key): value for key, value in encoder.items()}
 
 
+def _stacked(layer: dict, count: int) -> dict:
+    """The restore target of `count` scanned layers shaped like `layer` (one unrolled layer):
+    a leading axis, unsharded, in front of each leaf's own layout."""
+    def one(x):
+        sharding = x.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+        return jax.ShapeDtypeStruct((count, *x.shape), x.dtype, sharding=sharding)
+    return jax.tree.map(one, layer)
+
+
 def load(params: dict, checkpoint_dir: str, step: int | None, *,
          parts: Sequence[str] = ENCODER_PARTS, layer_map: dict[str, str] | None = None,
-         dont_load: Sequence[str] = ()) -> dict:
+         dont_load: Sequence[str] = (), saved_layers: int = 0) -> dict:
     """`params` (with a 'bert' subtree) with params['bert'][part] for each part read from
     the checkpoint in `checkpoint_dir` at `step` (None = the latest).
 
     layer_map: {our 'layer_i': saved 'layer_j'} where they differ.
     dont_load: regexes (re.search) over paths like 'bert/encoder/layer_0/.../lora_a' whose
-    leaves keep their initial values. Raises ValueError when a saved shape differs."""
+    leaves keep their initial values. Raises ValueError when a saved shape differs.
+    saved_layers > 0: the checkpoint's encoder is scanned (models/scan.py) with that many
+    layers; it is read stacked and unrolled into our per-layer names."""
     names = layer_map or {}
     patterns = [re.compile(p) for p in dont_load]
     ours = {part: params['bert'][part] for part in parts}
     if 'encoder' in ours:
         ours['encoder'] = _rename_layers(ours['encoder'], names)  # named as saved
     wanted = _prune(ours, lambda path: any(p.search(path) for p in patterns), 'bert/')
-    target = {'params': {'bert': jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), wanted)}}
-    loaded = restore_subtree(checkpoint_dir, step, target)['params']['bert']
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), wanted)
+    if saved_layers and 'encoder' in target:
+        encoder = target['encoder']
+        layers = [k for k in encoder if k.startswith('layer_')]
+        target['encoder'] = {**{k: v for k, v in encoder.items() if k not in layers},
+                             SCANNED_NAME: _stacked(encoder[layers[0]], saved_layers)}
+    loaded = restore_subtree(checkpoint_dir, step, {'params': {'bert': target}})['params']['bert']
     if 'encoder' in loaded:
-        loaded['encoder'] = _rename_layers(loaded['encoder'], {v: k for k, v in names.items()})
+        encoder = unstack_layers(loaded['encoder'])
+        if saved_layers:  # only the layers this model has (a student may have fewer)
+            encoder = {k: v for k, v in encoder.items() if k in ours['encoder']}
+        loaded['encoder'] = _rename_layers(encoder, {v: k for k, v in names.items()})
+        if saved_layers:  # slices of the stacked arrays onto each layer's own sharding
+            loaded['encoder'] = _onto(loaded['encoder'], params['bert']['encoder'])
     fresh = {part: params['bert'][part] for part in parts}
     return {**params, 'bert': {**params['bert'], **_overlay(fresh, loaded)}}
