@@ -118,6 +118,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # One nn.scan over the layers: compile time independent of depth; params stacked on a
     # leading axis (fine-tuning and export see them as layer_0.. again; models/scan.py).
     m.scan_layers = False
+    # Pre-LN: False = no attention LayerNorm in layer 0 (ModernBERT's layout; its export).
+    m.first_attention_norm = True
     return m
 
 

@@ -26,14 +26,14 @@ import tempfile
 import numpy as np
 from etils import epath
 
-from convert import hf_tokenizer_in, names, tokenizer_files, verify
+from convert import hf_tokenizer_in, modernbert, names, tokenizer_files, verify
 from engine.checkpoint import read_state_numpy
 from engine.config_cli import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.rundir import WORDPIECE_FILENAME, RunDir, step_dirs
 from models.bert import BertConfig, non_bert_options
 from models.scan import unstack_layers
-from text.tokenizer import PAD_ID, SPECIAL_PIECES, load_tokenizer
+from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
 
@@ -84,14 +84,22 @@ def load_workdir(workdir: epath.Path, step: int | None
     if model_cfg.adapter_size or model_cfg.prefix_length:
         raise ConfigError('--workdir: adapters and prefixes (peft.method adapter/prefix) have '
                           'no transformers BERT counterpart; LoRA runs export merged')
-    options = ', '.join(f'model.{o}' for o in non_bert_options(model_cfg))
-    if options:
-        raise ConfigError(f'--workdir: {options}: no transformers BERT counterpart (BERT '
-                          'export needs these architecture options at their defaults)')
-    if model_cfg.pre_layer_norm:
-        raise ConfigError('--workdir: a pre-LN model (model.pre_layer_norm) has no '
-                          'transformers BERT counterpart')
     return head, model_cfg, params, task, step
+
+
+def export_kind(head: str, model_cfg: BertConfig) -> str:
+    """'bert' (transformers BertFor*), 'modernbert' (ModernBertForMaskedLM, see
+    convert/modernbert.py), or a one-line ConfigError saying what has no counterpart."""
+    options = [f'model.{o}' for o in non_bert_options(model_cfg)]
+    if model_cfg.pre_layer_norm:
+        options.append('model.pre_layer_norm=True')
+    if not options:
+        return 'bert'
+    why = modernbert.refusal(model_cfg, head)
+    if why is None:
+        return 'modernbert'
+    raise ConfigError(f'--workdir: {", ".join(options)}: no transformers BERT counterpart '
+                      f'(BERT export needs these options at their defaults); {why}')
 
 
 def hf_config(head: str, m: BertConfig, task: dict) -> dict:
@@ -173,6 +181,8 @@ def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
 def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
     from safetensors.numpy import save_file
     head, model_cfg, params, task, step = load_workdir(workdir, step)
+    if export_kind(head, model_cfg) == 'modernbert':
+        return _write_modernbert(workdir, out, model_cfg, params, step, check)
     restored = _restored_order(workdir, model_cfg)
     try:
         tensors = names.to_hf(params, model_cfg.num_layers, head)
@@ -193,6 +203,22 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
     if check:
         verify.verify(out, head, model_cfg, params, tokenizer, ids)
     return f'{ARCHITECTURES[head]} (step {step})'
+
+
+def _write_modernbert(workdir: epath.Path, out: pathlib.Path, model_cfg: BertConfig,
+                      params: dict, step: int, check: bool) -> str:
+    from safetensors.numpy import save_file
+    if _restored_order(workdir, model_cfg) is not None:
+        raise ConfigError('--workdir: an imported BERT vocabulary cannot be exported as '
+                          'ModernBERT')
+    save_file(modernbert.to_hf(params, model_cfg), str(out / 'model.safetensors'),
+              metadata={'format': 'pt'})
+    config = modernbert.hf_config(model_cfg, PAD_ID, CLS_ID, SEP_ID)
+    (out / names.HF_CONFIG_FILENAME).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, None)
+    if check:
+        verify.verify(out, 'mlm', model_cfg, params, tokenizer)
+    return f'ModernBertForMaskedLM (step {step})'
 
 
 def run(workdir: str, output: str, step: int | None = None, check: bool = True) -> None:

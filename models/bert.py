@@ -95,6 +95,7 @@ class BertEmbeddings(nn.Module):
 
 class BertAttention(nn.Module):
     config: BertConfig
+    normalize: bool = True  # pre-LN: the LayerNorm before attention (off: first_attention_norm)
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
@@ -104,13 +105,15 @@ class BertAttention(nn.Module):
         def branch(h: Array) -> Array:
             return attn(h, mask, deterministic)
 
-        return residual(out, branch, x, self.config.pre_layer_norm, deterministic)
+        return residual(out, branch, x, self.config.pre_layer_norm, deterministic,
+                        self.normalize)
 
 
 class BertLayer(nn.Module):
     """One transformer block (post-LN as in BERT, or pre-LN)."""
 
     config: BertConfig
+    attention_norm: bool = True  # False: layer 0 with first_attention_norm=False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
@@ -119,7 +122,7 @@ class BertLayer(nn.Module):
     def block(self, x: Array, mask: Array, deterministic: bool) -> Array:
         """The block itself, shared with the scanned layer (called in a compact method)."""
         cfg = self.config
-        x = BertAttention(cfg, name='attention')(x, mask, deterministic)
+        x = BertAttention(cfg, self.attention_norm, name='attention')(x, mask, deterministic)
         x = hidden_constraint(x)
         intermediate = BertIntermediate(cfg, name='intermediate')
         out = DenseNorm(cfg, ('mlp', 'embed'), name='output')
@@ -156,7 +159,7 @@ def _scanned_layers(config: BertConfig, deterministic: bool) -> nn.Module:
     scan = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                    in_axes=(nn.broadcast, nn.broadcast, 0), length=config.num_layers,
                    metadata_params={nn.PARTITION_NAME: 'layers'})
-    return scan(config, deterministic, name=SCANNED_NAME)
+    return scan(config, deterministic=deterministic, name=SCANNED_NAME)
 
 
 class BertEncoder(nn.Module):
@@ -178,7 +181,8 @@ class BertEncoder(nn.Module):
         # Separate named layers (no scan) keep the tree one-to-one with HF's encoder.layer.{i}.
         for i in range(0 if cfg.scan_layers else cfg.num_layers):
             layer_mask = mask if cfg.is_global_layer(i) else local
-            x = layer_cls(cfg, name=f'layer_{i}')(x, layer_mask, deterministic)
+            attention_norm = i > 0 or cfg.first_attention_norm
+            x = layer_cls(cfg, attention_norm, name=f'layer_{i}')(x, layer_mask, deterministic)
         if cfg.pre_layer_norm or cfg.final_norm:
             x = norm(layer_norm(cfg, name='final_layer_norm'), x, cfg.compute_dtype)
             x = hidden_constraint(x)

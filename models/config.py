@@ -72,6 +72,9 @@ class BertConfig:
     global_attention_every: int = 3  # layer l is global when l % N == 0; 0 = none global
     pooling: str = 'cls'  # sequence classification: 'cls' | 'mean'
     scan_layers: bool = False  # one nn.scan over the layers (stacked params; models/scan.py)
+    # Pre-LN only: False = layer 0 has no attention LayerNorm, the embedding norm plays its
+    # part (ModernBERT's layout, needed for its export).
+    first_attention_norm: bool = True
     # Parameter-efficient fine-tuning (models/peft.py); off by default, adding no params.
     lora_rank: int = 0  # > 0: LoRA of this rank on the encoder Dense layers lora_targets match
     lora_alpha: float = 0.0  # LoRA scale = alpha / rank; 0 means alpha = rank
@@ -135,6 +138,9 @@ def _validate_architecture(c: BertConfig) -> None:
                              f'{c.head_dim} (hidden_size {c.hidden_size} / {c.num_heads} heads)')
         if not c.rope_theta > 0:
             raise ValueError(f'rope_theta must be > 0, got {c.rope_theta}')
+    if not c.first_attention_norm and (not c.pre_layer_norm or c.scan_layers):
+        raise ValueError('first_attention_norm=False needs pre_layer_norm=True and '
+                         'scan_layers=False (layer 0 then differs from the others)')
     if c.scan_layers and (c.lora_rank or c.adapter_size or c.prefix_length):
         raise ValueError('scan_layers: PEFT needs per-layer parameters; fine-tuning unrolls '
                          'the layers of a scanned run (leave scan_layers off)')
@@ -157,6 +163,7 @@ BERT_DEFAULTS = {
     'final_norm': False,
     'local_attention_window': 0,
     'pooling': 'cls',
+    'first_attention_norm': True,
 }
 
 

@@ -104,11 +104,13 @@ class DenseNorm(nn.Module):
 
 
 def residual(
-    out: DenseNorm, branch: Callable[[Array], Array], x: Array, pre_ln: bool, deterministic: bool
+    out: DenseNorm, branch: Callable[[Array], Array], x: Array, pre_ln: bool, deterministic: bool,
+    normalize: bool = True,
 ) -> Array:
-    """Post-LN: LN(x + drop(f(x))).  Pre-LN: x + drop(f(LN(x)))."""
+    """Post-LN: LN(x + drop(f(x))).  Pre-LN: x + drop(f(LN(x))), or x + drop(f(x)) without
+    `normalize` (a block whose input is already normalised)."""
     if pre_ln:
-        return x + out.project(branch(out.norm(x)), deterministic)
+        return x + out.project(branch(out.norm(x) if normalize else x), deterministic)
     return out.norm(x + out.project(branch(x), deterministic))
 
 
