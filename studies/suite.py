@@ -137,6 +137,8 @@ def validate(suite: ml_collections.ConfigDict) -> None:
             baselines.require_sklearn()
         except ValueError as e:
             raise ConfigError(f'baselines: {e}') from None
+    for task in _tasks(suite) if _baselines(suite) else ():
+        baseline_config(suite, task, 0)  # its keys and values parse
     for task, variant, seed in _runs(suite):
         try:
             finetune_train.validate(run_config(suite, task, variant, seed))
@@ -213,7 +215,10 @@ def run(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         print(f'[{i}/{len(runs)}] {task} / {variant} / seed {seed}: {run_dir}', flush=True)
         if variant in _baselines(suite):  # validate() keeps baseline and variant names apart
             cfg = baseline_config(suite, task, seed)
-            results = baselines.run(variant, cfg, run_dir)
+            try:
+                results = baselines.run(variant, cfg, run_dir)
+            except ValueError as e:  # bad data, or its wheel cannot be fetched: one line
+                raise ConfigError(f'{task} / {variant} / seed {seed}: data: {e}') from None
         else:
             cfg = run_config(suite, task, variant, seed)
             results = finetune_train.run(cfg, str(run_dir))

