@@ -24,6 +24,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from engine.rundir import RunDir
 from finetune import data, metrics
 
 KINDS = ('majority', 'tfidf')
@@ -91,10 +92,11 @@ def run(kind: str, cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
     'test'} with the same metrics as a fine-tuning run's."""
     if kind not in KINDS:
         raise ValueError(f'baselines: unknown {kind!r}; choose from {list(KINDS)}')
-    path = pathlib.Path(workdir) / 'results.json'
-    if path.exists():
-        print(f'{path} exists: this run is complete', flush=True)
-        return json.loads(path.read_text())
+    run_dir = RunDir(workdir)
+    done = run_dir.read_results()
+    if done is not None:
+        print(f'{run_dir.results_file} exists: this run is complete', flush=True)
+        return done
     d = cfg.data
     task = data.load_task(d.train_file, d.validation_file, d.test_file,
                           text_column=d.text_column, text_b_column=d.text_b_column,
@@ -113,8 +115,7 @@ def run(kind: str, cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
         if task[split] is not None:
             examples = task[split]
             results[split] = _score(cfg.task, examples.labels, predict(examples), num_classes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + '\n')
+    run_dir.write_json(run_dir.results_file, results, indent=2)
     shown = results.get('test') or results['validation']
     print(json.dumps({cfg.metric: shown[cfg.metric]}), flush=True)
     return results
