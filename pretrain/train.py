@@ -321,7 +321,7 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
         is_main=main, deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
         data_offset=data_offset[0], profile=parse_profile_steps(cfg.get('profile_steps', '')),
-        profile_dir=writer.profile_dir)
+        profile_dir=writer.profile_dir, tokens_at=budget.tokens_at)
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fns[phases.seq_len_of(b[0])](  # b: (batch, extra arguments)
             s, mesh_lib.shard_batch(b[0], mesh), *b[1]), evaluate=evaluate,
