@@ -180,6 +180,20 @@ def check(cfg: ml_collections.ConfigDict, max_positions: int | None,
                           '(the budget whose spent fraction drives the learning rate)')
 
 
+def check_resume(cfg: ml_collections.ConfigDict, saved: dict) -> None:
+    """A checkpoint of a planned run resumes only with the same plan (the shapes, and the
+    rows read before each step, would differ): one-line ConfigError otherwise. `saved`: the
+    checkpoint's config."""
+    keys = ('seq_len_phases', 'batch_size_ramp')
+    if not any(saved.get(k) or cfg.get(k) for k in keys):
+        return
+    for key in (*keys, 'num_train_steps'):
+        if saved.get(key, '') != cfg.get(key, ''):
+            raise ConfigError(f'{key}: the checkpoint was made with {saved.get(key, "")!r}, '
+                              f'now {cfg.get(key, "")!r}; seq_len_phases and batch_size_ramp '
+                              'runs resume only with the same plan. Use a new --workdir.')
+
+
 class PlannedBatches:
     """Batches of the plan's shapes: one PretrainBatches per phase (its own data)."""
 

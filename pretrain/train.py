@@ -148,6 +148,7 @@ def _check_resume(cfg, meta: dict) -> None:
     saved = meta.get('data', {})
     if saved.get('position') == 0:  # an imported checkpoint: no data consumed yet
         return
+    phases.check_resume(cfg, meta.get('config') or {})
     if saved.get('seed') != cfg.seed or saved.get('batch_size') != cfg.batch_size:
         raise ConfigError(
             f'seed/batch_size: the checkpoint was made with seed={saved.get("seed")}, '

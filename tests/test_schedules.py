@@ -233,3 +233,14 @@ def test_budget_last_step_with_steps_of_different_sizes():
     resumed = budget(train_tokens=10, tokens_at=tokens_at, start_step=2,
                      meta={'budget': {'tokens_seen': 3}})
     assert resumed.last_step(5) == 4 and resumed.meta(4)['tokens_seen'] == 10
+
+
+def test_a_planned_run_resumes_only_with_its_plan():
+    cfg = pretrain_cfg(seq_len_phases='128:0.5,512:0.5')
+    phases.check_resume(cfg, cfg.to_dict())
+    phases.check_resume(get_config('tiny'), {'num_train_steps': 5})  # no plan: steps may change
+    for key, value in [('seq_len_phases', '128:0.9,512:0.1'), ('num_train_steps', 50),
+                       ('batch_size_ramp', '8:0.1')]:
+        saved = {**cfg.to_dict(), key: value}
+        with pytest.raises(ConfigError, match=f'^{key}: the checkpoint was made with'):
+            phases.check_resume(cfg, saved)
