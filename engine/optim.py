@@ -238,7 +238,7 @@ def make_optimizer(cfg: Any, total_steps: int, params: Any = None,
     `labels` ('train'/'frozen' per leaf of `params`), the path-rule optimizer below:
     frozen leaves get no state and zero updates, learning rates follow each leaf's path."""
     if labels is not None:
-        if getattr(cfg, 'get', lambda k: None)('schedule') == 'budget':
+        if OptimizerConfig.from_config(cfg, '').schedule == 'budget':
             raise ConfigError("schedule: 'budget' is for pretraining; fine-tuning decays "
                               'linearly over its steps')
         return _rule_optimizer(OptimizerConfig.from_config(cfg, ''), params, labels,

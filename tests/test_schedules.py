@@ -244,3 +244,9 @@ def test_a_planned_run_resumes_only_with_its_plan():
         saved = {**cfg.to_dict(), key: value}
         with pytest.raises(ConfigError, match=f'^{key}: the checkpoint was made with'):
             phases.check_resume(cfg, saved)
+
+
+def test_fine_tuning_refuses_the_budget_schedule():
+    params = {'w': jnp.ones((2, 2))}
+    with pytest.raises(ConfigError, match="schedule: 'budget' is for pretraining"):
+        make_optimizer(OptimizerConfig(schedule='budget'), 10, params, {'w': 'train'})
