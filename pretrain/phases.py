@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -252,6 +253,27 @@ def rate_of_steps(rate: Callable[[int], np.float32] | None,
     when there is one."""
     for index, batch in iterator:
         yield index, (batch, () if rate is None else (rate(index),))
+
+
+def feed(cfg: ml_collections.ConfigDict, plan: StepPlan, budget: Budget,
+         shard: tuple[int, int], batches: PretrainBatches, data_offset: list,
+         phase_sources: list | None, weights: list[float] | None = None
+         ) -> Callable[[int], Iterator[tuple[int, tuple]]]:
+    """data index -> iterator of (index, (batch, extra train-step arguments)) from there:
+    the plan's shapes (phases, ramp) or the plain `batches`, with the host's learning rate
+    under schedule='budget'. `data_offset[0]`: batches skipped by NaN rollbacks so far."""
+    planned = plan.active and PlannedBatches(plan, phase_sources, cfg.seed, shard, weights)
+    several = jax.process_count() > 1
+
+    def iterate(index: int) -> Iterator[tuple[int, tuple]]:
+        offset = data_offset[0]
+        raw = planned.iterate(index, offset) if planned else batches.iterate(index)
+        rate = None
+        if cfg.optimizer.schedule == 'budget':
+            rate = budget_rates(cfg, budget, offset, agree_on_process_0 if several else float,
+                                every=cfg.log_every_steps if several else 1)
+        return rate_of_steps(rate, raw)
+    return iterate
 
 
 def seq_len_of(batch: dict) -> int:

@@ -239,7 +239,8 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
         for length in {p.seq_len for p in phases.StepPlan(cfg).phases} - {cfg.seq_len}:
             directories += prepare_data(phases.with_seq_len(cfg, length), workdir, sources,
                                         src, show_progress=main, beam_options=beam_options)[1]
-    for source, directory in zip(sources, directories, strict=True):
+    for source, directory in zip(sources * (len(directories) // len(sources)), directories,
+                                 strict=True):  # seq_len_phases: one set per length
         _log(main, f'{source.name}: {data.describe(directory)}')
     return directories
 
@@ -297,7 +298,8 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
                               *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights)
     phase_splits = plan.active and _phase_splits(cfg, plan, workdir, sources, src, main,
                                                  train_splits, weights)
-    iterate = _feed(cfg, plan, budget, mesh, batches, data_offset, phase_splits, weights)
+    iterate = phases.feed(cfg, plan, budget, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
+                          data_offset, phase_splits, weights)
     meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
                                   'position': step + data_offset[0]}, 'config': cfg.to_dict(),
                           'budget': budget.meta(step)}
@@ -359,27 +361,6 @@ def _phase_splits(cfg, plan, workdir, sources, src, main, final_splits, weights)
         splits[length] = data.open_splits(directories, weights)[0]
     _log(main, phases.describe(plan))
     return [splits[p.seq_len] for p in plan.phases]
-
-
-def _feed(cfg, plan, budget, mesh, batches, data_offset: list, phase_splits, weights):
-    """data index -> iterator of (index, (batch, extra train-step arguments)) from there:
-    the plan's shapes (phases, ramp) or the plain batches, with the host's learning rate
-    under schedule='budget'."""
-    shard = mesh_lib.data_shard(cfg.batch_size, mesh)
-    planned = plan.active and phases.PlannedBatches(plan, phase_splits, cfg.seed, shard,
-                                                     weights)
-
-    def iterate(index: int):
-        offset = data_offset[0]
-        raw = planned.iterate(index, offset) if planned else batches.iterate(index)
-        rate = None
-        if cfg.optimizer.schedule == 'budget':
-            agree = float if jax.process_count() == 1 else phases.agree_on_process_0
-            rate = phases.budget_rates(cfg, budget, offset, agree,
-                                       every=1 if jax.process_count() == 1 else
-                                       cfg.log_every_steps)
-        return phases.rate_of_steps(rate, raw)
-    return iterate
 
 
 def _log(enabled: bool, message: str) -> None:

@@ -250,3 +250,13 @@ def test_fine_tuning_refuses_the_budget_schedule():
     params = {'w': jnp.ones((2, 2))}
     with pytest.raises(ConfigError, match="schedule: 'budget' is for pretraining"):
         make_optimizer(OptimizerConfig(schedule='budget'), 10, params, {'w': 'train'})
+
+
+def test_prepare_prepares_every_phase_length(tmp_path, corpus):
+    from pretrain.train import prepare_only
+    from text.records import read_index
+    cfg = get_config('tiny')
+    cfg.model.vocab_size, cfg.data.tokenizer_type, cfg.data.train_files = 128, 'bpe', corpus
+    cfg.seq_len_phases = '16:0.5,32:0.5'
+    directories = prepare_only(cfg, str(tmp_path / 'run'))
+    assert sorted(read_index(d).seq_len for d in directories) == [16, 32]
