@@ -94,6 +94,9 @@ class StepPlan:
         self.batch_size = size
         self.ramp_start, self.ramp_steps = parse_ramp(cfg.get('batch_size_ramp', ''), size,
                                                       steps)
+        self._rows = self._tokens = np.zeros(1, np.int64)  # plain steps: past the "plan"
+        if not self.active:
+            return
         sizes = self._size(np.arange(steps, dtype=np.int64))
         lengths = np.concatenate([np.full(p.end - p.start, p.seq_len, np.int64)
                                   for p in self.phases])
