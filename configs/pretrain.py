@@ -65,6 +65,13 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # JAX profiler window 'FIRST,LAST' (e.g. '10,15': trace from before step 10 to after step
     # 15) written to WORKDIR/tensorboard/profile (TensorBoard's Profile tab); '' = off.
     c.profile_steps = ''
+    # Steps of different shapes (pretrain/phases.py, docs/pretraining.md "Schedules"):
+    # 'LEN:FRACTION,...' sequence-length phases in one run, e.g. '128:0.9,512:0.1' (BERT);
+    # each length is prepared; seq_len becomes the last one (eval). '' = seq_len throughout.
+    c.seq_len_phases = ''
+    # 'START:FRACTION': the global batch grows from START to batch_size over that fraction
+    # of the steps (at most 8 sizes, multiples of START), e.g. '256:0.05'. '' = no ramp.
+    c.batch_size_ramp = ''
     c.wandb = wandb_config()
 
     # Continual pretraining (pretrain/continual.py): start from this pretraining workdir's
@@ -128,7 +135,12 @@ def _optimizer_config(learning_rate: float) -> ml_collections.ConfigDict:
     o.name = 'adamw'  # 'adamw', or 'lamb' (layer-wise trust ratio, for large batches)
     o.learning_rate = learning_rate  # peak
     o.warmup_steps = 70  # linear warm-up from 0 to the peak
-    o.schedule = 'linear'  # decay after warm-up: 'linear' (to 0), 'cosine' or 'constant'
+    # After warm-up: 'linear' (to 0), 'cosine', 'constant', 'wsd' (stable at the peak, then
+    # decay over the last decay_fraction of the steps) or 'budget' (the same over the share
+    # of max_runtime / train_tokens / steps spent, whichever ends first).
+    o.schedule = 'linear'
+    o.decay_fraction = 0.1  # wsd/budget: share of the run spent decaying to 0
+    o.decay_shape = 'linear'  # wsd/budget: 'linear', 'cosine' or 'sqrt' (1 - sqrt, as in WSD)
     o.weight_decay = 0.01  # AdamW decoupled decay, off biases and LayerNorm
     o.b1 = 0.9
     o.b2 = 0.98

@@ -73,6 +73,10 @@ class LoopConfig:
     # after step `last`, written to profile_dir (by the main process only). None = off.
     profile: tuple[int, int] | None = None
     profile_dir: str = ''
+    # Tokens trained on by the end of step s when steps differ in size (sequence-length
+    # phases, batch-size ramp): throughput counts them, and MFU scales flops_per_step (a
+    # step of tokens_per_step tokens) by each interval's tokens. None: s * tokens_per_step.
+    tokens_at: Callable[[int], int] | None = None
 
 
 @dataclasses.dataclass
@@ -345,9 +349,13 @@ class _Throughput:
         self.restart(step)
         if steps <= 0:
             return {}
-        return {'tokens_per_sec': steps * self.cfg.tokens_per_step / seconds,
+        tokens, full_steps = steps * self.cfg.tokens_per_step, steps
+        if self.cfg.tokens_at is not None:
+            tokens = self.cfg.tokens_at(step) - self.cfg.tokens_at(step - steps)
+            full_steps = tokens / self.cfg.tokens_per_step  # in steps of the flops_per_step size
+        return {'tokens_per_sec': tokens / seconds,
                 'steps_per_sec': steps / seconds,
-                'mfu': steps * self.cfg.flops_per_step / seconds / self.cfg.peak_flops,
+                'mfu': full_steps * self.cfg.flops_per_step / seconds / self.cfg.peak_flops,
                 # Share of wall time the host spent producing batches. Dispatch is
                 # asynchronous, so the device waits for input only as this nears 1.
                 'input_fraction': input_seconds / seconds}

@@ -41,6 +41,7 @@ together) without one step counter per group.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -62,7 +63,11 @@ class OptimizerConfig:
 
     name: str = 'adamw'  # without labels: 'adamw' or 'lamb'
     learning_rate: float = 2e-5  # peak
-    schedule: str = 'linear'  # after warm-up: 'linear' (to 0), 'cosine' or 'constant'
+    # After warm-up: 'linear' (to 0), 'cosine', 'constant', 'wsd' (warmup-stable-decay) or
+    # 'budget' (WSD over the fraction of the run's budget spent; see `budget_learning_rate`).
+    schedule: str = 'linear'
+    decay_fraction: float = 0.1  # wsd/budget: the decay takes this last share of the run
+    decay_shape: str = 'linear'  # wsd/budget decay to 0: 'linear', 'cosine' or 'sqrt'
     warmup_steps: int = 0  # pretraining's warm-up
     warmup_fraction: float = 0.1  # path rules' warm-up, as a fraction of the steps (ceil)
     weight_decay: float = 0.01
@@ -82,6 +87,10 @@ class OptimizerConfig:
             fail('name', f'{self.name!r} is not one of {list(OPTIMIZERS)}')
         if self.schedule not in SCHEDULES:
             fail('schedule', f'{self.schedule!r} is not one of {list(SCHEDULES)}')
+        if self.decay_shape not in DECAY_SHAPES:
+            fail('decay_shape', f'{self.decay_shape!r} is not one of {list(DECAY_SHAPES)}')
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            fail('decay_fraction', f'must be in [0, 1], got {self.decay_fraction}')
         if self.learning_rate < 0:
             fail('learning_rate', f'must be >= 0, got {self.learning_rate}')
         if self.warmup_steps < 0:
@@ -106,12 +115,57 @@ class OptimizerConfig:
         return cls(**given, prefix=prefix)
 
 
-SCHEDULES = ('linear', 'cosine', 'constant')
+SCHEDULES = ('linear', 'cosine', 'constant', 'wsd', 'budget')
+
+# Decay shapes of wsd/budget: t in [0, 1] through the decay -> multiplier of the peak.
+# 'sqrt' is 1 - sqrt(t), the WSD papers' choice (Hägele et al. 2024, "Scaling Laws and
+# Compute-Optimal Training Beyond Fixed Training Durations"): it drops fast, then flattens.
+DECAY_SHAPES = {
+    'linear': lambda t: 1.0 - t,
+    'cosine': lambda t: 0.5 * (1.0 + jnp.cos(jnp.pi * t)),
+    'sqrt': lambda t: 1.0 - jnp.sqrt(t),
+}
+
+
+def stable_decay(cfg: Any, progress: Any) -> Any:
+    """The WSD multiplier (after warm-up) at `progress` in [0, 1] of the run: 1 until
+    1 - decay_fraction, then `decay_shape` down to 0 at progress 1. Works on floats and
+    jax arrays."""
+    cfg = OptimizerConfig.from_config(cfg)
+    start = 1.0 - cfg.decay_fraction
+    if cfg.decay_fraction <= 0:
+        return jnp.where(jnp.asarray(progress) >= 1.0, 0.0, 1.0)
+    t = jnp.clip((jnp.asarray(progress, jnp.float32) - start) / cfg.decay_fraction, 0.0, 1.0)
+    return DECAY_SHAPES[cfg.decay_shape](t)
+
+
+def warmup_factor(cfg: Any, step: Any, total_steps: int) -> Any:
+    """Linear warm-up multiplier min(step / warmup_steps, 1) (1 without warm-up)."""
+    cfg = OptimizerConfig.from_config(cfg)
+    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    if not warmup:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
+
+
+def budget_learning_rate(cfg: Any, step: int, progress: float, total_steps: int) -> float:
+    """schedule='budget': peak x warm-up(step) x stable_decay(progress), where the host
+    measures `progress` = max(elapsed / max_runtime, tokens / train_tokens, step /
+    num_train_steps) - whichever budget ends first (engine.budget.Budget.progress)."""
+    cfg = OptimizerConfig.from_config(cfg)
+    return float(cfg.learning_rate * warmup_factor(cfg, step, total_steps)
+                 * stable_decay(cfg, min(max(progress, 0.0), 1.0)))
 
 
 def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to `cfg.learning_rate`, then 'linear' (to 0), 'cosine' or 'constant'."""
+    """Linear warm-up to `cfg.learning_rate`, then 'linear' (to 0), 'cosine', 'constant' or
+    'wsd'. For 'budget' this is the step-driven part only (budget = num_train_steps): the
+    train step takes the host's rate instead (see `budget_learning_rate`)."""
     cfg = OptimizerConfig.from_config(cfg)
+    if cfg.schedule in ('wsd', 'budget'):
+        peak = float(cfg.learning_rate)
+        return lambda step: peak * warmup_factor(cfg, step, total_steps) * stable_decay(
+            cfg, jnp.asarray(step, jnp.float32) / max(total_steps, 1))
     warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
     peak = float(cfg.learning_rate)
@@ -142,9 +196,9 @@ def adamw(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformatio
     parts = []
     if cfg.max_grad_norm:
         parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
-    parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                             eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=weight_decay_mask))
+    parts.append(_base(optax.adamw, cfg, total_steps)(
+        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask))
     return optax.chain(*parts)
 
 
@@ -155,9 +209,21 @@ def lamb(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation
     parts = []
     if cfg.max_grad_norm:
         parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
-    parts.append(optax.lamb(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                            eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+    parts.append(_base(optax.lamb, cfg, total_steps)(
+        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask))
     return optax.chain(*parts)
+
+
+def _base(optimizer: Callable, cfg: OptimizerConfig, total_steps: int) -> Callable:
+    """`optimizer` with its learning rate bound: the step schedule, or for 'budget' a
+    learning rate held in the optimizer state (optax.inject_hyperparams) that the train step
+    overwrites each step with the host's value (engine.step.set_learning_rate), so it is
+    checkpointed with the state."""
+    if cfg.schedule == 'budget':
+        injected = optax.inject_hyperparams(optimizer, static_args=('mask',))
+        return functools.partial(injected, learning_rate=0.0)
+    return functools.partial(optimizer, learning_rate_schedule(cfg, total_steps))
 
 
 OPTIMIZERS = {'adamw': adamw, 'lamb': lamb}
@@ -172,6 +238,9 @@ def make_optimizer(cfg: Any, total_steps: int, params: Any = None,
     `labels` ('train'/'frozen' per leaf of `params`), the path-rule optimizer below:
     frozen leaves get no state and zero updates, learning rates follow each leaf's path."""
     if labels is not None:
+        if OptimizerConfig.from_config(cfg, '').schedule == 'budget':
+            raise ConfigError("schedule: 'budget' is for pretraining; fine-tuning decays "
+                              'linearly over its steps')
         return _rule_optimizer(OptimizerConfig.from_config(cfg, ''), params, labels,
                                total_steps, num_layers)
     cfg = OptimizerConfig.from_config(cfg)

@@ -15,7 +15,10 @@ does the rest, the same way for every stage:
   through untouched, so they stay bit-identical;
 - gradients are divided by the summed `weight_sum` (a per-token objective such as MLM, whose
   micro-batches predict different numbers of tokens) or by n (an objective that is already a
-  mean), then the optimizer steps.
+  mean), then the optimizer steps;
+- a learning rate given by the host (`learning_rate`, e.g. from the fraction of a wall-time
+  budget spent, which no function of the step can know) replaces the one held in the
+  optimizer state (optax.inject_hyperparams) before the update, and is the one logged.
 """
 
 from collections.abc import Callable
@@ -93,7 +96,29 @@ def accumulate_gradients(loss_fn: Loss, params: Any, batch: dict, rng: jax.Array
     return grads, terms
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: Loss,
+def set_learning_rate(opt_state: Any, learning_rate: jax.Array) -> Any:
+    """`opt_state` with every injected 'learning_rate' hyperparameter set to `learning_rate`;
+    raises if it holds none (the optimizer was not built for a host-fed rate)."""
+    found = []
+
+    def is_injected(node):
+        return isinstance(node, optax.InjectStatefulHyperparamsState | optax.InjectHyperparamsState)
+
+    def replace(node):
+        if not is_injected(node) or 'learning_rate' not in node.hyperparams:
+            return node
+        found.append(node)
+        rate = jnp.asarray(learning_rate, node.hyperparams['learning_rate'].dtype)
+        return node._replace(hyperparams={**node.hyperparams, 'learning_rate': rate})
+    out = jax.tree.map(replace, opt_state, is_leaf=is_injected)
+    if not found:
+        raise ValueError('a learning rate was given but the optimizer state has no injected '
+                         "'learning_rate' (build it with schedule='budget')")
+    return out
+
+
+def train_step(state: TrainState, batch: dict, learning_rate: jax.Array | None = None, *,
+               loss_fn: Loss,
                tx: optax.GradientTransformation, schedule: Callable, seed: int,
                labels: Any = None, prepare: Prepare | None = None, grad_accum_steps: int = 1,
                per_weight: bool = False) -> tuple[TrainState, dict]:
@@ -109,19 +134,23 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: Loss,
         trainable, frozen = split_params(state.params, labels)
         def objective(trainable, batch, rng):  # noqa: E306 - frozen values are constants
             return loss_fn(merge_params(trainable, frozen), batch, rng)
+    opt_state = state.opt_state
+    if learning_rate is not None:
+        opt_state = set_learning_rate(opt_state, learning_rate)
     grads, terms = accumulate_gradients(objective, trainable, batch, rng, grad_accum_steps)
     if per_weight:
         grads = jax.tree.map(lambda g: g / jnp.maximum(terms['weight_sum'], 1.0), grads)
     elif grad_accum_steps > 1:
         grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     if frozen is None:
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
     else:
         # Placeholders where the optimizer's frozen branch (set_to_zero) expects gradients.
         full_grads = merge_params(grads, jax.tree.map(jnp.zeros_like, frozen))
-        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(full_grads, opt_state, state.params)
         trainable = optax.apply_updates(trainable, split_params(updates, labels)[0])
         params = merge_params(trainable, frozen)
-    metrics = {**terms, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step)}
+    rate = schedule(state.step) if learning_rate is None else learning_rate
+    metrics = {**terms, 'grad_norm': optax.tree.norm(grads), 'learning_rate': rate}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -40,7 +40,7 @@ from engine.config_cli import ConfigError, config_to_json, flat_keys, load_confi
 from engine.optim import make_optimizer
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
-from pretrain import steps
+from pretrain import phases, steps
 from pretrain.train import bert_config, check_batch, masking_config, validate_values
 
 GiB = 1024 ** 3
@@ -134,6 +134,7 @@ def _get(config, dotted: str):
 
 def describe(cfg: ml_collections.ConfigDict, spec: str) -> str:
     """The whole dry-run report as text; raises ConfigError for an inconsistent config."""
+    cfg = phases.final_config(cfg)  # seq_len_phases: sized at the last phase's length
     validate_values(cfg)
     mesh = abstract_mesh(cfg)
     mesh_shape = dict(mesh.shape)

@@ -36,7 +36,7 @@ from engine.paths import open_workdir
 from engine.rundir import RunDir, tokenized_data_dir
 from models.bert import BertConfig, BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
-from pretrain import continual, data, steps
+from pretrain import continual, data, phases, steps
 from pretrain.masking import MaskingConfig
 from text.batches import PretrainBatches, eval_batches
 from text.tokenizer import Tokenizer, load_or_train_tokenizer
@@ -87,6 +87,8 @@ def validate_values(cfg: ml_collections.ConfigDict) -> None:
     if not 0 < cfg.masking.mask_rate < 1:
         raise ConfigError(f'masking.mask_rate: must be in (0, 1), got {cfg.masking.mask_rate}')
     make_optimizer(cfg.optimizer, cfg.num_train_steps)  # ConfigError on an unknown name
+    learned = model.position_embedding == 'learned'
+    phases.check(cfg, model.max_position_embeddings if learned else None)
 
 
 def check_batch(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:
@@ -95,6 +97,7 @@ def check_batch(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:
         raise ConfigError(
             f'batch_size: {cfg.batch_size} is not divisible by the data-parallel size '
             f'{data_parallel} x grad_accum_steps {cfg.grad_accum_steps}')
+    phases.check(cfg, None, data_parallel)  # batch_size_ramp's sizes too
 
 
 def prepare_data(cfg, workdir: epath.Path, sources: list[data.Source], src=None,
@@ -145,6 +148,7 @@ def _check_resume(cfg, meta: dict) -> None:
     saved = meta.get('data', {})
     if saved.get('position') == 0:  # an imported checkpoint: no data consumed yet
         return
+    phases.check_resume(cfg, meta.get('config') or {})
     if saved.get('seed') != cfg.seed or saved.get('batch_size') != cfg.batch_size:
         raise ConfigError(
             f'seed/batch_size: the checkpoint was made with seed={saved.get("seed")}, '
@@ -155,11 +159,12 @@ def _check_resume(cfg, meta: dict) -> None:
 def _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts):
     batch_sharding = mesh_lib.batch_sharding(mesh)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
+    fed_rate = (None,) if cfg.optimizer.schedule == 'budget' else ()  # the host's rate
     train = jax.jit(
         steps.mlm_train_step(model=model, tx=tx, schedule=schedule,
                           masking=masking, word_starts=word_starts, seed=cfg.seed,
                           grad_accum_steps=cfg.grad_accum_steps),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+        in_shardings=(shardings, batch_sharding, *fed_rate), out_shardings=(shardings, None),
         donate_argnums=0)
     evaluate = jax.jit(
         functools.partial(steps.eval_step, model=model, masking=masking,
@@ -220,6 +225,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
     directories (a later `pretrain` with the same config and workdir finds them).
     beam_options (a list, possibly empty): prepare with Apache Beam and these options."""
     src = continual.resolve(cfg)
+    cfg = phases.final_config(cfg)  # seq_len_phases: the last phase's length
     validate_values(cfg)
     sources = data.resolve_sources(cfg)
     if beam_options is not None:
@@ -230,7 +236,11 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
     with workdir_lock(workdir, 'prepare'):
         _, directories = prepare_data(cfg, workdir, sources, src, show_progress=main,
                                       beam_options=beam_options)
-    for source, directory in zip(sources, directories, strict=True):
+        for length in {p.seq_len for p in phases.StepPlan(cfg).phases} - {cfg.seq_len}:
+            directories += prepare_data(phases.with_seq_len(cfg, length), workdir, sources,
+                                        src, show_progress=main, beam_options=beam_options)[1]
+    for source, directory in zip(sources * (len(directories) // len(sources)), directories,
+                                 strict=True):  # seq_len_phases: one set per length
         _log(main, f'{source.name}: {data.describe(directory)}')
     return directories
 
@@ -238,6 +248,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
+    cfg = phases.final_config(cfg)  # seq_len_phases: the last phase's length
     mesh, sources = validate(cfg)
     parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
     require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
@@ -261,7 +272,9 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     ckpts = Checkpoints(str(RunDir(workdir).checkpoints), keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts, src, tokenizer)
     resumed_meta = ckpts.restore_meta(start_step) if start_step else None
-    budget = Budget.resume(cfg, resumed_meta, start_step, cfg.batch_size * cfg.seq_len, started)
+    plan = phases.StepPlan(cfg)
+    budget = Budget.resume(cfg, resumed_meta, start_step, cfg.batch_size * cfg.seq_len, started,
+                           plan.tokens_at if plan.active else None)
     # Batches skipped by NaN rollbacks: data position - step (0 in checkpoints before them;
     # an imported checkpoint's position is 0).
     position = (resumed_meta or {}).get('data', {}).get('position') or start_step
@@ -271,6 +284,8 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         train_fn, eval_fn = _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts)
+        train_fns = _phase_steps(cfg, plan, mesh, model, tx, shardings, tokenizer, word_starts,
+                                 {cfg.seq_len: train_fn})
     flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
     restored = ckpts.latest_step()  # 0 for an imported checkpoint (`launch.py import`)
     origin = (f'resuming from step {restored}' if restored is not None
@@ -281,6 +296,10 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     weights = [s.weight for s in sources] if len(sources) > 1 else None
     batches = PretrainBatches(train_splits, cfg.batch_size, cfg.seed,
                               *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights)
+    phase_splits = plan.active and _phase_splits(cfg, plan, workdir, sources, src, main,
+                                                 train_splits, weights)
+    iterate = phases.feed(cfg, plan, budget, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
+                          data_offset, phase_splits, weights)
     meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
                                   'position': step + data_offset[0]}, 'config': cfg.to_dict(),
                           'budget': budget.meta(step)}
@@ -288,7 +307,7 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     def rollback(step: int, offset: int):  # a NaN loss: back to checkpoint `step`
         ckpts.wait()
         data_offset[0] = offset
-        return ckpts.restore(step, abstract, shardings)[0], batches.iterate(step + offset)
+        return ckpts.restore(step, abstract, shardings)[0], iterate(step + offset)
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step,
                           wandb=cfg.get('wandb'), run_config=cfg.to_dict())
     results = {}
@@ -305,20 +324,43 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
         is_main=main, deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
         data_offset=data_offset[0], profile=parse_profile_steps(cfg.get('profile_steps', '')),
-        profile_dir=writer.profile_dir)
+        profile_dir=writer.profile_dir, tokens_at=budget.tokens_at)
     callbacks = LoopCallbacks(
-        step=lambda s, b: train_fn(s, mesh_lib.shard_batch(b, mesh)), evaluate=evaluate,
+        step=lambda s, b: train_fns[phases.seq_len_of(b[0])](  # b: (batch, extra arguments)
+            s, mesh_lib.shard_batch(b[0], mesh), *b[1]), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
         check_saves=ckpts.check, rollback=rollback,
         summarize=functools.partial(summarize_sums, accuracy_key='mlm_accuracy'))
     try:
         with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-            run_loop(state, batches.iterate(start_step + data_offset[0]), start_step, loop_cfg,
+            run_loop(state, iterate(start_step + data_offset[0]), start_step, loop_cfg,
                      callbacks, sigterm)
     finally:
         ckpts.close()
         writer.close()
     return results
+
+
+def _phase_steps(cfg, plan, mesh, model, tx, shardings, tokenizer, word_starts,
+                 fns: dict) -> dict:
+    """seq_len -> the jitted train step of that phase (its own masking budget)."""
+    for length in {p.seq_len for p in plan.phases} - set(fns):
+        phase_cfg = phases.with_seq_len(cfg, length)
+        masking = masking_config(phase_cfg, tokenizer.vocab_size)
+        fns[length] = _compile_steps(phase_cfg, mesh, model, tx, shardings, masking,
+                                     word_starts)[0]
+    return fns
+
+
+def _phase_splits(cfg, plan, workdir, sources, src, main, final_splits, weights) -> list:
+    """Each phase's train splits (data prepared at its length; the final length's exist)."""
+    splits = {cfg.seq_len: final_splits}
+    for length in {p.seq_len for p in plan.phases} - set(splits):
+        _, directories = prepare_data(phases.with_seq_len(cfg, length), workdir, sources, src,
+                                      show_progress=main)
+        splits[length] = data.open_splits(directories, weights)[0]
+    _log(main, phases.describe(plan))
+    return [splits[p.seq_len] for p in plan.phases]
 
 
 def _log(enabled: bool, message: str) -> None:

@@ -97,6 +97,7 @@ class PretrainBatches:
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self._offset = process_index * self.local_batch_size
+        self._shard, self._shards = process_index, process_count
         orders = []
         for i, s in enumerate(sources):
             order = grain.MapDataset.range(len(s))
@@ -123,6 +124,20 @@ class PretrainBatches:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return read_rows(self.sources, self.rows(step))
+
+    def rows_from(self, start: int, global_size: int) -> list[tuple[int, int]]:
+        """(source, row) of this process's share of the `global_size` global rows from global
+        row `start` on: for steps of varying size (pretrain.phases), where the rows before a
+        step are a function of the step rather than step * global_batch_size."""
+        check_sharding(global_size, self._shard, self._shards)
+        if start < 0:
+            raise ValueError(f'start: must be >= 0, got {start}')
+        local = global_size // self._shards
+        first = start + self._shard * local
+        return [self._rows[r] for r in range(first, first + local)]
+
+    def batch_from(self, start: int, global_size: int) -> dict[str, np.ndarray]:
+        return read_rows(self.sources, self.rows_from(start, global_size))
 
     def iterate(self, start_step: int = 0, prefetch: int = 4,
                 num_threads: int = 2) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

@@ -1,0 +1,292 @@
+"""Steps of different shapes in one run, and the host-fed learning rate of schedule='budget'.
+
+- `seq_len_phases` 'LEN:FRACTION,...' (e.g. '128:0.9,512:0.1', BERT's recipe): the steps
+  are cut into consecutive phases (boundaries at round(cumulative fraction x steps)), each
+  training on data prepared at its length. The batch stays `batch_size` sequences, so a
+  longer phase trains on more tokens per step. Parameters and optimizer state carry over;
+  the jitted step is compiled once per length. Evaluation, init and the logged seq_len are
+  the last phase's length (`final_config`).
+- `batch_size_ramp` 'START:FRACTION' (e.g. '256:0.05'): the global batch grows from START
+  to `batch_size` over that fraction of the steps, in RAMP_STAGES equal stages whose sizes
+  are START plus multiples of START on the line between the two (at most 8 distinct sizes:
+  each is a compile), then `batch_size`. START must divide over the data-parallel devices
+  and micro-batches, hence every ramp size does too.
+
+A step's shape (length, size) and the rows read before it are pure functions of the step,
+so a run resumed anywhere - across a phase or ramp boundary too - reads the same data: the
+batch of data index i holds rows [rows_before(i), rows_before(i) + size) of the phase's
+own row stream (text.batches.PretrainBatches.batch_from). Each phase has its own prepared
+data, so phase 2 starts at row rows_before(its first step) of the longer sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from engine.budget import Budget
+from engine.config_cli import ConfigError
+from engine.optim import budget_learning_rate
+from text.batches import PretrainBatches
+
+RAMP_STAGES = 7  # sizes during the ramp; with the final batch_size, 8 shapes at most
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    seq_len: int
+    start: int  # first step (0-based: steps done before it)
+    end: int  # one past its last step
+
+
+def parse_phases(text: str, num_steps: int) -> tuple[Phase, ...]:
+    """'128:0.9,512:0.1' -> phases over `num_steps` steps; () for ''. One-line ConfigError."""
+    if not str(text).strip():
+        return ()
+    try:
+        items = [(int(a), float(b)) for a, b in (p.split(':') for p in str(text).split(','))]
+    except ValueError:
+        items = []
+    if not items or any(n < 2 or f <= 0 for n, f in items) or abs(
+            sum(f for _, f in items) - 1.0) > 1e-6:
+        raise ConfigError(f"seq_len_phases: expected 'LEN:FRACTION,...' with lengths >= 2 and "
+                          f"fractions > 0 summing to 1 (e.g. '128:0.9,512:0.1'), got {text!r}")
+    phases, start, total = [], 0, 0.0
+    for index, (length, fraction) in enumerate(items):
+        total += fraction
+        end = num_steps if index == len(items) - 1 else round(total * num_steps)
+        if end <= start:
+            raise ConfigError(f'seq_len_phases: phase {length}:{fraction} gets no step of '
+                              f'num_train_steps={num_steps}')
+        phases.append(Phase(length, start, end))
+        start = end
+    return tuple(phases)
+
+
+def parse_ramp(text: str, batch_size: int, num_steps: int) -> tuple[int, int]:
+    """'256:0.05' -> (start size, ramp steps); (batch_size, 0) for ''. One-line ConfigError."""
+    if not str(text).strip():
+        return batch_size, 0
+    try:
+        start, fraction = str(text).split(':')
+        start, fraction = int(start), float(fraction)
+    except ValueError:
+        start, fraction = 0, 0.0
+    if not (1 <= start <= batch_size and 0 < fraction <= 1):
+        raise ConfigError(f"batch_size_ramp: expected 'START:FRACTION' with 1 <= START <= "
+                          f"batch_size ({batch_size}) and 0 < FRACTION <= 1 (e.g. '256:0.05'), "
+                          f'got {text!r}')
+    return start, round(fraction * num_steps)
+
+
+class StepPlan:
+    """Each step's (seq_len, batch size) and the rows and tokens before it."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        steps, size = cfg.num_train_steps, cfg.batch_size
+        self.phases = parse_phases(cfg.get('seq_len_phases', ''), steps) or (
+            Phase(cfg.seq_len, 0, steps),)
+        self.batch_size = size
+        self.ramp_start, self.ramp_steps = parse_ramp(cfg.get('batch_size_ramp', ''), size,
+                                                      steps)
+        self._rows = self._tokens = np.zeros(1, np.int64)  # plain steps: past the "plan"
+        if not self.active:
+            return
+        sizes = self._size(np.arange(steps, dtype=np.int64))
+        lengths = np.concatenate([np.full(p.end - p.start, p.seq_len, np.int64)
+                                  for p in self.phases])
+        self._rows = np.concatenate([[0], np.cumsum(sizes)])
+        self._tokens = np.concatenate([[0], np.cumsum(sizes * lengths)])
+
+    @property
+    def active(self) -> bool:
+        """Whether any step differs from the plain (batch_size, seq_len) one."""
+        return len(self.phases) > 1 or self.ramp_steps > 0
+
+    def _size(self, step):  # int or int array
+        start, ramp = self.ramp_start, max(self.ramp_steps, 1)
+        stage = np.minimum(step, ramp) * RAMP_STAGES // ramp
+        # Multiples of START above START: divisible wherever START is.
+        size = start + (self.batch_size - start) * stage // RAMP_STAGES // start * start
+        return np.where(step < self.ramp_steps, size, self.batch_size)
+
+    def batch_size_at(self, step: int) -> int:
+        """Global batch of the step taken after `step` steps."""
+        return int(self._size(step))
+
+    def seq_len(self, step: int) -> int:
+        """Sequence length of the step taken after `step` steps."""
+        for phase in self.phases:
+            if step < phase.end:
+                return phase.seq_len
+        return self.phases[-1].seq_len
+
+    def phase_index(self, step: int) -> int:
+        return next((i for i, p in enumerate(self.phases) if step < p.end), len(self.phases) - 1)
+
+    def sizes(self) -> list[int]:
+        """The distinct batch sizes, in order."""
+        return sorted({int(s) for s in self._size(np.arange(self.ramp_steps))} |
+                      {self.batch_size})
+
+    def rows_before(self, index: int) -> int:
+        """Global rows read before data index `index` (past the plan: full batches)."""
+        last = len(self._rows) - 1
+        if index <= last:
+            return int(self._rows[index])
+        return int(self._rows[last]) + (index - last) * self.batch_size
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained on by the end of `step` steps."""
+        last = len(self._tokens) - 1
+        if step <= last:
+            return int(self._tokens[step])
+        return int(self._tokens[last]) + (step - last) * self.batch_size * self.phases[-1].seq_len
+
+
+def with_seq_len(cfg: ml_collections.ConfigDict, seq_len: int) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with `seq_len` replaced (one phase's preparation, masking, step)."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.seq_len = seq_len
+    return out
+
+
+def final_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`cfg` with seq_len = the last phase's length when seq_len_phases is set (the length
+    evaluation, init and the logs use); `cfg` itself otherwise."""
+    phases = parse_phases(cfg.get('seq_len_phases', ''), cfg.num_train_steps)
+    if not phases or phases[-1].seq_len == cfg.seq_len:
+        return cfg
+    return with_seq_len(cfg, phases[-1].seq_len)
+
+
+def check(cfg: ml_collections.ConfigDict, max_positions: int | None,
+          data_parallel: int = 1) -> None:
+    """One-line ConfigErrors for the phase, ramp and budget-schedule keys. `max_positions`:
+    the learned position table's size (None: RoPE, no table)."""
+    plan = StepPlan(cfg)
+    longest = max(p.seq_len for p in plan.phases)
+    if max_positions is not None and longest > max_positions:
+        raise ConfigError(f'seq_len_phases: the longest phase ({longest}) exceeds '
+                          f'model.max_position_embeddings ({max_positions})')
+    unit = data_parallel * cfg.grad_accum_steps
+    if plan.ramp_steps and plan.ramp_start % unit:
+        raise ConfigError(f'batch_size_ramp: START {plan.ramp_start} is not divisible by the '
+                          f'data-parallel size {data_parallel} x grad_accum_steps '
+                          f'{cfg.grad_accum_steps}')
+    if cfg.optimizer.schedule == 'budget' and not (cfg.max_runtime or cfg.train_tokens):
+        raise ConfigError("optimizer.schedule: 'budget' needs max_runtime or train_tokens "
+                          '(the budget whose spent fraction drives the learning rate)')
+
+
+def check_resume(cfg: ml_collections.ConfigDict, saved: dict) -> None:
+    """A checkpoint of a planned run resumes only with the same plan (the shapes, and the
+    rows read before each step, would differ): one-line ConfigError otherwise. `saved`: the
+    checkpoint's config."""
+    keys = ('seq_len_phases', 'batch_size_ramp')
+    if not any(saved.get(k) or cfg.get(k) for k in keys):
+        return
+    for key in (*keys, 'num_train_steps'):
+        if saved.get(key, '') != cfg.get(key, ''):
+            raise ConfigError(f'{key}: the checkpoint was made with {saved.get(key, "")!r}, '
+                              f'now {cfg.get(key, "")!r}; seq_len_phases and batch_size_ramp '
+                              'runs resume only with the same plan. Use a new --workdir.')
+
+
+class PlannedBatches:
+    """Batches of the plan's shapes: one PretrainBatches per phase (its own data)."""
+
+    def __init__(self, plan: StepPlan, phase_sources: list, seed: int, shard: tuple[int, int],
+                 weights: list[float] | None = None):
+        self.plan = plan
+        # global_batch_size is unused here: batch_from takes each step's own size.
+        self._phases = [PretrainBatches(sources, plan.ramp_start, seed, *shard, weights=weights)
+                        for sources in phase_sources]
+
+    def batch(self, index: int, offset: int) -> dict[str, np.ndarray]:
+        """The batch of data index `index`, for step index - offset (NaN rollbacks skip
+        batches: `offset` of them so far)."""
+        step = index - offset
+        source = self._phases[self.plan.phase_index(step)]
+        return source.batch_from(self.plan.rows_before(index), self.plan.batch_size_at(step))
+
+    def iterate(self, start: int, offset: int, prefetch: int = 4,
+                num_threads: int = 2) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(data index, batch) from `start` on, read ahead by grain's threads."""
+        indices = grain.MapDataset.range(start, np.iinfo(np.int64).max)
+        batches = indices.map(lambda i: (i, self.batch(i, offset))).to_iter_dataset(
+            grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+        return iter(batches)
+
+
+def budget_rates(cfg: ml_collections.ConfigDict, budget: Budget, offset: int,
+                 agree: Callable[[float], float] = float, clock: Callable[[], float] | None = None,
+                 every: int = 1) -> Callable[[int], np.float32]:
+    """data index -> the learning rate of its step under schedule='budget', measured when the
+    loop asks for the batch (the step is dispatched right after). `agree` makes processes
+    use process 0's elapsed time (refreshed every `every` steps: a collective); `clock`
+    replaces time.time (tests)."""
+    steps, last = cfg.num_train_steps, {}
+
+    def rate(index: int) -> np.float32:
+        step = index - offset
+        if not last or step % every == 0:
+            now = None if clock is None else clock()
+            last['elapsed'] = agree(budget.elapsed(now))
+        now = budget.started + last['elapsed'] - budget.elapsed_before
+        progress = budget.progress(step, steps, now)
+        return np.float32(budget_learning_rate(cfg.optimizer, step, progress, steps))
+    return rate
+
+
+def agree_on_process_0(value: float) -> float:
+    """Process 0's `value` on every process, to the microsecond (a collective)."""
+    from engine.distributed import broadcast_int
+    return broadcast_int(round(value * 1e6)) / 1e6
+
+
+def rate_of_steps(rate: Callable[[int], np.float32] | None,
+                  iterator: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, tuple]]:
+    """(index, batch) -> (index, (batch, extra step arguments)): the host-fed learning rate
+    when there is one."""
+    for index, batch in iterator:
+        yield index, (batch, () if rate is None else (rate(index),))
+
+
+def feed(cfg: ml_collections.ConfigDict, plan: StepPlan, budget: Budget,
+         shard: tuple[int, int], batches: PretrainBatches, data_offset: list,
+         phase_sources: list | None, weights: list[float] | None = None
+         ) -> Callable[[int], Iterator[tuple[int, tuple]]]:
+    """data index -> iterator of (index, (batch, extra train-step arguments)) from there:
+    the plan's shapes (phases, ramp) or the plain `batches`, with the host's learning rate
+    under schedule='budget'. `data_offset[0]`: batches skipped by NaN rollbacks so far."""
+    planned = plan.active and PlannedBatches(plan, phase_sources, cfg.seed, shard, weights)
+    several = jax.process_count() > 1
+
+    def iterate(index: int) -> Iterator[tuple[int, tuple]]:
+        offset = data_offset[0]
+        raw = planned.iterate(index, offset) if planned else batches.iterate(index)
+        rate = None
+        if cfg.optimizer.schedule == 'budget':
+            rate = budget_rates(cfg, budget, offset, agree_on_process_0 if several else float,
+                                every=cfg.log_every_steps if several else 1)
+        return rate_of_steps(rate, raw)
+    return iterate
+
+
+def seq_len_of(batch: dict) -> int:
+    return int(batch['input_ids'].shape[1])
+
+
+def describe(plan: StepPlan) -> str:
+    """One log line about the plan."""
+    parts = [f'{p.seq_len} tokens for steps {p.start + 1}-{p.end}' for p in plan.phases]
+    if plan.ramp_steps:
+        parts.append(f'batch {plan.ramp_start} -> {plan.batch_size} over {plan.ramp_steps} '
+                     f'steps (sizes {plan.sizes()})')
+    return 'steps: ' + '; '.join(parts)
