@@ -17,7 +17,7 @@ from engine.optim import adamw, learning_rate_schedule
 from models.bert import BertConfig
 from models.electra import ElectraForPretraining, electra_train_flops, generator_config
 from models.flops import forward_flops
-from pretrain import electra, objective, steps
+from pretrain import dry_run, electra, objective, steps
 from pretrain.masking import MaskingConfig
 from pretrain.train import validate_values
 from tests.sharded import packed_batch
@@ -199,3 +199,16 @@ def test_flops_count_both_models():
     cfg.objective, cfg.batch_size, cfg.seq_len = 'electra', BATCH, SEQ
     model = objective.build_model(cfg, MODEL)
     assert objective.flops_per_step(cfg, model, 4) == flops
+
+
+def test_dry_run_reports_both_models():
+    cfg = get_config('tiny')
+    cfg.objective = 'electra'
+    report = dry_run.describe(cfg, 'configs/pretrain.py:tiny')
+    assert 'generator/bert/encoder/layer_0' in report
+    assert 'discriminator_predictions/dense_prediction/kernel' in report
+    [line] = [x for x in report.splitlines() if x.startswith('flops/step:')]
+    model_cfg = BertConfig(**cfg.model.to_dict())
+    expected = electra_train_flops(model_cfg, generator_config(model_cfg, 0.25), cfg.batch_size,
+                                   cfg.seq_len, 20)  # ceil(0.15 x 128) slots
+    assert line.split()[1] == f'{expected:.3e}'
