@@ -9,16 +9,26 @@ import pytest
 from configs.pretrain import get_config
 from pretrain import objective
 from pretrain.masking import (
+    NUM_SPECIAL,
     MaskingConfig,
     mask_tokens,
     span_geometric_p,
     span_max_length,
 )
 from pretrain.train import masking_config
-from tests.test_masking import VOCAB, _batch
 from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
-ROWS, LENGTH = 256, 128
+ROWS, LENGTH, VOCAB = 256, 128, 500
+
+
+def _batch(rows: int, length: int) -> jax.Array:
+    """[CLS] doc [SEP] doc [SEP] [PAD]* rows of varied lengths (a [SEP] at 20)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(NUM_SPECIAL, VOCAB, size=(rows, length)).astype(np.int32)
+    ids[:, 0], ids[:, 20] = CLS_ID, SEP_ID
+    for r, n in enumerate(rng.integers(30, length + 1, size=rows)):
+        ids[r, n - 1], ids[r, n:] = SEP_ID, PAD_ID
+    return jax.numpy.asarray(ids)
 
 
 def _masked(out) -> np.ndarray:
