@@ -84,6 +84,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.model = model_config(size)
     c.optimizer = _optimizer_config(PEAK_LEARNING_RATES[size])
     c.masking = _masking_config()
+    # Pretraining objective (docs/pretraining.md): 'mlm' (masked LM), or 'electra':
+    # replaced-token detection by the model, with a small generator MLM (`electra`).
+    c.objective = 'mlm'
+    c.electra = _electra_config()
     c.data = _data_config()
     c.mesh = mesh_config()
     c.open_sections = ('data.sources',)  # `--config.data.sources.NAME=...` adds a source
@@ -156,7 +160,22 @@ def _masking_config() -> ml_collections.ConfigDict:
     k.random_token_rate = 0.1  # replaced by a random token (the rest stay unchanged)
     k.whole_word = False  # mask every piece of a chosen word together
     k.max_predictions = 0  # static number of predicted slots per sequence; 0 = ceil(rate*seq_len)
+    # Held-out MLM loss always masks independent tokens at this rate (slots sized from it),
+    # so eval losses compare across runs that train at other rates (e.g. 0.3) or with spans.
+    k.eval_mask_rate = 0.15
+    # SpanBERT-style span masking: mean span length (geometric, clipped at 3x the mean);
+    # spans stay inside a document and never touch each other. 0 = independent tokens.
+    k.span_length = 0.0
     return k
+
+
+def _electra_config() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    # The generator: the model with hidden size, heads and intermediate size x this (same
+    # depth), in (0, 1]; ELECTRA uses 1/4 to 1/3. Its embeddings are its own (not tied).
+    e.generator_size = 0.25
+    e.disc_weight = 50.0  # loss = generator MLM loss + disc_weight x discriminator BCE
+    return e
 
 
 def _data_config() -> ml_collections.ConfigDict:

@@ -65,7 +65,11 @@ def load_workdir(workdir: epath.Path, step: int | None
         model_cfg = BertConfig(**run.read_model_config())
         task = run.read_task()
     else:
-        model_cfg = BertConfig(**run.read_config().model.to_dict())
+        config = run.read_config()
+        if config.get('objective', 'mlm') != 'mlm':
+            raise ConfigError(f"--workdir: an objective={config.objective} run has no MLM head "
+                              'for BertForMaskedLM; fine-tune it (init_from) and export that')
+        model_cfg = BertConfig(**config.model.to_dict())
         task = {}
     directory, step = _checkpoint_dir(workdir, head, step)
     absl = logging.getLogger('absl')  # orbax warns that it reads only part of each step

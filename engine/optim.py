@@ -193,23 +193,24 @@ def weight_decay_mask(params: Any) -> Any:
 def adamw(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW with the schedule; returns a transformation whose
     learning rate at any step is `learning_rate_schedule(cfg, total_steps)(step)`."""
-    parts = []
-    if cfg.max_grad_norm:
-        parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
-    parts.append(_base(optax.adamw, cfg, total_steps)(
-        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        mask=weight_decay_mask))
-    return optax.chain(*parts)
+    return _clipped(optax.adamw, cfg, total_steps)
 
 
 def lamb(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Clip by global norm, then LAMB (You et al. 2019, the 76-minute BERT recipe): Adam
     moments with decoupled weight decay (same mask as AdamW), each update rescaled by the
     layer's trust ratio ||param|| / ||update||, for large batches."""
+    return _clipped(optax.lamb, cfg, total_steps)
+
+
+def _clipped(optimizer: Callable, cfg: OptimizerConfig,
+             total_steps: int) -> optax.GradientTransformation:
+    """Clipping by global norm (unless max_grad_norm is 0), then `optimizer` (adamw, lamb)
+    with the schedule, decoupled weight decay off biases and LayerNorm."""
     parts = []
     if cfg.max_grad_norm:
         parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
-    parts.append(_base(optax.lamb, cfg, total_steps)(
+    parts.append(_base(optimizer, cfg, total_steps)(
         b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
         mask=weight_decay_mask))
     return optax.chain(*parts)

@@ -38,9 +38,9 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from engine import mesh as mesh_lib
 from engine.config_cli import ConfigError, config_to_json, flat_keys, load_config
 from engine.optim import make_optimizer
-from models.bert import BertConfig, BertForMaskedLM
-from models.flops import count_params, train_flops_per_step
-from pretrain import phases, steps
+from models.bert import BertConfig
+from models.flops import count_params
+from pretrain import objective, phases, steps
 from pretrain.train import bert_config, check_batch, masking_config, validate_values
 
 GiB = 1024 ** 3
@@ -64,7 +64,7 @@ def _target_devices(cfg) -> int:
 
 def abstract_state(cfg: ml_collections.ConfigDict, mesh: AbstractMesh):
     """(abstract TrainState with boxes stripped, its shardings, its logical specs)."""
-    model = BertForMaskedLM(bert_config(cfg))
+    model = objective.build_model(cfg, bert_config(cfg))  # ELECTRA: both models
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
     init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
     with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(cfg.mesh.rules):
@@ -142,7 +142,7 @@ def describe(cfg: ml_collections.ConfigDict, spec: str) -> str:
     model = bert_config(cfg)
     state, shardings, logical = abstract_state(cfg, mesh)
     masked = masking_config(cfg, model.vocab_size).max_predictions
-    flops = train_flops_per_step(model, cfg.batch_size, cfg.seq_len, masked)
+    flops = objective.flops_per_step(cfg, objective.build_model(cfg, model), masked)
     devices = math.prod(mesh_shape.values())
     lines = [f'config ({spec}):', config_to_json(cfg), f'changed from the defaults of {spec}:']
     lines += config_diff(cfg, load_config(spec)) or ['  (none)']

@@ -3,9 +3,13 @@
 Runs on device inside the jitted step, with static shapes: every sequence gets
 `max_predictions` prediction slots, of which the first `n` are real (weight 1), where
 n = round(mask_rate * real tokens), at least 1, as in BERT's data generator.
+
+Span masking (`span_length` > 0, SpanBERT-style) chooses the same budget of tokens as
+contiguous spans instead of independent tokens; see `span_positions`.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,7 @@ class MaskingConfig:
     mask_token_rate: float = 0.8
     random_token_rate: float = 0.1
     whole_word: bool = False
+    span_length: float = 0.0  # mean span length; 0 = independent tokens (BERT)
 
 
 def _word_scores(rng: jax.Array, input_ids: jax.Array, candidates: jax.Array,
@@ -54,6 +59,8 @@ def choose_positions(rng: jax.Array, input_ids: jax.Array, cfg: MaskingConfig,
     num_real = candidates.sum(-1)
     budget = jnp.clip(jnp.round(num_real * cfg.mask_rate), 1, cfg.max_predictions)
     budget = jnp.where(num_real > 0, budget, 0).astype(jnp.int32)
+    if cfg.span_length > 0:
+        return span_positions(rng, candidates, budget, cfg)
     if cfg.whole_word:
         scores, word_ids = _word_scores(rng, input_ids, candidates, word_starts)
         # Pieces of one word share a score; a small position term keeps them adjacent.
@@ -65,6 +72,75 @@ def choose_positions(rng: jax.Array, input_ids: jax.Array, cfg: MaskingConfig,
     weights = (jnp.arange(cfg.max_predictions) < budget[:, None]).astype(jnp.float32)
     if cfg.whole_word:
         weights = _drop_partial_words(weights, positions, word_ids)
+    return positions.astype(jnp.int32), weights
+
+
+def span_geometric_p(mean: float, max_length: int) -> float:
+    """p of the geometric length distribution (support 1, 2, ...) that, clipped at
+    `max_length`, has mean `mean`: E[min(G, M)] = (1 - (1 - p)^M) / p, solved by bisection."""
+    if mean <= 1.0:
+        return 1.0
+    low, high = 1e-9, 1.0  # the clipped mean falls as p grows
+    for _ in range(100):
+        p = (low + high) / 2
+        if (1 - (1 - p) ** max_length) / p > mean:
+            low = p
+        else:
+            high = p
+    return (low + high) / 2
+
+
+def span_max_length(mean: float) -> int:
+    """Spans are clipped at 3x their mean (SpanBERT: mean 3.8, clipped at 10)."""
+    return max(1, math.ceil(3 * mean))
+
+
+def span_positions(rng: jax.Array, candidates: jax.Array, budget: jax.Array,
+                   cfg: MaskingConfig) -> tuple[jax.Array, jax.Array]:
+    """Span masking: (positions, weights) as `choose_positions`, the chosen tokens forming
+    contiguous spans inside runs of candidates (never across [CLS]/[SEP]/[PAD]).
+
+    Span lengths are geometric, clipped at `span_max_length`, with p solved so the clipped
+    mean is `span_length`. Spans are placed one at a time (max_predictions static rounds,
+    one per possible span): a uniformly random start among those where the whole span fits
+    in unmasked candidates, until the row's budget is spent; the last span is cut to the
+    budget, and where fragmentation leaves no room for a span, the longest free run is
+    taken. A span also blocks its two neighbours, so spans never touch: every masked run is
+    exactly one span (at most half the tokens can be masked that way).
+    """
+    rows, length = candidates.shape
+    max_len = span_max_length(cfg.span_length)
+    p = span_geometric_p(cfg.span_length, max_len)
+    length_rng, start_rng = jax.random.split(rng)
+    lengths = jax.random.geometric(length_rng, p, (rows, cfg.max_predictions))
+    lengths = jnp.clip(lengths, 1, max_len).astype(jnp.int32)
+    index = jnp.arange(length)
+
+    def place(k, carry):
+        masked, blocked, remaining = carry
+        free = candidates & ~blocked
+        # Length of the free run starting at each position (0 where not free).
+        next_taken = jax.lax.cummin(jnp.where(free, length, index[None, :]), axis=1,
+                                    reverse=True)
+        run = next_taken - index[None, :]
+        span = jnp.minimum(jnp.minimum(lengths[:, k], remaining), run.max(axis=1))
+        fits = free & (run >= span[:, None])
+        scores = jnp.where(fits, jax.random.uniform(jax.random.fold_in(start_rng, k),
+                                                    (rows, length)), -1.0)
+        start = jnp.argmax(scores, axis=1)
+        new = ((index[None, :] >= start[:, None]) & (index[None, :] < (start + span)[:, None])
+               & (span[:, None] > 0))
+        near = (new | jnp.pad(new[:, :-1], ((0, 0), (1, 0)))
+                | jnp.pad(new[:, 1:], ((0, 0), (0, 1))))
+        return masked | new, blocked | near, remaining - span
+
+    zeros = jnp.zeros_like(candidates)
+    masked, _, _ = jax.lax.fori_loop(0, cfg.max_predictions, place,
+                                     (zeros, zeros, budget.astype(jnp.int32)))
+    # The masked positions in ascending order, then unused slots (weight 0).
+    order = jnp.where(masked, 2.0 - index / length, -1.0)
+    _, positions = jax.lax.top_k(order, cfg.max_predictions)
+    weights = (jnp.arange(cfg.max_predictions) < masked.sum(-1)[:, None]).astype(jnp.float32)
     return positions.astype(jnp.int32), weights
 
 

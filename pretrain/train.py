@@ -28,15 +28,14 @@ from engine.loop import (
     SigtermFlag,
     parse_profile_steps,
     run_loop,
-    summarize_sums,
 )
 from engine.metrics_writer import MetricWriter, require_wandb
 from engine.optim import learning_rate_schedule, make_optimizer
 from engine.paths import open_workdir
 from engine.rundir import RunDir, tokenized_data_dir
-from models.bert import BertConfig, BertForMaskedLM
-from models.flops import count_params, train_flops_per_step
-from pretrain import continual, data, phases, steps
+from models.bert import BertConfig
+from models.flops import count_params
+from pretrain import continual, data, objective, phases, steps
 from pretrain.masking import MaskingConfig
 from text.batches import PretrainBatches, eval_batches
 from text.tokenizer import Tokenizer, load_or_train_tokenizer
@@ -55,7 +54,8 @@ def masking_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> MaskingCo
     max_predictions = k.max_predictions or math.ceil(k.mask_rate * cfg.seq_len)
     return MaskingConfig(vocab_size=vocab_size, max_predictions=max_predictions,
                          mask_rate=k.mask_rate, mask_token_rate=k.mask_token_rate,
-                         random_token_rate=k.random_token_rate, whole_word=k.whole_word)
+                         random_token_rate=k.random_token_rate, whole_word=k.whole_word,
+                         span_length=k.get('span_length', 0.0))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
@@ -86,6 +86,7 @@ def validate_values(cfg: ml_collections.ConfigDict) -> None:
                           f'({model.max_position_embeddings})')
     if not 0 < cfg.masking.mask_rate < 1:
         raise ConfigError(f'masking.mask_rate: must be in (0, 1), got {cfg.masking.mask_rate}')
+    objective.validate(cfg, model)  # objective, electra.*, masking.eval_mask_rate/span_length
     make_optimizer(cfg.optimizer, cfg.num_train_steps)  # ConfigError on an unknown name
     learned = model.position_embedding == 'learned'
     phases.check(cfg, model.max_position_embeddings if learned else None)
@@ -161,15 +162,11 @@ def _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts):
     schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
     fed_rate = (None,) if cfg.optimizer.schedule == 'budget' else ()  # the host's rate
     train = jax.jit(
-        steps.mlm_train_step(model=model, tx=tx, schedule=schedule,
-                          masking=masking, word_starts=word_starts, seed=cfg.seed,
-                          grad_accum_steps=cfg.grad_accum_steps),
+        objective.train_step(cfg, model, tx, schedule, masking, word_starts),
         in_shardings=(shardings, batch_sharding, *fed_rate), out_shardings=(shardings, None),
         donate_argnums=0)
-    evaluate = jax.jit(
-        functools.partial(steps.eval_step, model=model, masking=masking,
-                          word_starts=word_starts, seed=cfg.seed),
-        in_shardings=(shardings.params, batch_sharding, None))
+    evaluate = jax.jit(objective.eval_step(cfg, model, masking, word_starts),
+                       in_shardings=(shardings.params, batch_sharding, None))
     return train, evaluate
 
 
@@ -187,7 +184,8 @@ def _evaluator(cfg, mesh, eval_fn, eval_source):
         sums = jax.device_get(totals)
         weight = max(sum(float(t['weight_sum']) for t in sums), 1.0)
         return {'eval_loss': sum(float(t['loss_sum']) for t in sums) / weight,
-                'eval_mlm_accuracy': sum(float(t['correct_sum']) for t in sums) / weight}
+                'eval_mlm_accuracy': sum(float(t['correct_sum']) for t in sums) / weight,
+                **objective.extra_eval_metrics(sums)}
     return evaluate
 
 
@@ -267,7 +265,7 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
         RunDir(workdir).write_config(cfg)
     model_cfg = bert_config(cfg)
-    model = BertForMaskedLM(model_cfg)
+    model = objective.build_model(cfg, model_cfg)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
     ckpts = Checkpoints(str(RunDir(workdir).checkpoints), keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts, src, tokenizer)
@@ -286,7 +284,7 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         train_fn, eval_fn = _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts)
         train_fns = _phase_steps(cfg, plan, mesh, model, tx, shardings, tokenizer, word_starts,
                                  {cfg.seq_len: train_fn})
-    flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
+    flops = objective.flops_per_step(cfg, model, masking.max_predictions)
     restored = ckpts.latest_step()  # 0 for an imported checkpoint (`launch.py import`)
     origin = (f'resuming from step {restored}' if restored is not None
               else 'starting from init_from' if src else 'fresh start')
@@ -330,7 +328,7 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
             s, mesh_lib.shard_batch(b[0], mesh), *b[1]), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
         check_saves=ckpts.check, rollback=rollback,
-        summarize=functools.partial(summarize_sums, accuracy_key='mlm_accuracy'))
+        summarize=objective.summarize(cfg))
     try:
         with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
             run_loop(state, iterate(start_step + data_offset[0]), start_step, loop_cfg,
