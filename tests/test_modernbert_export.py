@@ -50,3 +50,21 @@ def test_runs_without_a_counterpart_are_refused_in_one_line(tmp_path, corpus, ca
     assert len(err) == 1 and 'no transformers BERT counterpart' in err[0], err
     assert f'ModernBERT export needs {needs}' in err[0] or needs in err[0], err
     assert not (tmp_path / 'hf').exists()
+
+
+def test_the_modern_recipe_config_exports_to_modernbert(tmp_path, corpus, capsys):
+    from configs.pretrain import get_config
+    cfg = get_config('tiny,recipe=modern')
+    assert (cfg.model.position_embedding, cfg.model.mlp, cfg.masking.mask_rate,
+            cfg.optimizer.schedule, cfg.model.intermediate_size) == ('rope', 'geglu', 0.3,
+                                                                     'wsd', 320)
+    with pytest.raises(ValueError, match="unknown recipe 'retro'"):
+        get_config('tiny,recipe=retro')
+    args = tiny_args(corpus, 3)
+    args[1] = args[1] + ',recipe=modern'  # configs/pretrain.py:tiny,recipe=modern
+    pre = tmp_path / 'pre'
+    assert launch.main(['pretrain', '--workdir', str(pre), *args,
+                        '--config.model.local_attention_window=8']) == 0
+    capsys.readouterr()
+    assert launch.main(['export', '--workdir', str(pre), '--output', str(tmp_path / 'hf')]) == 0
+    assert 'max |logit diff|' in capsys.readouterr().out
