@@ -18,6 +18,7 @@ MODERN = ('--config.model.position_embedding=rope', '--config.model.mlp=geglu',
           '--config.model.local_attention_window=4', '--config.model.global_attention_every=2')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra', [(), ('--config.model.mlp=swiglu', '--config.model.use_bias=True',
                                         '--config.model.local_attention_window=0')])
 def test_a_modern_run_exports_to_modernbert_with_logit_parity(tmp_path, corpus, capsys, extra):
@@ -34,6 +35,7 @@ def test_a_modern_run_exports_to_modernbert_with_logit_parity(tmp_path, corpus, 
     assert config['architectures'] == ['ModernBertForMaskedLM']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('options, needs', [
     (('--config.model.mlp=geglu',), 'model.position_embedding=rope'),
     ((*MODERN[:5],), 'model.first_attention_norm=False'),
