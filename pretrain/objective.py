@@ -78,9 +78,9 @@ def build_model(cfg: ml_collections.ConfigDict, model_cfg: BertConfig) -> nn.Mod
     return BertForMaskedLM(model_cfg)
 
 
-def train_step(cfg: ml_collections.ConfigDict, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: Callable, masking: MaskingConfig,
-               word_starts: jax.Array | None) -> Callable:
+def make_train_step(cfg: ml_collections.ConfigDict, model: nn.Module,
+                    tx: optax.GradientTransformation, schedule: Callable,
+                    masking: MaskingConfig, word_starts: jax.Array | None) -> Callable:
     """(state, batch) -> (state, metrics), not yet jitted."""
     common = dict(model=model, tx=tx, schedule=schedule, masking=masking,
                   word_starts=word_starts, seed=cfg.seed, grad_accum_steps=cfg.grad_accum_steps)
@@ -89,8 +89,8 @@ def train_step(cfg: ml_collections.ConfigDict, model: nn.Module,
     return steps.mlm_train_step(**common)
 
 
-def eval_step(cfg: ml_collections.ConfigDict, model: nn.Module, masking: MaskingConfig,
-              word_starts: jax.Array | None) -> Callable:
+def make_eval_step(cfg: ml_collections.ConfigDict, model: nn.Module, masking: MaskingConfig,
+                   word_starts: jax.Array | None) -> Callable:
     """(params, batch, index) -> summed eval terms, not yet jitted (eval masking)."""
     common = dict(model=model, masking=eval_masking(cfg, masking), word_starts=word_starts,
                   seed=cfg.seed)

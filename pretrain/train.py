@@ -162,10 +162,10 @@ def _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts):
     schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
     fed_rate = (None,) if cfg.optimizer.schedule == 'budget' else ()  # the host's rate
     train = jax.jit(
-        objective.train_step(cfg, model, tx, schedule, masking, word_starts),
+        objective.make_train_step(cfg, model, tx, schedule, masking, word_starts),
         in_shardings=(shardings, batch_sharding, *fed_rate), out_shardings=(shardings, None),
         donate_argnums=0)
-    evaluate = jax.jit(objective.eval_step(cfg, model, masking, word_starts),
+    evaluate = jax.jit(objective.make_eval_step(cfg, model, masking, word_starts),
                        in_shardings=(shardings.params, batch_sharding, None))
     return train, evaluate
 
