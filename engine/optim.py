@@ -139,10 +139,15 @@ def stable_decay(cfg: Any, progress: Any) -> Any:
     return DECAY_SHAPES[cfg.decay_shape](t)
 
 
+def _warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
+    """warmup_steps, capped at total_steps - 1."""
+    return min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+
+
 def warmup_factor(cfg: Any, step: Any, total_steps: int) -> Any:
     """Linear warm-up multiplier min(step / warmup_steps, 1) (1 without warm-up)."""
     cfg = OptimizerConfig.from_config(cfg)
-    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    warmup = _warmup_steps(cfg, total_steps)
     if not warmup:
         return jnp.ones((), jnp.float32)
     return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
@@ -166,7 +171,7 @@ def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
         peak = float(cfg.learning_rate)
         return lambda step: peak * warmup_factor(cfg, step, total_steps) * stable_decay(
             cfg, jnp.asarray(step, jnp.float32) / max(total_steps, 1))
-    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    warmup = _warmup_steps(cfg, total_steps)
     decay_steps = max(total_steps - warmup, 1)
     peak = float(cfg.learning_rate)
     decays = {

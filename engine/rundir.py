@@ -62,46 +62,15 @@ class RunDir:
 
     def __init__(self, path: str | epath.Path):
         self.path = absolute_path(path)
+        self.config_file = self.path / CONFIG_FILENAME
+        self.model_config_file = self.path / MODEL_CONFIG_FILENAME
+        self.task_file = self.path / TASK_FILENAME
+        self.results_file = self.path / RESULTS_FILENAME
+        self.checkpoints = self.path / CHECKPOINTS_DIRNAME
+        self.best = self.path / BEST_DIRNAME
 
     def __str__(self) -> str:
         return str(self.path)
-
-    # ------------------------------------------------------------ locations
-    @property
-    def config_file(self) -> epath.Path:
-        return self.path / CONFIG_FILENAME
-
-    @property
-    def model_config_file(self) -> epath.Path:
-        return self.path / MODEL_CONFIG_FILENAME
-
-    @property
-    def task_file(self) -> epath.Path:
-        return self.path / TASK_FILENAME
-
-    @property
-    def results_file(self) -> epath.Path:
-        return self.path / RESULTS_FILENAME
-
-    @property
-    def metrics_file(self) -> epath.Path:
-        return self.path / METRICS_FILENAME
-
-    @property
-    def checkpoints(self) -> epath.Path:
-        return self.path / CHECKPOINTS_DIRNAME
-
-    @property
-    def best(self) -> epath.Path:
-        return self.path / BEST_DIRNAME
-
-    @property
-    def data(self) -> epath.Path:
-        return self.path / DATA_DIRNAME
-
-    @property
-    def spm_file(self) -> epath.Path:
-        return self.path / SPM_FILENAME
 
     # ------------------------------------------------------------ reading
     def tokenizer_file(self) -> str | None:

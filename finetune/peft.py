@@ -29,10 +29,6 @@ from models import peft
 from models.paths import is_head, path_of
 
 METHODS = ('none', 'lora', 'adapter', 'prefix')
-# Paths of the parameters PEFT adds (models.peft.is_peft_path), which no pretraining
-# checkpoint holds: models.load keeps them as initialised.
-NEW_PARAM_PATTERNS = (f"(^|/)({'|'.join(peft.LORA_NAMES)})$", f'(^|/){peft.ADAPTER_NAME}/',
-                      f'(^|/){peft.PREFIX_NAME}/')
 
 
 def method(cfg: ml_collections.ConfigDict) -> str:

@@ -20,6 +20,7 @@ from finetune import distill, peft, steps, unfreeze
 from models.bert import BertConfig, BertForSequenceClassification
 from models.flops import forward_flops, train_flops_per_step
 from models.load import load
+from models.peft import is_peft_path
 from text.tokenizer import Tokenizer, load_or_train_tokenizer
 
 
@@ -117,7 +118,7 @@ def _load_encoder(cfg, params: dict) -> dict:
     saved = run.read_config().model
     try:
         return load(params, str(run.checkpoints), cfg.init_step or None,
-                    layer_map=distill.source_names(cfg), dont_load=peft.NEW_PARAM_PATTERNS,
+                    layer_map=distill.source_names(cfg), dont_load=is_peft_path,
                     saved_layers=saved.num_layers if saved.get('scan_layers') else 0)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None

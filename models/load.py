@@ -2,36 +2,22 @@
 
 `load(params, checkpoint_dir, step, ...)` returns `params` with the encoder parts a
 checkpoint holds read in, on the shardings `params` already have. What stays as
-initialised is explicit: the parts not named, every leaf whose path matches a `dont_load`
-regex (parameters the pretrained model never had: LoRA, adapters, prefixes, a new head),
+initialised is explicit: the parts not named, every leaf whose path `dont_load` accepts
+(parameters the pretrained model never had: LoRA, adapters, prefixes),
 and nothing else. `layer_map` lets a model read its layer i from another saved layer (a
 shallower student starting from every other layer of its teacher).
 """
 
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.checkpoint import restore_subtree
+from models.paths import prune
 from models.scan import SCANNED_NAME, unstack_layers
 
 ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
-
-
-def _prune(tree: dict, dropped, prefix: str) -> dict:
-    """`tree` without the leaves whose path `dropped` matches (empty dicts removed)."""
-    out = {}
-    for key, value in tree.items():
-        path = f'{prefix}{key}'
-        if isinstance(value, dict):
-            sub = _prune(value, dropped, f'{path}/')
-            if sub:
-                out[key] = sub
-        elif not dropped(path):
-            out[key] = value
-    return out
 
 
 def _overlay(tree: dict, update: dict) -> dict:
@@ -65,21 +51,20 @@ def _stacked(layer: dict, count: int) -> dict:
 
 def load(params: dict, checkpoint_dir: str, step: int | None, *,
          parts: Sequence[str] = ENCODER_PARTS, layer_map: dict[str, str] | None = None,
-         dont_load: Sequence[str] = (), saved_layers: int = 0) -> dict:
+         dont_load: Callable[[str], bool] | None = None, saved_layers: int = 0) -> dict:
     """`params` (with a 'bert' subtree) with params['bert'][part] for each part read from
     the checkpoint in `checkpoint_dir` at `step` (None = the latest).
 
     layer_map: {our 'layer_i': saved 'layer_j'} where they differ.
-    dont_load: regexes (re.search) over paths like 'bert/encoder/layer_0/.../lora_a' whose
-    leaves keep their initial values. Raises ValueError when a saved shape differs.
+    dont_load: whether a path like 'bert/encoder/layer_0/.../lora_a' is a leaf that keeps
+    its initial value (e.g. models.peft.is_peft_path). Raises ValueError when a saved shape differs.
     saved_layers > 0: the checkpoint's encoder is scanned (models/scan.py) with that many
     layers; it is read stacked and unrolled into our per-layer names."""
     names = layer_map or {}
-    patterns = [re.compile(p) for p in dont_load]
     ours = {part: params['bert'][part] for part in parts}
     if 'encoder' in ours:
         ours['encoder'] = _rename_layers(ours['encoder'], names)  # named as saved
-    wanted = _prune(ours, lambda path: any(p.search(path) for p in patterns), 'bert/')
+    wanted = prune(ours, dont_load or (lambda path: False), 'bert/')
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), wanted)
     if saved_layers and 'encoder' in target:

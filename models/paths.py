@@ -2,7 +2,7 @@
 encoder layer i, or the embeddings. Freezing rules and per-path learning rates use it."""
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -55,3 +55,18 @@ def layer_depth(path: str, num_layers: int) -> int:
     if path.startswith('bert/embeddings/'):
         return num_layers + 1
     raise ValueError(f'{path!r}: not a known BERT parameter (embeddings, encoder or pooler)')
+
+
+def prune(tree: dict, dropped: Callable[[str], bool], prefix: str = '') -> dict:
+    """A nested dict without the leaves whose '/'-joined path (after `prefix`) `dropped`
+    accepts; dicts left empty are removed."""
+    out = {}
+    for key, value in tree.items():
+        path = f'{prefix}{key}'
+        if isinstance(value, dict):
+            sub = prune(value, dropped, f'{path}/')
+            if sub:
+                out[key] = sub
+        elif not dropped(path):
+            out[key] = value
+    return out

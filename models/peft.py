@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.paths import prune
+
 if TYPE_CHECKING:
     from models.config import BertConfig
 
@@ -182,17 +184,7 @@ def _paths(tree: Any, prefix: str = ''):
 
 def without_peft(tree: dict) -> dict:
     """A nested dict of parameters without its PEFT leaves (empty dicts dropped)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            if key in (ADAPTER_NAME, PREFIX_NAME):
-                continue
-            sub = without_peft(value)
-            if sub:
-                out[key] = sub
-        elif key not in LORA_NAMES:
-            out[key] = value
-    return out
+    return prune(tree, is_peft_path)
 
 
 def count_peft_params(params: dict) -> int:

@@ -8,9 +8,9 @@ import pytest
 
 from engine.checkpoint import Checkpoints
 from engine.step import TrainState
-from finetune.peft import NEW_PARAM_PATTERNS
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from models.load import load
+from models.peft import is_peft_path
 
 BASE = dict(vocab_size=40, hidden_size=16, num_layers=4, num_heads=2, intermediate_size=32,
             max_position_embeddings=16)
@@ -42,7 +42,7 @@ def test_the_encoder_is_loaded_and_new_parameters_stay_as_initialised(saved):
     model = BertForSequenceClassification(BertConfig(**BASE, num_labels=3, lora_rank=2,
                                                      lora_targets=('query',)))
     fresh = _init(model, 1)
-    out = load(fresh, directory, None, dont_load=NEW_PARAM_PATTERNS)
+    out = load(fresh, directory, None, dont_load=is_peft_path)
     assert _equal(out['bert']['embeddings'], pre['bert']['embeddings'])
     query = out['bert']['encoder']['layer_2']['attention']['self']['query']
     saved_query = pre['bert']['encoder']['layer_2']['attention']['self']['query']
