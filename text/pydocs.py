@@ -22,10 +22,8 @@ import pathlib
 import sys
 import sysconfig
 
-import numpy as np
-
 from engine.paths import default_cache_dir
-from text.splits import SPLITS, split_bounds, write_split
+from text.splits import SPLITS, seeded_split, write_split
 
 NAME = 'pydocs'
 _SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idle_test'})
@@ -75,11 +73,9 @@ def split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[str, pa
     paths = {s: {'jsonl': root / f'{s}.jsonl', 'txt': root / f'{s}.txt'} for s in SPLITS}
     if all(p.is_file() for d in paths.values() for p in d.values()):
         return paths
-    docs = read_documents()
-    order = np.random.default_rng(seed).permutation(len(docs))
-    rows = [(docs[i], '') for i in order]  # no labels: (text, '') rows like the tweets'
-    a, b = split_bounds(len(rows))
+    # No labels: (text, '') rows like the tweets'.
+    parts = seeded_split([(doc, '') for doc in read_documents()], seed)
     root.mkdir(parents=True, exist_ok=True)
-    for name, part in zip(SPLITS, (rows[:a], rows[a:b], rows[b:]), strict=True):
+    for name, part in parts.items():
         write_split(part, root / name)
     return paths

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
 
 from engine.paths import write_bytes_atomic
 
@@ -15,6 +19,18 @@ def split_bounds(n: int) -> tuple[int, int]:
     """End of train and end of validation for n shuffled rows."""
     n_train = int(n * SPLIT_FRACTIONS[0])
     return n_train, n_train + int(n * SPLIT_FRACTIONS[1])
+
+
+T = TypeVar('T')
+
+
+def seeded_split(items: Sequence[T], seed: int) -> dict[str, list[T]]:
+    """{split: items}: shuffled by np.random.default_rng(seed) (a stream numpy keeps stable
+    across versions), then cut 80/10/10."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    a, b = split_bounds(len(items))
+    bounds = {'train': (0, a), 'validation': (a, b), 'test': (b, len(items))}
+    return {s: [items[i] for i in order[lo:hi]] for s, (lo, hi) in bounds.items()}
 
 
 def write_split(rows: list[tuple[str, str]], stem: pathlib.Path) -> None:

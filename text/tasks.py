@@ -42,11 +42,9 @@ import re
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from engine.paths import default_cache_dir, write_bytes_atomic
 from text import corpus, wheels
-from text.splits import SPLITS, split_bounds
+from text.splits import SPLITS, seeded_split
 
 DEMO_TASK = corpus.DEMO_NAME
 BENCH_PREFIX = 'bench:'
@@ -140,13 +138,12 @@ def bench_split(name: str, cache_dir: str | None = None, seed: int = 0
         return paths
     start = time.monotonic()
     rows = clean(BENCH_TASKS[name][0](cache_dir))
-    order = np.random.default_rng(seed).permutation(len(rows))
-    shuffled = [rows[i] for i in order]
-    a, b = split_bounds(len(rows))
+    parts = seeded_split(rows, seed)
     # Test last: a directory with every file is complete (write_csv renames into place).
-    for split, part in zip(SPLITS, (shuffled[:a], shuffled[a:b], shuffled[b:]), strict=True):
+    for split, part in parts.items():
         write_csv(part, paths[split])
-    print(f'bench: {name}: {len(rows):,} examples ({a:,} / {b - a:,} / {len(rows) - b:,}) '
+    sizes = ' / '.join(f'{len(part):,}' for part in parts.values())
+    print(f'bench: {name}: {len(rows):,} examples ({sizes}) '
           f'in {root} ({time.monotonic() - start:.1f} s)', flush=True)
     return paths
 
