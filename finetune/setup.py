@@ -65,6 +65,7 @@ class Built:
     model: BertForSequenceClassification
     model_cfg: BertConfig
     source: str  # where the encoder weights come from, for the log
+    saved_layers: int = 0  # > 0: the pretrained run's encoder is scanned, of this depth
 
     def flops(self, cfg) -> float:
         """Model FLOPs per step; a linear probe runs the encoder forward only."""
@@ -97,7 +98,8 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
         raise ConfigError(f'model.vocab_size: {model_cfg.vocab_size} is smaller than the '
                           f'tokenizer vocabulary ({tokenizer.vocab_size})')
     return Built(BertForSequenceClassification(model_cfg), model_cfg,
-                 f'{source} (encoder)' if source else 'random')
+                 f'{source} (encoder)' if source else 'random',
+                 model_section.num_layers if model_section.get('scan_layers') else 0)
 
 
 def _fresh_params(cfg, mesh, built: Built):
@@ -110,16 +112,14 @@ def _fresh_params(cfg, mesh, built: Built):
     return params
 
 
-def _load_encoder(cfg, params: dict) -> dict:
+def _load_encoder(cfg, params: dict, built: Built) -> dict:
     """Replaces embeddings and encoder with the pretrained ones, on this run's shardings.
     LoRA / adapter / prefix parameters are not in a pretraining checkpoint: they stay fresh;
     a distillation student with fewer layers reads each from its pretrained source layer."""
-    run = RunDir(pretrained_dir(cfg))
-    saved = run.read_config().model
     try:
-        return load(params, str(run.checkpoints), cfg.init_step or None,
+        return load(params, str(RunDir(pretrained_dir(cfg)).checkpoints), cfg.init_step or None,
                     layer_map=distill.source_names(cfg), dont_load=is_peft_path,
-                    saved_layers=saved.num_layers if saved.get('scan_layers') else 0)
+                    saved_layers=built.saved_layers)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None
 
@@ -150,7 +150,7 @@ def initial_state(cfg, mesh, built: Built, num_steps: int, phase: int):
     split of gradual-unfreezing phase `phase` (the last phase when it is off)."""
     params = _fresh_params(cfg, mesh, built)
     if pretrained_dir(cfg) is not None:
-        params = _load_encoder(cfg, params)
+        params = _load_encoder(cfg, params, built)
     labels = phase_labels(cfg, params, built, phase)
     tx, opt_state = fresh_optimizer(cfg, mesh, built, params, labels, num_steps)
     step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
