@@ -250,11 +250,17 @@ def _describe(error: BaseException) -> str:
     return text if len(text) <= 200 else f'{text[:110]} ... {text[-85:]}'
 
 
+def _read_handlers() -> dict:
+    # A handler for 'meta' too: without one, orbax warns on every read that it cannot
+    # restore the item (which these readers never ask for).
+    return {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
 def read_state_numpy(directory: str, step: int | None = None) -> dict:
     """A checkpoint's whole state as nested dicts of host numpy arrays, on any device count
     (for tests, export, prediction and inspection; no mesh needed)."""
     manager = ocp.CheckpointManager(absolute_path(directory), item_names=('state', 'meta'),
-                                    item_handlers={'state': ocp.StandardCheckpointHandler()})
+                                    item_handlers=_read_handlers())
     step = manager.latest_step() if step is None else step
     if step is None:
         manager.close()
@@ -282,7 +288,7 @@ def read_params_numpy(directory: str, step: int | None = None) -> dict[str, np.n
 def read_meta_and_shapes(directory: epath.Path, step: int) -> tuple[dict, dict[str, tuple]]:
     """(JSON side item, {param path: shape}) of a checkpoint; nothing written into it."""
     manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'),
-                                    item_handlers={'state': ocp.StandardCheckpointHandler()})
+                                    item_handlers=_read_handlers())
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         params = manager.item_metadata(step)['state']['params']
