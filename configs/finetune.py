@@ -37,12 +37,14 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.task = 'classification'  # 'classification' (single text or pairs) or 'regression'
     c.freeze = 'none'  # 'none', 'embeddings', 'layers:N', 'encoder', or 're:REGEX,REGEX'
     c.seed = 0  # init of the new head, data order, dropout
-    # The BERT fine-tuning recipe (Devlin et al. 2018) as defaults ...
+    # The BERT fine-tuning recipe (Devlin et al. 2018) as defaults, the rate by model size ...
     c.num_epochs = 3
     c.batch_size = 32  # global
     c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
     c.seq_len = 128  # tokens per example, [CLS]/[SEP] included; longer text is truncated
-    c.learning_rate = 2e-5  # peak
+    # Peak; 0 = auto, by the model's width (finetune/setup.py): 3e-4 for tiny (H128), 1e-4
+    # up to H256, 5e-5 up to H512, 2e-5 wider (BERT's). The run's config.json records it.
+    c.learning_rate = 0.0
     c.head_learning_rate = 0.0  # for pooler + classifier; 0 = learning_rate
     c.layer_decay = 1.0  # layer-wise lr decay (lr * decay**depth from the top); 1 = off
     c.warmup_fraction = 0.1  # of all steps, then linear decay to 0

@@ -28,6 +28,33 @@ def pretrained_dir(cfg: ml_collections.ConfigDict) -> epath.Path | None:
     return None if cfg.init_from.lower() == 'none' else absolute_path(cfg.init_from)
 
 
+# learning_rate=0 ('auto'): the peak by model width. 3e-4 for tiny (H128) was the best of
+# 3e-5/1e-4/3e-4 on the demo task (docs/finetuning.md); wider models step down towards
+# BERT's 2e-5..5e-5 (Devlin et al. 2018), which were not measured here.
+AUTO_LEARNING_RATES = ((128, 3e-4), (256, 1e-4), (512, 5e-5))
+LARGE_MODEL_LEARNING_RATE = 2e-5
+
+
+def learning_rate_for_width(hidden_size: int) -> float:
+    """The 'auto' peak fine-tuning learning rate of a model `hidden_size` wide."""
+    for width, rate in AUTO_LEARNING_RATES:
+        if hidden_size <= width:
+            return rate
+    return LARGE_MODEL_LEARNING_RATE
+
+
+def resolve_learning_rate(cfg: ml_collections.ConfigDict) -> None:
+    """Sets cfg.learning_rate when it is 0 ('auto') from the width of the model it will
+    train (init_from's, or `model` for random init), so the run's config.json records it."""
+    if cfg.learning_rate:
+        return
+    root = pretrained_dir(cfg)
+    model = RunDir(root).read_config().model if root is not None else cfg.model
+    cfg.learning_rate = learning_rate_for_width(model.hidden_size)
+    print(f'learning_rate: {cfg.learning_rate:g} (auto: a model {model.hidden_size} wide)',
+          flush=True)
+
+
 def check_init_from(cfg: ml_collections.ConfigDict) -> None:
     """A pretraining workdir must hold its config, tokenizer and a checkpoint."""
     if not cfg.init_from:

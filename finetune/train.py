@@ -41,6 +41,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
                           f'{sorted(metrics.METRIC_DIRECTIONS)}')
     OptimizerConfig.from_config(cfg, '')  # its keys, checked before anything runs
     setup.check_init_from(cfg)
+    setup.resolve_learning_rate(cfg)  # 0 = auto, by model width
     try:
         mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     except ValueError as e:
