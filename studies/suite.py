@@ -9,7 +9,8 @@ tables (`results.md`, `results.csv`) are rewritten after every run.
 Baselines (`baselines`: 'majority', 'tfidf'; studies/baselines.py) run first, on the same
 task configs and seeds, each into `WORKDIR/TASK/BASELINE/seed_N/results.json`, and join
 the tables as rows of their own. With `task_table`, studies/task_table.py also writes the
-method x task table of each task's metric with averages (results_tasks.md/.csv/.png).
+method x task table of each task's metric with averages (results_tasks.md/.csv/.png):
+its `metric`, or the suite's headline_metrics.TASK (e.g. 'f1_binary', GLUE's F1).
 """
 
 import csv
@@ -25,6 +26,7 @@ import numpy as np
 
 from engine.config_cli import ConfigError, apply_overrides, load_config
 from engine.paths import local_dir
+from finetune import metrics as finetune_metrics
 from finetune import train as finetune_train
 from studies import baselines, task_table
 from text.tokenizer import MODEL_FILENAME, tokenizer_file
@@ -32,6 +34,7 @@ from text.tokenizer import MODEL_FILENAME, tokenizer_file
 FINETUNE_CONFIG = 'configs/finetune.py'
 # Task and variant names become folders (WORKDIR/TASK/VARIANT/): no '/', no leading '.'.
 _NAME = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]*')
+BINARY_F1 = 'f1_binary'  # derived from the confusion matrix, see binary_f1
 
 
 def _tokens(text: str, what: str) -> list[str]:
@@ -137,6 +140,11 @@ def validate(suite: ml_collections.ConfigDict) -> None:
             baselines.require_sklearn()
         except ValueError as e:
             raise ConfigError(f'baselines: {e}') from None
+    for task, metric in suite.get('headline_metrics', {}).items():
+        if task not in suite.tasks:
+            raise ConfigError(f'headline_metrics.{task}: no such task')
+        if metric not in (*finetune_metrics.METRIC_DIRECTIONS, BINARY_F1):
+            raise ConfigError(f'headline_metrics.{task}: unknown metric {metric!r}')
     for task in _tasks(suite) if _baselines(suite) else ():
         baseline_config(suite, task, 0)  # its keys and values parse
     for task, variant, seed in _runs(suite):
@@ -146,9 +154,27 @@ def validate(suite: ml_collections.ConfigDict) -> None:
             raise ConfigError(f'{task} / {variant} / seed {seed}: {e}') from None
 
 
+def binary_f1(split: dict) -> dict[str, float]:
+    """{'f1_binary': F1 of class 1} from a two-class split's confusion matrix (GLUE's F1
+    for MRPC and QQP, sklearn's average='binary'; the trainer's `f1` is the macro F1);
+    {} for other splits."""
+    cm = np.asarray(split.get('confusion_matrix', []), np.float64)
+    if cm.shape != (2, 2):
+        return {}
+    tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+    return {BINARY_F1: float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0}
+
+
 def _scores(results: dict, metrics: tuple[str, ...]) -> dict[str, float]:
     split = results.get('test') or results['validation']
+    split = {**split, **binary_f1(split)}
     return {m: float(split[m]) for m in metrics if m in split}
+
+
+def headline(suite: ml_collections.ConfigDict, task: str, cfg: ml_collections.ConfigDict
+             ) -> str:
+    """The task table's metric of a task: headline_metrics.TASK, else its `metric`."""
+    return suite.get('headline_metrics', {}).get(task) or cfg.metric
 
 
 def summarize(rows: list[dict], metrics: tuple[str, ...]) -> list[dict]:
@@ -222,11 +248,14 @@ def run(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         else:
             cfg = run_config(suite, task, variant, seed)
             results = finetune_train.run(cfg, str(run_dir))
-        metric_of[task] = cfg.metric
-        scores = _scores(results, (*metrics, cfg.metric))
+        metric_of[task] = headline(suite, task, cfg)
+        scores = _scores(results, (*metrics, metric_of[task]))
+        if metric_of[task] not in scores:
+            raise ConfigError(f'headline_metrics.{task}: {metric_of[task]!r} is not in '
+                              f'{run_dir}/results.json (f1_binary: two classes only)')
         rows.append({'task': task, 'variant': variant, 'seed': seed,
                      **{m: scores[m] for m in metrics if m in scores},
-                     'score': scores[cfg.metric]})
+                     'score': scores[metric_of[task]]})
         table = _write_all(root, suite, rows, metrics, metric_of)
     (root / 'runs.json').write_text(json.dumps(rows, indent=1) + '\n')
     print((root / 'results.md').read_text(), flush=True)

@@ -6,7 +6,9 @@ results.md/.csv (every metric, one row per task and variant):
   results_tasks.md   one table per training regime (all labels; tasks named *SUFFIX, e.g.
                      *_1k, for the low-label one): a row per method (baselines, variants),
                      a column per task with its metric (`metric` of its config: F1 for
-                     classification, Pearson for regression), and the average over tasks.
+                     classification, Pearson for regression in the bench; the suite's
+                     headline_metrics.TASK where set, e.g. GLUE's MRPC F1), and the
+                     average over tasks.
   results_tasks.csv  the same numbers (mean, std, seeds per cell).
   results_tasks.png  a bar chart of it, if matplotlib is installed (an optional extra,
                      imported here only; without it a one-line hint is printed instead).
@@ -122,7 +124,7 @@ def chart(workdir: pathlib.Path, table: list[dict]) -> pathlib.Path | None:
                    label=r['method'], capsize=2)
         ax.set_xticks(np.arange(len(tasks)), tasks, rotation=15)
         ax.set_title(title)
-        ax.set_ylabel('test score (F1 / Pearson)')
+        ax.set_ylabel("test score (each task's metric)")
         ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
         ax.legend(fontsize=8, ncol=len(members))
     fig.tight_layout()
