@@ -123,7 +123,7 @@ def test_glue_config_tasks_metrics_and_headlines():
             f'tfds:glue/{name}', a, b, 'label')
         assert (run.metric, d.test_file, d.validation_file) == (metric, test, 'none')
         assert run.task == ('regression' if task == 'stsb' else 'classification')
-        assert (run.init_from, run.seed, run.learning_rate) == ('/pre', 1, 3e-4)
+        assert (run.init_from, run.seed, run.learning_rate) == ('/pre', 1, 0.0)  # 0: auto
     assert dict(c.headline_metrics) == {'mrpc': 'f1_binary', 'qqp': 'f1_binary'}
     assert {t: suite.headline(c, t, suite.run_config(c, t, 'scratch', 0))
             for t in ('cola', 'mrpc', 'stsb', 'mnli_mm')} == {
