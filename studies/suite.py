@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.config_cli import ConfigError, apply_overrides, load_config
 from engine.paths import local_dir
+from engine.rundir import RunDir
 from finetune import metrics as finetune_metrics
 from finetune import train as finetune_train
 from studies import baselines, task_table
@@ -68,14 +69,31 @@ def run_config(suite: ml_collections.ConfigDict, task: str, variant: str,
     init_from, the variant's overrides, and the seed."""
     cfg = task_config(suite.tasks[task], f'tasks.{task}', f'init_from={suite.init_from}',
                       f'seed={seed}')
-    _apply_items(cfg, _tokens(suite.variants[variant], f'variants.{variant}'),
-                 f'variants.{variant}')
-    if cfg.init_from.lower() == 'none' and not cfg.tokenizer_model and _pretrained(suite):
-        # From scratch with the pretrained run's tokenizer: only the weights differ.
-        # (spm.model, or wordpiece.json for an imported WordPiece BERT).
-        cfg.tokenizer_model = (tokenizer_file(suite.init_from)
-                               or str(pathlib.Path(suite.init_from) / MODEL_FILENAME))
+    items = _tokens(suite.variants[variant], f'variants.{variant}')
+    _apply_items(cfg, items, f'variants.{variant}')
+    if cfg.init_from.lower() == 'none' and _pretrained(suite):
+        # From scratch, the pretrained run's model: its architecture (this config's dropout
+        # and pooling; the variant's own overrides applied again on top) and its tokenizer
+        # (spm.model, or wordpiece.json for an imported WordPiece BERT): only weights differ.
+        run = RunDir(suite.init_from)
+        if run.config_file.exists():  # a missing one is reported by the pretrained runs
+            _take_architecture(cfg, run.read_config().model)
+            _apply_items(cfg, items, f'variants.{variant}')
+        if not cfg.tokenizer_model:
+            cfg.tokenizer_model = (tokenizer_file(suite.init_from)
+                                   or str(pathlib.Path(suite.init_from) / MODEL_FILENAME))
     return cfg
+
+
+# Fine-tuning's own model keys: kept when a scratch run takes a pretrained architecture.
+FINETUNE_MODEL_KEYS = ('dropout_rate', 'attention_dropout_rate', 'pooling')
+
+
+def _take_architecture(cfg: ml_collections.ConfigDict, pretrained: ml_collections.ConfigDict
+                       ) -> None:
+    kept = {k: cfg.model[k] for k in FINETUNE_MODEL_KEYS if k in cfg.model}
+    with cfg.unlocked():
+        cfg.model = ml_collections.ConfigDict({**pretrained.to_dict(), **kept})
 
 
 def _pretrained(suite) -> bool:

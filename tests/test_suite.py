@@ -35,6 +35,20 @@ def test_scratch_baseline_of_an_imported_wordpiece_run_uses_its_vocabulary(tmp_p
     assert scratch.tokenizer_model == str(tmp_path / 'wordpiece.json')
 
 
+def test_scratch_baseline_takes_the_pretrained_architecture(tmp_path):
+    from configs.pretrain import get_config as pretrain_config
+    from engine.rundir import RunDir
+    RunDir(tmp_path).write_config(pretrain_config('tiny,recipe=modern'))
+    cfg = _suite(f'init_from={tmp_path}', 'variants.scratch_mean=init_from=none model.pooling=mean')
+    scratch = suite.run_config(cfg, 'sentiment_2k', 'scratch', 0)
+    m = scratch.model
+    assert (m.position_embedding, m.mlp, m.use_bias, m.intermediate_size) == ('rope', 'geglu',
+                                                                            False, 320)
+    assert (m.dropout_rate, m.pooling) == (0.1, 'cls')  # fine-tuning's own keys are kept
+    assert suite.run_config(cfg, 'sentiment_2k', 'scratch_mean', 0).model.pooling == 'mean'
+    assert suite.run_config(cfg, 'sentiment_2k', 'pretrained', 0).model.mlp == 'gelu'  # unused
+
+
 def test_bad_entries_name_the_key():
     with pytest.raises(ConfigError, match='learning_rat'):
         suite.run_config(_suite('variants.x=learning_rat=1'), 'sentiment_2k', 'x', 0)
