@@ -5,6 +5,7 @@
     python launch.py pretrain --config configs/pretrain.py:tiny --workdir runs/tiny
     python launch.py pretrain --config configs/pretrain.py:mini,steps=2000 --workdir runs/mini
     python launch.py pretrain --config configs/pretrain.py:tiny,recipe=modern --workdir runs/m
+    python launch.py pretrain --config configs/pretrain.py:tiny,data=general --workdir runs/g
 
 Sizes (layers L, hidden H, heads A; intermediate 4H) follow the BERT family of
 Turc et al. 2019 and Devlin et al. 2018: tiny L2/H128, mini L4/H256, small L4/H512,
@@ -34,8 +35,9 @@ MODEL_SIZES = {
 PEAK_LEARNING_RATES = {'tiny': 2e-3, 'mini': 1e-3, 'small': 5e-4, 'medium': 5e-4,
                        'base': 1e-4, 'large': 1e-4}
 
-# Short names accepted in `arg` (`tiny,steps=50`) for the keys changed most often.
-ARG_ALIASES = {'steps': 'num_train_steps', 'batch': 'batch_size', 'seq': 'seq_len'}
+# Short names accepted in `arg` (`tiny,steps=50,data=general`) for the keys changed most often.
+ARG_ALIASES = {'steps': 'num_train_steps', 'batch': 'batch_size', 'seq': 'seq_len',
+               'data': 'data.train_files'}
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
@@ -286,8 +288,14 @@ def apply_arg_overrides(c: ml_collections.ConfigDict, extras: list[str]) -> None
     """Applies `key=value` items of a config arg to top-level keys (aliases allowed)."""
     for item in extras:
         key, sep, value = item.partition('=')
-        key = ARG_ALIASES.get(key.strip(), key.strip())
-        if not sep or key not in c or isinstance(c[key], ml_collections.ConfigDict):
+        *parents, leaf = ARG_ALIASES.get(key.strip(), key.strip()).split('.')
+        section = c
+        for name in parents:  # an alias may name a nested key ('data' -> data.train_files)
+            section = section.get(name)
+            if not isinstance(section, ml_collections.ConfigDict):
+                break
+        if (not sep or not isinstance(section, ml_collections.ConfigDict) or leaf not in section
+                or isinstance(section[leaf], ml_collections.ConfigDict)):
             raise ValueError(f'config arg: cannot apply {item!r}; use key=value with a top-level '
                              f'key or one of {list(ARG_ALIASES)}')
-        c[key] = type(c[key])(value)
+        section[leaf] = type(section[leaf])(value)

@@ -26,8 +26,11 @@ def test_every_size_builds(size):
 def test_arg_extras_and_aliases():
     cfg = get_config('tiny,steps=50,batch=16,seed=3')
     assert (cfg.num_train_steps, cfg.batch_size, cfg.seed) == (50, 16, 3)
+    assert get_config('tiny,data=general').data.train_files == 'general'  # a nested alias
     with pytest.raises(ValueError, match='unknown model size'):
         get_config('huge')
+    with pytest.raises(ValueError, match="cannot apply 'data'"):
+        get_config('tiny,data')
 
 
 def test_overrides_are_typed():
