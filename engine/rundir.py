@@ -66,6 +66,7 @@ class RunDir:
         self.model_config_file = self.path / MODEL_CONFIG_FILENAME
         self.task_file = self.path / TASK_FILENAME
         self.results_file = self.path / RESULTS_FILENAME
+        self.metrics_file = self.path / METRICS_FILENAME
         self.checkpoints = self.path / CHECKPOINTS_DIRNAME
         self.best = self.path / BEST_DIRNAME
 

@@ -51,8 +51,6 @@ def resolve_learning_rate(cfg: ml_collections.ConfigDict) -> None:
     root = pretrained_dir(cfg)
     model = RunDir(root).read_config().model if root is not None else cfg.model
     cfg.learning_rate = learning_rate_for_width(model.hidden_size)
-    print(f'learning_rate: {cfg.learning_rate:g} (auto: a model {model.hidden_size} wide)',
-          flush=True)
 
 
 def check_init_from(cfg: ml_collections.ConfigDict) -> None:

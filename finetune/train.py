@@ -131,7 +131,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     search prunes by it); an exception it raises stops the run there, unsaved beyond the
     best checkpoint. Single-process runs only: other processes would not stop with it.
     """
+    auto_rate = not cfg.learning_rate
     mesh, task = validate(cfg)
+    if auto_rate and jax.process_index() == 0:
+        print(f'learning_rate: {cfg.learning_rate:g} (auto, by model width)', flush=True)
     parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
     require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
     sigterm = SigtermFlag()
