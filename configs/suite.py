@@ -134,8 +134,10 @@ def get_config(arg: str = 'demo') -> ml_collections.ConfigDict:
         c.variants = ml_collections.ConfigDict({
             'scratch': 'init_from=none', 'probe': 'freeze=encoder learning_rate=1e-3',
             'finetune': ''})
-        c.tasks.sentiment = 'sentiment'  # the demo task as it is (1 epoch)
-        c.tasks.sentiment_1k = f'sentiment {LOW_LABEL_RECIPE}'
+        # The demo task as it is (1 epoch), with mean pooling like every other bench task
+        # (the `custom` default; the demo's own config keeps exportable [CLS] pooling).
+        c.tasks.sentiment = 'sentiment model.pooling=mean'
+        c.tasks.sentiment_1k = f'sentiment model.pooling=mean {LOW_LABEL_RECIPE}'
         for name, spec in BENCH_TASKS.items():
             c.tasks[name] = f'{spec} {BENCH_RECIPE}'
             c.tasks[name + LOW_LABEL] = f'{spec} {BENCH_RECIPE} {LOW_LABEL_RECIPE}'

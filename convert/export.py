@@ -102,6 +102,8 @@ def export_kind(head: str, model_cfg: BertConfig) -> str:
     why = modernbert.refusal(model_cfg, head)
     if why is None:
         return 'modernbert'
+    if model_cfg.pooling != 'cls':  # the one option a fine-tuning run chooses itself
+        why += '; fine-tune with --config.model.pooling=cls to export'
     raise ConfigError(f'--workdir: {", ".join(options)}: no transformers BERT counterpart '
                       f'(BERT export needs these options at their defaults); {why}')
 

@@ -21,7 +21,8 @@ OPTIONS = ['--config.model.position_embedding=rope', '--config.model.rope_theta=
 def _finetune_args(task: str, *extra: str) -> list[str]:
     return ['--config', f'{REPO}/configs/finetune.py:custom', f'--config.data.train_file={task}',
             '--config.num_epochs=2', '--config.batch_size=16', '--config.seq_len=16',
-            '--config.learning_rate=2e-3', '--config.log_every_steps=5', *extra]
+            '--config.learning_rate=2e-3', '--config.log_every_steps=5',
+            '--config.model.pooling=cls', *extra]
 
 
 @pytest.mark.slow
@@ -52,7 +53,7 @@ def test_all_options_pretrain_export_refusal_and_finetune(tmp_path, corpus, caps
 
 
 @pytest.mark.slow
-def test_finetune_with_mean_pooling(tmp_path):
+def test_finetune_with_mean_pooling(tmp_path, capsys):
     task = write_toy_task(tmp_path, n=96)
     ft = tmp_path / 'ft'
     assert launch.main(['finetune', '--workdir', str(ft), *_finetune_args(
@@ -64,3 +65,6 @@ def test_finetune_with_mean_pooling(tmp_path):
     assert losses and all(np.isfinite(losses)), losses
     results = json.loads((ft / 'results.json').read_text())
     assert 0.0 <= results['validation']['accuracy'] <= 1.0
+    # BertForSequenceClassification reads [CLS]: the export says how to get an exportable run.
+    assert launch.main(['export', '--workdir', str(ft), '--output', str(tmp_path / 'hf')]) == 2
+    assert '--config.model.pooling=cls to export' in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 
 import launch
 from configs import suite as suite_config
+from studies import suite
 from tests import fake_wheels
 from tests.helpers import REPO
 from text import wheels
@@ -26,7 +27,9 @@ def test_bench_config_rows_and_columns():
     assert set(c.tasks) == names | {n + '_1k' for n in names}
     assert 'data.max_train_examples=1000' in c.tasks.trec_1k
     assert 'task=regression metric=pearson' in c.tasks.vader
-    assert c.tasks.sentiment == 'sentiment'  # the demo task as it is
+    assert c.tasks.sentiment == 'sentiment model.pooling=mean'  # the demo task, mean pooled
+    for task in c.tasks:  # every task mean-pools: sentiment explicitly, the rest by default
+        assert suite.run_config(c, task, 'finetune', 0).model.pooling == 'mean', task
 
 
 @pytest.mark.slow

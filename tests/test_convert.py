@@ -49,7 +49,8 @@ def _finetune_args(init_from, files, workdir) -> list:
     return ['finetune', '--config', f'{REPO}/configs/finetune.py:custom', '--workdir', workdir,
             f'--config.init_from={init_from}', f'--config.data.train_file={files["train"]}',
             f'--config.data.validation_file={files["validation"]}', '--config.num_epochs=1',
-            '--config.batch_size=16', '--config.seq_len=16', '--config.learning_rate=2e-3']
+            '--config.batch_size=16', '--config.seq_len=16', '--config.learning_rate=2e-3',
+            '--config.model.pooling=cls']  # [CLS]: BertForSequenceClassification's pooling
 
 
 def _write_hf(directory: pathlib.Path, params, head: str, task: dict | None = None) -> None:

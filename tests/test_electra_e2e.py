@@ -67,7 +67,8 @@ def test_electra_run_resumes_exactly_refuses_export_and_finetunes(tmp_path, corp
                         f'{REPO}/configs/finetune.py:custom', f'--config.data.train_file={task}',
                         f'--config.init_from={pre}', '--config.freeze=encoder',
                         '--config.num_epochs=1', '--config.batch_size=16',
-                        '--config.seq_len=16', '--config.log_every_steps=5']) == 0
+                        '--config.seq_len=16', '--config.log_every_steps=5',
+                        '--config.model.pooling=cls']) == 0
     assert all(math.isfinite(r['loss']) for r in read_metrics(ft) if 'loss' in r)
     tuned = read_params_numpy(str(ft / 'checkpoints'))
     encoder = [k for k in final if k.startswith(('bert/embeddings/', 'bert/encoder/'))]

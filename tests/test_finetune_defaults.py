@@ -19,6 +19,11 @@ def test_custom_default_is_auto_and_sentiment_keeps_its_rate():
     assert finetune_config('sentiment').learning_rate == 3e-4
 
 
+def test_pooling_default_mean_for_your_data_cls_for_the_demo():
+    assert finetune_config('custom').model.pooling == 'mean'  # the benchmark's winner
+    assert finetune_config('sentiment').model.pooling == 'cls'  # exportable demo
+
+
 def test_auto_reads_the_pretrained_width(tmp_path):
     RunDir(tmp_path).write_config(pretrain_config('base'))  # H768
     cfg = finetune_config('custom')

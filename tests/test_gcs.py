@@ -34,7 +34,8 @@ def losses(workdir) -> list[tuple]:
 def finetune_args(init_from: str, task: str) -> list[str]:
     return ['--config', f'{REPO}/configs/finetune.py:custom', f'--config.init_from={init_from}',
             f'--config.data.train_file={task}', '--config.num_epochs=1',
-            '--config.batch_size=16', '--config.seq_len=16', '--config.log_every_steps=5']
+            '--config.batch_size=16', '--config.seq_len=16', '--config.log_every_steps=5',
+            '--config.model.pooling=cls']  # exportable
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def test_scanned_pretraining_fine_tunes_and_exports(tmp_path, corpus):
                         f'{REPO}/configs/finetune.py:custom', f'--config.init_from={pre}',
                         f'--config.data.train_file={task}', '--config.num_epochs=1',
                         '--config.batch_size=16', '--config.seq_len=16',
-                        '--config.freeze=layers:1']) == 0
+                        '--config.freeze=layers:1', '--config.model.pooling=cls']) == 0
     # export unrolls the layers and checks its logits against ours (convert/verify.py).
     assert launch.main(['export', '--workdir', str(pre), '--output', str(tmp_path / 'hf')]) == 0
     assert (tmp_path / 'hf' / 'model.safetensors').is_file()
