@@ -33,8 +33,8 @@ from etils import epath
 from engine.checkpoint import read_meta_and_shapes
 from engine.rundir import RunDir
 from models.bert import BertForMaskedLM
-from models.config import BertConfig
 from pretrain import objective
+from pretrain.train import bert_config, masking_config
 
 REGIME = 'low-label (1k labels)'
 BASELINE = 'tfidf'
@@ -86,9 +86,8 @@ def pretraining_compute(workdir: str, step: int | None) -> tuple[int, int, float
     meta, _ = read_meta_and_shapes(run.checkpoints, step)
     cfg = ml_collections.ConfigDict(meta['config'])
     budget = meta.get('budget', {})
-    model = BertForMaskedLM(BertConfig(**cfg.model.to_dict()))
-    max_predictions = cfg.masking.get('max_predictions') or math.ceil(
-        cfg.masking.mask_rate * cfg.seq_len)
+    model = BertForMaskedLM(bert_config(cfg))  # as pretraining built it
+    max_predictions = masking_config(cfg, cfg.model.vocab_size).max_predictions
     flops = step * objective.flops_per_step(cfg, model, max_predictions)
     tokens = int(budget.get('tokens_seen', step * cfg.batch_size * cfg.seq_len))
     return step, tokens, float(flops), float(budget.get('elapsed_seconds', math.nan))
