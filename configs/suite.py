@@ -58,8 +58,8 @@ from configs.pretrain import apply_arg_overrides
 SUITES = ('demo', 'quick', 'bench', 'glue')
 SENTIMENT_LOW_LABEL = 'sentiment data.max_train_examples=2000 num_epochs=5'
 # The bench: the demo recipe (seq_len 64; learning rate auto, by model size: 3e-4 for tiny,
-# as the demo) on every task; 3 epochs on the smaller
-# bench tasks, 10 over the 1,000-label subsets (about 310 steps).
+# as the demo) on every task; 3 epochs on the smaller bench tasks, 10 over the 1,000-label
+# subsets (about 310 steps).
 BENCH_RECIPE = 'num_epochs=3 seq_len=64'
 BENCH_TASKS = {
     'rotten_tomatoes': 'custom data.train_file=bench:rotten_tomatoes',
@@ -86,8 +86,8 @@ def glue_task(name: str, text_a: str, text_b: str = '', metric: str = 'accuracy'
 
 
 # Batch 32, the learning rate by model size (auto: 3e-4 for tiny, as the demo); seq_len 64
-# for single sentences, 128 for pairs;
-# 3 epochs on the small tasks, 1 on SST-2, QNLI, QQP and MNLI (67k-393k examples).
+# for single sentences, 128 for pairs; 3 epochs on the small tasks, 1 on SST-2, QNLI, QQP
+# and MNLI (67k-393k examples).
 GLUE_TASKS = {
     'cola': glue_task('cola', 'sentence', metric='mcc', seq_len=64),
     'sst2': glue_task('sst2', 'sentence', epochs=1, seq_len=64),
