@@ -271,7 +271,8 @@ def apply_recipe(c: ml_collections.ConfigDict, recipe: str) -> None:
     at 15 %), warmup-stable-decay. `bert` (the default) changes nothing. Measured here at
     equal wall-clock (docs/pretraining.md, docs/benchmark.md): held-out MLM loss 4.32 against
     BERT's 6.27, and the benchmark's demo encoder is `tiny,recipe=modern,data=general,
-    steps=2260`. Plain SIZE stays BERT so that the demo's numbers and BERT export hold."""
+    steps=5000` (25 minutes on 2 CPU cores). Plain SIZE stays BERT so that the demo's
+    numbers and BERT export hold."""
     if recipe not in RECIPES:
         raise ValueError(f'config arg: unknown recipe {recipe!r}; choose from {list(RECIPES)}')
     if recipe == 'bert':
