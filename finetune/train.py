@@ -33,9 +33,11 @@ from finetune.task import load_config_task
 
 def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
     """Checks config, files and data before anything is written; returns (mesh, task)."""
-    for key in ('num_epochs', 'batch_size', 'seq_len', 'log_every_steps'):
+    for key in ('batch_size', 'seq_len', 'log_every_steps'):
         if cfg[key] < 1:
             raise ConfigError(f'{key}: must be >= 1, got {cfg[key]}')
+    if cfg.num_epochs < 0:
+        raise ConfigError(f'num_epochs: must be >= 1, or 0 for auto; got {cfg.num_epochs}')
     if cfg.metric not in metrics.METRIC_DIRECTIONS:
         raise ConfigError(f'metric: {cfg.metric!r} is not one of '
                           f'{sorted(metrics.METRIC_DIRECTIONS)}')
@@ -62,6 +64,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f'data: {e}') from None
     distill.check(cfg, task)
+    setup.resolve_num_epochs(cfg, len(task['train'].labels))  # 0 = auto, by data size
     return mesh, task
 
 
@@ -131,10 +134,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     search prunes by it); an exception it raises stops the run there, unsaved beyond the
     best checkpoint. Single-process runs only: other processes would not stop with it.
     """
-    auto_rate = not cfg.learning_rate
+    auto_rate, auto_epochs = not cfg.learning_rate, not cfg.num_epochs
     mesh, task = validate(cfg)
     if auto_rate and jax.process_index() == 0:
         print(f'learning_rate: {cfg.learning_rate:g} (auto, by model width)', flush=True)
+    if auto_epochs and jax.process_index() == 0:
+        print(f'num_epochs: {cfg.num_epochs} (auto: at least {setup.AUTO_MIN_STEPS:,} steps '
+              f'over {len(task["train"].labels):,} training examples)', flush=True)
     parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
     require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
     sigterm = SigtermFlag()

@@ -141,8 +141,9 @@ def _objective(search, params, root: pathlib.Path, metric: str):
         print(f'trial {trial.number}: {values} -> {run_dir}', flush=True)
         cfg = trial_config(search, values)
         # Pruning at the last evaluation (one per epoch unless eval_every_steps is set)
-        # saves no training; the trial completes instead.
-        last = None if cfg.eval_every_steps else cfg.num_epochs
+        # saves no training; the trial completes instead. (With num_epochs=0, auto, the
+        # count is only known inside the run: any evaluation may prune.)
+        last = None if cfg.eval_every_steps or not cfg.num_epochs else cfg.num_epochs
         evaluations = []
 
         def report(step: int, results: dict) -> None:

@@ -1,4 +1,4 @@
-"""Fine-tuning defaults that adapt to the model: learning_rate=0 ('auto') by model width."""
+"""Fine-tuning defaults that adapt: learning_rate=0 by model width, num_epochs=0 by data size."""
 
 import pytest
 
@@ -6,6 +6,7 @@ from configs.finetune import get_config as finetune_config
 from configs.pretrain import get_config as pretrain_config
 from engine.rundir import RunDir
 from finetune import setup
+from tests.test_finetune_e2e import task_files  # noqa: F401  (a fixture)
 
 
 @pytest.mark.parametrize('hidden, rate', [(64, 3e-4), (128, 3e-4), (256, 1e-4), (512, 5e-5),
@@ -41,3 +42,39 @@ def test_auto_from_scratch_uses_model_section_and_explicit_rate_is_kept():
     cfg.learning_rate = 7e-4
     setup.resolve_learning_rate(cfg)
     assert cfg.learning_rate == 7e-4
+
+
+@pytest.mark.parametrize('examples, batch, epochs', [
+    (4696, 32, 11),     # TREC's train split: 147 steps an epoch
+    (3609, 32, 14),     # SMS spam's: 113
+    (100, 32, 375),     # 4 steps an epoch
+    (48000, 32, 3),     # 1,500 steps an epoch: BERT's 3
+    (1_000_000, 32, 3),
+    (4696, 8, 3),       # smaller batches: more steps an epoch
+])
+def test_auto_epochs_by_data_size(examples, batch, epochs):
+    assert setup.epochs_for_size(examples, batch) == epochs
+    per_epoch = -(-examples // batch)
+    assert epochs * per_epoch >= setup.AUTO_MIN_STEPS  # enough steps ...
+    assert epochs == 3 or (epochs - 1) * per_epoch < setup.AUTO_MIN_STEPS  # ... the fewest
+
+
+def test_custom_defaults_to_auto_epochs_and_validate_resolves_it(task_files):  # noqa: F811
+    from engine.config_cli import ConfigError
+    from finetune import train
+    assert finetune_config('sentiment').num_epochs == 1  # the demo keeps its epoch
+    cfg = finetune_config('custom')
+    assert cfg.num_epochs == 0
+    cfg.init_from, cfg.batch_size = 'none', 8
+    for split in ('train', 'validation', 'test'):
+        cfg.data[f'{split}_file'] = task_files[split]
+    _, task = train.validate(cfg)  # config.json is written from this cfg
+    n = len(task['train'].labels)
+    assert cfg.num_epochs == setup.epochs_for_size(n, 8) > 3
+    assert cfg.num_epochs * -(-n // 8) >= setup.AUTO_MIN_STEPS
+    cfg.num_epochs = 2  # an explicit value is kept
+    train.validate(cfg)
+    assert cfg.num_epochs == 2
+    cfg.num_epochs = -1
+    with pytest.raises(ConfigError, match='num_epochs: must be >= 1, or 0 for auto'):
+        train.validate(cfg)
