@@ -57,7 +57,7 @@ def resolve_learning_rate(cfg: ml_collections.ConfigDict) -> None:
 # num_epochs=0 ('auto', the `custom` default): the fewest whole epochs, at least 3 (BERT's),
 # that make at least 1,500 steps. A few thousand rows are ~150 steps an epoch, and 3 epochs
 # left the tiny encoder still improving on TREC; the best checkpoint on validation is what is
-# kept, so the extra epochs cost time, not accuracy. Large sets keep 3 epochs.
+# kept, so where the extra epochs overfit they mostly cost time. Large sets keep 3 epochs.
 AUTO_MIN_EPOCHS = 3
 AUTO_MIN_STEPS = 1500
 
