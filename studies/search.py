@@ -140,15 +140,15 @@ def _objective(search, params, root: pathlib.Path, metric: str):
                               'it; use a new --workdir')
         print(f'trial {trial.number}: {values} -> {run_dir}', flush=True)
         cfg = trial_config(search, values)
-        # Pruning at the last evaluation (one per epoch unless eval_every_steps is set)
-        # saves no training; the trial completes instead. (With num_epochs=0, auto, the
-        # count is only known inside the run: any evaluation may prune.)
-        last = None if cfg.eval_every_steps or not cfg.num_epochs else cfg.num_epochs
         evaluations = []
 
         def report(step: int, results: dict) -> None:
             evaluations.append(step)
             trial.report(float(results[metric]), len(evaluations))
+            # Pruning at the last evaluation (one per epoch unless eval_every_steps is set)
+            # saves no training; the trial completes instead. Read here, not before the
+            # run: the run has resolved num_epochs=0 (auto) in this cfg by now.
+            last = None if cfg.eval_every_steps else cfg.num_epochs
             if len(evaluations) != last and trial.should_prune():
                 why = f'{metric}={results[metric]:.4f} at evaluation {len(evaluations)}'
                 print(f'trial {trial.number}: pruned ({why}, step {step})', flush=True)

@@ -56,7 +56,8 @@ def test_auto_epochs_by_data_size(examples, batch, epochs):
     assert setup.epochs_for_size(examples, batch) == epochs
     per_epoch = -(-examples // batch)
     assert epochs * per_epoch >= setup.AUTO_MIN_STEPS  # enough steps ...
-    assert epochs == 3 or (epochs - 1) * per_epoch < setup.AUTO_MIN_STEPS  # ... the fewest
+    assert (epochs == setup.AUTO_MIN_EPOCHS  # ... the fewest
+            or (epochs - 1) * per_epoch < setup.AUTO_MIN_STEPS)
 
 
 def test_custom_defaults_to_auto_epochs_and_validate_resolves_it(task_files):  # noqa: F811
