@@ -39,6 +39,7 @@ config; anything after a bare `--` is passed through untouched (to `args.passthr
 
 import argparse
 import logging
+import pathlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,9 +244,13 @@ COMMANDS = {
 }
 
 
+# `bertjax` when run as the console command, else `launch.py`.
+PROG = 'bertjax' if pathlib.Path(sys.argv[0]).name == 'bertjax' else 'launch.py'
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='launch.py', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help)
@@ -310,5 +315,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == '__main__':
+def cli() -> None:
+    """The `bertjax` console command (pyproject.toml): `bertjax pretrain ...` is
+    `python launch.py pretrain ...`."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == '__main__':
+    cli()

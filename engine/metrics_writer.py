@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from engine.config_cli import ConfigError
+from engine import extras
 from engine.paths import absolute_path, is_remote
 from engine.rundir import METRICS_FILENAME
 
@@ -47,12 +47,7 @@ def require_wandb(project: str):
     if it is not installed. Called before training starts, so the error comes early."""
     if not project:
         return None
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError(f'wandb.project={project!r} needs the wandb package: '
-                          'pip install wandb') from None
-    return wandb
+    return extras.require('wandb', f'wandb.project={project!r}')
 
 
 def _wandb_id(workdir) -> str:

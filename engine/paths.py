@@ -16,6 +16,7 @@ import urllib.parse
 
 from etils import epath
 
+from engine import extras
 from engine.config_cli import ConfigError
 
 
@@ -122,6 +123,7 @@ def check_reachable(workdir: str | os.PathLike, timeout: float = PROBE_TIMEOUT_S
     path = os.fspath(workdir)
     if not path.startswith('gs://'):
         return
+    extras.require('gcsfs', f'--workdir {path}')  # etils reaches gs:// through gcsfs
     proxied = any(os.environ.get(k) for k in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY'))
     if proxied and not os.environ.get('STORAGE_EMULATOR_HOST'):
         return  # the way out is a proxy: a direct connection proves nothing

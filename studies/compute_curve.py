@@ -30,6 +30,7 @@ import pathlib
 import ml_collections
 from etils import epath
 
+from engine import extras
 from engine.checkpoint import read_meta_and_shapes
 from engine.rundir import RunDir
 from models.bert import BertForMaskedLM
@@ -148,7 +149,7 @@ def chart(out: pathlib.Path, points: list[Point], tfidf: float | None) -> pathli
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('chart skipped: pip install matplotlib to draw compute_curve.png')
+        print(f'chart skipped: {extras.install_hint("matplotlib")} to draw compute_curve.png')
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for series in dict.fromkeys(p.series for p in points):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import ml_collections
 import numpy as np
 
+from engine import extras
 from engine.config_cli import ConfigError, config_to_json
 from engine.loop import NonFiniteLoss, Preempted
 from engine.paths import local_dir
@@ -76,7 +77,7 @@ def _identity(search) -> dict:
 
 
 def _open_study(search, root: pathlib.Path, direction: str):
-    import optuna
+    optuna = extras.require('optuna', 'launch.py search')
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     storage = f'sqlite:///{root / "study.db"}'
     # Seeded by (seed, trials so far): a continued random search does not redraw its start.
@@ -102,7 +103,7 @@ def _open_study(search, root: pathlib.Path, direction: str):
 
 
 def _count_trials(storage: str) -> int:
-    import optuna
+    optuna = extras.require('optuna', 'launch.py search')
     try:
         return len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials)
     except KeyError:  # no such study yet
@@ -129,7 +130,7 @@ def _requeue_interrupted(study) -> None:
 
 
 def _objective(search, params, root: pathlib.Path, metric: str):
-    import optuna
+    optuna = extras.require('optuna', 'launch.py search')
 
     def objective(trial) -> float:
         values = {p.key: p.suggest(trial) for p in params}

@@ -25,7 +25,9 @@ import pathlib
 
 import numpy as np
 
-MATPLOTLIB_HINT = 'chart skipped: pip install matplotlib to draw results_tasks.png'
+from engine import extras
+
+MATPLOTLIB_HINT = f'chart skipped: {extras.install_hint("matplotlib")} to draw results_tasks.png'
 AVERAGE = 'average'
 
 

