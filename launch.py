@@ -38,13 +38,20 @@ config; anything after a bare `--` is passed through untouched (to `args.passthr
 """
 
 import argparse
+import json
 import logging
 import pathlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.config_cli import ConfigError, apply_overrides, load_config, split_config_args
+from engine.config_cli import (
+    ConfigError,
+    apply_overrides,
+    config_to_json,
+    load_config,
+    split_config_args,
+)
 
 
 def _pretrain(config, args) -> None:
@@ -217,48 +224,103 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     default_config: str = ''  # '' = the command takes no --config
+    docs: str = ''  # the docs page that explains it
+    main_keys: tuple[str, ...] = ()  # the keys a user sets first, shown with defaults in --help
 
 
+PRETRAIN_KEYS = ('data.train_files', 'num_train_steps', 'batch_size', 'seq_len',
+                 'model.num_layers', 'model.hidden_size', 'optimizer.learning_rate',
+                 'mesh.shape', 'init_from')
 COMMANDS = {
     'pretrain': Command(_pretrain, 'masked-LM pretraining', _pretrain_arguments,
-                        'configs/pretrain.py:tiny'),
+                        'configs/pretrain.py:tiny', 'docs/pretraining.md', PRETRAIN_KEYS),
     'prepare': Command(_prepare, 'tokenizer + corpus preparation only (pretrain does it when '
                        'needed): parallel, resumable, packed array_record shards',
-                       _prepare_arguments, 'configs/pretrain.py:tiny'),
+                       _prepare_arguments, 'configs/pretrain.py:tiny', 'docs/data.md',
+                       ('data.train_files', 'seq_len', 'model.vocab_size', 'data.workers')),
     'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
-                        _train_arguments, 'configs/finetune.py:sentiment'),
-    'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments),
-    'export': Command(_export, 'export to Hugging Face transformers', _export_arguments),
-    'import': Command(_import, 'import a Hugging Face BERT', _import_arguments),
+                        _train_arguments, 'configs/finetune.py:sentiment', 'docs/finetuning.md',
+                        ('init_from', 'data.train_file', 'data.text_column',
+                         'data.label_column', 'task', 'num_epochs', 'learning_rate',
+                         'batch_size', 'seq_len', 'metric', 'freeze')),
+    'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments,
+                       docs='docs/finetuning.md'),
+    'export': Command(_export, 'export to Hugging Face transformers', _export_arguments,
+                      docs='docs/huggingface.md'),
+    'import': Command(_import, 'import a Hugging Face BERT', _import_arguments,
+                      docs='docs/huggingface.md'),
     'evaluate': Command(_evaluate, 'multi-seed fine-tuning suite: mean ± std tables',
-                        _workdir_arguments, 'configs/suite.py:demo'),
+                        _workdir_arguments, 'configs/suite.py:demo', 'docs/finetuning.md',
+                        ('init_from', 'seeds', 'baselines')),
     'search': Command(_search, 'hyper-parameter search (optuna TPE or random), resumable',
-                      _workdir_arguments, 'configs/search.py:demo'),
+                      _workdir_arguments, 'configs/search.py:demo', 'docs/search.md',
+                      ('init_from', 'sampler', 'num_trials', 'pruner')),
     'pseudolabel': Command(_pseudolabel, 'self-training: fine-tune, pseudo-label an unlabelled '
                            'pool above a confidence threshold, retrain', _workdir_arguments,
-                           'configs/pseudolabel.py:demo'),
+                           'configs/pseudolabel.py:demo', 'docs/pseudolabel.md',
+                           ('init_from', 'unlabeled_file', 'threshold', 'rounds')),
     'tpu': Command(_tpu, 'print/run the gcloud command starting a run on every TPU VM worker',
-                   _tpu_arguments),
+                   _tpu_arguments, docs='docs/clusters.md'),
     'slurm': Command(_slurm, 'write/submit an sbatch script starting a run on SLURM',
-                     _slurm_arguments),
+                     _slurm_arguments, docs='docs/clusters.md'),
 }
+
+
+def help_epilog(command: Command) -> str:
+    """What `SUBCOMMAND --help` adds below the flags: the config family, its main keys with
+    their defaults, and the docs page."""
+    lines = []
+    if command.default_config:
+        family = command.default_config.partition(':')[0]
+        config = load_config(command.default_config)
+        lines += [f'config family: {family} (--config {family}:ARG; its docstring lists ARGs)',
+                  f'main keys, with the defaults of {command.default_config}:']
+        for key in command.main_keys:
+            value = config
+            for part in key.split('.'):
+                value = value[part]
+            lines.append(f'  --config.{key}={value!r}')
+        lines.append('every key and value: add --print-config')
+    if command.docs:
+        lines.append(f'docs: {command.docs}')
+    return '\n'.join(lines)
 
 
 # `bertjax` when run as the console command, else `launch.py`.
 PROG = 'bertjax' if pathlib.Path(sys.argv[0]).name == 'bertjax' else 'launch.py'
 
 
-def _parser() -> argparse.ArgumentParser:
+class OptionalArgumentsParser(argparse.ArgumentParser):
+    """For --print-config: no argument is required (e.g. `finetune --print-config` needs no
+    --workdir)."""
+
+    def add_argument(self, *args, **kwargs):
+        kwargs.pop('required', None)
+        return super().add_argument(*args, **kwargs)
+
+
+def _parser(details: bool = False, printing: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; `details` (for --help) adds each subcommand's epilog, which
+    loads its default config; `printing` (--print-config) requires no argument."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    commands = parser.add_subparsers(
+        dest='command', required=True, metavar='COMMAND',
+        parser_class=OptionalArgumentsParser if printing else argparse.ArgumentParser)
     for name, command in COMMANDS.items():
-        sub = commands.add_parser(name, help=command.help)
+        sub = commands.add_parser(name, help=command.help, description=command.help)
         if command.default_config:
             sub.add_argument('--config', metavar='FILE:ARG',
                              help=f'config (default {command.default_config}); '
                                   'override keys with --config.KEY=VALUE')
+        sub.add_argument('--print-config', action='store_true',
+                         help='print the config this command would run with (after '
+                              'overrides; auto values, 0, are resolved at the start of the '
+                              'run and recorded in config.json), then exit')
         command.add_arguments(sub)
+        if details:
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            sub.epilog = '\n\n'.join(e for e in (sub.epilog, help_epilog(command)) if e)
     return parser
 
 
@@ -269,7 +331,8 @@ def parse(argv: list[str]):
         cut = argv.index('--')
         argv, passthrough = argv[:cut], argv[cut + 1:]
     spec, overrides, rest = split_config_args(argv)
-    args = _parser().parse_args(rest)
+    args = _parser(details='-h' in rest or '--help' in rest,
+                   printing='--print-config' in rest).parse_args(rest)
     args.passthrough = passthrough
     command = COMMANDS[args.command]
     if not command.default_config:
@@ -298,6 +361,9 @@ def main(argv: list[str]) -> int:
     _configure_logging()
     try:
         command, config, args = parse(argv)
+        if args.print_config:
+            print_config(config, args)
+            return 0
         command.run(config, args)
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
@@ -313,6 +379,16 @@ def main(argv: list[str]) -> int:
             return 1
         raise
     return 0
+
+
+def print_config(config, args) -> None:
+    """--print-config: the config as JSON (config.json's format); a command without one
+    prints its arguments."""
+    if config is not None:
+        print(config_to_json(config))
+        return
+    shown = {k: v for k, v in vars(args).items() if k not in ('print_config', 'passthrough')}
+    print(json.dumps(shown, indent=2, sort_keys=True))
 
 
 def cli() -> None:
