@@ -10,6 +10,7 @@ Subcommands:
   pseudolabel  fine-tune, pseudo-label unlabelled text above a confidence threshold, retrain
   export     a workdir -> a Hugging Face transformers BERT directory (parity-checked)
   import     a Hugging Face BERT directory -> a workdir to pretrain or fine-tune from
+  plot       overlay the curves of several runs (each run also draws its own curves.png)
 
 Examples:
   python launch.py pretrain --config configs/pretrain.py:tiny --workdir runs/tiny
@@ -192,6 +193,24 @@ def _import(config, args) -> None:
     importer.run(args.hf_dir, args.workdir, args.step)
 
 
+def _plot(config, args) -> None:
+    from engine import curves, extras
+    extras.require('matplotlib', 'launch.py plot')
+    keys = [k.strip() for k in args.keys.split(',') if k.strip()]
+    try:
+        output = curves.draw_overlay(args.workdirs, args.output, keys)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f'wrote {output}')
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='runs to overlay')
+    parser.add_argument('--output', default='curves.png', help='the picture to write')
+    parser.add_argument('--keys', default='loss,eval_loss',
+                        help='metrics.jsonl keys, one panel each (e.g. loss,eval_accuracy)')
+
+
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workdir', required=True, help='a pretraining or fine-tuning run')
     parser.add_argument('--output', required=True, help='directory to create')
@@ -259,6 +278,8 @@ COMMANDS = {
                            'pool above a confidence threshold, retrain', _workdir_arguments,
                            'configs/pseudolabel.py:demo', 'docs/pseudolabel.md',
                            ('init_from', 'unlabeled_file', 'threshold', 'rounds')),
+    'plot': Command(_plot, "overlay several runs' curves (metrics.jsonl) in one picture",
+                    _plot_arguments, docs='docs/observability.md'),
     'tpu': Command(_tpu, 'print/run the gcloud command starting a run on every TPU VM worker',
                    _tpu_arguments, docs='docs/clusters.md'),
     'slurm': Command(_slurm, 'write/submit an sbatch script starting a run on SLURM',

@@ -252,8 +252,8 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 def wandb_config() -> ml_collections.ConfigDict:
     w = ml_collections.ConfigDict()
-    # Weights & Biases: also log every metrics record to this project ('' = off; needs
-    # `pip install wandb`). A resumed run continues the same W&B run (WORKDIR/wandb_id.txt).
+    # Weights & Biases: also log every metrics record to this project ('' = off; needs the
+    # [wandb] extra). A resumed run continues the same W&B run (WORKDIR/wandb_id.txt).
     w.project = ''
     w.entity = ''  # W&B team or user; '' = your default entity
     w.name = ''  # the W&B run's display name; '' = the workdir's name

@@ -1,7 +1,10 @@
 """Metrics out of the loop: `metrics.jsonl`, TensorBoard events (tensorboardX, no TensorFlow).
 
-TensorBoard groups the scalars as `train/KEY` and `eval/KEY` (keys starting with `eval_` or
-`old_eval_`); metrics.jsonl keeps the keys as they are.
+TensorBoard groups the scalars as `train/KEY`, `eval/KEY` (`eval_loss` -> `eval/loss`),
+`old_eval/KEY` and `perf/KEY` (tokens_per_sec, steps_per_sec, mfu), and shows the run's
+config as text; metrics.jsonl keeps the keys as they are. `curves.png` (engine/curves.py,
+with the [plots] extra) is redrawn from metrics.jsonl after an evaluation, at most every
+`redraw_every_s` seconds, and on close.
 
 Both files are appended to, which cloud storage cannot do: for a gs:// workdir they are
 written in a local staging directory and uploaded whole at most every `upload_every_s`
@@ -23,7 +26,7 @@ import time
 import uuid
 from typing import Any
 
-from engine import extras
+from engine import curves, extras
 from engine.paths import absolute_path, is_remote
 from engine.rundir import METRICS_FILENAME
 
@@ -37,9 +40,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+PERF_KEYS = ('tokens_per_sec', 'steps_per_sec', 'mfu')
+
+
 def tensorboard_tag(key: str) -> str:
-    """A metrics key -> its TensorBoard tag: `eval/KEY` for eval metrics, else `train/KEY`."""
-    return f"{'eval' if key.startswith(('eval_', 'old_eval_')) else 'train'}/{key}"
+    """A metrics key -> its TensorBoard tag: `eval/loss` for `eval_loss`, `old_eval/loss`
+    for `old_eval_loss`, `perf/mfu` for speed measures, else `train/KEY`."""
+    for prefix in ('old_eval', 'eval'):
+        if key.startswith(f'{prefix}_'):
+            return f'{prefix}/{key[len(prefix) + 1:]}'
+    return f"{'perf' if key in PERF_KEYS else 'train'}/{key}"
 
 
 def require_wandb(project: str):
@@ -70,7 +80,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0,
                  upload_every_s: float = 30.0, wandb: Any = None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, redraw_every_s: float = 30.0):
         self.enabled = enabled
         self._wandb, self.tensorboard_dir = None, None
         if not enabled:
@@ -89,7 +99,11 @@ class MetricWriter:
         # Local; for a gs:// workdir uploaded with the events (profiler traces go under it).
         self.tensorboard_dir = local / 'tensorboard'
         self._tb = SummaryWriter(str(self.tensorboard_dir))
+        if run_config:
+            text = json.dumps(run_config, indent=2, sort_keys=True, default=str)
+            self._tb.add_text('config', f'```json\n{text}\n```', resume_step)
         self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
+        self._redraw_every_s, self._drawn_at = redraw_every_s, None
         if wandb is not None and wandb.get('project'):
             module = require_wandb(wandb['project'])
             self._wandb = module.init(
@@ -134,18 +148,36 @@ class MetricWriter:
             if key != 'step' and isinstance(value, int | float):
                 self._tb.add_scalar(tensorboard_tag(key), value, step)
         self._tb.flush()
+        if any(k.startswith('eval_') for k in record):
+            self._redraw()
         if self._wandb is not None:
             self._wandb.log({tensorboard_tag(k): v for k, v in record.items()
                              if k != 'step' and isinstance(v, int | float)}, step=int(step))
         if self._remote and time.monotonic() - self._uploaded_at >= self._upload_every_s:
             self._upload()
 
+    def _redraw(self, force: bool = False) -> None:
+        """curves.png from metrics.jsonl, at most every redraw_every_s (always when forced)."""
+        now = time.monotonic()
+        if not force and self._drawn_at is not None and (
+                now - self._drawn_at < self._redraw_every_s):
+            return
+        self._drawn_at = now
+        try:
+            curves.draw_run(self.path.parent)
+        except Exception as e:  # a picture is never worth a run: say so once, go on
+            if self._redraw_every_s != math.inf:
+                print(f'warning: {curves.CURVES_FILENAME} not drawn ({type(e).__name__}: {e})',
+                      file=sys.stderr, flush=True)
+            self._redraw_every_s = math.inf
+
     def _upload(self) -> None:
         """Copies the staged files over the workdir's (this run's event file is new; earlier
         runs' event files there are left as they are)."""
         local = self.path.parent
         events = sorted(p for p in (local / 'tensorboard').rglob('*') if p.is_file())
-        for file in [self.path, *events]:
+        picture = [p for p in [local / curves.CURVES_FILENAME] if p.exists()]
+        for file in [self.path, *events, *picture]:
             target = self._remote / file.relative_to(local)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(file.read_bytes())
@@ -155,6 +187,7 @@ class MetricWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+            self._redraw(force=True)
             if self._wandb is not None:
                 self._wandb.finish()
                 self._wandb = None

@@ -88,9 +88,9 @@ def test_tensorboard_tags_are_grouped_and_metrics_jsonl_keys_kept(tmp_path):
     assert lines == [{'step': step, **metrics} for step, metrics in records]
     tags = _event_tags(tmp_path / 'tensorboard')
     assert set(tags) == {'train/loss', 'train/learning_rate', 'train/grad_norm',
-                         'eval/eval_loss', 'eval/eval_mlm_accuracy', 'eval/old_eval_loss'}
+                         'eval/loss', 'eval/mlm_accuracy', 'old_eval/loss'}
     assert tags['train/loss'] == [(1, 2.5), (3, 1.5)]
-    assert tags['eval/old_eval_loss'] == [(2, 3.0)]
+    assert tags['old_eval/loss'] == [(2, 3.0)]
 
 
 def test_tensorboardx_is_imported_only_by_an_enabled_writer(tmp_path):
@@ -130,5 +130,5 @@ def test_project_metadata_and_license():
     text = (REPO / project['license']['file']).read_text()
     assert 'Apache License' in text and 'Version 2.0, January 2004' in text
     assert 'END OF TERMS AND CONDITIONS' in text and 'Copyright 2026 the bertjax authors' in text
-    requirements = (REPO / 'requirements-test.txt').read_text().splitlines()
-    assert any(line.startswith('scikit-learn==') for line in requirements)
+    test_extra = project['optional-dependencies']['test']
+    assert any(line.startswith('scikit-learn==') for line in test_extra)

@@ -65,7 +65,7 @@ def test_records_go_to_wandb_and_a_resumed_writer_continues_the_same_run(
     assert first['config'] == {'seed': 0} and first['resume'] == 'allow'
     assert first['dir'] == str(tmp_path / 'run')
     assert (tmp_path / 'run' / 'wandb_id.txt').read_text().strip() == first['id']
-    assert calls.log == [(2, {'train/loss': 1.5, 'eval/eval_loss': 2.0}),
+    assert calls.log == [(2, {'train/loss': 1.5, 'eval/loss': 2.0}),
                          (4, {'train/loss': 1.25})]
     assert calls.finish == 1
 
