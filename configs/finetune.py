@@ -60,7 +60,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0 = at the end of every epoch only
     c.metric = 'f1'  # validation metric for the best checkpoint and early stopping
     c.patience = 0  # evaluations without improvement before stopping; 0 = never stop early
-    c.peak_flops_per_device = 0.0  # for MFU; 0 = chip spec or measured matmul on CPU
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = the chip's spec (none on CPU: no MFU logged)
     # JAX profiler window 'FIRST,LAST' (e.g. '10,15': trace from before step 10 to after step
     # 15) written to WORKDIR/tensorboard/profile (TensorBoard's Profile tab); '' = off.
     c.profile_steps = ''

@@ -64,7 +64,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # the run with exit status 0. 0 = no limit.
     c.max_runtime = 0.0  # wall-clock seconds over all runs of this workdir, set-up included
     c.train_tokens = 0  # tokens (batch_size x seq_len per step) over all runs of this workdir
-    c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the chip, or measure a matmul on CPU
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = the chip's spec (none on CPU: no MFU logged)
     # JAX profiler window 'FIRST,LAST' (e.g. '10,15': trace from before step 10 to after step
     # 15) written to WORKDIR/tensorboard/profile (TensorBoard's Profile tab); '' = off.
     c.profile_steps = ''

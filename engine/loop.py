@@ -59,7 +59,7 @@ class LoopConfig:
     checkpoint_every: int
     tokens_per_step: int
     flops_per_step: float  # model FLOPs of one step, all devices together
-    peak_flops: float  # all devices together
+    peak_flops: float | None  # all devices together; None (CPU): no MFU is logged
     is_main: bool = True  # only the main process prints and writes metrics
     deadline: float = 0.0  # time.time() at which max_runtime is spent; 0 = no limit
     # Non-finite losses survived by rolling back to the last checkpoint (cb.rollback) and
@@ -325,6 +325,7 @@ def _print(enabled: bool, message: str) -> None:
 class _Throughput:
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg
+        self.warned_mfu = False
         self.restart(0)
 
     def restart(self, step: int) -> None:
@@ -353,12 +354,30 @@ class _Throughput:
         if self.cfg.tokens_at is not None:
             tokens = self.cfg.tokens_at(step) - self.cfg.tokens_at(step - steps)
             full_steps = tokens / self.cfg.tokens_per_step  # in steps of the flops_per_step size
-        return {'tokens_per_sec': tokens / seconds,
-                'steps_per_sec': steps / seconds,
-                'mfu': full_steps * self.cfg.flops_per_step / seconds / self.cfg.peak_flops,
-                # Share of wall time the host spent producing batches. Dispatch is
-                # asynchronous, so the device waits for input only as this nears 1.
-                'input_fraction': input_seconds / seconds}
+        measured = {'tokens_per_sec': tokens / seconds,
+                    'steps_per_sec': steps / seconds,
+                    # Share of wall time the host spent producing batches. Dispatch is
+                    # asynchronous, so the device waits for input only as this nears 1.
+                    'input_fraction': input_seconds / seconds}
+        mfu = self.mfu(full_steps * self.cfg.flops_per_step / seconds)
+        if mfu is not None:
+            measured['mfu'] = mfu
+        return measured
+
+    def mfu(self, flops_per_sec: float) -> float | None:
+        """Model FLOPs utilisation against the configured peak; None without a peak, or when
+        the figure would pass 100 % (the peak is then wrong: said once, never logged)."""
+        if not self.cfg.peak_flops:
+            return None
+        mfu = flops_per_sec / self.cfg.peak_flops
+        if mfu <= 1.0:
+            return mfu
+        if not self.warned_mfu:
+            self.warned_mfu = True
+            print(f'warning: MFU would be {100 * mfu:.0f} %: the peak of '
+                  f'{self.cfg.peak_flops / 1e12:g} TFLOP/s is too low for this machine; '
+                  'MFU is not logged (fix peak_flops_per_device)', file=sys.stderr, flush=True)
+        return None
 
 
 def _log(step: int, records: list[dict], timer: _Throughput, cb: LoopCallbacks, bar,
@@ -370,6 +389,7 @@ def _log(step: int, records: list[dict], timer: _Throughput, cb: LoopCallbacks, 
     postfix = {'loss': f"{summary['loss']:.3f}", 'acc': f'{accuracy:.3f}'}
     if 'tokens_per_sec' in summary:
         postfix['tok/s'] = f"{summary['tokens_per_sec']:,.0f}"
+    if 'mfu' in summary:
         postfix['mfu'] = f"{100 * summary['mfu']:.1f}%"
     bar.set_postfix(postfix, refresh=False)
     if bar.disable and is_main:

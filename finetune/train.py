@@ -19,7 +19,7 @@ from engine import distributed
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError
-from engine.hardware import peak_flops_per_device
+from engine.hardware import total_peak_flops
 from engine.lock import workdir_lock
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, parse_profile_steps, run_loop
 from engine.metrics_writer import MetricWriter, require_wandb
@@ -191,7 +191,7 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
         eval_every=cfg.eval_every_steps or batches.steps_per_epoch,
         checkpoint_every=batches.steps_per_epoch,
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=built.flops(cfg),
-        peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
+        peak_flops=total_peak_flops(cfg.peak_flops_per_device),
         is_main=main, profile=parse_profile_steps(cfg.get('profile_steps', '')),
         profile_dir=writer.profile_dir)
     try:

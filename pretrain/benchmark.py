@@ -28,7 +28,7 @@ import numpy as np
 
 from engine import mesh as mesh_lib
 from engine.config_cli import ConfigError, apply_overrides, load_config, split_config_args
-from engine.hardware import measured_matmul_flops, peak_flops_per_device
+from engine.hardware import measured_matmul_flops, total_peak_flops
 from engine.optim import learning_rate_schedule, make_optimizer
 from models.bert import BertForMaskedLM
 from models.flops import count_params, train_flops_per_step
@@ -176,8 +176,9 @@ def _report(cfg, args, result: dict) -> None:
         peak = statistics.median(times['matmul'])
         peak_text = f'measured fp32 matmul peak {peak / 1e12:.3f}'
     else:
-        peak = peak_flops_per_device(cfg.peak_flops_per_device) * devices
-        peak_text = f'peak {peak / 1e12:.1f} (dense bf16 spec x {devices})'
+        peak = total_peak_flops(cfg.peak_flops_per_device)
+        peak_text = (f'peak {peak / 1e12:.1f} (dense bf16 spec x {devices})' if peak else
+                     'unknown peak: set --config.peak_flops_per_device for MFU')
     m = cfg.model
     print(f'config: L{m.num_layers}/H{m.hidden_size}/A{m.num_heads}, vocab {m.vocab_size}, '
           f'batch {cfg.batch_size} x seq {cfg.seq_len}, {m.dtype}, remat {m.remat}, '
@@ -186,7 +187,8 @@ def _report(cfg, args, result: dict) -> None:
           f'spread {1e3 * min(times["jax"]):.1f}-{1e3 * max(times["jax"]):.1f} ms)')
     print(f'tokens/s: {tokens / seconds:,.0f}')
     print(f'model TFLOP/s: {jax_runner.flops / seconds / 1e12:.3f} ({peak_text})')
-    print(f'MFU: {100 * jax_runner.flops / seconds / peak:.1f}%')
+    if peak:
+        print(f'MFU: {100 * jax_runner.flops / seconds / peak:.1f}%')
     memory = jax_runner.memory()
     if memory:
         print('memory: ' + ', '.join(f'{k} {v / 2**20:,.1f} MiB' for k, v in memory.items()))

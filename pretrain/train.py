@@ -20,7 +20,7 @@ from engine import mesh as mesh_lib
 from engine.budget import Budget
 from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError
-from engine.hardware import peak_flops_per_device
+from engine.hardware import total_peak_flops
 from engine.lock import workdir_lock
 from engine.loop import (
     LoopCallbacks,
@@ -319,7 +319,7 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         num_steps=budget.last_step(cfg.num_train_steps), log_every=cfg.log_every_steps,
         eval_every=cfg.eval_every_steps, checkpoint_every=cfg.checkpoint_every_steps,
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=flops,
-        peak_flops=peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count(),
+        peak_flops=total_peak_flops(cfg.peak_flops_per_device),
         is_main=main, deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
         data_offset=data_offset[0], profile=parse_profile_steps(cfg.get('profile_steps', '')),
         profile_dir=writer.profile_dir, tokens_at=budget.tokens_at)
