@@ -20,11 +20,12 @@ import argparse
 import pathlib
 import re
 import shlex
+import tomllib
 from collections.abc import Sequence
 
 REQUEUE_EXIT_CODE = 75  # engine.loop.REQUEUE_EXIT_CODE (kept import-free here)
 TRAINING_COMMANDS = ('pretrain', 'finetune')
-JAX_PIN = re.compile(r'^jax==(\S+)$', re.M)
+JAX_PIN = re.compile(r'^jax==(\S+)$')
 
 
 def add_process_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,10 +128,13 @@ def sbatch_script(argv: Sequence[str], nodes: int, gpus_per_node: int, job_name:
 
 
 def pinned_jax_version() -> str:
-    """The `jax==X` pin of this repository's requirements.txt ('' if none)."""
-    requirements = pathlib.Path(__file__).resolve().parents[1] / 'requirements.txt'
-    match = JAX_PIN.search(requirements.read_text()) if requirements.is_file() else None
-    return match.group(1) if match else ''
+    """The `jax==X` pin among pyproject.toml's dependencies ('' if none)."""
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / 'pyproject.toml'
+    if not pyproject.is_file():
+        return ''
+    dependencies = tomllib.loads(pyproject.read_text())['project']['dependencies']
+    pins = [m.group(1) for m in map(JAX_PIN.match, dependencies) if m]
+    return pins[0] if pins else ''
 
 
 TPU_EXAMPLE = ['pretrain', '--config', 'configs/pretrain.py:base', '--workdir',

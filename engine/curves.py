@@ -80,7 +80,7 @@ def draw_run(workdir: str | pathlib.Path, output: str | pathlib.Path | None = No
         ax.set_title(title)
         ax.set_xlabel('step')
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=8)
     fig.suptitle(workdir.name, fontsize=10)
     fig.tight_layout()
