@@ -79,6 +79,9 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.data.validation_fraction = 0.1
     c.data.max_train_examples = 0  # > 0: a seeded random subset of train (low-label regime)
     c.data.few_shot_k = 0  # > 0: K training examples per class, seeded (finetune/augment.py)
+    # Pad each batch to its longest example (rounded up to a power of two from 16), not to
+    # seq_len: the same metrics for less work (finetune/data.py).
+    c.data.dynamic_padding = True
 
     # Used only with init_from=none; otherwise the pretrained model's config is used and
     # only the dropout rates below apply.

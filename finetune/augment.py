@@ -59,9 +59,10 @@ class AugmentedBatches(data.TaskBatches):
 
     def __init__(self, encoded: dict[str, np.ndarray], global_batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, *, delete: float = 0.0,
-                 swap: float = 0.0, mask: float = 0.0):
+                 swap: float = 0.0, mask: float = 0.0, dynamic_padding: bool = True):
         check_probabilities(delete, swap, mask)
-        super().__init__(encoded, global_batch_size, seed, process_index, process_count)
+        super().__init__(encoded, global_batch_size, seed, process_index, process_count,
+                         dynamic_padding=dynamic_padding)
         self._augment = dict(delete=delete, swap=swap, mask=mask)
         self._key = (seed, process_index)
 
@@ -75,10 +76,12 @@ def task_batches(cfg, encoded: dict[str, np.ndarray], process_index: int,
     """The run's training batches: augmented when any `cfg.augment` probability is > 0."""
     probs = {k: float(cfg.augment[k]) for k in ('delete', 'swap', 'mask')} \
         if 'augment' in cfg else {}
+    dynamic = bool(cfg.data.dynamic_padding)
     if not any(probs.values()):
-        return data.TaskBatches(encoded, cfg.batch_size, cfg.seed, process_index, process_count)
+        return data.TaskBatches(encoded, cfg.batch_size, cfg.seed, process_index, process_count,
+                                dynamic_padding=dynamic)
     return AugmentedBatches(encoded, cfg.batch_size, cfg.seed, process_index, process_count,
-                            **probs)
+                            **probs, dynamic_padding=dynamic)
 
 
 def few_shot(examples: data.Examples, k: int, seed: int) -> data.Examples:

@@ -10,7 +10,12 @@ character there is text (e.g. MNLI), while tabs and newlines cannot occur in a f
 CSV follows RFC 4180: quoted fields may hold commas, quotes and newlines.
 
 Batches: TaskBatches is text.batches.PretrainBatches over the encoded rows; eval_batches
-adds a `weights` column so the last batch's padding rows count for nothing.
+adds a `weights` column so the last batch's padding rows count for nothing. With dynamic
+padding (data.dynamic_padding, on by default) a batch is cut to the longest row of its
+*global* batch, rounded up to a power of two from MIN_BUCKET (capped at seq_len): every
+process gets the same shape, and at most log2(seq_len / MIN_BUCKET) + 1 shapes compile.
+The cut columns are padding in every row, masked everywhere, so only the work changes (and
+dropout's random masks, which are drawn for the shorter shape).
 """
 
 from __future__ import annotations
@@ -424,31 +429,77 @@ def _check_encoded(encoded: dict[str, np.ndarray]) -> int:
     return n
 
 
+MIN_BUCKET = 16
+SEQUENCE_KEYS = ('input_ids', 'token_type_ids', 'attention_mask')
+
+
+def bucket_length(longest: int, seq_len: int) -> int:
+    """The padded length of a batch whose longest row has `longest` tokens: the smallest
+    power of two >= max(longest, MIN_BUCKET), at most seq_len."""
+    length = MIN_BUCKET
+    while length < longest:
+        length *= 2
+    return min(length, seq_len)
+
+
+def cut_padding(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """The batch with its sequence columns cut to `length` (other keys as they are)."""
+    return {k: v[:, :length] if k in SEQUENCE_KEYS else v for k, v in batch.items()}
+
+
+def row_lengths(encoded: dict[str, np.ndarray]) -> np.ndarray:
+    """Tokens of each encoded row (its attention mask's sum)."""
+    return encoded['attention_mask'].sum(axis=1)
+
+
 class TaskBatches(text_batches.PretrainBatches):
     """Training batches as a pure function of (seed, step), as PretrainBatches.
 
     Epoch e is a seeded permutation of the examples; an epoch's last incomplete batch
     borrows from the next, so every batch has global_batch_size rows. This process
     gets rows [i*B/P, (i+1)*B/P) of each global batch. batch(step), iterate(start_step).
+    With `dynamic_padding` a batch is cut to its global batch's bucket length.
     """
 
     def __init__(self, encoded: dict[str, np.ndarray], global_batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, *,
+                 dynamic_padding: bool = True):
         _check_encoded(encoded)
         super().__init__(encoded, global_batch_size, seed, process_index, process_count)
+        self.seq_len = encoded['input_ids'].shape[1]
+        self._lengths = row_lengths(encoded) if dynamic_padding else None
 
     @property
     def num_examples(self) -> int:
         return self.num_chunks
 
+    def length(self, step: int) -> int:
+        """The sequence length of step's batch (the same on every process)."""
+        if self._lengths is None:
+            return self.seq_len
+        longest = max(int(self._lengths[row]) for _, row in self.global_rows(step))
+        return bucket_length(longest, self.seq_len)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        batch = super().batch(step)
+        return batch if self._lengths is None else cut_padding(batch, self.length(step))
+
 
 def eval_batches(encoded: dict[str, np.ndarray], batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1, *, dynamic_padding: bool = True
+                 ) -> Iterator[dict[str, np.ndarray]]:
     """All examples in order, batch_size at a time (this process's rows of each).
 
     The last batch is padded to batch_size with [PAD] rows; 'weights' (float32) is 1 on
-    real rows and 0 on padding, so metrics and losses can ignore the filler.
+    real rows and 0 on padding, so metrics and losses can ignore the filler. With
+    `dynamic_padding` each batch is cut to its (global) rows' bucket length.
     """
     n = len(ArraySequences(encoded))
     with_weights = {**encoded, 'weights': np.ones(n, dtype=np.float32)}
-    yield from text_batches.eval_batches(with_weights, batch_size, process_index, process_count)
+    lengths, seq_len = row_lengths(encoded), encoded['input_ids'].shape[1]
+    batches = text_batches.eval_batches(with_weights, batch_size, process_index, process_count)
+    for i, batch in enumerate(batches):
+        if dynamic_padding:
+            longest = int(lengths[i * batch_size:(i + 1) * batch_size].max())
+            batch = cut_padding(batch, bucket_length(longest, seq_len))
+        yield batch

@@ -72,7 +72,8 @@ def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
     """Metrics of the current params on one encoded split."""
     lo, hi = mesh_lib.process_rows(cfg.batch_size, mesh)
     outputs, weights = [], []
-    for batch in data.eval_batches(encoded, cfg.batch_size):
+    for batch in data.eval_batches(encoded, cfg.batch_size,
+                                   dynamic_padding=cfg.data.dynamic_padding):
         local = {k: batch[k][lo:hi] for k in ('input_ids', 'token_type_ids', 'attention_mask')}
         out = predict_fn(params, mesh_lib.shard_batch(local, mesh))
         outputs.append(np.asarray(jax.device_get(out)))

@@ -118,6 +118,13 @@ class PretrainBatches:
         start = step * self.global_batch_size + self._offset
         return [self._rows[r] for r in range(start, start + self.local_batch_size)]
 
+    def global_rows(self, step: int) -> list[tuple[int, int]]:
+        """(source, row) of every process's rows at `step` (the whole global batch)."""
+        if step < 0:
+            raise ValueError(f'step: must be >= 0, got {step}')
+        start = step * self.global_batch_size
+        return [self._rows[r] for r in range(start, start + self.global_batch_size)]
+
     def indices(self, step: int) -> np.ndarray:
         """Row indices of this process's rows at `step` (single source)."""
         return np.array([row for _, row in self.rows(step)], dtype=np.int64)

@@ -1,0 +1,88 @@
+"""Dynamic padding: a batch is cut to its global batch's longest row (a power-of-two bucket),
+the same shape on every process; only padding is cut, and a fine-tuning run's metrics
+match those padded to seq_len."""
+
+import json
+
+import numpy as np
+import pytest
+
+import launch
+from finetune import data
+from tests.helpers import REPO, write_toy_task
+from text.tokenizer import PAD_ID
+
+
+def _encoded(lengths, seq_len: int = 64) -> dict[str, np.ndarray]:
+    n = len(lengths)
+    ids = np.full((n, seq_len), PAD_ID, np.int32)
+    mask = np.zeros((n, seq_len), np.int32)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = 5 + i
+        mask[i, :length] = 1
+    return {'input_ids': ids, 'token_type_ids': np.zeros_like(ids), 'attention_mask': mask,
+            'labels': np.arange(n, dtype=np.int32)}
+
+
+@pytest.mark.parametrize('longest, seq_len, expected', [
+    (1, 128, 16), (16, 128, 16), (17, 128, 32), (33, 128, 64), (100, 128, 128),
+    (128, 128, 128), (40, 48, 48), (3, 8, 8)])
+def test_bucket_lengths(longest, seq_len, expected):
+    assert data.bucket_length(longest, seq_len) == expected
+
+
+def test_training_batches_cut_only_padding_and_agree_across_processes():
+    rng = np.random.default_rng(0)
+    encoded = _encoded(rng.integers(3, 40, size=37).tolist())
+    full = data.TaskBatches(encoded, 8, seed=1, dynamic_padding=False)
+    cut = data.TaskBatches(encoded, 8, seed=1)
+    halves = [data.TaskBatches(encoded, 8, seed=1, process_index=i, process_count=2)
+              for i in range(2)]
+    shapes = set()
+    for step in range(12):
+        a, b = full.batch(step), cut.batch(step)
+        length = b['input_ids'].shape[1]
+        shapes.add(length)
+        longest = int(a['attention_mask'].sum(1).max())
+        assert length == data.bucket_length(longest, 64) and length >= longest
+        for key in data.SEQUENCE_KEYS:
+            np.testing.assert_array_equal(b[key], a[key][:, :length])
+            assert not a['attention_mask'][:, length:].any()  # only padding was cut
+        np.testing.assert_array_equal(b['labels'], a['labels'])
+        parts = [h.batch(step) for h in halves]
+        assert {p['input_ids'].shape[1] for p in parts} == {length}  # one shape everywhere
+        np.testing.assert_array_equal(np.concatenate([p['input_ids'] for p in parts]),
+                                      b['input_ids'])
+    assert shapes <= {16, 32, 64}
+
+
+def test_eval_batches_cut_per_batch_and_keep_weights():
+    encoded = _encoded([3, 5, 20, 4, 2, 2, 60, 1, 9])
+    batches = list(data.eval_batches(encoded, 4))
+    assert [b['input_ids'].shape[1] for b in batches] == [32, 64, 16]
+    assert [float(b['weights'].sum()) for b in batches] == [4, 4, 1]
+    padded = list(data.eval_batches(encoded, 4, dynamic_padding=False))
+    for b, p in zip(batches, padded, strict=True):
+        np.testing.assert_array_equal(b['input_ids'], p['input_ids'][:, :b['input_ids'].shape[1]])
+
+
+@pytest.mark.slow
+def test_finetuning_metrics_match_padding_to_seq_len(tmp_path, pretrained_run):
+    """Without dropout the cut columns change nothing but the work: same results."""
+    train = write_toy_task(tmp_path, n=120)
+    results = {}
+    for dynamic in (True, False):
+        workdir = tmp_path / f'ft_{dynamic}'
+        assert launch.main([
+            'finetune', '--workdir', str(workdir),
+            '--config', f'{REPO}/configs/finetune.py:custom',
+            f'--config.init_from={pretrained_run}', f'--config.data.train_file={train}',
+            '--config.num_epochs=2', '--config.batch_size=16', '--config.seq_len=64',
+            '--config.model.dropout_rate=0', '--config.model.attention_dropout_rate=0',
+            f'--config.data.dynamic_padding={dynamic}']) == 0
+        results[dynamic] = json.loads((workdir / 'results.json').read_text())
+    cut, padded = results[True]['validation'], results[False]['validation']
+    assert cut.keys() == padded.keys()
+    for key, value in padded.items():  # scalars and the confusion matrix alike
+        np.testing.assert_allclose(np.asarray(cut[key], float), np.asarray(value, float),
+                                   atol=1e-4, err_msg=key)
