@@ -123,12 +123,17 @@ def make_plan(spec: PrepareSpec, tokenizer, root: str) -> Plan:
                      if k not in ('train', 'evals', 'bad_input')}
     info = {'inputs': described, 'tokenizer': tokenizer.fingerprint, 'settings': settings_json,
             'eval_fraction_used': fraction, 'format_version': records.FORMAT_VERSION}
+    units = plan_units(train, evals, spec.doc_separator, spec.unit_bytes)
+    if any(u.parts for u in units):
+        # Small files packed together: not the layout older versions made of the same
+        # inputs, so never resumed from their unit summaries. (Absent otherwise, so a
+        # directory of ungrouped inputs keeps its name.)
+        info['grouped_small_files'] = True
     fingerprint = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
     settings = Settings(
         seq_len=spec.seq_len, dtype=records.token_dtype(tokenizer.vocab_size),
         doc_separator=spec.doc_separator, holdout_threshold=int(fraction * 2**32),
         seed=spec.seed, bad_input=spec.bad_input, tokenizer_path=str(tokenizer.path))
-    units = plan_units(train, evals, spec.doc_separator, spec.unit_bytes)
     directory = str(absolute_path(root) / fingerprint)
     return Plan(directory, tuple(units), settings, fingerprint, total, bad, info)
 

@@ -32,7 +32,7 @@ def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
     total = sum(_size(s) for s in sources)
     block = BLOCK_BYTES
     if budget_bytes <= 0 or total <= budget_bytes:
-        block = max(total, 1)  # one unit per source: everything, in order
+        block = max(total, 1)  # everything, in order
     units = plan_units(sources, (), doc_separator, block)
     units = [_tfds_blocks(u) if u.is_tfds else [u] for u in units]
     units = [u for group in units for u in group]
