@@ -9,7 +9,9 @@ fingerprint covers the inputs (path, size, mtime), the tokenizer and every setti
 changes the bytes; a second run finds index.json and does nothing. Each unit writes its
 shards under temporary names, renames them, then writes `unit-NNNNN.json`: an
 interrupted preparation redoes only the units without one, and a directory without
-index.json is never read. Memory per worker is bounded by one read block and one
+index.json is never read. A finished directory whose shards are missing or of another
+size than index.json records is repaired the same way: the damaged units are prepared
+again (same bytes), the rest is kept. Memory per worker is bounded by one read block and one
 batch of documents, whatever the corpus size.
 
 Held-out split (when no eval files are given): a document is validation when a seeded
@@ -314,6 +316,33 @@ def run_units(plan: Plan, units: Sequence[Unit], workers: int = 0,
         _COUNTERS = None
 
 
+def reusable_index(plan: Plan, repair: bool = True) -> records.Index | None:
+    """The finished index of the plan's directory, or None when (some of) it must be
+    prepared: with `repair`, the units of missing or resized shards lose their summaries
+    (and index.json goes), so run_units redoes just those; else a one-line error."""
+    index = records.read_index(plan.directory)
+    if index is None or is_remote(plan.directory):  # remote: checked in the local copy
+        return index
+    damaged = records.damaged_shards(plan.directory, index)
+    if not damaged:
+        return index
+    name, problem = damaged[0]
+    if not repair:
+        raise records.damage_error(os.path.join(plan.directory, name), problem)
+    numbers = sorted({records.shard_unit(n) for n, _ in damaged})
+    log.warning('prepared data: %s is %s; preparing %d unit(s) of %s again', name, problem,
+                len(numbers), plan.directory)
+    os.unlink(os.path.join(plan.directory, records.INDEX_FILENAME))  # first: now incomplete
+    for number in numbers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(plan.directory, unit_summary_name(number)))
+        for split in records.SPLITS:
+            pattern = f'{split}-{number:05d}-*.array_record'
+            for path in glob.glob(os.path.join(glob.escape(plan.directory), pattern)):
+                os.unlink(path)
+    return None
+
+
 def finalize(plan: Plan) -> records.Index:
     """Merges the unit summaries into index.json (every unit must be done)."""
     directory = epath.Path(plan.directory)
@@ -350,7 +379,7 @@ def prepare(spec: PrepareSpec, tokenizer, root: str, workers: int = 0,
             show_progress: bool = True) -> tuple[str, records.Index]:
     """Prepares everything on this host (or finds it done); (directory, index)."""
     plan = make_plan(spec, tokenizer, root)
-    index = records.read_index(plan.directory)
+    index = reusable_index(plan)
     if index is None:
         started = time.time()
         run_units(plan, plan.units, workers, show_progress)
