@@ -47,7 +47,15 @@ from text import records
 from text.corpus import TFDS_PREFIX, open_tfds_split
 from text.packing import Packer
 from text.tokenizer import load_tokenizer
-from text.units import BadInput, BadLine, Unit, check_files, plan_units, unit_document_batches
+from text.units import (
+    ENCODING_HINT,
+    BadInput,
+    BadLine,
+    Unit,
+    check_files,
+    plan_units,
+    unit_document_batches,
+)
 
 ENCODE_BATCH_BYTES = 1 << 20  # documents are encoded ~1 MiB of text at a time
 IN_PROCESS_BYTES = 16 << 20  # less text than this is prepared without worker processes
@@ -367,7 +375,10 @@ def finalize(plan: Plan) -> records.Index:
                           shards=shards, totals=totals, fingerprint=plan.fingerprint,
                           info={**plan.info, 'skipped': bad.summary()})
     if not index.sequences('train'):
-        raise ConfigError('data.train_files: the training text produced no sequence')
+        skipped = bad.summary()
+        raise ConfigError('data.train_files: the training text produced no sequence' + (
+            f' ({skipped}; {ENCODING_HINT})' if bad.lines else f' ({skipped})' if skipped
+            else ''))
     if not index.sequences('validation'):
         raise ConfigError('data.eval_fraction: no document was held out for validation; '
                           'raise it or set data.eval_files')

@@ -31,6 +31,7 @@ TFDS_UNIT_EXAMPLES = 50_000
 TFDS_EXAMPLE_BYTES = 1000  # a guess at an example's text size, for progress and sampling
 _SNIFF_BYTES = 8192  # a NUL byte in a file's first 8 KiB marks it as binary
 _READ_BLOCK = 1 << 20  # 1 MiB reads inside a unit
+ENCODING_HINT = 'is the text in another encoding? convert it, e.g. iconv -f latin1 -t utf-8'
 
 
 @dataclasses.dataclass(frozen=True)
