@@ -215,8 +215,8 @@ class PreparedSplit:
                 raise damage_error(path, problem)
         self._ends = np.cumsum([s['sequences'] for s in shards])  # to name a bad read's file
         self._len = index.sequences(split)
-        # The index's counts: no file is opened until it is read, so opening a split costs
-        # the same for any corpus size.
+        # The index's counts: no file is opened until it is read (only a stat per shard,
+        # above), so opening a split stays cheap for any corpus size.
         files = [_FileSpan(p, 0, s['sequences'], s['sequences'])
                  for p, s in zip(self.paths, shards, strict=True)]
         self._source = sources.ArrayRecordDataSource(files) if files else None
