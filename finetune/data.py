@@ -90,6 +90,9 @@ def _csv_rows(path: str, text: str, columns: Sequence[str],
               tsv: bool) -> Iterator[tuple[int, dict]]:
     """(line where the record starts, {column: value}); checks the header first."""
     options = {'delimiter': '\t', 'quoting': csv.QUOTE_NONE} if tsv else {}
+    # csv refuses fields over 131,072 characters by default; no field can exceed the text,
+    # which is in memory already, and encode() truncates to seq_len as for JSONL.
+    csv.field_size_limit(max(csv.field_size_limit(), min(len(text) + 1, 2**31 - 1)))
     reader = csv.reader(io.StringIO(text, newline=''), **options)
     try:
         header = next(reader, None)
@@ -265,8 +268,30 @@ def carve_validation(rows: Sequence[dict], fraction: float, seed: int
         raise ValueError(f'need at least 2 training examples to hold some out, got {len(rows)}')
     k = min(max(1, round(fraction * len(rows))), len(rows) - 1)
     held = set(np.random.default_rng(seed).choice(len(rows), size=k, replace=False).tolist())
+    held = _keep_every_class(rows, held)
     return ([r for i, r in enumerate(rows) if i not in held],
             [r for i, r in enumerate(rows) if i in held])
+
+
+def _keep_every_class(rows: Sequence[dict], held: set[int]) -> set[int]:
+    """`held` less the first held row of each class that has no row left in train: a
+    class too small to spare one for validation is still learnt (and absent there)."""
+    labels = [r['label'] for r in rows]
+    if not all(isinstance(label, str) for label in labels):  # regression: no classes
+        return held
+    in_train = {label for i, label in enumerate(labels) if i not in held}
+    kept = set(held)
+    for i in sorted(held):
+        if labels[i] not in in_train:
+            in_train.add(labels[i])
+            kept.discard(i)
+    if not kept:
+        raise ValueError('validation_fraction: no row can be held out for validation: every '
+                         'class has too few rows to spare one; give a validation_file')
+    if kept != held:
+        log.warning('validation: class(es) %s have too few rows to hold one out; all their '
+                    'rows train', sorted({labels[i] for i in held - kept}, key=_label_order))
+    return kept
 
 
 def subsample(rows: Sequence[dict], count: int, seed: int) -> list[dict]:

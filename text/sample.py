@@ -13,8 +13,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from engine.config_cli import ConfigError
 from text.corpus import TFDS_PREFIX, open_tfds_split
-from text.units import TFDS_EXAMPLE_BYTES, BadInput, Unit, plan_units, unit_documents
+from text.units import (
+    ENCODING_HINT,
+    TFDS_EXAMPLE_BYTES,
+    BadInput,
+    Unit,
+    plan_units,
+    unit_documents,
+)
 
 BLOCK_BYTES = 1 << 20
 
@@ -32,7 +40,7 @@ def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
     total = sum(_size(s) for s in sources)
     block = BLOCK_BYTES
     if budget_bytes <= 0 or total <= budget_bytes:
-        block = max(total, 1)  # one unit per source: everything, in order
+        block = max(total, 1)  # everything, in order
     units = plan_units(sources, (), doc_separator, block)
     units = [_tfds_blocks(u) if u.is_tfds else [u] for u in units]
     units = [u for group in units for u in group]
@@ -48,8 +56,14 @@ def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
             used += weights[i]
         units = [units[i] for i in sorted(chosen)]
     bad = BadInput()  # the preparation reports bad input; the sample just leaves it out
+    found = 0
     for unit in units:
-        yield from unit_documents(unit, doc_separator, bad, 'skip')
+        for doc in unit_documents(unit, doc_separator, bad, 'skip'):
+            found += 1
+            yield doc
+    if not found and bad.lines:  # else the tokenizer would only say its text is empty
+        raise ConfigError(f'data.train_files: no valid UTF-8 text ({bad.summary()}); '
+                          f'{ENCODING_HINT}')
 
 
 def _tfds_blocks(unit: Unit) -> list[Unit]:

@@ -89,12 +89,36 @@ class Tokenizer:
         return mask
 
 
+MAX_SENTENCE_BYTES = 1 << 16  # spm skips longer sentences (max_sentence_length, in bytes)
+
+
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
     # spm treats each item as a sentence; blank ones only waste its sampling budget.
     for text in texts:
         for line in text.splitlines():
             if line.strip():
-                yield line
+                yield from _chunks(line, MAX_SENTENCE_BYTES)  # shorter lines: unchanged
+
+
+def _chunks(line: str, limit: int) -> Iterator[str]:
+    """`line`, or for a line over `limit` UTF-8 bytes, pieces of at most `limit` bytes cut
+    at spaces (at a character boundary in a run without one): spm would skip it whole,
+    and a corpus of such lines would leave it nothing to train on."""
+    data = line.encode('utf-8')
+    if len(data) <= limit:
+        yield line
+        return
+    while len(data) > limit:
+        cut = data.rfind(b' ', 1, limit + 1)
+        if cut <= 0:
+            cut = limit
+            while data[cut] & 0xC0 == 0x80:  # not inside a multi-byte character
+                cut -= 1
+        piece, data = data[:cut].strip(), data[cut:]
+        if piece:
+            yield piece.decode('utf-8')
+    if data.strip():
+        yield data.strip().decode('utf-8')
 
 
 def _spm_train(texts: Iterable[str], vocab_size: int, model_type: str) -> bytes:
@@ -111,7 +135,7 @@ def _spm_train(texts: Iterable[str], vocab_size: int, model_type: str) -> bytes:
         hard_vocab_limit=False,
         # Big corpora: spm samples this many sentences (seeded) to bound time and memory.
         input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        max_sentence_length=1 << 16,  # one-document-per-line files have long lines
+        max_sentence_length=MAX_SENTENCE_BYTES,  # one-document-per-line files have long lines
         # Unigram: prune the seed vocabulary faster, one EM pass per round. On the demo
         # tweets (vocab 8000) this halves the CPU time of spm's defaults (0.75, 2), ~10 s ->
         # ~5 s, with the same held-out tokens per text. BPE ignores both.

@@ -1,7 +1,9 @@
 """Planning a preparation: inputs checked and cut into work units, and each unit's documents.
 
 A unit is a byte range of one text file (cut at line starts, or after a blank line for
-'blank_line' documents) or an example range of a TFDS split. Units depend only on the
+'blank_line' documents), a run of consecutive small files (whole, together about
+`unit_bytes`: their documents pack into shared sequences as one file's lines do), or an
+example range of a TFDS split. Units depend only on the
 inputs and `unit_bytes`, never on the number of workers or hosts, so the prepared data
 is the same wherever it is made. Reading is binary: lines end at '\\n' (a trailing
 '\\r' is stripped); a line that is not valid UTF-8 is reported and skipped (or, with
@@ -29,6 +31,7 @@ TFDS_UNIT_EXAMPLES = 50_000
 TFDS_EXAMPLE_BYTES = 1000  # a guess at an example's text size, for progress and sampling
 _SNIFF_BYTES = 8192  # a NUL byte in a file's first 8 KiB marks it as binary
 _READ_BLOCK = 1 << 20  # 1 MiB reads inside a unit
+ENCODING_HINT = 'is the text in another encoding? convert it, e.g. iconv -f latin1 -t utf-8'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,9 @@ class Unit:
     end: int
     role: str  # 'train': hold out by hash unless eval files are given; 'eval': all validation
     split: str = 'train'  # the TFDS split read (TFDS sources only)
+    # A group of small files: every (path, start, end) in order; () for one file's range
+    # (source, start, end). A group's source/start/end are its first file's.
+    parts: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def is_tfds(self) -> bool:
@@ -49,7 +55,13 @@ class Unit:
     @property
     def size(self) -> int:
         """Bytes of text (estimated for TFDS examples), for progress and scheduling."""
+        if self.parts:
+            return sum(end - start for _, start, end in self.parts)
         return (self.end - self.start) * (TFDS_EXAMPLE_BYTES if self.is_tfds else 1)
+
+    def ranges(self) -> tuple[tuple[str, int, int], ...]:
+        """The (path, start, end) byte ranges the unit reads, in order."""
+        return self.parts or ((self.source, self.start, self.end),)
 
 
 @dataclasses.dataclass
@@ -153,10 +165,33 @@ def plan_units(train: Sequence[str], evals: Sequence[str], doc_separator: str,
                           f'got {doc_separator!r}')
     units: list[Unit] = []
     for role, sources in (('train', train), ('eval', evals)):
-        for source in sources:
-            for start, end, split in _ranges(source, role, doc_separator, unit_bytes):
-                units.append(Unit(len(units), source, start, end, role, split))
+        for source, start, end, split, parts in _role_ranges(sources, role, doc_separator,
+                                                              unit_bytes):
+            units.append(Unit(len(units), source, start, end, role, split, parts))
     return units
+
+
+def _role_ranges(sources: Sequence[str], role: str, doc_separator: str, unit_bytes: int):
+    """(source, start, end, split, parts) of each unit: a big file's ranges, or a run of
+    consecutive small files until they reach unit_bytes together (one small file alone
+    gives a plain range, as a big file's)."""
+    group: list[tuple[str, int, int]] = []
+    grouped = 0  # bytes in the group
+    for source in sources:
+        size = None if source.startswith(TFDS_PREFIX) else os.path.getsize(source)
+        if size is not None and size < unit_bytes:
+            group.append((source, 0, size))
+            grouped += size
+            if grouped < unit_bytes:
+                continue
+        if group:
+            yield *group[0], 'train', tuple(group) if len(group) > 1 else ()
+            group, grouped = [], 0
+        if size is None or size >= unit_bytes:
+            for start, end, split in _ranges(source, role, doc_separator, unit_bytes):
+                yield source, start, end, split, ()
+    if group:
+        yield *group[0], 'train', tuple(group) if len(group) > 1 else ()
 
 
 def _ranges(source: str, role: str, doc_separator: str, unit_bytes: int):
@@ -241,8 +276,14 @@ def unit_document_batches(unit: Unit, doc_separator: str, bad: BadInput,
     if unit.is_tfds:
         yield from _tfds_documents(unit)
         return
+    for path, start, end in unit.ranges():  # a paragraph never spans two files
+        yield from _range_document_batches(path, start, end, doc_separator, bad, policy)
+
+
+def _range_document_batches(path: str, start: int, end: int, doc_separator: str,
+                            bad: BadInput, policy: str) -> Iterator[tuple[list[str], int]]:
     paragraph: list[str] = []
-    for lines, size in _line_blocks(unit.source, unit.start, unit.end, bad, policy):
+    for lines, size in _line_blocks(path, start, end, bad, policy):
         if doc_separator == 'line':
             yield [line for line in lines if line], size
             continue
