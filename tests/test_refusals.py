@@ -152,6 +152,7 @@ def interrupted(tmp_path, finetuned) -> pathlib.Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_finetune_resume_on_a_csv_that_gained_a_class_is_refused(
         interrupted, finetuned, pretrained_run, capsys):
     csv = pathlib.Path(finetuned[1])
@@ -166,6 +167,7 @@ def test_finetune_resume_on_a_csv_that_gained_a_class_is_refused(
                            'with ["cool", "warm"], now ["cool", "hot", "warm"] (task.json)')
 
 
+@pytest.mark.slow
 def test_finetune_resume_with_another_seq_len_is_refused(interrupted, finetuned,
                                                          pretrained_run, capsys):
     line = refused(['finetune', '--workdir', interrupted, *finetune_args(
@@ -174,6 +176,7 @@ def test_finetune_resume_with_another_seq_len_is_refused(interrupted, finetuned,
                     'config says 32; a resume cannot change it (start a new workdir)')
 
 
+@pytest.mark.slow
 def test_finetune_resume_with_allowed_changes_finishes(interrupted, finetuned,
                                                        pretrained_run):
     assert launch.main(['finetune', '--workdir', str(interrupted), *finetune_args(
@@ -181,6 +184,7 @@ def test_finetune_resume_with_allowed_changes_finishes(interrupted, finetuned,
     assert (interrupted / 'results.json').is_file()
 
 
+@pytest.mark.slow
 def test_finetune_with_a_tokenizer_of_another_vocabulary_is_refused(
         tmp_path, interrupted, finetuned, pretrained_run, capsys):
     other = small_tokenizer(tmp_path)  # 150 pieces; the pretrained run's has 128
@@ -232,6 +236,7 @@ def test_import_of_a_bad_hf_dir_leaves_an_existing_workdir_as_it_was(pretrained_
             capsys, pretrained_copy)
 
 
+@pytest.mark.slow
 def test_predict_on_a_bad_input_leaves_the_run_as_it_was(finetuned, tmp_path, capsys):
     workdir = pathlib.Path(shutil.copytree(finetuned[0], tmp_path / 'ft'))
     refused(['predict', '--workdir', workdir, '--input', tmp_path / 'missing.txt'], capsys,
