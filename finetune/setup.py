@@ -22,7 +22,8 @@ from models.bert import BertConfig, BertForSequenceClassification
 from models.flops import forward_flops, train_flops_per_step
 from models.load import load
 from models.peft import is_peft_path
-from text.tokenizer import Tokenizer, load_or_train_tokenizer
+from pretrain.continual import same_vocabulary
+from text.tokenizer import Tokenizer, load_or_train_tokenizer, load_tokenizer
 
 
 def pretrained_dir(cfg: ml_collections.ConfigDict) -> epath.Path | None:
@@ -93,6 +94,32 @@ def check_init_from(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f'init_from: {str(root)!r} has no {path.name}; is it a '
                               'pretraining workdir?')
     saved_steps(run.checkpoints, cfg.init_step)
+    check_tokenizer(cfg, run)
+
+
+def check_tokenizer(cfg: ml_collections.ConfigDict, run: RunDir) -> None:
+    """A tokenizer_model given with init_from must have its vocabulary (the same pieces at
+    the same ids): its ids index the pretrained embedding rows. Fine-tuning does not resize
+    them; continual pretraining does (pretrain/continual.py)."""
+    if not cfg.tokenizer_model:
+        return
+    path = cfg.tokenizer_model
+    if not epath.Path(path).is_file():
+        raise ConfigError(f'tokenizer_model: no such file {path!r}')
+    try:
+        given, own = load_tokenizer(path), load_tokenizer(run.tokenizer_file())
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f'tokenizer_model: cannot load {path!r} ({e})') from None
+    if same_vocabulary(own, given):
+        return
+    sizes = (f'{given.vocab_size} pieces against {own.vocab_size}' if
+             given.vocab_size != own.vocab_size else 'other pieces at the same ids')
+    raise ConfigError(
+        f'tokenizer_model: {path} has another vocabulary than init_from {run} ({sizes}); its '
+        'ids would index the wrong embedding rows. Resize the vocabulary by continual '
+        f'pretraining first (launch.py pretrain --config.init_from={run} '
+        f'--config.data.tokenizer_model={path} --workdir NEW; docs/continual.md), then '
+        'fine-tune with --config.init_from=NEW')
 
 
 def tokenizer_for(cfg, workdir: epath.Path, task: dict) -> Tokenizer:

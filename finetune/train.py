@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from engine import distributed
+from engine import distributed, resume_check
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
 from engine.config_cli import ConfigError
@@ -238,19 +238,26 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
 
 
 def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, setup.Built]:
-    """Writes the config, tokenizer and what `predict` needs; encodes every split."""
+    """Writes the config, tokenizer and what `predict` needs; encodes every split. A resume
+    is checked against what the workdir holds first: a refused one writes nothing."""
     workdir.mkdir(parents=True, exist_ok=True)
     rundir = RunDir(workdir)
-    if main:
-        rundir.write_config(cfg)
+    resuming = resume_check.check_finetune(cfg, workdir) is not None
+    described = {'task': cfg.task, 'label_names': task['label_names']}
+    if resuming:
+        resume_check.check_file(rundir.task_file, described, workdir, 'data: ')
     tokenizer = setup.tokenizer_for(cfg, workdir, task)
     encoded = {split: data.encode(tokenizer, examples, cfg.seq_len)
                for split, examples in task.items()
                if split in ('train', 'validation', 'test') and examples is not None}
     built = setup.build(cfg, task, tokenizer)
+    if resuming:
+        resume_check.check_file(rundir.model_config_file, dataclasses.asdict(built.model_cfg),
+                                workdir, 'model.')
     if main:
+        rundir.write_config(cfg)
         rundir.write_json(rundir.model_config_file, dataclasses.asdict(built.model_cfg))
-        rundir.write_json(rundir.task_file, {'task': cfg.task, 'label_names': task['label_names']})
+        rundir.write_json(rundir.task_file, described)
     return encoded, built
 
 

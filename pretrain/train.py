@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from engine import distributed
+from engine import distributed, resume_check
 from engine import mesh as mesh_lib
 from engine.budget import Budget
 from engine.checkpoint import Checkpoints
@@ -261,6 +261,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: SigtermFlag,
               started: float, main: bool) -> dict:
     """The run itself, with the workdir held."""
+    saved = resume_check.check_pretrain(cfg, workdir)  # a resume: before anything is written
+    if saved is not None:
+        phases.check_resume(cfg, saved)
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
         RunDir(workdir).write_config(cfg)

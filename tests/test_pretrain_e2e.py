@@ -124,7 +124,9 @@ def test_checkpoint_from_a_2x4_mesh_resumes_on_one_device(tmp_path, corpus, caps
         corpus, 4, "--config.mesh.shape=(2,4)", '--config.model.dtype=bfloat16',
         '--config.masking.whole_word=true')]) == 0
     assert "'data': 2, 'fsdp': 4" in capsys.readouterr().out
-    result = launch(tmp_path, tiny_args(corpus, 8), devices=1)
+    # The masking is the run's (a resume keeps it); mesh, devices and dtype may change.
+    result = launch(tmp_path, tiny_args(corpus, 8, '--config.masking.whole_word=true'),
+                    devices=1)
     assert result.returncode == 0, result.stderr
     assert 'resuming from step 4' in result.stdout and "'data': 1, 'fsdp': 1" in result.stdout
     assert (tmp_path / 'checkpoints' / '8').is_dir()
