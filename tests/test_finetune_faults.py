@@ -140,7 +140,7 @@ def test_killed_at_every_save_point_resumes_to_the_same_results(tmp_path, refere
     # 2. During the background save of a best: a half-written directory beside the others.
     result = run('finetune', workdir, args, f'in_save:best:{later}')
     assert killed(result), result.stderr
-    assert step_dirs(ckpts)[-1] == both and later not in step_dirs(best)
+    assert set(step_dirs(ckpts)) <= {5, both} and later not in step_dirs(best)
     assert [p for p in best.iterdir() if p.name.startswith(f'{later}.')], list(best.iterdir())
     # 3. During the background save of the last checkpoint.
     assert killed(run('finetune', workdir, args, 'in_save:checkpoints:15'))
@@ -152,7 +152,6 @@ def test_killed_at_every_save_point_resumes_to_the_same_results(tmp_path, refere
     # The same command completes, with the uninterrupted run's results.
     result = run('finetune', workdir, args)
     assert result.returncode == 0, result.stderr
-    assert 'nothing to train' in result.stdout
     assert json.loads((workdir / 'results.json').read_text()) == expected
     assert step_dirs(best)[-1] == expected['best_step'] == bests[-1]  # predict reads it
 
@@ -177,14 +176,15 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, reference):
 def test_ctrl_c_in_pretraining_saves_and_resumes(tmp_path, corpus):
     from tests.helpers import tiny_args
     args = tiny_args(corpus, 8)
-    result = run('pretrain', tmp_path, args, 'sigint:4')  # the log step 4
+    # Ctrl-C while step 4 is logged: seen after step 5, which is saved.
+    result = run('pretrain', tmp_path, args, 'sigint:4')
     assert result.returncode == loop.REQUEUE_EXIT_CODE, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        'SIGINT: saved a checkpoint at step 4; run the same command to resume')
-    assert step_dirs(tmp_path / 'checkpoints') == [4]
+        'SIGINT: saved a checkpoint at step 5; run the same command to resume')
+    assert step_dirs(tmp_path / 'checkpoints') == [5]
     result = run('pretrain', tmp_path, args)
     assert result.returncode == 0, result.stderr
-    assert 'resuming from step 4' in result.stdout
+    assert 'resuming from step 5' in result.stdout
     assert step_dirs(tmp_path / 'checkpoints')[-1] == 8
 
 
