@@ -389,6 +389,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training, or a second Ctrl-C: stopped at once
+        print('interrupted (Ctrl-C): stopped at once, nothing saved since the last '
+              'checkpoint', file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except Exception as e:  # the loop's own stop reasons: one clear line, no traceback
         from engine import distributed
         from engine.loop import REQUEUE_EXIT_CODE, CheckpointSaveFailed, NonFiniteLoss, Preempted

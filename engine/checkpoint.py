@@ -57,12 +57,15 @@ class Checkpoints:
     the half-written one is ignored. A save that fails (disk full) raises
     CheckpointSaveFailed, one line; orbax deletes old checkpoints only after a save has
     succeeded, so the earlier ones stay. A checkpoint damaged on disk is skipped by
-    `restore_latest`.
+    `restore_latest`. The half-written directories of saves killed midway are removed when
+    the next run opens the directory.
     """
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int | None = 3, async_save: bool = True):
+        """keep: how many of the newest steps orbax keeps; None = all (`delete` prunes)."""
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True)
         self.directory = absolute_path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=('state', 'meta'))
@@ -74,6 +77,10 @@ class Checkpoints:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def delete(self, step: int) -> None:
+        """Removes checkpoint `step` (every process calls it)."""
+        self._manager.delete(step)
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Starts an async save; returns once device buffers are copied out. Raises

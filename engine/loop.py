@@ -2,7 +2,7 @@
 
 The step function is pure and jitted elsewhere; this loop owns the side effects: feeding
 batches, fetching metrics every `log_every` steps (the only host syncs), evaluation,
-checkpoints, SIGTERM, NaN detection, the progress bar and throughput.
+checkpoints, SIGTERM/SIGINT, NaN detection, the progress bar and throughput.
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the step reached was written."""
+    """SIGTERM or SIGINT arrived; a checkpoint of the step reached was written."""
 
 
 class CheckpointSaveFailed(RuntimeError):
@@ -37,6 +37,11 @@ class CheckpointSaveFailed(RuntimeError):
 # `scontrol requeue` (SLURM's RequeueExit=75 in slurm.conf does the same). A run that ends
 # on its own budget (max_runtime, train_tokens) exits 0: it is done, not interrupted.
 REQUEUE_EXIT_CODE = 75
+
+# A diverging run's advice, naming the keys of pretraining's config (fine-tuning passes
+# its own: its optimizer keys are top-level).
+PRETRAIN_NAN_HINT = ('Try a lower optimizer.learning_rate, more warm-up or '
+                     'optimizer.max_grad_norm.')
 
 
 def summarize_sums(records: list[dict], accuracy_key: str = 'accuracy') -> dict:
@@ -77,6 +82,8 @@ class LoopConfig:
     # phases, batch-size ramp): throughput counts them, and MFU scales flops_per_step (a
     # step of tokens_per_step tokens) by each interval's tokens. None: s * tokens_per_step.
     tokens_at: Callable[[int], int] | None = None
+    # What a non-finite loss's error suggests, in this stage's config keys.
+    nan_hint: str = PRETRAIN_NAN_HINT
 
 
 @dataclasses.dataclass
@@ -97,18 +104,34 @@ class LoopCallbacks:
 
 
 class SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps. Install it before slow
-    set-up (data, compilation) so an early SIGTERM also ends the run cleanly."""
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between steps, so
+    either saves a checkpoint and ends the run resumably. Install it before slow set-up
+    (data, compilation) so an early signal also ends the run cleanly; whoever installs it
+    restores it (also a context manager). A second Ctrl-C interrupts at once, unsaved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.name = 'SIGTERM'  # the signal that raised the flag, for the exit line
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.raised = True
+        self.raised, self.name = True, signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C: KeyboardInterrupt, as ever
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        """Puts the previous handlers back (once; later calls do nothing)."""
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def __enter__(self) -> 'SigtermFlag':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
@@ -162,25 +185,26 @@ def _first_non_finite(records: list[dict], step: int) -> tuple[int, float] | Non
 
 
 def _non_finite_loss(loss: float, step: int, last_saved: int | None,
-                     rollbacks: int) -> NonFiniteLoss:
+                     rollbacks: int, hint: str) -> NonFiniteLoss:
     kept = f'step {last_saved}' if last_saved is not None else 'none yet'
     after = f' after {rollbacks} rollback(s)' if rollbacks else ''
     return NonFiniteLoss(
         f'loss became {loss} by step {step}{after}; stopped without saving this state (last '
-        f'good checkpoint: {kept}). Try a lower optimizer.learning_rate, more warm-up or '
-        f'optimizer.max_grad_norm.')
+        f'good checkpoint: {kept}). {hint}')
 
 
 def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
              cfg: LoopConfig, cb: LoopCallbacks, sigterm: SigtermFlag | None = None) -> Any:
-    """Runs steps start_step+1 .. cfg.num_steps; returns the final state."""
-    sigterm = sigterm or SigtermFlag()
+    """Runs steps start_step+1 .. cfg.num_steps; returns the final state. `sigterm`: the
+    caller's flag, which the caller restores (several loops may share it); None: one
+    installed for this loop alone."""
+    if sigterm is None:
+        with SigtermFlag() as own:
+            return run_loop(state, batches, start_step, cfg, cb, own)
     if sigterm.raised:
-        sigterm.restore()
-        raise Preempted(f'SIGTERM before training started; nothing new to save '
+        raise Preempted(f'{sigterm.name} before training started; nothing new to save '
                         f'(latest checkpoint: step {start_step})')
     if start_step >= cfg.num_steps:
-        sigterm.restore()
         if cfg.is_main:
             print(f'already at step {start_step} of {cfg.num_steps}: nothing to train', flush=True)
         return state
@@ -216,7 +240,7 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
                 bad = _first_non_finite(records, done)
                 if bad and (rollbacks >= cfg.nan_rollbacks or last_saved is None
                             or cb.rollback is None):
-                    raise _non_finite_loss(bad[1], done, last_saved, rollbacks)
+                    raise _non_finite_loss(bad[1], done, last_saved, rollbacks, cfg.nan_hint)
                 if bad:
                     rollbacks += 1
                     state, replay, offset = _rollback(bad, last_saved, offset, rollbacks,
@@ -241,7 +265,7 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
             # next save); the last one is waited for, so "saved" below is true.
             _check_saves(cb, wait=last, synced=log_now or save_now or last)
             if preempted:
-                raise Preempted(f'SIGTERM: saved a checkpoint at step {done}; '
+                raise Preempted(f'{sigterm.name}: saved a checkpoint at step {done}; '
                                 'run the same command to resume')
             if out_of_time:
                 _print(cfg.is_main, f'max_runtime reached: saved a checkpoint at step {done}')
@@ -251,7 +275,6 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
     finally:
         profiler.stop()
         bar.close()
-        sigterm.restore()
     return state
 
 

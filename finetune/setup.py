@@ -249,7 +249,7 @@ def _abstract(tree):
 
 
 def resume(cfg, mesh, built: Built, ckpts: Checkpoints, state, num_steps: int, phase: int):
-    """(state, start step, best-so-far record) from the newest checkpoint that restores (a
+    """(state, start step, its JSON meta) from the newest checkpoint that restores (a
     damaged newer one is set aside with one line); `state` itself when there is none.
     `state` is the fresh state of gradual-unfreezing phase `phase`; a checkpoint of another
     phase restores onto that phase's optimizer state."""
@@ -264,7 +264,7 @@ def resume(cfg, mesh, built: Built, ckpts: Checkpoints, state, num_steps: int, p
     if found is None:
         return state, 0, None
     step, restored, meta = found
-    return restored, step, meta.get('best')
+    return restored, step, meta
 
 
 def phase_optimizer(cfg, mesh, built: Built, params, num_steps: int, phase: int):
@@ -274,11 +274,10 @@ def phase_optimizer(cfg, mesh, built: Built, params, num_steps: int, phase: int)
     return labels, tx
 
 
-def restore_best(best_ckpts: Checkpoints, state):
-    """The best checkpoint's parameters, on the state's shardings."""
+def restore_best(best_ckpts: Checkpoints, state, step: int):
+    """The parameters of best checkpoint `step`, on the state's shardings."""
     target = {'params': state.params}
-    restored, _ = best_ckpts.restore(best_ckpts.latest_step(), _abstract(target),
-                                     _shardings(target))
+    restored, _ = best_ckpts.restore(step, _abstract(target), _shardings(target))
     return restored['params']
 
 

@@ -27,6 +27,7 @@ from engine.optim import OptimizerConfig
 from engine.paths import open_workdir
 from engine.rundir import RunDir
 from finetune import augment, data, distill, metrics, setup, unfreeze
+from finetune.best import BestTracker
 from finetune.freeze import count_params_by_label, tree_bytes
 from finetune.task import load_config_task
 
@@ -85,25 +86,21 @@ def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
     return metrics.classification_metrics(labels, scores.argmax(-1), scores.shape[-1])
 
 
-class _BestTracker:
-    """Keeps the best validation metric, saves its params, and counts patience."""
+KEEP_CHECKPOINTS = 2  # an older one to fall back to
+# The NaN advice in fine-tuning's own keys (its optimizer keys are top-level).
+NAN_HINT = 'Try a lower learning_rate, more warm-up (warmup_fraction) or max_grad_norm.'
 
-    def __init__(self, cfg, ckpts: Checkpoints, best: dict | None):
-        self.cfg, self.ckpts = cfg, ckpts
-        self.best = best or {'value': None, 'step': 0}
-        self.bad_evals = 0
 
-    def update(self, step: int, state, results: dict) -> None:
-        value = results[self.cfg.metric]
-        if metrics.is_better(self.cfg.metric, value, self.best['value']):
-            self.best = {'value': float(value), 'step': step}
-            self.bad_evals = 0
-            self.ckpts.save(step, {'params': state.params}, {'best': self.best})
-        else:
-            self.bad_evals += 1
-
-    def should_stop(self) -> bool:
-        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+def _named_bests(ckpts: Checkpoints) -> dict[int, int]:
+    """{checkpoint step: the best step its meta names} of the run's checkpoints on disk (a
+    checkpoint whose meta does not read is one a run cannot resume from)."""
+    named = {}
+    for step in ckpts.all_steps():
+        try:
+            named[step] = (ckpts.restore_meta(step).get('best') or {}).get('step', 0)
+        except Exception:  # damaged: nothing resumes from it
+            continue
+    return named
 
 
 def _scalar_metrics(results: dict, prefix: str) -> dict:
@@ -144,14 +141,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
               f'over {len(task["train"].labels):,} training examples)', flush=True)
     parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
     require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
-    sigterm = SigtermFlag()
     workdir = open_workdir(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
     done = RunDir(workdir).read_results()
     if done is not None:
         print(f'{RunDir(workdir).results_file} exists: this run is complete', flush=True)
         return done
-    with workdir_lock(workdir, 'finetune'):
+    # From here on SIGTERM and Ctrl-C save and end the run resumably; restored on the way out.
+    with SigtermFlag() as sigterm, workdir_lock(workdir, 'finetune'):
         return _finetune(cfg, workdir, mesh, task, sigterm, main, report)
 
 
@@ -166,17 +163,18 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
     batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
                                    *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch
-    ckpts = Checkpoints(str(rundir.checkpoints), keep=2)  # an older one to fall back to
-    best_ckpts = Checkpoints(str(rundir.best), keep=1)
+    ckpts = Checkpoints(str(rundir.checkpoints), keep=KEEP_CHECKPOINTS)
+    best_ckpts = Checkpoints(str(rundir.best), keep=None)  # the tracker prunes it
     every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
     phase = unfreeze.phase_of_state(ckpts.latest_step() or 0, every, num_layers)
     state, labels, tx, schedule = setup.initial_state(cfg, mesh, built, num_steps, phase)
     _log_sizes(main, state, labels, built)
-    state, start_step, best = setup.resume(cfg, mesh, built, ckpts, state, num_steps, phase)
+    state, start_step, meta = setup.resume(cfg, mesh, built, ckpts, state, num_steps, phase)
     if unfreeze.phase_of_state(start_step, every, num_layers) != phase:  # fell back a phase
         phase = unfreeze.phase_of_state(start_step, every, num_layers)
         labels, tx = setup.phase_optimizer(cfg, mesh, built, state.params, num_steps, phase)
-    tracker = _BestTracker(cfg, best_ckpts, best)
+    tracker = BestTracker(cfg, best_ckpts, KEEP_CHECKPOINTS, (start_step, meta),
+                          _named_bests(ckpts))
     writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step,
                           wandb=cfg.get('wandb'), run_config=cfg.to_dict())
     _, predict_fn = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
@@ -185,7 +183,7 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
                               writer, report)
     callbacks = LoopCallbacks(
         step=None, evaluate=evaluate, write=writer.write, should_stop=tracker.should_stop,
-        save=lambda step, s: ckpts.save(step, s, {'best': tracker.best}),
+        save=lambda step, s: tracker.save_checkpoint(ckpts, step, s),
         check_saves=ckpts.check)
     loop_cfg = LoopConfig(
         num_steps=num_steps, log_every=cfg.log_every_steps,
@@ -194,12 +192,12 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
         tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=built.flops(cfg),
         peak_flops=total_peak_flops(cfg.peak_flops_per_device),
         is_main=main, profile=parse_profile_steps(cfg.get('profile_steps', '')),
-        profile_dir=writer.profile_dir)
+        profile_dir=writer.profile_dir, nan_hint=NAN_HINT)
     try:
         with setup.sharding_context(mesh, cfg):
             state = _train_phases(cfg, mesh, built, (state, labels, tx, schedule), phase,
                                   batches, loop_cfg, callbacks, sigterm)
-        best_ckpts.wait()
+        tracker.settle(ckpts)
         results = _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded,
                                  task, workdir)
     finally:
@@ -223,6 +221,8 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
     every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
     main = jax.process_index() == 0
     for next_phase, end in unfreeze.segments(start_step, num_steps, every, num_layers):
+        if callbacks.should_stop():  # resumed from the checkpoint patience stopped at
+            break
         if next_phase != phase:
             phase = next_phase
             state, labels, tx = setup.enter_phase(cfg, mesh, built, state, num_steps, phase)
@@ -232,8 +232,6 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
         state = run_loop(state, batches.iterate(int(state.step)), int(state.step),
                          dataclasses.replace(loop_cfg, num_steps=end),
                          dataclasses.replace(callbacks, step=step), sigterm)
-        if callbacks.should_stop():
-            break
     return state
 
 
@@ -265,7 +263,7 @@ def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, t
                    workdir: epath.Path) -> dict:
     """Validation and test metrics of the best checkpoint (and, distilled, the student's
     size and speed against the teacher's)."""
-    best = setup.restore_best(best_ckpts, state)
+    best = setup.restore_best(best_ckpts, state, tracker.best['step'])
     results = {'best_step': tracker.best['step'], 'metric': cfg.metric,
                'label_names': task['label_names'],
                'validation': _evaluate_split(cfg, mesh, predict_fn, best,

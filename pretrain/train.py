@@ -250,11 +250,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, sources = validate(cfg)
     parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
     require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
-    sigterm = SigtermFlag()  # from here on, SIGTERM ends the run cleanly
     started = time.time()
     workdir = open_workdir(workdir)  # a local path made absolute, or gs://...
     main = jax.process_index() == 0
-    with workdir_lock(workdir, 'pretrain'):
+    sigterm = SigtermFlag()  # from here on, SIGTERM and Ctrl-C end the run cleanly
+    with sigterm, workdir_lock(workdir, 'pretrain'):  # the handlers restored on the way out
         return _pretrain(cfg, workdir, src, mesh, sources, sigterm, started, main)
 
 

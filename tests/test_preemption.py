@@ -58,9 +58,9 @@ class FakeRun:
         cfg = loop.LoopConfig(num_steps=num_steps, log_every=5, eval_every=0,
                               checkpoint_every=10, tokens_per_step=1, flops_per_step=1.0,
                               peak_flops=1.0, is_main=False, **kwargs)
-        self.flag = loop.SigtermFlag()
-        return loop.run_loop(0, ((i, None) for i in range(num_steps)), 0, cfg,
-                             self.callbacks(), self.flag)
+        with loop.SigtermFlag() as self.flag:
+            return loop.run_loop(0, ((i, None) for i in range(num_steps)), 0, cfg,
+                                 self.callbacks(), self.flag)
 
 
 def test_sigterm_saves_the_step_reached_and_asks_for_a_requeue():
