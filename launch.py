@@ -39,6 +39,7 @@ config; anything after a bare `--` is passed through untouched (to `args.passthr
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,36 +211,49 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', default='', help='JSONL path (default: stdout)')
 
 
+# How a command writes a path argument: INTO the folder it names (created if missing), or
+# BESIDE it (a file or folder made as a temporary in its parent, then renamed).
+INTO, BESIDE = 'into', 'beside'
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable  # run(config or None, args)
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     default_config: str = ''  # '' = the command takes no --config
+    writes: tuple[tuple[str, str], ...] = ()  # (args attribute, INTO or BESIDE)
+
+
+WORKDIR = (('workdir', INTO),)
 
 
 COMMANDS = {
     'pretrain': Command(_pretrain, 'masked-LM pretraining', _pretrain_arguments,
-                        'configs/pretrain.py:tiny'),
+                        'configs/pretrain.py:tiny', WORKDIR),
     'prepare': Command(_prepare, 'tokenizer + corpus preparation only (pretrain does it when '
                        'needed): parallel, resumable, packed array_record shards',
-                       _prepare_arguments, 'configs/pretrain.py:tiny'),
+                       _prepare_arguments, 'configs/pretrain.py:tiny', WORKDIR),
     'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
-                        _train_arguments, 'configs/finetune.py:sentiment'),
-    'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments),
-    'export': Command(_export, 'export to Hugging Face transformers', _export_arguments),
-    'import': Command(_import, 'import a Hugging Face BERT', _import_arguments),
+                        _train_arguments, 'configs/finetune.py:sentiment', WORKDIR),
+    'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments,
+                       writes=(('output', BESIDE),)),
+    'export': Command(_export, 'export to Hugging Face transformers', _export_arguments,
+                      writes=(('output', BESIDE),)),
+    'import': Command(_import, 'import a Hugging Face BERT', _import_arguments,
+                      writes=(('workdir', BESIDE),)),
     'evaluate': Command(_evaluate, 'multi-seed fine-tuning suite: mean ± std tables',
-                        _workdir_arguments, 'configs/suite.py:demo'),
+                        _workdir_arguments, 'configs/suite.py:demo', WORKDIR),
     'search': Command(_search, 'hyper-parameter search (optuna TPE or random), resumable',
-                      _workdir_arguments, 'configs/search.py:demo'),
+                      _workdir_arguments, 'configs/search.py:demo', WORKDIR),
     'pseudolabel': Command(_pseudolabel, 'self-training: fine-tune, pseudo-label an unlabelled '
                            'pool above a confidence threshold, retrain', _workdir_arguments,
-                           'configs/pseudolabel.py:demo'),
+                           'configs/pseudolabel.py:demo', WORKDIR),
     'tpu': Command(_tpu, 'print/run the gcloud command starting a run on every TPU VM worker',
                    _tpu_arguments),
     'slurm': Command(_slurm, 'write/submit an sbatch script starting a run on SLURM',
-                     _slurm_arguments),
+                     _slurm_arguments,
+                     writes=(('script', BESIDE),)),
 }
 
 
@@ -289,10 +303,24 @@ def _configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def check_writable(command: Command, args) -> None:
+    """One `error:` line before any work (a prediction computed, a model loaded) when a path
+    the command writes is not writable, instead of a PermissionError traceback or lost work."""
+    from engine.paths import check_writable as check
+    if getattr(args, 'dry_run', False):
+        return  # a dry run writes nothing
+    for name, how in command.writes:
+        value = getattr(args, name)
+        if value and value != '-':
+            check(value if how == INTO else os.path.dirname(os.path.abspath(value)),
+                  '--' + name.replace('_', '-'))
+
+
 def main(argv: list[str]) -> int:
     _configure_logging()
     try:
         command, config, args = parse(argv)
+        check_writable(command, args)
         command.run(config, args)
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
