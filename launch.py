@@ -41,6 +41,7 @@ config; anything after a bare `--` is passed through untouched (to `args.passthr
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 from collections.abc import Callable
@@ -237,6 +238,11 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', default='', help='JSONL path (default: stdout)')
 
 
+# How a command writes a path argument: INTO the folder it names (created if missing), or
+# BESIDE it (a file or folder made as a temporary in its parent, then renamed).
+INTO, BESIDE = 'into', 'beside'
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable  # run(config or None, args)
@@ -245,6 +251,10 @@ class Command:
     default_config: str = ''  # '' = the command takes no --config
     docs: str = ''  # the docs page that explains it
     main_keys: tuple[str, ...] = ()  # the keys a user sets first, shown with defaults in --help
+    writes: tuple[tuple[str, str], ...] = ()  # (args attribute, INTO or BESIDE)
+
+
+WORKDIR = (('workdir', INTO),)
 
 
 PRETRAIN_KEYS = ('data.train_files', 'num_train_steps', 'batch_size', 'seq_len',
@@ -252,38 +262,44 @@ PRETRAIN_KEYS = ('data.train_files', 'num_train_steps', 'batch_size', 'seq_len',
                  'mesh.shape', 'init_from')
 COMMANDS = {
     'pretrain': Command(_pretrain, 'masked-LM pretraining', _pretrain_arguments,
-                        'configs/pretrain.py:tiny', 'docs/pretraining.md', PRETRAIN_KEYS),
+                        'configs/pretrain.py:tiny', 'docs/pretraining.md', PRETRAIN_KEYS,
+                        writes=WORKDIR),
     'prepare': Command(_prepare, 'tokenizer + corpus preparation only (pretrain does it when '
                        'needed): parallel, resumable, packed array_record shards',
                        _prepare_arguments, 'configs/pretrain.py:tiny', 'docs/data.md',
-                       ('data.train_files', 'seq_len', 'model.vocab_size', 'data.workers')),
+                       ('data.train_files', 'seq_len', 'model.vocab_size', 'data.workers'),
+                       writes=WORKDIR),
     'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
                         _train_arguments, 'configs/finetune.py:sentiment', 'docs/finetuning.md',
                         ('init_from', 'data.train_file', 'data.text_column',
                          'data.label_column', 'task', 'num_epochs', 'learning_rate',
-                         'batch_size', 'seq_len', 'metric', 'freeze')),
+                         'batch_size', 'seq_len', 'metric', 'freeze'),
+                        writes=WORKDIR),
     'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments,
-                       docs='docs/finetuning.md'),
+                       docs='docs/finetuning.md', writes=(('output', BESIDE),)),
     'export': Command(_export, 'export to Hugging Face transformers', _export_arguments,
-                      docs='docs/huggingface.md'),
+                      docs='docs/huggingface.md', writes=(('output', BESIDE),)),
     'import': Command(_import, 'import a Hugging Face BERT', _import_arguments,
-                      docs='docs/huggingface.md'),
+                      docs='docs/huggingface.md', writes=(('workdir', BESIDE),)),
     'evaluate': Command(_evaluate, 'multi-seed fine-tuning suite: mean ± std tables',
                         _workdir_arguments, 'configs/suite.py:demo', 'docs/finetuning.md',
-                        ('init_from', 'seeds', 'baselines')),
+                        ('init_from', 'seeds', 'baselines'), writes=WORKDIR),
     'search': Command(_search, 'hyper-parameter search (optuna TPE or random), resumable',
                       _workdir_arguments, 'configs/search.py:demo', 'docs/search.md',
-                      ('init_from', 'sampler', 'num_trials', 'pruner')),
+                      ('init_from', 'sampler', 'num_trials', 'pruner'), writes=WORKDIR),
     'pseudolabel': Command(_pseudolabel, 'self-training: fine-tune, pseudo-label an unlabelled '
                            'pool above a confidence threshold, retrain', _workdir_arguments,
                            'configs/pseudolabel.py:demo', 'docs/pseudolabel.md',
-                           ('init_from', 'unlabeled_file', 'threshold', 'rounds')),
+                           ('init_from', 'unlabeled_file', 'threshold', 'rounds'),
+                           writes=WORKDIR),
     'plot': Command(_plot, "overlay several runs' curves (metrics.jsonl) in one picture",
-                    _plot_arguments, docs='docs/observability.md'),
+                    _plot_arguments, docs='docs/observability.md',
+                    writes=(('output', BESIDE),)),
     'tpu': Command(_tpu, 'print/run the gcloud command starting a run on every TPU VM worker',
                    _tpu_arguments, docs='docs/clusters.md'),
     'slurm': Command(_slurm, 'write/submit an sbatch script starting a run on SLURM',
-                     _slurm_arguments, docs='docs/clusters.md'),
+                     _slurm_arguments, docs='docs/clusters.md',
+                     writes=(('script', BESIDE),)),
 }
 
 
@@ -378,6 +394,19 @@ def _configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def check_writable(command: Command, args) -> None:
+    """One `error:` line before any work (a prediction computed, a model loaded) when a path
+    the command writes is not writable, instead of a PermissionError traceback or lost work."""
+    from engine.paths import check_writable as check
+    if getattr(args, 'dry_run', False):
+        return  # a dry run writes nothing
+    for name, how in command.writes:
+        value = getattr(args, name)
+        if value and value != '-':
+            check(value if how == INTO else os.path.dirname(os.path.abspath(value)),
+                  '--' + name.replace('_', '-'))
+
+
 def main(argv: list[str]) -> int:
     _configure_logging()
     try:
@@ -385,6 +414,7 @@ def main(argv: list[str]) -> int:
         if args.print_config:
             print_config(config, args)
             return 0
+        check_writable(command, args)
         command.run(config, args)
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)

@@ -3,8 +3,12 @@
 A second `pretrain`, `prepare` or `finetune` on a live workdir stops with one line naming
 the holder instead of resuming from the first run's checkpoints and interleaving its
 logs. A lock left by a dead process never blocks a resume: on the same host the pid is
-checked; from another host (a shared or gs:// workdir) the lock is stale once its
-heartbeat, refreshed every HEARTBEAT_S seconds by the holder, is older than STALE_S.
+checked, with the process's start time and the machine's boot id, since a pid is reused
+(after a container restart it may belong to another process, or to the new run itself);
+a lock written without them (an older version) is judged by its pid alone. From another
+host (a shared or gs:// workdir) the lock is stale once its heartbeat, refreshed every
+HEARTBEAT_S seconds by the holder, is older than STALE_S. Taking over a lock says why in
+one line.
 Only process 0 of a multi-process run takes the lock (the others are the same run).
 
 Taking the lock is atomic on a local file system (O_CREAT | O_EXCL). On gs:// the object
@@ -18,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import socket
 import threading
 import time
@@ -34,6 +39,24 @@ STALE_S = 180.0
 _SETTLE_S = 1.0  # gs://: wait before reading the lock back
 
 log = logging.getLogger(__name__)
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat),
+    or None without /proc (macOS) or without such a process."""
+    try:
+        stat = pathlib.Path(f'/proc/{pid}/stat').read_text()
+        return int(stat[stat.rindex(')') + 1:].split()[19])  # the name, (2), may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    """This boot of the machine (Linux), or None."""
+    try:
+        return pathlib.Path('/proc/sys/kernel/random/boot_id').read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -53,12 +76,14 @@ class WorkdirLock:
         self.path = absolute_path(workdir) / LOCK_FILENAME
         self.command, self.enabled = command, enabled
         self.token = uuid.uuid4().hex
+        self.boot_id, self.pid_start = _boot_id(), _start_time(os.getpid())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict:
         return {'host': socket.gethostname(), 'pid': os.getpid(), 'command': self.command,
-                'token': self.token, 'started': self._started, 'heartbeat': time.time()}
+                'token': self.token, 'started': self._started, 'heartbeat': time.time(),
+                'boot_id': self.boot_id, 'pid_start': self.pid_start}
 
     def holder(self) -> dict | None:
         """The lock's content, or None if there is none (an unreadable lock is stale)."""
@@ -69,12 +94,26 @@ class WorkdirLock:
         except (ValueError, OSError):
             return {}
 
-    def _stale(self, holder: dict) -> bool:
+    def stale_reason(self, holder: dict) -> str | None:
+        """Why `holder` (a lock's content) is dead, or None while it may be alive."""
         if not holder:
-            return True  # empty or torn: its writer died while writing it
+            return 'the lock file is empty or torn'  # its writer died while writing it
         if holder.get('host') == socket.gethostname() and not is_remote(self.path):
-            return not _alive(int(holder.get('pid', -1)))
-        return time.time() - float(holder.get('heartbeat', 0)) > STALE_S
+            return self._dead_here(holder)
+        age = time.time() - float(holder.get('heartbeat', 0))
+        return f'no heartbeat for {age:.0f} s' if age > STALE_S else None
+
+    def _dead_here(self, holder: dict) -> str | None:
+        boot = holder.get('boot_id')
+        if boot and self.boot_id and boot != self.boot_id:
+            return 'this machine has restarted since'
+        pid = int(holder.get('pid', -1))
+        if not _alive(pid):
+            return 'that process has exited'
+        started, now = holder.get('pid_start'), _start_time(pid)
+        if started is not None and now is not None and int(started) != now:
+            return f'pid {pid} is now another process'
+        return None
 
     def _refuse(self, holder: dict) -> ConfigError:
         since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))
@@ -94,8 +133,11 @@ class WorkdirLock:
             holder = self.holder()
             if holder is None:
                 continue  # released meanwhile
-            if not self._stale(holder):
+            reason = self.stale_reason(holder)
+            if reason is None:
                 raise self._refuse(holder)
+            log.info('taking over the lock of %s (pid %s on %s): %s',
+                     holder.get('command', 'a run'), holder.get('pid'), holder.get('host'), reason)
             self.path.unlink(missing_ok=True)
         else:
             raise self._refuse(self.holder() or {})

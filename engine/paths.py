@@ -80,6 +80,33 @@ def check_workdir(workdir: str | os.PathLike) -> None:
         raise ConfigError(f'--workdir: {path} exists and is not a directory')
 
 
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """A one-line ConfigError, before any work, unless this process can write in the local
+    `folder` (created later if missing: then its nearest existing parent is what must take
+    a new entry). A file is created and removed there: the permission bits alone would not
+    tell (root ignores them; a read-only mount or an immutable folder keeps them). A URL is
+    not probed: a bucket's permissions show on the first write, in one line."""
+    if is_remote(folder):
+        return
+    target = pathlib.Path(os.path.abspath(os.fspath(folder)))
+    existing = target
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = 'exists and is not a directory' if existing == target else (
+            f'cannot be created: {existing} is not a directory')
+        raise ConfigError(f'{flag}: {target} {what}')
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix='.write-probe-')
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        where = '' if existing == target else f' (to create {target})'
+        raise ConfigError(f'{flag}: cannot write in {existing}{where}: {reason}; give a '
+                          'writable path or fix its permissions') from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 PROBE_TIMEOUT_S = 5.0  # one connection attempt, name lookup included: far below gcsfs' retries
 
 

@@ -120,3 +120,76 @@ def test_the_heartbeat_refreshes_the_lock_without_errors(tmp_path, monkeypatch):
     assert errors == []
     assert record['heartbeat'] > first and record['token'] == lock.token
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary files left
+
+
+# A pid is reused: after a container restart the pid in a lock may name another process, or
+# the new run itself. The lock records the holder's start time and the machine's boot id.
+
+needs_proc = pytest.mark.skipif(not os.path.exists('/proc/self/stat'), reason='no /proc here')
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot."""
+    stat = open(f'/proc/{pid}/stat').read()
+    return int(stat[stat.rindex(')') + 1:].split()[19])
+
+
+def boot_id() -> str:
+    return open('/proc/sys/kernel/random/boot_id').read().strip()
+
+
+@pytest.fixture
+def sleeper():
+    """A live process of this host that is not a run."""
+    proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+@needs_proc
+@pytest.mark.parametrize('case', ['our own pid', 'another live pid', 'another boot'])
+def test_a_reused_pid_is_taken_over_in_one_line(tmp_path, caplog, sleeper, case):
+    pid = {'our own pid': os.getpid(), 'another live pid': sleeper,
+           'another boot': os.getpid()}[case]
+    fields = {'pid': pid, 'pid_start': start_time(pid) - 1000, 'boot_id': boot_id()}
+    if case == 'another boot':  # the pid's start time matches: only the boot tells
+        fields.update(pid_start=start_time(pid), boot_id='00000000-0000-0000-0000-000000000000')
+    write_lock(tmp_path, **fields)
+    caplog.set_level('INFO', logger='engine.lock')
+    with lock_lib.WorkdirLock(tmp_path, 'pretrain') as candidate:
+        record = json.loads((tmp_path / '.lock').read_text())
+    assert record['token'] == candidate.token
+    assert record['pid_start'] == start_time(os.getpid()) and record['boot_id'] == boot_id()
+    reason = ('this machine has restarted since' if case == 'another boot'
+              else f'pid {pid} is now another process')
+    assert [r.getMessage() for r in caplog.records if r.name == 'engine.lock'] == [
+        f'taking over the lock of pretrain (pid {pid} on {socket.gethostname()}): {reason}']
+
+
+@needs_proc
+def test_a_live_holder_with_its_start_time_is_still_refused(tmp_path, sleeper):
+    write_lock(tmp_path, pid=sleeper, pid_start=start_time(sleeper), boot_id=boot_id())
+    with pytest.raises(ConfigError, match=f'is in use by pretrain \\(pid {sleeper} on '):
+        lock_lib.WorkdirLock(tmp_path, 'pretrain').acquire()
+    write_lock(tmp_path, pid=sleeper)  # an older lock without them: judged by its pid
+    with pytest.raises(ConfigError, match=f'is in use by pretrain \\(pid {sleeper} on '):
+        lock_lib.WorkdirLock(tmp_path, 'pretrain').acquire()
+
+
+@needs_proc
+def test_a_lock_held_by_another_live_process_is_refused(tmp_path):
+    holder = ("import sys, time; from engine.lock import WorkdirLock; "
+              "lock = WorkdirLock(sys.argv[1], 'pretrain'); lock.acquire(); print('held', "
+              "flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, '-c', holder, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == 'held\n'
+        with pytest.raises(ConfigError, match=f'is in use by pretrain \\(pid {proc.pid} on '):
+            lock_lib.WorkdirLock(tmp_path, 'finetune').acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    with lock_lib.WorkdirLock(tmp_path, 'finetune'):  # killed: its lock is taken over
+        pass
