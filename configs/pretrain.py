@@ -131,6 +131,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.final_norm = False  # a LayerNorm after the last layer (pre-LN always has one)
     m.local_attention_window = 0  # 0 = full attention; W: local layers see +-W/2 tokens
     m.global_attention_every = 3  # with a window: layer i is global when i % N == 0
+    # Attention kernel: 'auto' picks per platform (explicit with attention dropout, xla on
+    # CPU, cudnn on GPU for bf16, splash on TPU); or 'explicit', 'xla', 'cudnn', 'splash'.
+    m.attention_impl = 'auto'
     m.pooling = 'cls'  # classification pooling: 'cls' ([CLS]) or 'mean' (non-pad tokens)
     # One nn.scan over the layers: compile time independent of depth; params stacked on a
     # leading axis (fine-tuning and export see them as layer_0.. again; models/scan.py).

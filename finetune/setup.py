@@ -161,6 +161,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
               'attention_dropout_rate': cfg.model.attention_dropout_rate,
               'pooling': cfg.model.get('pooling', 'cls'),
+              'attention_impl': cfg.model.get('attention_impl', 'auto'),  # a runtime choice
               'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT
               'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
               **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}

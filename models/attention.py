@@ -1,40 +1,76 @@
-"""Self-attention: masks (padding, segments, sliding window), rotary position embeddings and
-the q/k/v projections with fused or explicit scaled dot-product attention."""
+"""Self-attention: rotary position embeddings, the q/k/v projections and the choice of the
+scaled dot-product kernel (the kernels and masks live in models/attention_kernels.py).
+
+Choosing the implementation. `BertConfig.attention_impl` ('auto' by default; 'explicit',
+'xla', 'cudnn', 'splash') names it, and `resolve_attention_impl(impl, platform,
+dropout_rate, dtype)` turns it into the concrete one for a platform ('cpu', 'gpu', 'tpu'):
+
+    attention dropout > 0 (training only)   explicit (the only kernel with dropout)
+    'auto' on cpu                           xla (fused softmax(QK^T)V, as before)
+    'auto' on gpu                           cudnn for bfloat16/float16, else xla
+    'auto' on tpu                           splash (Pallas)
+    any other value                         itself
+
+The layer resolves 'auto' at trace time from ``jax.default_backend()``. Code that builds a
+model for another target than the host (compiling for abstract TPU devices from a CPU)
+resolves it for that platform and stores the result with
+``dataclasses.replace(config, attention_impl=resolve_attention_impl('auto', 'tpu', ...))``;
+saved configs keep 'auto'. Prefix tuning (extra keys visible to every query) needs a dense
+mask: splash then runs as xla, cuDNN takes the mask as its bias.
+
+The model passes each layer an `AttentionInputs` (padding mask, segment ids, window) rather
+than a dense mask; a dense (B, 1, L, L) boolean mask is still accepted (then splash runs as
+xla). Where a kernel cannot express the structure natively it gets the dense mask
+(models/attention_kernels.py says which).
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models import peft
-from models.config import BertConfig
+from models.attention_kernels import (
+    AttentionInputs,
+    cudnn_attention,
+    explicit_attention,
+    make_attention_mask,
+    sliding_window_mask,
+    splash_attention,
+)
+from models.config import ATTENTION_IMPLS, BertConfig
 from models.layers import dense
 
+__all__ = [
+    'AttentionInputs', 'BertSelfAttention', 'explicit_attention', 'fused_attention',
+    'make_attention_mask', 'resolve_attention_impl', 'sliding_window_mask',
+]
+
 Array = jax.Array
+PLATFORMS = ('cpu', 'gpu', 'tpu')
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def make_attention_mask(attention_mask: Array, segment_ids: Array | None = None) -> Array:
-    """Boolean (B, 1, L, L) mask: keys must be real tokens (and in the query's segment)."""
-    keys = attention_mask.astype(bool)[:, None, None, :]
-    if segment_ids is None:
-        length = attention_mask.shape[-1]
-        return jnp.broadcast_to(keys, (*attention_mask.shape[:-1], 1, length, length))
-    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    return jnp.logical_and(same, keys)
-
-
-def sliding_window_mask(length: int, window: int) -> Array:
-    """Boolean (1, 1, L, L) band: query i may see key j when |i - j| <= window // 2.
-
-    `window` counts the tokens of the whole band as ModernBERT's ``local_attention`` does
-    (its mask is ``abs(q - k) <= local_attention // 2``).
-    """
-    pos = jnp.arange(length)
-    band = jnp.abs(pos[:, None] - pos[None, :]) <= window // 2
-    return band[None, None]
+def resolve_attention_impl(impl: str, platform: str, dropout_rate: float, dtype) -> str:
+    """The concrete kernel ('explicit', 'xla', 'cudnn' or 'splash') for `impl` on `platform`
+    with attention dropout `dropout_rate` (0 when deterministic) and compute `dtype`."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+    if platform not in PLATFORMS:
+        raise ValueError(f'platform must be one of {PLATFORMS}, got {platform!r}')
+    if dropout_rate > 0.0:
+        if impl not in ('auto', 'explicit'):
+            raise ValueError(f'attention_impl={impl} has no attention dropout; set '
+                             'attention_dropout_rate=0 or attention_impl=auto')
+        return 'explicit'
+    if impl != 'auto':
+        return impl
+    if platform == 'tpu':
+        return 'splash'
+    if platform == 'gpu' and jnp.dtype(dtype) in HALF_DTYPES:
+        return 'cudnn'
+    return 'xla'
 
 
 def rotary_tables(length: int, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -65,36 +101,20 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def fused_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """``jax.nn.dot_product_attention``: cuDNN flash attention on GPU for 16-bit inputs (the
-    boolean padding/segment mask becomes its bias), XLA's fused softmax(QK^T)V elsewhere."""
-    if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
-        try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
-        except (ValueError, NotImplementedError, RuntimeError):
-            pass  # cuDNN too old or shape unsupported: checked at trace time, so fall back
+    """The 'xla' kernel: ``jax.nn.dot_product_attention`` (XLA's fused softmax(QK^T)V)
+    with the dense boolean padding/segment/window mask."""
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
 
 
-def explicit_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array,
-    dropout: Callable[[Array], Array] | None = None,
-) -> Array:
-    """Same maths as ``jax.nn.dot_product_attention`` but with a hook to drop probabilities.
-
-    q/k/v are (B, L, heads, head_dim); mask is boolean, broadcastable to (B, heads, L, L).
-    """
-    scale = 1.0 / float(q.shape[-1]) ** 0.5
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(scale)
-    # A large finite negative (not -inf) keeps fully-masked rows NaN-free, like jax.nn.
-    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(logits, axis=-1)  # float32 softmax
-    if dropout is not None:
-        probs = dropout(probs)
-    return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+def _cudnn_or_xla(q: Array, k: Array, v: Array, inputs: AttentionInputs | None,
+                  mask: Array) -> Array:
+    try:
+        if inputs is None:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+        return cudnn_attention(q, k, v, inputs)
+    except (ValueError, NotImplementedError, RuntimeError):
+        pass  # cuDNN too old or shape unsupported: checked at trace time, so fall back
+    return fused_attention(q, k, v, inputs.dense_mask() if mask is None else mask)
 
 
 class BertSelfAttention(nn.Module):
@@ -109,7 +129,7 @@ class BertSelfAttention(nn.Module):
         return nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, mask: Array | AttentionInputs, deterministic: bool) -> Array:
         cfg = self.config
         q, k, v = (
             self._split_heads(dense(cfg, cfg.hidden_size, ('embed', 'heads'), name=n)(x))
@@ -118,12 +138,26 @@ class BertSelfAttention(nn.Module):
         if cfg.position_embedding == 'rope':
             cos, sin = rotary_tables(x.shape[-2], cfg.head_dim, cfg.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        rate = 0.0 if deterministic else cfg.attention_dropout_rate
+        impl = resolve_attention_impl(cfg.attention_impl, jax.default_backend(), rate,
+                                      cfg.compute_dtype)
+        inputs = mask if isinstance(mask, AttentionInputs) else None
+        dense_mask = mask if inputs is None else None
         if cfg.prefix_length:  # prefix keys carry no position: they are not rotated
-            k, v, mask = peft.Prefix(cfg, name=peft.PREFIX_NAME)(k, v, mask)
-        if not deterministic and cfg.attention_dropout_rate > 0.0:
-            drop = nn.Dropout(cfg.attention_dropout_rate, name='attention_dropout')
-            out = explicit_attention(q, k, v, mask, lambda p: drop(p, deterministic=False))
-        else:
-            out = fused_attention(q, k, v, mask)
+            dense_mask = inputs.dense_mask() if inputs is not None else dense_mask
+            k, v, dense_mask = peft.Prefix(cfg, name=peft.PREFIX_NAME)(k, v, dense_mask)
+            inputs = None  # only a dense mask can open the prefix to every query
+        if impl == 'splash' and inputs is not None:
+            out = splash_attention(q, k, v, inputs)
+        elif impl == 'cudnn':
+            out = _cudnn_or_xla(q, k, v, inputs, dense_mask)
+        else:  # explicit; xla (also splash on a dense mask)
+            dense_mask = inputs.dense_mask() if dense_mask is None else dense_mask
+            if impl == 'explicit':
+                drop = nn.Dropout(cfg.attention_dropout_rate, name='attention_dropout')
+                out = explicit_attention(q, k, v, dense_mask,
+                                         lambda p: drop(p, deterministic=deterministic))
+            else:
+                out = fused_attention(q, k, v, dense_mask)
         out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
         return out.reshape(*out.shape[:-2], cfg.hidden_size)

@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import (
+    AttentionInputs,
     BertSelfAttention,
     explicit_attention,
     fused_attention,
     make_attention_mask,
+    resolve_attention_impl,
     sliding_window_mask,
 )
 from models.config import REMAT_POLICIES, BertConfig, non_bert_options
@@ -39,11 +41,11 @@ from models.layers import (
 from models.scan import SCANNED_NAME
 
 __all__ = [
-    'BertAttention', 'BertConfig', 'BertEmbeddings', 'BertEncoder', 'BertForMaskedLM',
-    'BertForSequenceClassification', 'BertIntermediate', 'BertLayer', 'BertModel',
-    'BertOnlyMLMHead', 'BertPooler', 'BertPredictionHead', 'BertSelfAttention',
+    'AttentionInputs', 'BertAttention', 'BertConfig', 'BertEmbeddings', 'BertEncoder',
+    'BertForMaskedLM', 'BertForSequenceClassification', 'BertIntermediate', 'BertLayer',
+    'BertModel', 'BertOnlyMLMHead', 'BertPooler', 'BertPredictionHead', 'BertSelfAttention',
     'explicit_attention', 'fused_attention', 'make_attention_mask', 'mean_pool',
-    'non_bert_options', 'sliding_window_mask',
+    'non_bert_options', 'resolve_attention_impl', 'sliding_window_mask',
 ]
 
 Array = jax.Array
@@ -98,7 +100,7 @@ class BertAttention(nn.Module):
     normalize: bool = True  # pre-LN: the LayerNorm before attention (off: first_attention_norm)
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, mask: Array | AttentionInputs, deterministic: bool) -> Array:
         attn = BertSelfAttention(self.config, name='self')
         out = DenseNorm(self.config, ('heads', 'embed'), name='output')
 
@@ -116,10 +118,10 @@ class BertLayer(nn.Module):
     attention_norm: bool = True  # False: layer 0 with first_attention_norm=False
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, mask: Array | AttentionInputs, deterministic: bool) -> Array:
         return self.block(x, mask, deterministic)
 
-    def block(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    def block(self, x: Array, mask: Array | AttentionInputs, deterministic: bool) -> Array:
         """The block itself, shared with the scanned layer (called in a compact method)."""
         cfg = self.config
         x = BertAttention(cfg, self.attention_norm, name='attention')(x, mask, deterministic)
@@ -138,16 +140,16 @@ def _layer_class(config: BertConfig) -> type[nn.Module]:
 
 
 class ScannedLayer(BertLayer):
-    """One step of nn.scan over the layers: the block, with this layer's mask chosen by its
-    (scanned) global flag; `deterministic` is an attribute, as scanned inputs are traced."""
+    """One step of nn.scan over the layers: the block, with this layer's window switched by
+    its (scanned) global flag; `deterministic` is an attribute, as scanned inputs are traced."""
 
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, local: Array, is_global: Array
+    def __call__(self, x: Array, inputs: AttentionInputs, is_global: Array
                  ) -> tuple[Array, None]:
-        layer_mask = jnp.where(is_global, mask, local)
-        return self.block(x, layer_mask, self.deterministic), None
+        layer = inputs.for_layer(self.config.local_attention_window, is_global)
+        return self.block(x, layer, self.deterministic), None
 
 
 def _scanned_layers(config: BertConfig, deterministic: bool) -> nn.Module:
@@ -157,7 +159,7 @@ def _scanned_layers(config: BertConfig, deterministic: bool) -> nn.Module:
     if config.remat != 'none':
         step = nn.remat(ScannedLayer, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
     scan = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                   in_axes=(nn.broadcast, nn.broadcast, 0), length=config.num_layers,
+                   in_axes=(nn.broadcast, 0), length=config.num_layers,
                    metadata_params={nn.PARTITION_NAME: 'layers'})
     return scan(config, deterministic=deterministic, name=SCANNED_NAME)
 
@@ -166,23 +168,19 @@ class BertEncoder(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, inputs: AttentionInputs, deterministic: bool) -> Array:
+        """`inputs`: the padding mask and segment ids; each layer adds its window."""
         cfg = self.config
         layer_cls = _layer_class(cfg)
-        # Local layers see the mask intersected with the band (built once for all of them).
-        local = None
-        if cfg.local_attention_window:
-            band = sliding_window_mask(x.shape[-2], cfg.local_attention_window)
-            local = jnp.logical_and(mask, band)
+        window = cfg.local_attention_window
         if cfg.scan_layers:
             flags = jnp.array([cfg.is_global_layer(i) for i in range(cfg.num_layers)])
-            x, _ = _scanned_layers(cfg, deterministic)(
-                x, mask, mask if local is None else local, flags)
+            x, _ = _scanned_layers(cfg, deterministic)(x, inputs, flags)
         # Separate named layers (no scan) keep the tree one-to-one with HF's encoder.layer.{i}.
         for i in range(0 if cfg.scan_layers else cfg.num_layers):
-            layer_mask = mask if cfg.is_global_layer(i) else local
+            layer = inputs.for_layer(window, cfg.is_global_layer(i))
             attention_norm = i > 0 or cfg.first_attention_norm
-            x = layer_cls(cfg, attention_norm, name=f'layer_{i}')(x, layer_mask, deterministic)
+            x = layer_cls(cfg, attention_norm, name=f'layer_{i}')(x, layer, deterministic)
         if cfg.pre_layer_norm or cfg.final_norm:
             x = norm(layer_norm(cfg, name='final_layer_norm'), x, cfg.compute_dtype)
             x = hidden_constraint(x)
@@ -246,9 +244,9 @@ class BertModel(nn.Module):
         deterministic: bool = True,
     ) -> tuple[Array, Array | None]:
         token_type_ids, attention_mask = _defaults(input_ids, token_type_ids, attention_mask)
-        mask = make_attention_mask(attention_mask, segment_ids)
+        inputs = AttentionInputs(attention_mask, segment_ids)
         x = self.embeddings(input_ids, token_type_ids, deterministic)
-        x = self.encoder(x, mask, deterministic)
+        x = self.encoder(x, inputs, deterministic)
         pooled = self.pooler(x, attention_mask) if self.add_pooling_layer else None
         return x, pooled
 

@@ -20,6 +20,10 @@ today's model bit for bit; `non_bert_options` names the ones a run moved away fr
                         window W > 0: token i attends to keys j with |i - j| <= W // 2
                         (ModernBERT's local_attention), except in global layers: layer l is
                         global when l % global_attention_every == 0 (0: no global layer).
+    attention_impl      the scaled dot-product kernel: 'auto' (explicit with attention
+                        dropout in training, else xla on CPU, cuDNN on GPU for 16-bit,
+                        splash on TPU; models/attention.py), or 'explicit', 'xla', 'cudnn',
+                        'splash' (these three have no dropout: attention_dropout_rate 0).
     pooling             sequence classification: 'cls' pools [CLS] (BERT), 'mean' the
                         masked mean of the non-pad tokens; both then go through the pooler
                         dense + tanh.
@@ -43,6 +47,7 @@ REMAT_POLICIES = {
 POSITION_EMBEDDINGS = ('learned', 'rope')
 MLPS = ('gelu', 'geglu', 'swiglu')
 POOLINGS = ('cls', 'mean')
+ATTENTION_IMPLS = ('auto', 'explicit', 'xla', 'cudnn', 'splash')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,7 @@ class BertConfig:
     local_attention_window: int = 0  # 0 = off; W: attend within +-W/2 in local layers
     global_attention_every: int = 3  # layer l is global when l % N == 0; 0 = none global
     pooling: str = 'cls'  # sequence classification: 'cls' | 'mean'
+    attention_impl: str = 'auto'  # ATTENTION_IMPLS; resolved per platform (models/attention.py)
     scan_layers: bool = False  # one nn.scan over the layers (stacked params; models/scan.py)
     # Pre-LN only: False = layer 0 has no attention LayerNorm, the embedding norm plays its
     # part (ModernBERT's layout, needed for its export).
@@ -131,6 +137,10 @@ def _validate_architecture(c: BertConfig) -> None:
     _one_of('position_embedding', c.position_embedding, POSITION_EMBEDDINGS)
     _one_of('mlp', c.mlp, MLPS)
     _one_of('pooling', c.pooling, POOLINGS)
+    _one_of('attention_impl', c.attention_impl, ATTENTION_IMPLS)
+    if c.attention_impl in ('xla', 'cudnn', 'splash') and c.attention_dropout_rate > 0:
+        raise ValueError(f'attention_impl={c.attention_impl} has no attention dropout; set '
+                         'attention_dropout_rate=0 or attention_impl=auto')
     if c.position_embedding == 'rope':
         # rotate_half pairs dimension d with d + head_dim/2.
         if c.head_dim % 2:
