@@ -57,9 +57,10 @@ from engine.config_cli import (
 
 
 def _pretrain(config, args) -> None:
+    _check_compile_for(args)
     if args.dry_run:
         from pretrain import dry_run
-        dry_run.run(config, args.config_spec)
+        dry_run.run(config, args.config_spec, args.compile_for)
         return
     from engine import distributed
     distributed.initialize(args)  # before anything touches a device
@@ -123,6 +124,20 @@ def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dry-run', action='store_true',
                         help='print the resolved config, mesh, shardings, parameter count, '
                              'FLOPs and memory per device, then exit (nothing is allocated)')
+    _compile_for_argument(parser)
+
+
+def _compile_for_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--compile-for', default='', metavar='TOPOLOGY',
+                        help='with --dry-run: compile the train step for a TPU slice here '
+                             '(needs libtpu), e.g. v5e:2x4, v5e:16x16, v4:2x2x4; prints HBM '
+                             'per device, fits or not (exit code 2 if not), compiled FLOPs '
+                             "and the compiler's estimated step time")
+
+
+def _check_compile_for(args) -> None:
+    if args.compile_for and not args.dry_run:
+        raise ConfigError('--compile-for: needs --dry-run (it compiles, it does not run)')
 
 
 def _tpu(config, args) -> None:

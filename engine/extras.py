@@ -17,6 +17,7 @@ EXTRAS = {
     'wandb': 'wandb',
     'torch': 'hf',
     'transformers': 'hf',
+    'libtpu': 'tpu-compile',
 }
 
 

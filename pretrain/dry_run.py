@@ -46,12 +46,13 @@ from pretrain.train import bert_config, check_batch, masking_config, validate_va
 GiB = 1024 ** 3
 
 
-def abstract_mesh(cfg: ml_collections.ConfigDict) -> AbstractMesh:
-    """The configured mesh without devices. A -1 takes this machine's device count; an
-    explicit shape may need more devices than exist here (the target cluster's)."""
+def abstract_mesh(cfg: ml_collections.ConfigDict, num_devices: int = 0) -> AbstractMesh:
+    """The configured mesh without devices. A -1 takes `num_devices` (default: this
+    machine's device count); an explicit shape may need more devices than exist here (the
+    target cluster's)."""
     try:
         shape = mesh_lib.resolve_mesh_shape(cfg.mesh.shape, cfg.mesh.axes,
-                                            _target_devices(cfg))
+                                            num_devices or _target_devices(cfg))
     except ValueError as e:
         raise ConfigError(f'mesh.shape: {e}') from None
     return AbstractMesh(shape, tuple(cfg.mesh.axes), axis_types=(AxisType.Auto,) * len(shape))
@@ -132,11 +133,12 @@ def _get(config, dotted: str):
     return node
 
 
-def describe(cfg: ml_collections.ConfigDict, spec: str) -> str:
-    """The whole dry-run report as text; raises ConfigError for an inconsistent config."""
+def describe(cfg: ml_collections.ConfigDict, spec: str, num_devices: int = 0) -> str:
+    """The whole dry-run report as text; raises ConfigError for an inconsistent config.
+    num_devices: what a -1 in mesh.shape takes (default: this machine's device count)."""
     cfg = phases.final_config(cfg)  # seq_len_phases: sized at the last phase's length
     validate_values(cfg)
-    mesh = abstract_mesh(cfg)
+    mesh = abstract_mesh(cfg, num_devices)
     mesh_shape = dict(mesh.shape)
     check_batch(cfg, math.prod(mesh_shape.get(a, 1) for a in mesh_lib.BATCH_AXES))
     model = bert_config(cfg)
@@ -183,7 +185,17 @@ def _memory_lines(cfg, model, state, shardings, mesh_shape, masked) -> list[str]
             f'total ~{total / GiB:.2f} GiB']
 
 
-def run(cfg: ml_collections.ConfigDict, spec: str) -> None:
+def run(cfg: ml_collections.ConfigDict, spec: str, compile_for: str = '') -> None:
+    """Prints the dry-run report; with `compile_for` (a TPU topology), the train step
+    compiled for it too (ConfigError if it does not fit)."""
     from pretrain import continual
     continual.resolve(cfg)  # a continual run's model is init_from's
-    print(describe(cfg, spec), flush=True)
+    if not compile_for:
+        print(describe(cfg, spec), flush=True)
+        return
+    from engine.compile_for import check_fits
+    from pretrain.compile_target import compile_pretrain
+    result = compile_pretrain(cfg, compile_for)  # starts JAX with the TPU compiler loaded
+    print(describe(cfg, spec, len(result.target.devices)), flush=True)
+    print('\n'.join(result.lines), flush=True)
+    check_fits(result.target, result.compiled, result.advice)

@@ -5,11 +5,9 @@ before anything is written, then tokenizer -> data -> sharded state (fresh or re
 -> the shared loop.
 """
 
-import functools
 import math
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,12 +28,13 @@ from engine.loop import (
     run_loop,
 )
 from engine.metrics_writer import MetricWriter, require_wandb
-from engine.optim import learning_rate_schedule, make_optimizer
+from engine.optim import make_optimizer
 from engine.paths import open_workdir
 from engine.rundir import RunDir, tokenized_data_dir
 from models.bert import BertConfig
 from models.flops import count_params
-from pretrain import continual, data, objective, phases, steps
+from pretrain import continual, data, objective, phases
+from pretrain import state as state_lib
 from pretrain.masking import MaskingConfig
 from text.batches import PretrainBatches, eval_batches
 from text.tokenizer import Tokenizer, load_or_train_tokenizer
@@ -125,20 +124,19 @@ def prepare_data(cfg, workdir: epath.Path, sources: list[data.Source], src=None,
     return tokenizer, directories
 
 
-def _build_state(cfg, mesh, model, tx, ckpts: Checkpoints, src=None, tokenizer=None):
+def _build_state(cfg, mesh, built: state_lib.PretrainState, ckpts: Checkpoints, src=None,
+                 tokenizer=None):
     """Sharded fresh init (init_from's weights for a continual run), or the latest
     checkpoint restored onto this mesh."""
-    rules = cfg.mesh.rules
-    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
-    with mesh_lib.sharding_context(mesh, rules):
-        abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, rules)
+    abstract, shardings = built.abstract, built.shardings
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         latest = ckpts.latest_step()
         if latest is None and src is not None:
-            state = continual.initial_state(cfg, src, tokenizer, tx, abstract, shardings, mesh)
+            state = continual.initial_state(cfg, src, tokenizer, built.tx, abstract, shardings,
+                                            mesh)
             return state, shardings, 0
         if latest is None:
-            state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-            return state, shardings, 0
+            return state_lib.fresh_state(built), shardings, 0
     # The newest one that restores: a damaged newer one is moved aside, with one line.
     latest, state, meta = ckpts.restore_latest(abstract, shardings)
     _check_resume(cfg, meta)
@@ -155,19 +153,6 @@ def _check_resume(cfg, meta: dict) -> None:
             f'seed/batch_size: the checkpoint was made with seed={saved.get("seed")}, '
             f'batch_size={saved.get("batch_size")}; resuming with other values would not '
             'replay the same data. Use a new --workdir to change them.')
-
-
-def _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts):
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
-    fed_rate = (None,) if cfg.optimizer.schedule == 'budget' else ()  # the host's rate
-    train = jax.jit(
-        objective.make_train_step(cfg, model, tx, schedule, masking, word_starts),
-        in_shardings=(shardings, batch_sharding, *fed_rate), out_shardings=(shardings, None),
-        donate_argnums=0)
-    evaluate = jax.jit(objective.make_eval_step(cfg, model, masking, word_starts),
-                       in_shardings=(shardings.params, batch_sharding, None))
-    return train, evaluate
 
 
 def _evaluator(cfg, mesh, eval_fn, eval_source):
@@ -268,10 +253,10 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
         RunDir(workdir).write_config(cfg)
     model_cfg = bert_config(cfg)
-    model = objective.build_model(cfg, model_cfg)
-    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
+    built = state_lib.build(cfg, mesh, model_cfg)  # the same state/step as the dry runs'
+    model = built.model
     ckpts = Checkpoints(str(RunDir(workdir).checkpoints), keep=cfg.keep_checkpoints)
-    state, shardings, start_step = _build_state(cfg, mesh, model, tx, ckpts, src, tokenizer)
+    state, shardings, start_step = _build_state(cfg, mesh, built, ckpts, src, tokenizer)
     resumed_meta = ckpts.restore_meta(start_step) if start_step else None
     plan = phases.StepPlan(cfg)
     budget = Budget.resume(cfg, resumed_meta, start_step, cfg.batch_size * cfg.seq_len, started,
@@ -284,8 +269,8 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     masking = masking_config(cfg, tokenizer.vocab_size)
     word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        train_fn, eval_fn = _compile_steps(cfg, mesh, model, tx, shardings, masking, word_starts)
-        train_fns = _phase_steps(cfg, plan, mesh, model, tx, shardings, tokenizer, word_starts,
+        train_fn, eval_fn = state_lib.compile_steps(cfg, mesh, built, masking, word_starts)
+        train_fns = _phase_steps(cfg, plan, mesh, built, tokenizer, word_starts,
                                  {cfg.seq_len: train_fn})
     flops = objective.flops_per_step(cfg, model, masking.max_predictions)
     restored = ckpts.latest_step()  # 0 for an imported checkpoint (`launch.py import`)
@@ -342,14 +327,12 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
     return results
 
 
-def _phase_steps(cfg, plan, mesh, model, tx, shardings, tokenizer, word_starts,
-                 fns: dict) -> dict:
+def _phase_steps(cfg, plan, mesh, built, tokenizer, word_starts, fns: dict) -> dict:
     """seq_len -> the jitted train step of that phase (its own masking budget)."""
     for length in {p.seq_len for p in plan.phases} - set(fns):
         phase_cfg = phases.with_seq_len(cfg, length)
         masking = masking_config(phase_cfg, tokenizer.vocab_size)
-        fns[length] = _compile_steps(phase_cfg, mesh, model, tx, shardings, masking,
-                                     word_starts)[0]
+        fns[length] = state_lib.compile_steps(phase_cfg, mesh, built, masking, word_starts)[0]
     return fns
 
 

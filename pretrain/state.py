@@ -1,0 +1,82 @@
+"""The pretraining state and train step, built in one place.
+
+The run (pretrain/train.py), `--dry-run` and `--dry-run --compile-for` all call `build` and
+`compile_steps`, so the step compiled for a TPU slice on a CPU is the step the run executes.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from engine import mesh as mesh_lib
+from engine.optim import learning_rate_schedule, make_optimizer
+from engine.step import TrainState
+from pretrain import objective, steps
+from pretrain.masking import MaskingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainState:
+    """The model, optimizer, fresh-state init and the state's abstract shapes and shardings
+    on the run's mesh (nothing allocated)."""
+    model: nn.Module
+    tx: optax.GradientTransformation
+    init: Callable[[], Any]  # the fresh state, boxed (logical axis names)
+    abstract: TrainState
+    shardings: TrainState
+
+
+def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+          model_cfg: Any) -> PretrainState:
+    """The run's model (`objective`'s), optimizer and abstract sharded state on `mesh`."""
+    model = objective.build_model(cfg, model_cfg)
+    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
+    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
+        abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
+    return PretrainState(model, tx, init, abstract, shardings)
+
+
+def fresh_state(built: PretrainState) -> TrainState:
+    """A sharded fresh init (call inside the run's sharding context)."""
+    return jax.jit(lambda: nn.unbox(built.init()), out_shardings=built.shardings)()
+
+
+def feeds_rate(cfg: ml_collections.ConfigDict) -> bool:
+    """schedule='budget': the host passes the learning rate as a third step argument."""
+    return cfg.optimizer.schedule == 'budget'
+
+
+def compile_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  built: PretrainState, masking: MaskingConfig,
+                  word_starts: jax.Array | None) -> tuple[Callable, Callable]:
+    """The jitted train step (state donated) and eval step."""
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
+    fed_rate = (None,) if feeds_rate(cfg) else ()  # the host's rate
+    train = jax.jit(
+        objective.make_train_step(cfg, built.model, built.tx, schedule, masking, word_starts),
+        in_shardings=(built.shardings, batch_sharding, *fed_rate),
+        out_shardings=(built.shardings, None), donate_argnums=0)
+    evaluate = jax.jit(objective.make_eval_step(cfg, built.model, masking, word_starts),
+                       in_shardings=(built.shardings.params, batch_sharding, None))
+    return train, evaluate
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict) -> dict:
+    """The shapes of one global train batch (what PretrainBatches yields)."""
+    shape = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
+    return {'input_ids': shape, 'segment_ids': shape}
+
+
+def abstract_step_args(cfg: ml_collections.ConfigDict, built: PretrainState) -> tuple:
+    """The train step's arguments as ShapeDtypeStructs, for `.lower(...)`."""
+    rate = (jax.ShapeDtypeStruct((), jnp.float32),) if feeds_rate(cfg) else ()
+    return (built.abstract, abstract_batch(cfg), *rate)
