@@ -10,6 +10,8 @@ import builtins
 import importlib.util
 import json
 import os
+import pathlib
+import site
 import subprocess
 import sys
 
@@ -45,6 +47,7 @@ def beam_python() -> str:
     python = os.path.join(venv, 'bin', 'python')
     check = [python, '-c', 'import apache_beam']
     if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
+        see_these_packages(python)
         return python
     made = subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', venv],
                           capture_output=True, text=True)
@@ -53,7 +56,20 @@ def beam_python() -> str:
                               capture_output=True, text=True, timeout=900)
     if made.returncode != 0:
         pytest.skip(f'cannot install {BEAM_REQUIREMENTS}: {made.stderr.strip()[-300:]}')
+    see_these_packages(python)
     return python
+
+
+def see_these_packages(python: str) -> None:
+    """Lets the child venv import what this interpreter's environment holds (etils, grain,
+    ...). `--system-site-packages` links the base interpreter only, so a venv that the tests
+    run in would be invisible; a .pth file adds its site-packages after the child's own, so
+    Beam's pins still win."""
+    where = 'import sysconfig; print(sysconfig.get_path("purelib"))'
+    child_site = subprocess.run([python, '-c', where], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    ours = [path for path in site.getsitepackages() if os.path.isdir(path)]
+    pathlib.Path(child_site, 'bertjax-parent-env.pth').write_text('\n'.join(ours) + '\n')
 
 
 def beam_prepare_in(python: str, spec: PrepareSpec, tokenizer, root: str) -> str:
