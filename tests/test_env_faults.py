@@ -2,10 +2,12 @@
 is one `error:` line before any work; a GLUE task built by tfds in the wrong file format is
 named as such."""
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -196,3 +198,59 @@ def test_predict_into_a_read_only_folder_stops_before_any_work(tmp_path, capsys,
                                '--output', folder / 'p.jsonl'])
     assert message.startswith(f'error: --output: cannot write in {folder}: ')
     assert list(folder.iterdir()) == []
+
+
+# ---------------------------------------------------------------- TFDS built as TFRecord
+
+
+@pytest.fixture
+def tfds_dir(tmp_path, monkeypatch) -> pathlib.Path:
+    """An empty TFDS data dir, the only one tfds looks in."""
+    root = tmp_path / 'tfds'
+    root.mkdir()
+    monkeypatch.setattr('tensorflow_datasets.core.constants.DATA_DIR', str(root))
+    monkeypatch.setenv('TFDS_DATA_DIR', str(root))
+    return root
+
+
+def build_as_tfrecord(root: pathlib.Path) -> pathlib.Path:
+    """glue/cola as `tfds build glue/cola` leaves it by default: TFRecord files. The stand-in
+    builder writes array_record (TFRecord would need TensorFlow); the files are then renamed
+    and the info relabelled, which is all that differs on disk for this purpose."""
+    from tests.test_glue_suite import Glue
+    from text.corpus import quiet_tfds
+    with quiet_tfds():
+        Glue(config='cola', data_dir=str(root)).download_and_prepare(file_format='array_record')
+    version = root / 'glue' / 'cola' / '2.0.0'
+    for path in version.glob('*.array_record-*'):
+        path.rename(path.with_name(path.name.replace('.array_record-', '.tfrecord-')))
+    info = json.loads((version / 'dataset_info.json').read_text())
+    (version / 'dataset_info.json').write_text(json.dumps({**info, 'fileFormat': 'tfrecord'}))
+    return version
+
+
+def test_a_tfds_task_built_as_tfrecord_names_the_file_format(tfds_dir, tmp_path, capsys):
+    version = build_as_tfrecord(tfds_dir)
+    capsys.readouterr()  # the build's own lines
+    assert sorted(p.name for p in version.glob('glue-*')) == [
+        f'glue-{s}.tfrecord-00000-of-00001' for s in ('test', 'train', 'validation')]
+    workdir = tmp_path / 'ft'
+    message = refused(capsys, finetune_argv(workdir) + [
+        '--config.data.train_file=tfds:glue/cola', '--config.data.text_column=sentence'])
+    assert message == (
+        f"error: data: train_file: TFDS dataset 'glue/cola' is prepared in {version} as tfrecord "
+        'files, but it is read by index, which needs array_record: rebuild it with '
+        '`tfds build glue/cola --file_format=array_record --overwrite` and copy the result '
+        'there')
+    assert not workdir.exists() or list(workdir.iterdir()) == []
+    assert 'tensorflow' not in sys.modules
+
+
+def test_a_missing_tfds_dataset_gives_the_array_record_build_command(tfds_dir):
+    from text.corpus import open_tfds_split
+    with pytest.raises(ValueError) as missing:
+        open_tfds_split('tfds:glue/sst2', 'train', 'train_file')
+    assert str(missing.value).startswith(
+        f"train_file: TFDS dataset 'glue/sst2' split 'train' is not prepared under {tfds_dir}; "
+        'prepare it with `tfds build glue/sst2 --file_format=array_record` on a machine with '
+        'internet')

