@@ -26,19 +26,21 @@ from engine.rundir import RunDir
 
 # Keys (or whole sections) a resumed pretraining run may change. Budgets and cadences do
 # not change what a step computes; the mesh, micro-batching and remat change how, not what;
-# model.dtype is the compute precision of the hardware at hand (params stay float32);
+# model.dtype and model.attention_impl are the compute precision and kernel of the hardware at hand (params stay float32);
 # data.data_dir and data.workers say where and how fast the (deterministic) preparation
 # runs. seq_len_phases / batch_size_ramp runs also keep num_train_steps (pretrain/phases.py).
 PRETRAIN_CHANGEABLE = (
     'num_train_steps', 'max_runtime', 'train_tokens', 'log_every_steps', 'eval_every_steps',
     'eval_max_batches', 'checkpoint_every_steps', 'keep_checkpoints', 'nan_rollbacks',
     'peak_flops_per_device', 'profile_steps', 'wandb', 'mesh', 'grad_accum_steps',
-    'model.remat', 'model.dtype', 'data.data_dir', 'data.workers',
+    'model.remat', 'model.dtype', 'model.attention_impl', 'data.data_dir', 'data.workers',
 )
-# Fine-tuning: the budget (num_epochs, patience), cadences and the same runtime keys.
+# Fine-tuning: the budget (num_epochs, patience), cadences and the same runtime keys;
+# dynamic padding changes the shapes of batches, not which examples they hold.
 FINETUNE_CHANGEABLE = (
     'num_epochs', 'patience', 'log_every_steps', 'eval_every_steps', 'peak_flops_per_device',
     'profile_steps', 'wandb', 'mesh', 'grad_accum_steps', 'model.remat', 'model.dtype',
+    'model.attention_impl', 'data.dynamic_padding',
 )
 _ABSENT = object()
 
