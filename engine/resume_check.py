@@ -26,7 +26,8 @@ from engine.rundir import RunDir
 
 # Keys (or whole sections) a resumed pretraining run may change. Budgets and cadences do
 # not change what a step computes; the mesh, micro-batching and remat change how, not what;
-# model.dtype and model.attention_impl are the compute precision and kernel of the hardware at hand (params stay float32);
+# model.dtype and model.attention_impl are the precision and kernel of the hardware at hand
+# (params stay float32);
 # data.data_dir and data.workers say where and how fast the (deterministic) preparation
 # runs. seq_len_phases / batch_size_ramp runs also keep num_train_steps (pretrain/phases.py).
 PRETRAIN_CHANGEABLE = (
