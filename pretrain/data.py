@@ -43,7 +43,7 @@ class Source:
 
 def _resolve(name: str, spec: str, eval_spec: str, key: str) -> Source:
     try:
-        if spec.startswith(corpus.TFDS_PREFIX):
+        if corpus.is_indexed(spec):
             return Source(name, (spec,), (eval_spec,) if eval_spec else None)
         if spec.strip() == tasks.TEXT_CORPUS:
             train = (str(tasks.train_text()),)

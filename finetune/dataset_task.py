@@ -1,7 +1,9 @@
-"""A locally prepared TFDS dataset as a fine-tuning task: which splits, and their rows.
+"""A dataset read by index as a fine-tuning task: which splits, and their rows.
 
-finetune.data.load_task with train_file='tfds:NAME' reads NAME's 'train' split, and for
-validation and test the split that data.validation_file / data.test_file name:
+A locally prepared TFDS dataset ('tfds:NAME') or a Hugging Face dataset ('hf:PATH_OR_NAME',
+a save_to_disk directory or the local hub cache: text/hf_source.py). finetune.data.load_task
+with such a train_file reads its 'train' split (an 'hf:PATH:SPLIT' spec: that split), and
+for validation and test the split that data.validation_file / data.test_file name:
 
   ''         the dataset's own 'validation' / 'test' split where it has one (else: the
              validation set is carved from train, and there is no test set)
@@ -17,27 +19,45 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from text import corpus
+from text import corpus, hf_source
 
 ROLES = ('validation', 'test')  # the splits whose source a config may choose
 NONE = 'none'
 
 
 def dataset_name(spec: str) -> str:
-    return corpus.parse_tfds_spec(spec)[0]
+    return corpus.parse_indexed_spec(spec)[0]
+
+
+def _prefix(spec: str) -> str:
+    return spec.split(':', 1)[0]
+
+
+def train_split(spec: str) -> str:
+    """'train', or the split an 'hf:PATH:SPLIT' spec names."""
+    if spec.startswith(hf_source.HF_PREFIX):
+        return hf_source.parse_spec(spec).split or 'train'
+    return 'train'
 
 
 def _splits(spec: str) -> list[str]:
     # The train split is required: opening it reports a missing or unprepared dataset.
-    info = corpus.open_tfds_split(spec, 'train', 'train_file').dataset_info
+    info = corpus.open_indexed_split(spec, train_split(spec), 'train_file').dataset_info
     return list(info.splits)
+
+
+def _open(spec: str, split: str):
+    """Split `split` of the dataset (an hf: spec's own split applies to train only)."""
+    if spec.startswith(hf_source.HF_PREFIX):
+        spec = f'{hf_source.HF_PREFIX}{hf_source.parse_spec(spec).path}'
+    return corpus.open_indexed_split(spec, split, 'train_file')
 
 
 def choose_splits(spec: str, validation: str, test: str) -> dict[str, str | None]:
     """{'train': 'train', 'validation': SPLIT or None, 'test': SPLIT or None} of the TFDS
     dataset `spec`, from the validation_file and test_file values (module docstring)."""
     have = _splits(spec)
-    chosen: dict[str, str | None] = {'train': 'train'}
+    chosen: dict[str, str | None] = {'train': train_split(spec)}
     for role, given in zip(ROLES, (validation, test), strict=True):
         if not given:
             chosen[role] = role if role in have else None
@@ -46,20 +66,20 @@ def choose_splits(spec: str, validation: str, test: str) -> dict[str, str | None
         elif given in have:
             chosen[role] = given
         else:
-            raise ValueError(f'{role}_file: TFDS dataset {dataset_name(spec)!r} has no split '
+            raise ValueError(f'{role}_file: dataset {dataset_name(spec)!r} has no split '
                              f'{given!r}; its splits are {sorted(have)} (or {NONE!r})')
     return chosen
 
 
 def read_rows(spec: str, split: str, columns: Sequence[str], label_column: str,
               task: str) -> tuple[str, list[tuple[int, dict]]]:
-    """(name for errors, [(row index, {column: value})]) of a prepared TFDS split.
+    """(name for errors, [(row index, {column: value})]) of a dataset split.
 
     A ClassLabel feature gives its label names; its -1 (an unlabelled example, as in
     GLUE's test splits) becomes a missing label (None).
     """
-    source = corpus.open_tfds_split(spec, split, 'train_file')
-    where = f'{corpus.TFDS_PREFIX}{dataset_name(spec)}[{split}]'
+    source = _open(spec, split)
+    where = f'{_prefix(spec)}:{dataset_name(spec)}[{split}]'
     features = source.dataset_info.features
     for col in columns:
         if col not in features:
@@ -81,6 +101,8 @@ def read_rows(spec: str, split: str, columns: Sequence[str], label_column: str,
 
 def class_names(spec: str, label_column: str) -> list[str] | None:
     """A ClassLabel's names in id order (e.g. MNLI's entailment, neutral, contradiction)."""
-    features = corpus.open_tfds_split(spec, 'train', 'train_file').dataset_info.features
+    features = _open(spec, train_split(spec)).dataset_info.features
+    if label_column not in features:
+        return None  # read_rows names the missing column
     names = getattr(features[label_column], 'names', None)
     return list(names) if names else None
