@@ -1,7 +1,8 @@
-"""A progress line for long work (corpus preparation, predictions): rate and ETA.
+"""Progress of long work (corpus preparation, predictions): share done, rate and ETA.
 
-On a terminal the line is redrawn in place every second; in a log file a full line is
-written every 30 seconds, so logs stay short. Always to stderr.
+On a terminal it is a tqdm bar, the same style as the training bar (engine/loop.py),
+redrawn every second from a polling thread; in a log file a plain line is written every 30
+seconds instead, so logs stay short. Always to stderr.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+
+import tqdm
+
+BAR_FORMAT = ('{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} {unit} '
+              '[{elapsed}<{remaining}, {rate_fmt}{postfix}]')
 
 
 def _clock(seconds: float) -> str:
@@ -34,6 +40,7 @@ class Progress:
         self._tty = bool(getattr(self.stream, 'isatty', lambda: False)())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._bar: tqdm.tqdm | None = None
         self._start = time.time()
 
     def line(self) -> str:
@@ -51,17 +58,26 @@ class Progress:
         while not self._stop.wait(interval):
             self._show()
 
-    def _show(self, end: str = '') -> None:
-        text = self.line()
-        if self._tty:
-            self.stream.write('\r' + text + '\x1b[K' + end)
-        else:
-            self.stream.write(text + '\n')
-        self.stream.flush()
+    def _show(self) -> None:
+        if self._bar is None:
+            self.stream.write(self.line() + '\n')
+            self.stream.flush()
+            return
+        done, extra = self.read()
+        self._bar.n = done / self.scale
+        if self.extra_name:
+            elapsed = max(time.time() - self._start, 1e-9)
+            self._bar.set_postfix_str(f'{extra / elapsed:,.0f} {self.extra_name}/s',
+                                      refresh=False)
+        self._bar.refresh()
 
     def __enter__(self) -> Progress:
         self._start = time.time()
         if self.enabled:
+            if self._tty:
+                self._bar = tqdm.tqdm(total=self.total / self.scale, desc=self.label,
+                                      unit=self.unit, file=self.stream, dynamic_ncols=True,
+                                      bar_format=BAR_FORMAT, mininterval=0)
             self._thread = threading.Thread(target=self._loop, name='progress', daemon=True)
             self._thread.start()
         return self
@@ -70,5 +86,6 @@ class Progress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
-            if self._tty:
-                self._show(end='\n')
+        if self._bar is not None:
+            self._show()  # the final count
+            self._bar.close()

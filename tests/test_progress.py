@@ -1,6 +1,8 @@
-"""The progress line of long work: rate, share done and ETA, redrawn on a terminal."""
+"""The progress of long work: a tqdm bar on a terminal (share done, rate, ETA), a plain
+line every 30 s in logs."""
 
 import io
+import re
 
 from engine.progress import Progress
 
@@ -15,9 +17,11 @@ def test_progress_line_on_a_terminal_and_quiet_in_short_logs():
     screen = Terminal()
     with Progress('prepare', 2e6, lambda: tuple(done), extra_name='docs', stream=screen):
         done[:] = [1e6, 500]
-    text = screen.getvalue()
-    assert text.startswith('\rprepare: 1/2 MB (50%) ') and ' MB/s, ' in text
-    assert 'docs/s, ETA 0:00:0' in text and text.endswith('\n')
+    last = screen.getvalue().split('\r')[-1]  # the bar as last drawn
+    assert last.startswith('prepare:  50%|') and '| 1/2 MB [' in last, last
+    assert re.search(r'\[00:0\d<00:0\d, [\d.]+MB/s, [\d,]+ docs/s\]$', last), last
+    assert screen.getvalue().endswith('\n')  # closed: the cursor is on a new line
+    assert Progress('x', 4e6, lambda: (1e6, 0)).line().startswith('x: 1/4 MB (25%) ')
     log = io.StringIO()  # not a terminal: a line every 30 s only, so nothing for short work
     with Progress('predict', 10, lambda: (10, 0), unit='examples', scale=1, stream=log):
         pass
