@@ -99,7 +99,8 @@ def test_two_processes_match_one_and_resume_both_ways(tmp_path, corpus, single, 
     assert 'fresh start' not in results[1].stdout and 'step ' not in results[1].stdout
     assert len(losses(two)) == STEPS
     summaries = [json.loads(p.read_text()) for p in prepared.glob('*/unit-*.json')]
-    assert sorted(s['process'] for s in summaries) == [0, 1]  # one unit (file) each
+    # The two small files (24 KB each) pack as one unit, prepared once by one process.
+    assert len(summaries) == 1 and summaries[0]['process'] in (0, 1)
     np.testing.assert_allclose(losses(two), losses(single), rtol=1e-5)
     assert_close(params(two), params(single))
 
