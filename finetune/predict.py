@@ -4,6 +4,10 @@ Input: a text file (one text a line; `-` for standard input), or CSV/TSV/JSONL w
 run's text column(s).
 Output: one JSON object per input row: {"text", ["text_b"], "label", "probabilities"}
 (or {"text", "prediction"} for regression), to stdout or --output.
+
+Batches are padded as the run's data.dynamic_padding says (on for runs that predate it):
+each cut to its longest row's bucket length (finetune/data.py), so at most
+log2(seq_len / 16) + 1 shapes compile; padding is masked, so only the work changes.
 """
 
 import json
@@ -153,22 +157,25 @@ def logits_fn(model):
                                             attention_mask=b['attention_mask']))
 
 
-def all_logits(model, params, encoded: dict, label: str = 'predict') -> np.ndarray:
+def all_logits(model, params, encoded: dict, label: str = 'predict', *,
+               dynamic_padding: bool = True) -> np.ndarray:
     """Eval-mode logits (N, C) of every encoded example, in order; a progress line
-    (examples/s, ETA) shows while it runs long."""
+    (examples/s, ETA) shows while it runs long. `dynamic_padding`: each batch cut to its
+    bucket length (the same logits, up to float rounding, for less work)."""
     apply = logits_fn(model)
     total = len(encoded['input_ids'])
     outputs, done = [], [0]
     with Progress(label, total, lambda: (done[0], 0), unit='examples', scale=1):
-        for batch in data.eval_batches(encoded, BATCH_SIZE):
+        for batch in data.eval_batches(encoded, BATCH_SIZE, dynamic_padding=dynamic_padding):
             outputs.append(np.asarray(apply(params, batch))[batch['weights'] > 0])
             done[0] += len(outputs[-1])
     return np.concatenate(outputs)
 
 
-def predict(model, params, encoded: dict, task: str) -> np.ndarray:
+def predict(model, params, encoded: dict, task: str, *, dynamic_padding: bool = True
+            ) -> np.ndarray:
     """Probabilities (N, C), or regression outputs (N,), in input order."""
-    logits = all_logits(model, params, encoded)
+    logits = all_logits(model, params, encoded, dynamic_padding=dynamic_padding)
     return logits[:, 0] if task == 'regression' else _softmax(logits)
 
 
@@ -191,7 +198,8 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
                              labels=np.zeros(len(texts), np.float32 if cfg.task == 'regression'
                                              else np.int32))
     encoded = encode_for_run(cfg, workdir, examples)
-    outputs = predict(model, params, encoded, cfg.task)
+    outputs = predict(model, params, encoded, cfg.task,
+                      dynamic_padding=bool(cfg.data.get('dynamic_padding', True)))
     lines = []
     for i, text in enumerate(texts):
         record = {'text': text}

@@ -1,15 +1,16 @@
 """Dynamic padding: a batch is cut to its global batch's longest row (a power-of-two bucket),
 the same shape on every process; only padding is cut, and a fine-tuning run's metrics
-match those padded to seq_len."""
+(and `launch.py predict`'s probabilities) match those padded to seq_len."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 import launch
-from finetune import data
-from tests.helpers import REPO, write_toy_task
+from finetune import data, predict
+from tests.helpers import REPO, sentence, write_toy_task
 from text.tokenizer import PAD_ID
 
 
@@ -86,3 +87,61 @@ def test_finetuning_metrics_match_padding_to_seq_len(tmp_path, pretrained_run):
     for key, value in padded.items():  # scalars and the confusion matrix alike
         np.testing.assert_allclose(np.asarray(cut[key], float), np.asarray(value, float),
                                    atol=1e-4, err_msg=key)
+
+
+LOGITS_FN = predict.logits_fn  # before any test wraps it
+
+
+@pytest.fixture(scope='module')
+def finetuned_run(tmp_path_factory, pretrained_run) -> str:
+    root = tmp_path_factory.mktemp('dynamic_padding')
+    workdir = root / 'ft'
+    assert launch.main([
+        'finetune', '--workdir', str(workdir), '--config', f'{REPO}/configs/finetune.py:custom',
+        f'--config.init_from={pretrained_run}', f'--config.data.train_file={write_toy_task(root)}',
+        '--config.num_epochs=1', '--config.batch_size=16', '--config.seq_len=64']) == 0
+    return str(workdir)
+
+
+def _predict(workdir, texts, out, monkeypatch) -> tuple[list[dict], list[int]]:
+    """predict's records and the sequence length of each batch it ran."""
+    lengths = []
+
+    def spy(model):
+        apply = LOGITS_FN(model)
+        return lambda p, b: (lengths.append(b['input_ids'].shape[1]), apply(p, b))[1]
+
+    monkeypatch.setattr(predict, 'logits_fn', spy)
+    assert launch.main(['predict', '--workdir', str(workdir), '--input', str(texts),
+                        '--output', str(out)]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()], lengths
+
+
+@pytest.mark.slow
+def test_predict_pads_to_buckets_with_the_probabilities_of_padding_to_seq_len(
+        tmp_path, finetuned_run, monkeypatch):
+    rng = np.random.default_rng(1)
+    sentences = [sentence(rng)[0] for _ in range(155)]
+    # Batches of 64 whose longest rows differ: one, two, then up to four sentences a row.
+    texts = [' '.join(sentences[i:i + 1 + (i >= 64) + 2 * (i >= 128)]) for i in range(150)]
+    (tmp_path / 'in.txt').write_text('\n'.join(texts) + '\n')
+    padded_run = tmp_path / 'padded'  # the same run, its config saying dynamic_padding=false
+    shutil.copytree(finetuned_run, padded_run)
+    config = json.loads((padded_run / 'config.json').read_text())
+    assert config['data']['dynamic_padding'] is True
+    config['data']['dynamic_padding'] = False
+    (padded_run / 'config.json').write_text(json.dumps(config))
+
+    cut, cut_lengths = _predict(finetuned_run, tmp_path / 'in.txt', tmp_path / 'a.jsonl',
+                                monkeypatch)
+    full, full_lengths = _predict(padded_run, tmp_path / 'in.txt', tmp_path / 'b.jsonl',
+                                  monkeypatch)
+    assert full_lengths == [64, 64, 64]
+    assert len(cut_lengths) == 3 and set(cut_lengths) <= {16, 32, 64}
+    assert cut_lengths[0] < cut_lengths[1] and sum(cut_lengths) < sum(full_lengths)
+    assert [r['text'] for r in cut] == texts
+    assert [r['label'] for r in cut] == [r['label'] for r in full]
+    for a, b in zip(cut, full, strict=True):
+        assert a['probabilities'].keys() == b['probabilities'].keys()
+        np.testing.assert_allclose(list(a['probabilities'].values()),
+                                   list(b['probabilities'].values()), atol=1e-5)
