@@ -4,6 +4,7 @@
     python -m pretrain.benchmark --config configs/pretrain.py:mini --config.batch_size=32
     python -m pretrain.benchmark --config configs/pretrain.py:tiny --compare-torch
     python -m pretrain.benchmark --config configs/pretrain.py:base --seq-len 512 --dtype bfloat16
+    python -m pretrain.benchmark --suite gpu   # the prepared GPU grid (pretrain/benchmark_suite.py)
 
 Times the jitted step (forward, backward, AdamW update) after warm-up, repeats the
 measurement and reports the median. MFU is model FLOPs (models/flops.py) per second over
@@ -16,87 +17,18 @@ repeats so that other load on the machine hits both alike, and ends with `ratio 
 """
 
 import argparse
-import functools
 import os
 import statistics
 import sys
-import time
 
-import flax.linen as nn
 import jax
-import numpy as np
 
-from engine import mesh as mesh_lib
 from engine.config_cli import ConfigError, apply_overrides, load_config, split_config_args
 from engine.hardware import measured_matmul_flops, total_peak_flops
-from engine.optim import learning_rate_schedule, make_optimizer
-from models.bert import BertForMaskedLM
-from models.flops import count_params, train_flops_per_step
-from pretrain import steps
-from pretrain.train import bert_config, masking_config
-
-
-def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
-    """Full sequences of random ordinary tokens framed by [CLS] ... [SEP]."""
-    ids = np.random.default_rng(seed).integers(5, vocab_size, (batch_size, seq_len), np.int32)
-    ids[:, 0], ids[:, -1] = 2, 3
-    return {'input_ids': ids, 'segment_ids': np.ones_like(ids)}
-
-
-def build_step(cfg):
-    """The same jitted train step and sharded state `launch.py pretrain` uses."""
-    mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    model_cfg = bert_config(cfg)
-    model = BertForMaskedLM(model_cfg)
-    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
-    masking = masking_config(cfg, model_cfg.vocab_size)
-    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
-    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
-        state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-        step = jax.jit(steps.mlm_train_step(model=model, tx=tx,
-            schedule=learning_rate_schedule(cfg.optimizer, cfg.num_train_steps),
-            masking=masking, word_starts=None, seed=cfg.seed,
-            grad_accum_steps=cfg.grad_accum_steps),
-            in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-            out_shardings=(shardings, None), donate_argnums=0)
-    flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
-    return mesh, state, step, flops
-
-
-class JaxRunner:
-    """Compiles the step once (ahead of time, so its memory analysis is free) and times it."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.model_config = bert_config(cfg)
-        self.mesh, self.state, step, self.flops = build_step(cfg)
-        self.batch = mesh_lib.shard_batch(
-            synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size), self.mesh)
-        with mesh_lib.sharding_context(self.mesh, cfg.mesh.rules):
-            self.step = step.lower(self.state, self.batch).compile()
-        self.params = count_params(self.state.params)
-
-    def run(self, num_steps: int) -> float:
-        """Seconds per step over `num_steps` steps; metrics are fetched once, at the end."""
-        start = time.perf_counter()
-        for _ in range(num_steps):
-            self.state, metrics = self.step(self.state, self.batch)
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - start) / num_steps
-
-    def memory(self) -> dict:
-        """Bytes: XLA's static estimate of the step, and the device's peak where it has one."""
-        out = {}
-        analysis = self.step.memory_analysis()
-        if analysis is not None:
-            out['compiled'] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                               - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
-            out['temp'] = analysis.temp_size_in_bytes
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if 'peak_bytes_in_use' in stats:
-            out['device_peak'] = stats['peak_bytes_in_use']
-        return out
+from models.flops import train_flops_per_step
+from pretrain import benchmark_suite
+from pretrain.step_runner import JaxRunner, synthetic_batch
+from pretrain.train import masking_config
 
 
 def time_steps(cfg, num_steps: int, repeats: int) -> dict:
@@ -215,6 +147,8 @@ def _report(cfg, args, result: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if any(a == '--suite' or a.startswith('--suite=') for a in argv):
+        sys.exit(benchmark_suite.main(argv))
     try:
         cfg, args = _parse(argv)
         result = _measure(cfg, args)

@@ -1,0 +1,94 @@
+"""The pretraining train step on synthetic batches, compiled once and timed.
+
+Shared by `pretrain.benchmark` (one config) and `pretrain.benchmark_suite` (the GPU grid):
+the same jitted step and sharded state `launch.py pretrain` uses, on full-length batches.
+"""
+
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from engine import mesh as mesh_lib
+from engine.optim import learning_rate_schedule, make_optimizer
+from models.bert import BertForMaskedLM
+from models.flops import count_params, train_flops_per_step
+from pretrain import steps
+from pretrain.train import bert_config, masking_config
+
+# The custom-call targets of jax's cuDNN fused attention all start with this.
+CUDNN_ATTENTION_CALL = '__cudnn$fmha'
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """Full sequences of random ordinary tokens framed by [CLS] ... [SEP]."""
+    ids = np.random.default_rng(seed).integers(5, vocab_size, (batch_size, seq_len), np.int32)
+    ids[:, 0], ids[:, -1] = 2, 3
+    return {'input_ids': ids, 'segment_ids': np.ones_like(ids)}
+
+
+def build_step(cfg, devices=None):
+    """The same jitted train step and sharded state `launch.py pretrain` uses, on a mesh
+    over `devices` (default: all)."""
+    mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
+    model_cfg = bert_config(cfg)
+    model = BertForMaskedLM(model_cfg)
+    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
+    masking = masking_config(cfg, model_cfg.vocab_size)
+    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
+        _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
+        state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+        step = jax.jit(steps.mlm_train_step(model=model, tx=tx,
+            schedule=learning_rate_schedule(cfg.optimizer, cfg.num_train_steps),
+            masking=masking, word_starts=None, seed=cfg.seed,
+            grad_accum_steps=cfg.grad_accum_steps),
+            in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+            out_shardings=(shardings, None), donate_argnums=0)
+    flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
+    return mesh, state, step, flops
+
+
+class JaxRunner:
+    """Compiles the step once (ahead of time, so its memory analysis is free) and times it.
+
+    `compile_seconds` is the step's lowering plus XLA compile; `cudnn_attention` says
+    whether the lowered step calls cuDNN's fused attention (it falls back to XLA silently).
+    """
+
+    def __init__(self, cfg, devices=None):
+        self.cfg = cfg
+        self.model_config = bert_config(cfg)
+        self.mesh, self.state, step, self.flops = build_step(cfg, devices)
+        self.batch = mesh_lib.shard_batch(
+            synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size), self.mesh)
+        start = time.perf_counter()
+        with mesh_lib.sharding_context(self.mesh, cfg.mesh.rules):
+            lowered = step.lower(self.state, self.batch)
+            self.step = lowered.compile()
+        self.compile_seconds = time.perf_counter() - start
+        self.cudnn_attention = CUDNN_ATTENTION_CALL in lowered.as_text()
+        self.params = count_params(self.state.params)
+
+    def run(self, num_steps: int) -> float:
+        """Seconds per step over `num_steps` steps; metrics are fetched once, at the end."""
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / num_steps
+
+    def memory(self) -> dict:
+        """Bytes: XLA's static estimate of the step, and the device's peak where it has one."""
+        out = {}
+        analysis = self.step.memory_analysis()
+        if analysis is not None:
+            out['compiled'] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                               - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+            out['temp'] = analysis.temp_size_in_bytes
+        stats = self.mesh.devices.flat[0].memory_stats() or {}
+        if 'peak_bytes_in_use' in stats:
+            out['device_peak'] = stats['peak_bytes_in_use']
+        return out
