@@ -145,3 +145,78 @@ def test_compile_for_needs_dry_run(tmp_path, capsys):
     argv = [a for a in pretrain_argv(tmp_path) if a != '--dry-run']
     assert refused(capsys, argv) == ('error: --compile-for: needs --dry-run (it compiles, it '
                                      'does not run)')
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture
+def finetune_argv(tmp_path):
+    from tests.helpers import write_toy_task
+    task = write_toy_task(tmp_path)
+    return ['finetune', '--config', 'configs/finetune.py:custom', '--workdir',
+            str(tmp_path / 'ft'), '--config.init_from=none', f'--config.data.train_file={task}',
+            '--dry-run', *SMALL]
+
+
+@pytest.fixture
+def finetune_spy(monkeypatch):
+    """Records the abstract run the fine-tuning dry run builds and what it compiles."""
+    from engine import compile_for
+    from finetune import dry_run
+    seen = {}
+    abstract_run, compile_step = dry_run.abstract_run, compile_for.compile_step
+
+    def spy_abstract(*args, **kwargs):
+        seen['run'] = abstract_run(*args, **kwargs)
+        return seen['run']
+
+    def spy_compile(*args, **kwargs):
+        seen['compiled'] = compile_step(*args, **kwargs)
+        return seen['compiled']
+
+    monkeypatch.setattr(dry_run, 'abstract_run', spy_abstract)
+    monkeypatch.setattr(compile_for, 'compile_step', spy_compile)
+    return seen
+
+
+def sharded_state_bytes(state) -> int:
+    import jax
+    return shard_bytes(state, jax.tree.map(lambda x: x.sharding, state))
+
+
+def test_finetune_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys, finetune_argv,
+                                                              finetune_spy):
+    from finetune.freeze import count_params_by_label
+    argv = finetune_argv + ['--config.freeze=encoder', '--config.mesh.shape=(1,-1)']
+    assert launch.main(argv) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / 'ft').exists()
+    run = finetune_spy['run']
+    counts = count_params_by_label(run.state.params, run.labels)
+    head = 128 * 128 + 128 + 128 * 2 + 2  # pooler and classifier train; the encoder not
+    assert counts['train'] == head and counts["frozen"] > 10 * head
+    assert f'params: 0.0M trainable, {counts["frozen"] / 1e6:.1f}M frozen (init: random)' in out
+    assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1} = 8 devices" in out
+    assert 'bert/encoder/layer_0/output/dense/kernel' in out and 'flops/step: ' in out
+    assert 'memory/device: params ' in out and 'compiled for' not in out
+    # The encoder's matrices are sharded 8 ways (fsdp) on the state the run would build.
+    kernel = run.state.params['bert']['encoder']['layer_0']['output']['dense']['kernel']
+    assert kernel.sharding.shard_shape(kernel.shape) == (256, 16)
+
+
+@pytest.mark.slow
+def test_finetune_compiles_its_own_train_step_for_a_tpu_slice(tmp_path, capsys, finetune_argv,
+                                                              finetune_spy):
+    argv = finetune_argv + [f'--compile-for={TOPOLOGY}', '--config.model.dropout_rate=0',
+                            '--config.model.attention_dropout_rate=0']
+    assert launch.main(argv) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / 'ft').exists()
+    compiled, run = finetune_spy['compiled'], finetune_spy['run']
+    state = sharded_state_bytes(run.state)
+    batch = (3 * 64 + 1) * (8 // 4) * 4  # ids, token types, mask (int32 rows) and labels
+    assert state + batch <= compiled.argument <= state + batch + 16 * 1024, (compiled, state)
+    assert state <= compiled.alias <= compiled.argument
+    assert 'splash_mha_fwd_segmented_residuals' in compiled.kernels  # the TPU's kernel
+    assert f'compiled for {TOPOLOGY}: 4 devices' in out and 'HBM: fits' in out
