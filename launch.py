@@ -83,6 +83,11 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _finetune(config, args) -> None:
+    _check_compile_for(args)
+    if args.dry_run:
+        from finetune import dry_run
+        dry_run.run(config, args.config_spec, args.compile_for)
+        return
     from engine import distributed
     distributed.initialize(args)
     from finetune import train
@@ -121,6 +126,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     _train_arguments(parser)
+    _dry_run_arguments(parser)
+
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    _train_arguments(parser)
+    _dry_run_arguments(parser)
+
+
+def _dry_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dry-run', action='store_true',
                         help='print the resolved config, mesh, shardings, parameter count, '
                              'FLOPs and memory per device, then exit (nothing is allocated)')
@@ -285,7 +299,8 @@ COMMANDS = {
                        ('data.train_files', 'seq_len', 'model.vocab_size', 'data.workers'),
                        writes=WORKDIR),
     'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
-                        _train_arguments, 'configs/finetune.py:sentiment', 'docs/finetuning.md',
+                        _finetune_arguments, 'configs/finetune.py:sentiment',
+                        'docs/finetuning.md',
                         ('init_from', 'data.train_file', 'data.text_column',
                          'data.label_column', 'task', 'num_epochs', 'learning_rate',
                          'batch_size', 'seq_len', 'metric', 'freeze'),

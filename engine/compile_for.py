@@ -14,12 +14,15 @@ have one per chip. Memory and peak FLOP/s are per device accordingly.
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
 from engine.config_cli import ConfigError
 from engine.extras import require
+from models.attention import resolve_attention_impl
 
 GiB = 1024 ** 3
 
@@ -76,6 +79,16 @@ def target(name: str) -> Target:
     return Target(name, generation, list(devices), len(devices) // chips)
 
 
+def for_tpu(model_cfg: Any) -> Any:
+    """The model config with its attention kernel resolved for a TPU, not for this host:
+    the layer resolves 'auto' from `jax.default_backend()`, which is the CPU here, so the
+    compiled step would otherwise take the CPU's kernel (xla) where a TPU run takes splash.
+    The training dropout rate decides, as in the train step (dropout > 0: explicit)."""
+    impl = resolve_attention_impl(model_cfg.attention_impl, 'tpu',
+                                  model_cfg.attention_dropout_rate, model_cfg.compute_dtype)
+    return dataclasses.replace(model_cfg, attention_impl=impl)
+
+
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """Per-device figures of one compiled train step."""
@@ -86,6 +99,7 @@ class Compiled:
     code: int
     flops: float
     seconds: float | None  # the compiler's estimate
+    kernels: tuple = ()  # Pallas (Mosaic) kernels in the compiled program, e.g. splash's
 
     @property
     def total(self) -> int:
@@ -93,16 +107,37 @@ class Compiled:
         return self.argument + self.output - self.alias + self.temp + self.code
 
 
-def compile_step(jitted: Callable, args: tuple) -> Compiled:
-    """Lowers and compiles `jitted` for `args` (ShapeDtypeStructs) and reads its analyses."""
-    compiled = jitted.lower(*args).compile()
+def compile_step(jitted: Callable, args: tuple, target_: Target, advice: str) -> Compiled:
+    """Lowers and compiles `jitted` for `args` (ShapeDtypeStructs) and reads its analyses.
+    The TPU compiler itself refuses a program whose temporaries exceed HBM: that is a
+    ConfigError naming what to change (`advice`), like one that compiles but does not fit."""
+    lowered = jitted.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        said = str(e).split('RESOURCE_EXHAUSTED:', 1)[-1].strip().splitlines()[0].rstrip('.')
+        raise ConfigError(f'does not fit on {target_.name}: the compiler says: {said}; '
+                          f'{advice}') from None
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return Compiled(memory.argument_size_in_bytes, memory.output_size_in_bytes,
                     memory.alias_size_in_bytes, memory.temp_size_in_bytes,
                     memory.generated_code_size_in_bytes, float(cost.get('flops', 0.0)),
-                    _positive(cost.get('optimal_seconds')))
+                    _positive(cost.get('optimal_seconds')), mosaic_kernels(compiled.as_text()))
+
+
+def mosaic_kernels(hlo: str) -> tuple[str, ...]:
+    """Names of the Pallas TPU kernels a compiled program calls (sorted, distinct): the
+    instruction names of its `tpu_custom_call`s, e.g. 'splash_mha_fwd_segmented'."""
+    names = set()
+    for line in hlo.splitlines():
+        if 'custom_call_target="tpu_custom_call"' in line:
+            match = re.match(r'\s*(?:ROOT\s+)?%?([\w-]+?)(?:\.\d+)*\s*=', line)
+            names.add(match.group(1) if match else 'tpu_custom_call')
+    return tuple(sorted(names))
 
 
 def _positive(seconds: float | None) -> float | None:
@@ -135,6 +170,7 @@ def report(target_: Target, compiled: Compiled, sizes: dict, counted_flops: floa
                      f'{compiled.seconds * 1e3:.1f} ms, MFU {100 * mfu:.1f}% of bf16 peak')
     else:
         lines.append('step time: the compiler gave no estimate for this program')
+    lines.append('pallas kernels: ' + (', '.join(compiled.kernels) or 'none'))
     verdict = 'fits' if fits(target_, compiled) else 'does NOT fit'
     lines.append(f'total/device: {gib(compiled.total)} of {gib(target_.hbm_bytes)} HBM: '
                  f'{verdict}')

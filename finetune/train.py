@@ -32,8 +32,10 @@ from finetune.freeze import count_params_by_label, tree_bytes
 from finetune.task import load_config_task
 
 
-def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
-    """Checks config, files and data before anything is written; returns (mesh, task)."""
+def validate(cfg: ml_collections.ConfigDict,
+             devices: list | None = None) -> tuple[jax.sharding.Mesh, dict]:
+    """Checks config, files and data before anything is written; returns (mesh, task).
+    `devices`: the mesh's (default this machine's; a dry run's TPU target's)."""
     for key in ('batch_size', 'seq_len', 'log_every_steps'):
         if cfg[key] < 1:
             raise ConfigError(f'{key}: must be >= 1, got {cfg[key]}')
@@ -46,7 +48,7 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
     setup.check_init_from(cfg)
     setup.resolve_learning_rate(cfg)  # 0 = auto, by model width
     try:
-        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
     except ValueError as e:
         raise ConfigError(f'mesh.shape: {e}') from None
     accum = cfg.get('grad_accum_steps', 1)

@@ -179,6 +179,15 @@ def _splash_local(q: Array, k: Array, v: Array, ids: Array, window: int,
     return jnp.swapaxes(out, 1, 2)[:, :length]
 
 
+def _mesh_size(mesh, axes) -> int:
+    """Devices along `axes` (None, a name or a tuple of names) of `mesh`."""
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size
+
+
 def splash_attention(q: Array, k: Array, v: Array, inputs: AttentionInputs,
                      interpret: bool = False) -> Array:
     """Splash attention (TPU; `interpret=True` runs the same kernel anywhere, slowly).
@@ -196,6 +205,10 @@ def splash_attention(q: Array, k: Array, v: Array, inputs: AttentionInputs,
                              f'the logical rules shard them as {spec}')
         qkv = jax.sharding.PartitionSpec(spec[0], None, spec[2], None)
         rows = jax.sharding.PartitionSpec(spec[0], None)
+        # The init traces the model on one row, which no data-parallel mesh divides: such a
+        # call runs unsharded (XLA replicates it) rather than failing shard_map's check.
+        sharded = (q.shape[0] % _mesh_size(mesh, spec[0]) == 0
+                   and q.shape[2] % _mesh_size(mesh, spec[2]) == 0)
 
     def call(q: Array, k: Array, v: Array, ids: Array, layer: AttentionInputs) -> Array:
         def local(q: Array, k: Array, v: Array, ids: Array) -> Array:

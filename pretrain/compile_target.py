@@ -31,7 +31,8 @@ class Result:
 
 def compile_pretrain(cfg: ml_collections.ConfigDict, topology: str) -> Result:
     """Compiles the configured train step for `topology`; raises ConfigError for a bad
-    config (not for one that does not fit: see compile_for.check_fits)."""
+    config and for a step the compiler refuses for want of HBM (one that compiles but does
+    not fit is for compile_for.check_fits)."""
     target = compile_for.target(topology)  # before anything starts a JAX backend
     cfg = phases.final_config(cfg)
     validate_values(cfg)
@@ -40,16 +41,17 @@ def compile_pretrain(cfg: ml_collections.ConfigDict, topology: str) -> Result:
     except ValueError as e:
         raise ConfigError(f'mesh.shape: {e} (on {topology})') from None
     check_batch(cfg, mesh_lib.data_parallel_size(mesh))
-    model_cfg = bert_config(cfg)
+    model_cfg = compile_for.for_tpu(bert_config(cfg))  # the TPU's kernel, not this CPU's
     built = state_lib.build(cfg, mesh, model_cfg)
+    shape = dict(mesh.shape)
     masking = masking_config(cfg, model_cfg.vocab_size)
     # Whole-word masking's table is a constant of the step; its values do not change the
     # compiled program's size.
     word_starts = jnp.zeros((model_cfg.vocab_size,), bool) if masking.whole_word else None
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         train, _ = state_lib.compile_steps(cfg, mesh, built, masking, word_starts)
-        compiled = compile_for.compile_step(train, state_lib.abstract_step_args(cfg, built))
-    shape = dict(mesh.shape)
+        compiled = compile_for.compile_step(train, state_lib.abstract_step_args(cfg, built),
+                                            target, advice(cfg, shape))
     params = sharded_bytes(built.abstract.params, built.shardings.params, shape)
     batch = state_lib.abstract_batch(cfg)
     sizes = {'params': params,

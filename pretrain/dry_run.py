@@ -152,7 +152,7 @@ def describe(cfg: ml_collections.ConfigDict, spec: str, num_devices: int = 0) ->
                  f'(this machine has {jax.device_count()}; nothing is allocated)')
     lines.append(f'{"parameter":62s} {"shape":16s} {"logical axes":28s} '
                  f'{"mesh axes":26s} per device')
-    lines += _sharding_lines(state.params, shardings.params, logical.params, mesh_shape)
+    lines += sharding_lines(state.params, shardings.params, logical.params, mesh_shape)
     lines.append(f'params: {count_params(state.params) / 1e6:.1f}M')
     lines.append(f'flops/step: {flops:.3e} (model FLOPs, all devices; '
                  f'{flops / devices:.3e} per device)')
@@ -160,7 +160,7 @@ def describe(cfg: ml_collections.ConfigDict, spec: str, num_devices: int = 0) ->
     return '\n'.join(lines)
 
 
-def _sharding_lines(params, shardings, logical, mesh_shape: dict) -> list[str]:
+def sharding_lines(params, shardings, logical, mesh_shape: dict) -> list[str]:
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     rows = zip(flat, jax.tree.leaves(shardings), jax.tree.leaves(
         logical, is_leaf=lambda x: isinstance(x, PartitionSpec)), strict=True)
