@@ -220,3 +220,43 @@ def test_finetune_compiles_its_own_train_step_for_a_tpu_slice(tmp_path, capsys, 
     assert state <= compiled.alias <= compiled.argument
     assert 'splash_mha_fwd_segmented_residuals' in compiled.kernels  # the TPU's kernel
     assert f'compiled for {TOPOLOGY}: 4 devices' in out and 'HBM: fits' in out
+
+
+# ---------------------------------------------------------------- the compiled table
+
+
+def test_compile_table_rows_and_markdown(tmp_path, monkeypatch):
+    from studies import compile_table
+    rows = compile_table.grid()
+    # base and large at 128 and 512, modern base at 512 and 8,192; 3 slices x 3 remat x 2.
+    assert len(rows) == 6 * 3 * 3 * 2
+    assert compile_table.overrides(rows[0], '(-1,)') == [
+        'seq_len=128', 'model.remat=none', 'mesh.shape=(-1,)', 'model.attention_impl=explicit']
+    long = next(r for r in rows if r['seq'] == 8192 and r['attention'] == 'fused')
+    assert compile_table.overrides(long, '(1,-1)')[3:] == [
+        'model.max_position_embeddings=8192', 'model.attention_dropout_rate=0']
+    figures = {'seconds': 61.0, 'total_gib': 3.5, 'hbm_gib': 16.0, 'fits': True, 'flops': 2e12,
+               'counted': 1.6e12, 'step_s': 0.0125, 'mfu': 0.65, 'kernels': []}
+    refused = {'error': 'does not fit ...', 'seconds': 30.0, 'temp_gib': 19.15}
+    answers = iter([figures, refused])
+    monkeypatch.setattr(compile_table, 'run_row', lambda row, mesh, timeout: next(answers))
+    out = tmp_path / 't.md'
+    compile_table.main(['--only', 'base 128 v5e:2x4 none', '--out', str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0] == compile_table.HEADER and len(lines) == 4
+    assert lines[2] == ('| base | 128 | v5e-8 | none | explicit | 3.50 of 16 | yes | 2,000 | '
+                        '1,600 | x1.25 | 12.5 | 65 % | 61 |')
+    assert lines[3] == ('| base | 128 | v5e-8 | none | fused | > 19.1 (temporaries) | '
+                        'no (compiler) |  |  |  |  |  | 30 |')
+
+
+@pytest.mark.slow
+def test_compile_table_compiles_a_row(monkeypatch):
+    from studies import compile_table
+    monkeypatch.setitem(compile_table.SLICES, 'v5e-4', TOPOLOGY)
+    row = dict(model='tiny', seq=64, slice='v5e-4', remat='dots', attention='fused')
+    got = compile_table.compile_row(row, '(1,-1)')
+    assert got['fits'] and got['hbm_gib'] == 16 and 0 < got['total_gib'] < 1
+    assert any(k.startswith('splash_mha_fwd') for k in got['kernels'])
+    assert 1.0 <= got['flops'] / got['counted'] < 1.5
+    assert '| tiny | 64 | v5e-4 | dots | fused | ' in compile_table.markdown_row(row, got)
