@@ -34,7 +34,9 @@ class PeerFailed(RuntimeError):
 def detect(environ: Mapping[str, str] | None = None) -> str:
     """'tpu', 'slurm' or 'single': what automatic set-up would do here."""
     environ = os.environ if environ is None else environ
-    if environ.get('TPU_WORKER_HOSTNAMES') or environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    # One worker host (a single-host slice, or --compile-for's setting) needs no joining.
+    hosts = [h for h in environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h.strip()]
+    if len(hosts) > 1 or environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
         return 'tpu'
     if environ.get('SLURM_JOB_ID') and int(environ.get('SLURM_NTASKS', '1') or 1) > 1:
         return 'slurm'

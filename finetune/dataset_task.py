@@ -66,7 +66,8 @@ def choose_splits(spec: str, validation: str, test: str) -> dict[str, str | None
         elif given in have:
             chosen[role] = given
         else:
-            raise ValueError(f'{role}_file: dataset {dataset_name(spec)!r} has no split '
+            kind = 'Hugging Face' if spec.startswith(hf_source.HF_PREFIX) else 'TFDS'
+            raise ValueError(f'{role}_file: {kind} dataset {dataset_name(spec)!r} has no split '
                              f'{given!r}; its splits are {sorted(have)} (or {NONE!r})')
     return chosen
 

@@ -127,7 +127,7 @@ def test_a_dataset_as_a_fine_tuning_task(labelled_dataset):
         assert examples.labels.tolist() == [0 if w else 1 for w in warm]
     with pytest.raises(ValueError, match=r"hf:.*\[train\]: no feature 'text'"):
         data.load_task(spec, '', '')
-    with pytest.raises(ValueError, match=r"test_file: dataset .* has no split 'dev'"):
+    with pytest.raises(ValueError, match=r"test_file: Hugging Face dataset .* has no split 'dev'"):
         data.load_task(spec, '', 'dev', text_column='sentence')
 
 
