@@ -104,3 +104,17 @@ def small_tokenizer(directory: pathlib.Path):
     from text import tokenizer
     return tokenizer.train_tokenizer(make_sentences(300), str(directory / 'spm.model'), 150,
                                      'bpe')
+
+
+def tensorboard_events(directory: pathlib.Path):
+    """The Event protos of the event files under `directory`, in file order (TFRecord
+    framing: 8-byte length, 4-byte crc, the Event proto, 4-byte crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    for file in sorted(pathlib.Path(directory).rglob('events.out.tfevents.*')):
+        data, pos = file.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack('<Q', data[pos:pos + 8])
+            yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4

@@ -3,7 +3,6 @@ runs, and TensorBoard's config text."""
 
 import json
 import pathlib
-import struct
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ pytest.importorskip('matplotlib', reason='the [plots] extra draws the pictures')
 import launch  # noqa: E402
 from engine import curves  # noqa: E402
 from engine.metrics_writer import MetricWriter  # noqa: E402
+from tests.helpers import tensorboard_events  # noqa: E402
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -38,19 +38,12 @@ def test_a_run_draws_its_curves_from_metrics_jsonl(tmp_path):
 
 
 def _event_texts(directory: pathlib.Path) -> dict[str, str]:
-    """tag -> text of the text summaries in the event files (TFRecord framing: 8-byte
-    length, 4-byte crc, the Event proto, 4-byte crc)."""
-    from tensorboardX.proto import event_pb2
+    """tag -> text of the text summaries in the event files."""
     texts = {}
-    for file in sorted(directory.rglob('events.out.tfevents.*')):
-        data, pos = file.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack('<Q', data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == 'text':
-                    texts[value.tag] = value.tensor.string_val[0].decode()
+    for event in tensorboard_events(directory):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == 'text':
+                texts[value.tag] = value.tensor.string_val[0].decode()
     return texts
 
 

@@ -2,7 +2,6 @@
 import, launch.py's logging set-up, packaging metadata."""
 
 import json
-import struct
 import subprocess
 import sys
 import tomllib
@@ -14,7 +13,7 @@ import launch
 from engine.config_cli import ConfigError
 from engine.metrics_writer import MetricWriter
 from studies import suite
-from tests.helpers import REPO
+from tests.helpers import REPO, tensorboard_events
 
 
 def test_a_suite_task_named_like_a_path_is_one_line_before_anything_is_written(
@@ -59,20 +58,12 @@ def _quick() -> ml_collections.ConfigDict:
 
 
 def _event_tags(directory) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] from the TFRecord-framed event files under `directory`
-    (8-byte length, 4-byte crc, the Event proto, 4-byte crc)."""
-    from tensorboardX.proto import event_pb2
+    """tag -> [(step, value)] from the event files under `directory`."""
+    assert sorted(directory.rglob('events.out.tfevents.*'))
     tags: dict[str, list[tuple[int, float]]] = {}
-    files = sorted(directory.rglob('events.out.tfevents.*'))
-    assert files
-    for file in files:
-        data, pos = file.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack('<Q', data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+    for event in tensorboard_events(directory):
+        for value in event.summary.value:
+            tags.setdefault(value.tag, []).append((event.step, value.simple_value))
     return tags
 
 
