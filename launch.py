@@ -47,13 +47,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.config_cli import (
-    ConfigError,
-    apply_overrides,
-    config_to_json,
-    load_config,
-    split_config_args,
-)
+from engine.config_cli import apply_overrides, config_to_json, load_config, split_config_args
+from engine.errors import ConfigError
 
 
 def _pretrain(config, args) -> None:
@@ -455,7 +450,8 @@ def main(argv: list[str]) -> int:
         return 130  # 128 + SIGINT, as a shell reports it
     except Exception as e:  # the loop's own stop reasons: one clear line, no traceback
         from engine import distributed
-        from engine.loop import REQUEUE_EXIT_CODE, CheckpointSaveFailed, NonFiniteLoss, Preempted
+        from engine.errors import CheckpointSaveFailed, NonFiniteLoss, Preempted
+        from engine.loop import REQUEUE_EXIT_CODE
         if isinstance(e, Preempted):  # saved; 75 asks the scheduler to run it again
             print(str(e), file=sys.stderr)
             return REQUEUE_EXIT_CODE

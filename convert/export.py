@@ -28,10 +28,11 @@ from etils import epath
 
 from convert import hf_tokenizer_in, modernbert, names, tokenizer_files, verify
 from engine.checkpoint import read_state_numpy
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.rundir import WORDPIECE_FILENAME, RunDir, step_dirs
 from models.bert import BertConfig, non_bert_options
+from models.config import model_config
 from models.scan import unstack_layers
 from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, load_tokenizer
 
@@ -62,14 +63,14 @@ def load_workdir(workdir: epath.Path, step: int | None
     finetuned = run.model_config_file.is_file() and run.task_file.is_file()
     head = 'classifier' if finetuned else 'mlm'
     if finetuned:
-        model_cfg = BertConfig(**run.read_model_config())
+        model_cfg = model_config(run.read_model_config())
         task = run.read_task()
     else:
         config = run.read_config()
         if config.get('objective', 'mlm') != 'mlm':
             raise ConfigError(f"--workdir: an objective={config.objective} run has no MLM head "
                               'for BertForMaskedLM; fine-tune it (init_from) and export that')
-        model_cfg = BertConfig(**config.model.to_dict())
+        model_cfg = model_config(config.model.to_dict())
         task = {}
     directory, step = _checkpoint_dir(workdir, head, step)
     absl = logging.getLogger('absl')  # orbax warns that it reads only part of each step

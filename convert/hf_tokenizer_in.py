@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 
 from convert.tokenizer_files import model_proto
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.rundir import SPM_FILENAME, WORDPIECE_FILENAME
 from text.tokenizer import SPECIAL_PIECES, Tokenizer
 from text.wordpiece import WordPieceTokenizer, build_wordpiece

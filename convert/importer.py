@@ -30,13 +30,14 @@ import numpy as np
 
 from convert import hf_tokenizer_in, names
 from engine.checkpoint import Checkpoints
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.mesh import strip_boxes
 from engine.optim import make_optimizer
 from engine.paths import local_file_argument
 from engine.rundir import RunDir
 from engine.step import TrainState
 from models.bert import BertConfig, BertForMaskedLM
+from models.config import model_config
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
 
@@ -235,7 +236,7 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     if not (source / names.HF_CONFIG_FILENAME).is_file():
         raise ConfigError(f'--hf-dir: {source} has no {names.HF_CONFIG_FILENAME}')
     fields = model_fields(_read_json(source / names.HF_CONFIG_FILENAME))
-    model_cfg = BertConfig(**fields)
+    model_cfg = model_config(fields)
     state = read_weights(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))

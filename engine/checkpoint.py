@@ -1,5 +1,6 @@
 """Checkpoints: orbax, async, atomic; restore onto any mesh by giving target shardings."""
 
+import functools
 import logging
 import os
 import re
@@ -14,8 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from engine import distributed
-from engine.config_cli import ConfigError
-from engine.loop import CheckpointSaveFailed
+from engine.errors import CheckpointSaveFailed, ConfigError
 from engine.paths import absolute_path
 from engine.rundir import step_dirs
 
@@ -328,3 +328,9 @@ def restore_subtree(directory: str, step: int | None, target: dict) -> dict:
         item=target, restore_args=restore_args, partial_restore=True))).state
     manager.close()
     return restored
+
+
+def subtree_reader(directory: str, step: int | None) -> Callable[[dict], dict]:
+    """read(target) -> `restore_subtree(directory, step, target)`: one checkpoint as the
+    reader models.load.load takes (the model never imports the checkpoint format)."""
+    return functools.partial(restore_subtree, directory, step)

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.extras import require
 from models.attention import resolve_attention_impl
 

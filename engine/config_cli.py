@@ -14,11 +14,10 @@ from typing import Any
 
 import ml_collections
 
+from engine.errors import ConfigError
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]  # configs/ is under it
 
-
-class ConfigError(ValueError):
-    """A user error in the config or the command line; shown as one line, exit code 2."""
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -22,13 +22,10 @@ from collections.abc import Iterator, Mapping
 
 import jax
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError, PeerFailed
 
 GOOGLE_PCI_VENDOR = '0x1ae0'  # TPU chips on a Cloud TPU VM (what JAX itself checks)
 
-
-class PeerFailed(RuntimeError):
-    """Another process of this run failed; the error itself is in that process's log."""
 
 
 def detect(environ: Mapping[str, str] | None = None) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 
 # Module -> the extra that installs it.
 EXTRAS = {

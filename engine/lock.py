@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 
 from engine import distributed
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import absolute_path, is_remote, write_bytes_atomic
 
 LOCK_FILENAME = '.lock'

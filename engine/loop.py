@@ -16,21 +16,7 @@ import jax
 import numpy as np
 import tqdm
 
-from engine.config_cli import ConfigError
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the run stops without saving the bad state."""
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint of the step reached was written."""
-
-
-class CheckpointSaveFailed(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions, ...): the run stops there,
-    the checkpoints written before it left as they were. Raised by engine.checkpoint."""
-
+from engine.errors import ConfigError, NonFiniteLoss, Preempted
 
 # Exit status of a preempted run: EX_TEMPFAIL (sysexits.h, "try again later"). Not 0, so a
 # scheduler does not count the run as finished; the generated sbatch script turns it into

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.step import FROZEN, TRAIN
 from models.paths import count_layers, is_head, layer_depth, path_of
 

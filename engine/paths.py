@@ -17,7 +17,7 @@ import urllib.parse
 from etils import epath
 
 from engine import extras
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 
 
 def is_remote(path: str | os.PathLike) -> bool:

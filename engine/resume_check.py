@@ -21,7 +21,8 @@ from typing import Any
 
 import ml_collections
 
-from engine.config_cli import ConfigError, config_to_json
+from engine.config_cli import config_to_json
+from engine.errors import ConfigError
 from engine.rundir import RunDir
 
 # Keys (or whole sections) a resumed pretraining run may change. Budgets and cadences do

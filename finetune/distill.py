@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import RunDir
 from finetune import data, predict

@@ -23,9 +23,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.step import FROZEN
 from models import peft
+from models.config import ADAPTER_PLACEMENTS
 from models.paths import is_head, path_of
 
 METHODS = ('none', 'lora', 'adapter', 'prefix')
@@ -58,9 +59,9 @@ def model_fields(cfg: ml_collections.ConfigDict) -> dict:
     if name == 'adapter':
         if p.adapter_size < 1:
             raise ConfigError(f'peft.adapter_size: must be >= 1, got {p.adapter_size}')
-        if p.adapter_placement not in peft.ADAPTER_PLACEMENTS:
+        if p.adapter_placement not in ADAPTER_PLACEMENTS:
             raise ConfigError(f'peft.adapter_placement: {p.adapter_placement!r} is not one of '
-                              f'{list(peft.ADAPTER_PLACEMENTS)}')
+                              f'{list(ADAPTER_PLACEMENTS)}')
         return {'adapter_size': int(p.adapter_size), 'adapter_placement': p.adapter_placement}
     if name == 'prefix':
         if p.prefix_length < 1:

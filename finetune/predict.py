@@ -20,12 +20,13 @@ import numpy as np
 from etils import epath
 
 from engine.checkpoint import read_state_numpy
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.progress import Progress
 from engine.rundir import SPM_FILENAME, RunDir
 from finetune import data
-from models.bert import BertConfig, BertForSequenceClassification
+from models.bert import BertForSequenceClassification
+from models.config import model_config
 from models.peft import merge_lora, merged_config
 from text.tokenizer import load_tokenizer
 
@@ -132,7 +133,7 @@ def load_run(workdir: epath.Path):
     check_finished_run(workdir)
     run = RunDir(workdir)
     cfg = run.read_config()
-    model_cfg = BertConfig(**run.read_model_config())
+    model_cfg = model_config(run.read_model_config())
     try:
         params = read_state_numpy(str(run.best))['params']
     except FileNotFoundError as e:

@@ -11,14 +11,15 @@ import ml_collections
 from etils import epath
 
 from engine import mesh as mesh_lib
-from engine.checkpoint import Checkpoints, saved_steps
-from engine.config_cli import ConfigError
+from engine.checkpoint import Checkpoints, saved_steps, subtree_reader
+from engine.errors import ConfigError
 from engine.optim import learning_rate_at, make_optimizer
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import SPM_FILENAME, RunDir
 from engine.step import TrainState
 from finetune import distill, peft, steps, unfreeze
 from models.bert import BertConfig, BertForSequenceClassification
+from models.config import model_config
 from models.flops import forward_flops, train_flops_per_step
 from models.load import load
 from models.peft import is_peft_path
@@ -166,8 +167,8 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
               'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
               **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
     try:
-        model_cfg = BertConfig(**fields)
-    except (TypeError, ValueError) as e:
+        model_cfg = model_config(fields)
+    except ValueError as e:
         raise ConfigError(f'model: {e}') from None
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f'model.vocab_size: {model_cfg.vocab_size} is smaller than the '
@@ -192,8 +193,8 @@ def _load_encoder(cfg, params: dict, built: Built) -> dict:
     LoRA / adapter / prefix parameters are not in a pretraining checkpoint: they stay fresh;
     a distillation student with fewer layers reads each from its pretrained source layer."""
     try:
-        return load(params, str(RunDir(pretrained_dir(cfg)).checkpoints), cfg.init_step or None,
-                    layer_map=distill.source_names(cfg), dont_load=is_peft_path,
+        read = subtree_reader(str(RunDir(pretrained_dir(cfg)).checkpoints), cfg.init_step or None)
+        return load(params, read, layer_map=distill.source_names(cfg), dont_load=is_peft_path,
                     saved_layers=built.saved_layers)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None

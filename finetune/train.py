@@ -18,7 +18,7 @@ from etils import epath
 from engine import distributed, resume_check
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.hardware import total_peak_flops
 from engine.lock import workdir_lock
 from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, parse_profile_steps, run_loop

@@ -32,11 +32,12 @@ today's model bit for bit; `non_bert_options` names the ones a run moved away fr
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from models import peft
 
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = {
@@ -48,6 +49,7 @@ POSITION_EMBEDDINGS = ('learned', 'rope')
 MLPS = ('gelu', 'geglu', 'swiglu')
 POOLINGS = ('cls', 'mean')
 ATTENTION_IMPLS = ('auto', 'explicit', 'xla', 'cudnn', 'splash')
+ADAPTER_PLACEMENTS = ('houlsby', 'pfeiffer')  # models/peft.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,7 @@ class BertConfig:
     def __post_init__(self) -> None:
         # A tuple (hashable) even when read back from JSON as a list.
         object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
-        peft.validate_config(self)
+        _validate_peft(self)
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f'hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}'
@@ -127,9 +129,36 @@ class BertConfig:
         return every > 0 and layer % every == 0
 
 
+def model_config(fields: Mapping[str, Any]) -> BertConfig:
+    """The model's config from its fields (a config's `model` section, a saved model.json, an
+    imported checkpoint's): the one place a BertConfig is made from data. Unknown fields and
+    bad values raise ValueError naming them."""
+    known = {f.name for f in dataclasses.fields(BertConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f'unknown field(s) {", ".join(unknown)}')
+    return BertConfig(**fields)
+
+
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+
+
+def _validate_peft(c: BertConfig) -> None:
+    """The PEFT fields (models/peft.py): each a one-line ValueError."""
+    if c.lora_rank < 0 or c.adapter_size < 0 or c.prefix_length < 0:
+        raise ValueError('lora_rank, adapter_size and prefix_length must be >= 0')
+    if c.lora_alpha < 0:
+        raise ValueError(f'lora_alpha must be >= 0, got {c.lora_alpha}')
+    _one_of('adapter_placement', c.adapter_placement, ADAPTER_PLACEMENTS)
+    if c.lora_rank and not c.lora_targets:
+        raise ValueError('lora_rank > 0 needs lora_targets')
+    for target in c.lora_targets:  # an alias of peft.TARGET_ALIASES is a plain word
+        try:
+            re.compile(target)
+        except re.error as e:
+            raise ValueError(f'lora_targets: bad regex {target!r}: {e}') from None
 
 
 def _validate_architecture(c: BertConfig) -> None:

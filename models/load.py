@@ -1,19 +1,20 @@
 """Loading a pretrained BERT into a freshly initialised model (big_vision's `load` idea).
 
-`load(params, checkpoint_dir, step, ...)` returns `params` with the encoder parts a
-checkpoint holds read in, on the shardings `params` already have. What stays as
-initialised is explicit: the parts not named, every leaf whose path `dont_load` accepts
-(parameters the pretrained model never had: LoRA, adapters, prefixes),
-and nothing else. `layer_map` lets a model read its layer i from another saved layer (a
-shallower student starting from every other layer of its teacher).
+`load(params, read, ...)` returns `params` with the encoder parts a checkpoint holds read
+in, on the shardings `params` already have; `read(target)` restores a target tree's leaves
+(engine.checkpoint.subtree_reader), so the model never imports the checkpoint format. What
+stays as initialised is explicit: the parts not named, every leaf whose path `dont_load`
+accepts (parameters the pretrained model never had: LoRA, adapters, prefixes), and nothing
+else. `layer_map` lets a model read its layer i from another saved layer (a shallower
+student starting from every other layer of its teacher).
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from engine.checkpoint import restore_subtree
 from models.paths import prune
 from models.scan import SCANNED_NAME, unstack_layers
 
@@ -49,11 +50,11 @@ def _stacked(layer: dict, count: int) -> dict:
     return jax.tree.map(one, layer)
 
 
-def load(params: dict, checkpoint_dir: str, step: int | None, *,
+def load(params: dict, read: Callable[[dict], Any], *,
          parts: Sequence[str] = ENCODER_PARTS, layer_map: dict[str, str] | None = None,
          dont_load: Callable[[str], bool] | None = None, saved_layers: int = 0) -> dict:
-    """`params` (with a 'bert' subtree) with params['bert'][part] for each part read from
-    the checkpoint in `checkpoint_dir` at `step` (None = the latest).
+    """`params` (with a 'bert' subtree) with params['bert'][part] for each part read by
+    `read` ({'params': {'bert': target}} -> the same tree of arrays, from one checkpoint).
 
     layer_map: {our 'layer_i': saved 'layer_j'} where they differ.
     dont_load: whether a path like 'bert/encoder/layer_0/.../lora_a' is a leaf that keeps
@@ -72,7 +73,7 @@ def load(params: dict, checkpoint_dir: str, step: int | None, *,
         layers = [k for k in encoder if k.startswith('layer_')]
         target['encoder'] = {**{k: v for k, v in encoder.items() if k not in layers},
                              SCANNED_NAME: _stacked(encoder[layers[0]], saved_layers)}
-    loaded = restore_subtree(checkpoint_dir, step, {'params': {'bert': target}})['params']['bert']
+    loaded = read({'params': {'bert': target}})['params']['bert']
     if 'encoder' in loaded:
         encoder = unstack_layers(loaded['encoder'])
         if saved_layers:  # only the layers this model has (a student may have fewer)

@@ -27,16 +27,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.config import BertConfig
 from models.paths import prune
-
-if TYPE_CHECKING:
-    from models.config import BertConfig
 
 # Short names for the encoder's Dense layers -> regexes on the '/'-joined module path.
 TARGET_ALIASES = {
@@ -47,7 +45,6 @@ TARGET_ALIASES = {
     'intermediate': r'/intermediate/dense$',
     'output': r'/layer_\d+/output/dense$',
 }
-ADAPTER_PLACEMENTS = ('houlsby', 'pfeiffer')
 LORA_NAMES = ('lora_a', 'lora_b')
 ADAPTER_NAME = 'adapter'
 PREFIX_NAME = 'prefix'
@@ -64,24 +61,6 @@ def is_lora_target(module_path: str, targets: Sequence[str]) -> bool:
     query') gets LoRA. Only encoder layers do: pooler and classifier train in full anyway."""
     return bool(_ENCODER.search(module_path)) and any(
         re.search(r, module_path) for r in target_regexes(targets))
-
-
-def validate_config(config: BertConfig) -> None:
-    """Checks the PEFT fields of a BertConfig (raises ValueError); called by __post_init__."""
-    if config.lora_rank < 0 or config.adapter_size < 0 or config.prefix_length < 0:
-        raise ValueError('lora_rank, adapter_size and prefix_length must be >= 0')
-    if config.lora_alpha < 0:
-        raise ValueError(f'lora_alpha must be >= 0, got {config.lora_alpha}')
-    if config.adapter_placement not in ADAPTER_PLACEMENTS:
-        raise ValueError(f'adapter_placement must be one of {ADAPTER_PLACEMENTS}, '
-                         f'got {config.adapter_placement!r}')
-    if config.lora_rank and not config.lora_targets:
-        raise ValueError('lora_rank > 0 needs lora_targets')
-    for regex in target_regexes(config.lora_targets):
-        try:
-            re.compile(regex)
-        except re.error as e:
-            raise ValueError(f'lora_targets: bad regex {regex!r}: {e}') from None
 
 
 def lora_scale(config: BertConfig) -> float:

@@ -23,7 +23,8 @@ import sys
 
 import jax
 
-from engine.config_cli import ConfigError, apply_overrides, load_config, split_config_args
+from engine.config_cli import apply_overrides, load_config, split_config_args
+from engine.errors import ConfigError
 from engine.hardware import measured_matmul_flops, total_peak_flops
 from models.flops import train_flops_per_step
 from pretrain import benchmark_suite

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from configs.pretrain import get_config
 from engine.optim import adamw
 from models.bert import BertConfig, BertForMaskedLM
+from models.config import model_config
 from pretrain import steps
 from pretrain.masking import MaskingConfig
 
@@ -47,9 +48,9 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
     for layers in (int(n) for n in args.layers.split(',')):
-        base = BertConfig(vocab_size=VOCAB, hidden_size=64, num_layers=layers, num_heads=2,
+        base = model_config(dict(vocab_size=VOCAB, hidden_size=64, num_layers=layers, num_heads=2,
                           intermediate_size=128, max_position_embeddings=SEQ,
-                          dropout_rate=0.0, attention_dropout_rate=0.0)
+                          dropout_rate=0.0, attention_dropout_rate=0.0))
         times = {False: [], True: []}
         for _ in range(args.repeats):
             for scan in (False, True):  # alternated, so drift hits both alike

@@ -32,7 +32,8 @@ import time
 import jax
 
 from configs.pretrain import get_config
-from engine.config_cli import PROJECT_ROOT, ConfigError, apply_overrides, split_config_args
+from engine.config_cli import PROJECT_ROOT, apply_overrides, split_config_args
+from engine.errors import ConfigError
 from engine.hardware import known_peak_flops
 from pretrain.step_runner import JaxRunner
 

@@ -12,7 +12,7 @@ import ml_collections
 
 from engine import compile_for
 from engine import mesh as mesh_lib
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from pretrain import objective, phases
 from pretrain import state as state_lib
 from pretrain.dry_run import sharded_bytes

@@ -38,12 +38,13 @@ import numpy as np
 from etils import epath
 
 from engine.checkpoint import flat_shapes, read_meta_and_shapes, restore_subtree, saved_steps
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.mesh import replicated, strip_boxes
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import RunDir
 from engine.step import TrainState
-from models.bert import BertConfig, BertForMaskedLM
+from models.bert import BertForMaskedLM
+from models.config import model_config
 from pretrain import data
 from text import corpus, records
 from text.batches import Mixed
@@ -111,7 +112,7 @@ def _source(cfg) -> Source:
 
 def _check_shapes(old: ml_collections.ConfigDict, saved: dict[str, tuple]) -> None:
     """The checkpoint holds the model its config.json describes (hidden size, layers...)."""
-    model = BertForMaskedLM(BertConfig(**old.model.to_dict()))
+    model = BertForMaskedLM(model_config(old.model.to_dict()))
     ids = jnp.zeros((1, 2), jnp.int32)
     want = flat_shapes(strip_boxes(jax.eval_shape(
         lambda: model.init(jax.random.key(0), ids, ids))['params']))

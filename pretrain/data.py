@@ -18,7 +18,7 @@ import ml_collections
 from etils import epath
 
 from engine import distributed
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import default_cache_dir, is_remote
 from text import corpus, prepare, records, tasks
 from text.batches import Mixed

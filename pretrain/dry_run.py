@@ -36,7 +36,8 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from engine import mesh as mesh_lib
-from engine.config_cli import ConfigError, config_to_json, flat_keys, load_config
+from engine.config_cli import config_to_json, flat_keys, load_config
+from engine.errors import ConfigError
 from engine.optim import make_optimizer
 from models.bert import BertConfig
 from models.flops import count_params

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import optax
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.loop import summarize_sums
 from models.bert import BertConfig, BertForMaskedLM
 from models.electra import ElectraForPretraining, electra_train_flops, generator_config

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from engine.budget import Budget
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.optim import budget_learning_rate
 from text.batches import PretrainBatches
 

@@ -17,7 +17,7 @@ from engine import distributed, resume_check
 from engine import mesh as mesh_lib
 from engine.budget import Budget
 from engine.checkpoint import Checkpoints
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.hardware import total_peak_flops
 from engine.lock import workdir_lock
 from engine.loop import (
@@ -31,7 +31,7 @@ from engine.metrics_writer import MetricWriter, require_wandb
 from engine.optim import make_optimizer
 from engine.paths import open_workdir
 from engine.rundir import RunDir, tokenized_data_dir
-from models.bert import BertConfig
+from models.config import BertConfig, model_config
 from models.flops import count_params
 from pretrain import continual, data, objective, phases
 from pretrain import state as state_lib
@@ -43,8 +43,8 @@ from text.tokenizer import Tokenizer, load_or_train_tokenizer
 def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
     """The model's frozen dataclass from the `model` section (layers never see the rest)."""
     try:
-        return BertConfig(**cfg.model.to_dict())
-    except (TypeError, ValueError) as e:
+        return model_config(cfg.model.to_dict())
+    except ValueError as e:
         raise ConfigError(f'model: {e}') from None
 
 

@@ -61,7 +61,8 @@ def overrides(row: dict, mesh: str) -> list[str]:
 def compile_row(row: dict, mesh: str) -> dict:
     """One row, compiled in this process: the figures, or why there are none."""
     from engine import compile_for
-    from engine.config_cli import ConfigError, apply_overrides, load_config
+    from engine.config_cli import apply_overrides, load_config
+    from engine.errors import ConfigError
     from pretrain import continual
     from pretrain.compile_target import compile_pretrain
 

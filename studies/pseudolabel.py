@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from configs.pseudolabel import REST
-from engine.config_cli import ConfigError, apply_overrides
+from engine.config_cli import apply_overrides
+from engine.errors import ConfigError
 from engine.paths import local_dir, write_bytes_atomic
 from engine.rundir import RESULTS_FILENAME
 from finetune import augment, data, predict

@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from engine import extras
-from engine.config_cli import ConfigError, config_to_json
-from engine.loop import NonFiniteLoss, Preempted
+from engine.config_cli import config_to_json
+from engine.errors import ConfigError, NonFiniteLoss, Preempted
 from engine.paths import local_dir
 from finetune import metrics
 from finetune import train as finetune_train

@@ -19,7 +19,8 @@ from typing import Any
 
 import ml_collections
 
-from engine.config_cli import ConfigError, flat_keys
+from engine.config_cli import flat_keys
+from engine.errors import ConfigError
 
 KINDS = ('loguniform', 'uniform', 'int', 'choice')
 _SPEC = re.compile(r'\s*([A-Za-z_]+)\s*\((.*)\)\s*$', re.S)

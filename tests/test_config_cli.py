@@ -4,7 +4,6 @@ import pytest
 
 from configs.pretrain import MODEL_SIZES, get_config
 from engine.config_cli import (
-    ConfigError,
     apply_overrides,
     config_from_json,
     config_to_json,
@@ -12,6 +11,7 @@ from engine.config_cli import (
     load_config,
     split_config_args,
 )
+from engine.errors import ConfigError
 
 
 @pytest.mark.parametrize('size', list(MODEL_SIZES))

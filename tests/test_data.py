@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from tests.helpers import make_sentences, small_tokenizer
 from text import batches, packing, prepare, records, sample
 from text import tokenizer as tk

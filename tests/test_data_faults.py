@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import launch
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from finetune import data as ft_data
 from tests.helpers import make_sentences, small_tokenizer, tiny_args
 from text import corpus, prepare, records, sample

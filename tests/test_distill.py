@@ -16,7 +16,8 @@ import launch
 from configs.finetune import get_config
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints, read_params_numpy, read_state_numpy
-from engine.config_cli import ConfigError, config_from_json, config_to_json
+from engine.config_cli import config_from_json, config_to_json
+from engine.errors import ConfigError
 from finetune import data, distill, predict, setup, steps, unfreeze
 from models.bert import BertConfig, BertForMaskedLM
 from tests.test_finetune_e2e import finetune_args, task_files  # noqa: F401  (a fixture)

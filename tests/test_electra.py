@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs.pretrain import get_config
 from engine import mesh as mesh_lib
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.optim import adamw, learning_rate_schedule
 from models.bert import BertConfig
 from models.electra import ElectraForPretraining, electra_train_flops, generator_config

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 import launch
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import check_writable
 from finetune import predict
 from tests.helpers import REPO, write_toy_task

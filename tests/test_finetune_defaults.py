@@ -61,7 +61,7 @@ def test_auto_epochs_by_data_size(examples, batch, epochs):
 
 
 def test_custom_defaults_to_auto_epochs_and_validate_resolves_it(task_files):  # noqa: F811
-    from engine.config_cli import ConfigError
+    from engine.errors import ConfigError
     from finetune import train
     assert finetune_config('sentiment').num_epochs == 1  # the demo keeps its epoch
     cfg = finetune_config('custom')

@@ -214,7 +214,8 @@ def test_keyboard_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
 
 def test_nan_hints_name_keys_of_their_stage():
     from configs import finetune, pretrain
-    from engine.config_cli import ConfigError, apply_overrides
+    from engine.config_cli import apply_overrides
+    from engine.errors import ConfigError
     from finetune.train import NAN_HINT
     for config, hint in ((pretrain.get_config('tiny'), loop.PRETRAIN_NAN_HINT),
                          (finetune.get_config('custom'), NAN_HINT)):

@@ -9,7 +9,7 @@ import pytest
 from etils import epath
 
 import launch
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.metrics_writer import MetricWriter
 from engine.paths import local_dir
 from tests.fake_gcs import fake_gcs

@@ -9,7 +9,7 @@ import pytest
 from etils.epath import backend
 
 import launch
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import check_reachable
 from tests.helpers import REPO, tiny_args, write_toy_task
 

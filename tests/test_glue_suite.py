@@ -16,7 +16,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import suite as suite_config
-from engine.config_cli import ConfigError, load_config
+from engine.config_cli import load_config
+from engine.errors import ConfigError
 from finetune import data
 from finetune.task import load_config_task
 from studies import suite

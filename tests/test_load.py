@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.checkpoint import Checkpoints
+from engine.checkpoint import Checkpoints, subtree_reader
 from engine.step import TrainState
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from models.load import load
@@ -42,7 +42,7 @@ def test_the_encoder_is_loaded_and_new_parameters_stay_as_initialised(saved):
     model = BertForSequenceClassification(BertConfig(**BASE, num_labels=3, lora_rank=2,
                                                      lora_targets=('query',)))
     fresh = _init(model, 1)
-    out = load(fresh, directory, None, dont_load=is_peft_path)
+    out = load(fresh, subtree_reader(directory, None), dont_load=is_peft_path)
     assert _equal(out['bert']['embeddings'], pre['bert']['embeddings'])
     query = out['bert']['encoder']['layer_2']['attention']['self']['query']
     saved_query = pre['bert']['encoder']['layer_2']['attention']['self']['query']
@@ -58,7 +58,7 @@ def test_layer_map_reads_each_layer_from_its_source(saved):
     directory, pre = saved
     student = _init(BertForSequenceClassification(
         BertConfig(**{**BASE, 'num_layers': 2}, num_labels=2)), 1)
-    out = load(student, directory, 7, layer_map={'layer_1': 'layer_2'})
+    out = load(student, subtree_reader(directory, 7), layer_map={'layer_1': 'layer_2'})
     layers = out['bert']['encoder']
     assert set(layers) == {'layer_0', 'layer_1'}
     assert _equal(layers['layer_0'], pre['bert']['encoder']['layer_0'])
@@ -72,4 +72,4 @@ def test_another_architecture_is_refused(saved):
     wide = _init(BertForSequenceClassification(
         BertConfig(**{**BASE, 'hidden_size': 32}, num_labels=2)), 1)
     with pytest.raises(ValueError):
-        load(wide, directory, None)
+        load(wide, subtree_reader(directory, None))

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from engine import lock as lock_lib
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from launch import main as launch_main
 from tests.helpers import REPO, env, launch_command, read_metrics, tiny_args
 

@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 import launch
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.metrics_writer import MetricWriter
 from studies import suite
 from tests.helpers import REPO, tensorboard_events

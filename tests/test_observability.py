@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.loop import parse_profile_steps
 from engine.metrics_writer import MetricWriter, require_wandb
 from launch import main as launch_main

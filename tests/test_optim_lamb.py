@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs.pretrain import get_config
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from engine import extras
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / 'pyproject.toml').read_text())

@@ -17,7 +17,7 @@ import launch
 from configs.finetune import get_config
 from engine import mesh as mesh_lib
 from engine.checkpoint import read_state_numpy
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.step import FROZEN, TRAIN
 from finetune import peft as ft_peft
 from finetune import setup, unfreeze

@@ -16,7 +16,7 @@ import launch
 from configs.finetune import get_config as finetune_config
 from configs.pretrain import get_config as pretrain_config
 from engine import resume_check
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.rundir import RunDir
 from finetune import setup
 from tests.helpers import REPO, small_tokenizer, tiny_args, write_toy_task

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import launch
 from engine import mesh as mesh_lib
-from engine.checkpoint import Checkpoints
+from engine.checkpoint import Checkpoints, subtree_reader
 from engine.step import TrainState
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from models.load import load
@@ -83,7 +83,7 @@ def test_a_scanned_checkpoint_loads_into_unrolled_layers(tmp_path):
     ckpts.save(3, TrainState(step=jnp.array(3), params=saved, opt_state={}), {})
     ckpts.close()
     fresh = _init(BertForSequenceClassification(dataclasses.replace(BASE, num_labels=2)), 1)
-    out = load(fresh, str(tmp_path / 'checkpoints'), None, saved_layers=3)
+    out = load(fresh, subtree_reader(str(tmp_path / 'checkpoints'), None), saved_layers=3)
     expected = unstack_layers(saved['bert']['encoder'])
     assert set(out['bert']['encoder']) == set(expected)
     for x, y in zip(jax.tree.leaves(out['bert']['encoder']), jax.tree.leaves(expected),
@@ -92,8 +92,8 @@ def test_a_scanned_checkpoint_loads_into_unrolled_layers(tmp_path):
     # A 2-layer student reading layers 0 and 2 of the scanned stack.
     student = _init(BertForSequenceClassification(
         dataclasses.replace(BASE, num_layers=2, num_labels=2)), 1)
-    out = load(student, str(tmp_path / 'checkpoints'), 3, layer_map={'layer_1': 'layer_2'},
-               saved_layers=3)
+    out = load(student, subtree_reader(str(tmp_path / 'checkpoints'), 3),
+               layer_map={'layer_1': 'layer_2'}, saved_layers=3)
     np.testing.assert_array_equal(
         out['bert']['encoder']['layer_1']['output']['dense']['kernel'],
         expected['layer_2']['output']['dense']['kernel'])

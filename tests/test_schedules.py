@@ -12,7 +12,7 @@ import pytest
 
 from configs.pretrain import get_config
 from engine.budget import Budget
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from engine.step import TrainState, set_learning_rate, train_step
 from pretrain import phases

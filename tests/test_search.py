@@ -6,7 +6,8 @@ import json
 import pytest
 
 import launch
-from engine.config_cli import ConfigError, apply_overrides, load_config
+from engine.config_cli import apply_overrides, load_config
+from engine.errors import ConfigError
 from studies import search, search_space
 from studies.search_space import Param, parse_spec
 from tests.helpers import REPO, write_toy_task

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import launch
-from engine.config_cli import ConfigError, apply_overrides, load_config
+from engine.config_cli import apply_overrides, load_config
+from engine.errors import ConfigError
 from studies import suite
 from tests.helpers import REPO, write_toy_task
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from etils import epath
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from text import records
 from text.prepare import (
     Plan,

@@ -40,7 +40,7 @@ from concurrent import futures
 
 from etils import epath
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import absolute_path, is_remote, write_bytes_atomic
 from engine.progress import Progress
 from text import records

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import is_remote, write_bytes_atomic
 from text.tokenizer import PAD_ID, SEP_ID
 

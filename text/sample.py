@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from text.corpus import is_indexed, open_indexed_split
 from text.units import (
     ENCODING_HINT,

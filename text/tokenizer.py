@@ -18,7 +18,7 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import SPM_FILENAME, RunDir
 from text.special import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, UNK_ID

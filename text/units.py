@@ -16,7 +16,7 @@ import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
-from engine.config_cli import ConfigError
+from engine.errors import ConfigError
 from text.corpus import (
     DOC_SEPARATORS,
     READ_BATCH,
