@@ -127,3 +127,22 @@ def describe_shardings(params: Any, shardings: Any) -> list[str]:
         name = '/'.join(str(getattr(k, 'key', k)) for k in path)
         lines.append(f'{name:70s} {str(tuple(leaf.shape)):16s} {sharding.spec}')
     return lines
+
+
+def per_device_shape(shape: tuple, spec: PartitionSpec, mesh_shape: dict) -> tuple:
+    """The shard each device holds (ceil division, as XLA pads uneven shards)."""
+    out = []
+    for i, size in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        out.append(-(-size // math.prod(mesh_shape[a] for a in axes)))
+    return tuple(out)
+
+
+def sharded_bytes(tree, shardings, mesh_shape: dict) -> int:
+    """Bytes per device of an abstract tree laid out by `shardings`."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+        shard = per_device_shape(tuple(leaf.shape), sharding.spec, mesh_shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total

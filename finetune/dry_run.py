@@ -32,7 +32,7 @@ from finetune import distill, setup, unfreeze
 from finetune.freeze import count_params_by_label
 from finetune.train import validate
 from models.bert import BertForSequenceClassification
-from pretrain.dry_run import GiB, activation_bytes, config_diff, sharded_bytes, sharding_lines
+from pretrain.dry_run import GiB, activation_bytes, config_diff, sharding_lines
 from text.tokenizer import load_tokenizer
 
 
@@ -112,10 +112,10 @@ def state_sizes(run: Abstract, mesh) -> dict:
     shardings = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
     trainable = jax.tree.map(lambda x, label: x if label == 'train' else None,
                              run.state.params, run.labels)
-    return {'params': sharded_bytes(run.state.params, shardings(run.state.params), shape),
-            'optimizer state': sharded_bytes(run.state.opt_state,
+    return {'params': mesh_lib.sharded_bytes(run.state.params, shardings(run.state.params), shape),
+            'optimizer state': mesh_lib.sharded_bytes(run.state.opt_state,
                                              shardings(run.state.opt_state), shape),
-            'gradients': sharded_bytes(trainable, shardings(trainable), shape)}
+            'gradients': mesh_lib.sharded_bytes(trainable, shardings(trainable), shape)}
 
 
 def describe(cfg: ml_collections.ConfigDict, spec: str, mesh, run: Abstract) -> str:

@@ -19,12 +19,9 @@ from engine import distributed, resume_check
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
 from engine.errors import ConfigError
-from engine.hardware import total_peak_flops
-from engine.lock import workdir_lock
-from engine.loop import LoopCallbacks, LoopConfig, SigtermFlag, parse_profile_steps, run_loop
-from engine.metrics_writer import MetricWriter, require_wandb
+from engine.loop import LoopCallbacks, LoopConfig
 from engine.optim import OptimizerConfig
-from engine.paths import open_workdir
+from engine.run import Run, RunSettings, check_batch_split, run_mesh, run_stage
 from engine.rundir import RunDir
 from finetune import augment, data, distill, metrics, setup, unfreeze
 from finetune.best import BestTracker
@@ -47,16 +44,9 @@ def validate(cfg: ml_collections.ConfigDict,
     OptimizerConfig.from_config(cfg, '')  # its keys, checked before anything runs
     setup.check_init_from(cfg)
     setup.resolve_learning_rate(cfg)  # 0 = auto, by model width
-    try:
-        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
-    except ValueError as e:
-        raise ConfigError(f'mesh.shape: {e}') from None
-    accum = cfg.get('grad_accum_steps', 1)
-    if accum < 1:
-        raise ConfigError(f'grad_accum_steps: must be >= 1, got {accum}')
-    if cfg.batch_size % (mesh_lib.data_parallel_size(mesh) * accum):
-        raise ConfigError(f'batch_size: {cfg.batch_size} is not divisible by the data-parallel '
-                          f'size {mesh_lib.data_parallel_size(mesh)} x grad_accum_steps {accum}')
+    mesh = run_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
+    check_batch_split(cfg.batch_size, mesh_lib.data_parallel_size(mesh),
+                      cfg.get('grad_accum_steps', 1))
     d = cfg.data
     try:
         task = load_config_task(cfg, d.max_train_examples)
@@ -141,23 +131,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     if auto_epochs and jax.process_index() == 0:
         print(f'num_epochs: {cfg.num_epochs} (auto: at least {setup.AUTO_MIN_STEPS:,} steps '
               f'over {len(task["train"].labels):,} training examples)', flush=True)
-    parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
-    require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
-    workdir = open_workdir(workdir)  # a local path made absolute, or gs://...
-    main = jax.process_index() == 0
+    settings = RunSettings.from_config('finetune', cfg)  # profile/W&B: one line, before work
+    return run_stage(settings, workdir, lambda run: _finetune(cfg, run, mesh, task, report),
+                     done=_completed)
+
+
+def _completed(workdir: epath.Path) -> dict | None:
+    """results.json of a run that is already complete (nothing more to do), or None."""
     done = RunDir(workdir).read_results()
     if done is not None:
         print(f'{RunDir(workdir).results_file} exists: this run is complete', flush=True)
-        return done
-    # From here on SIGTERM and Ctrl-C save and end the run resumably; restored on the way out.
-    with SigtermFlag() as sigterm, workdir_lock(workdir, 'finetune'):
-        return _finetune(cfg, workdir, mesh, task, sigterm, main, report)
+    return done
 
 
-def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, main: bool,
+def _finetune(cfg, run: Run, mesh, task: dict,
               report: Callable[[int, dict], None] | None) -> dict:
     """The run itself, with the workdir held."""
-    rundir = RunDir(workdir)
+    workdir, rundir, main = run.workdir, run.rundir, run.main
     with distributed.main_first('prepare'):  # process 0 writes the tokenizer first
         encoded, built = _prepare(cfg, workdir, task, main)
     encoded['train'] = distill.with_teacher_logits(cfg, encoded['train'], task['train'],
@@ -165,8 +155,8 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
     batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
                                    *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch
-    ckpts = Checkpoints(str(rundir.checkpoints), keep=KEEP_CHECKPOINTS)
-    best_ckpts = Checkpoints(str(rundir.best), keep=None)  # the tracker prunes it
+    ckpts = run.checkpoints(rundir.checkpoints, keep=KEEP_CHECKPOINTS)
+    best_ckpts = run.checkpoints(rundir.best, keep=None)  # the tracker prunes it
     every, num_layers = cfg.gradual_unfreeze_steps, built.model_cfg.num_layers
     phase = unfreeze.phase_of_state(ckpts.latest_step() or 0, every, num_layers)
     state, labels, tx, schedule = setup.initial_state(cfg, mesh, built, num_steps, phase)
@@ -177,8 +167,7 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
         labels, tx = setup.phase_optimizer(cfg, mesh, built, state.params, num_steps, phase)
     tracker = BestTracker(cfg, best_ckpts, KEEP_CHECKPOINTS, (start_step, meta),
                           _named_bests(ckpts))
-    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step,
-                          wandb=cfg.get('wandb'), run_config=cfg.to_dict())
+    writer = run.open_writer(start_step)
     _, predict_fn = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
 
     evaluate = _validation_fn(cfg, mesh, predict_fn, encoded['validation'], task, tracker,
@@ -187,25 +176,17 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
         step=None, evaluate=evaluate, write=writer.write, should_stop=tracker.should_stop,
         save=lambda step, s: tracker.save_checkpoint(ckpts, step, s),
         check_saves=ckpts.check)
-    loop_cfg = LoopConfig(
-        num_steps=num_steps, log_every=cfg.log_every_steps,
-        eval_every=cfg.eval_every_steps or batches.steps_per_epoch,
-        checkpoint_every=batches.steps_per_epoch,
-        tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=built.flops(cfg),
-        peak_flops=total_peak_flops(cfg.peak_flops_per_device),
-        is_main=main, profile=parse_profile_steps(cfg.get('profile_steps', '')),
-        profile_dir=writer.profile_dir, nan_hint=NAN_HINT)
-    try:
-        with setup.sharding_context(mesh, cfg):
-            state = _train_phases(cfg, mesh, built, (state, labels, tx, schedule), phase,
-                                  batches, loop_cfg, callbacks, sigterm)
-        tracker.settle(ckpts)
-        results = _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded,
-                                 task, workdir)
-    finally:
-        ckpts.close()
-        best_ckpts.close()
-        writer.close()
+    loop_cfg = run.loop_config(
+        num_steps=num_steps, eval_every=cfg.eval_every_steps or batches.steps_per_epoch,
+        checkpoint_every=batches.steps_per_epoch, flops_per_step=built.flops(cfg),
+        nan_hint=NAN_HINT)
+    with setup.sharding_context(mesh, cfg):
+        state = _train_phases(cfg, run, mesh, built, (state, labels, tx, schedule), phase,
+                              batches, loop_cfg, callbacks)
+    tracker.settle(ckpts)
+    results = _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded,
+                             task, workdir)
+    run.close()  # every save finished before the run is marked complete
     if main:
         rundir.write_json(rundir.results_file, results, indent=2)
         print(json.dumps({k: results['test'].get(k) for k in ('accuracy', 'f1')}
@@ -213,8 +194,8 @@ def _finetune(cfg, workdir: epath.Path, mesh, task: dict, sigterm: SigtermFlag, 
     return results
 
 
-def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopConfig,
-                  callbacks: LoopCallbacks, sigterm: SigtermFlag):
+def _train_phases(cfg, run: Run, mesh, built, start, phase: int, batches,
+                  loop_cfg: LoopConfig, callbacks: LoopCallbacks):
     """Runs the loop once per gradual-unfreezing phase (once when it is off) up to
     loop_cfg.num_steps; returns the final state. `start` = (state, labels, tx, schedule) of
     phase `phase`, at the step training continues from."""
@@ -231,9 +212,9 @@ def _train_phases(cfg, mesh, built, start, phase: int, batches, loop_cfg: LoopCo
             _log_sizes(main, state, labels, built, f'unfreezing phase {phase}: ')
         train_fn, _ = setup.compile_steps(cfg, mesh, built, tx, labels, schedule, state)
         step = lambda s, b, f=train_fn: f(s, mesh_lib.shard_batch(b, mesh))  # noqa: E731
-        state = run_loop(state, batches.iterate(int(state.step)), int(state.step),
+        state = run.loop(state, batches.iterate(int(state.step)), int(state.step),
                          dataclasses.replace(loop_cfg, num_steps=end),
-                         dataclasses.replace(callbacks, step=step), sigterm)
+                         dataclasses.replace(callbacks, step=step))
     return state
 
 

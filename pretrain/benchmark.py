@@ -28,8 +28,8 @@ from engine.errors import ConfigError
 from engine.hardware import measured_matmul_flops, total_peak_flops
 from models.flops import train_flops_per_step
 from pretrain import benchmark_suite
+from pretrain.sections import masking_config
 from pretrain.step_runner import JaxRunner, synthetic_batch
-from pretrain.train import masking_config
 
 
 def time_steps(cfg, num_steps: int, repeats: int) -> dict:

@@ -15,8 +15,7 @@ from engine import mesh as mesh_lib
 from engine.errors import ConfigError
 from pretrain import objective, phases
 from pretrain import state as state_lib
-from pretrain.dry_run import sharded_bytes
-from pretrain.train import bert_config, check_batch, masking_config, validate_values
+from pretrain.sections import bert_config, check_batch, masking_config, validate_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +51,10 @@ def compile_pretrain(cfg: ml_collections.ConfigDict, topology: str) -> Result:
         train, _ = state_lib.compile_steps(cfg, mesh, built, masking, word_starts)
         compiled = compile_for.compile_step(train, state_lib.abstract_step_args(cfg, built),
                                             target, advice(cfg, shape))
-    params = sharded_bytes(built.abstract.params, built.shardings.params, shape)
+    params = mesh_lib.sharded_bytes(built.abstract.params, built.shardings.params, shape)
     batch = state_lib.abstract_batch(cfg)
     sizes = {'params': params,
-             'optimizer state': sharded_bytes(built.abstract.opt_state,
+             'optimizer state': mesh_lib.sharded_bytes(built.abstract.opt_state,
                                               built.shardings.opt_state, shape),
              'gradients': params,
              'batch': sum(b.size * 4 for b in batch.values()) // mesh_lib.data_parallel_size(mesh)}

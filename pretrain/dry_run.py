@@ -26,10 +26,8 @@ compute dtype bytes e, masked positions p, vocab v and L layers:
   Treat the total as a guide to within tens of percent, not a guarantee.
 """
 
-import functools
 import math
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -38,11 +36,11 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from engine import mesh as mesh_lib
 from engine.config_cli import config_to_json, flat_keys, load_config
 from engine.errors import ConfigError
-from engine.optim import make_optimizer
 from models.bert import BertConfig
 from models.flops import count_params
-from pretrain import objective, phases, steps
-from pretrain.train import bert_config, check_batch, masking_config, validate_values
+from pretrain import objective, phases
+from pretrain import state as state_lib
+from pretrain.sections import bert_config, check_batch, masking_config, validate_values
 
 GiB = 1024 ** 3
 
@@ -65,34 +63,10 @@ def _target_devices(cfg) -> int:
 
 
 def abstract_state(cfg: ml_collections.ConfigDict, mesh: AbstractMesh):
-    """(abstract TrainState with boxes stripped, its shardings, its logical specs)."""
-    model = objective.build_model(cfg, bert_config(cfg))  # ELECTRA: both models
-    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
-    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
-    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(cfg.mesh.rules):
-        boxed = jax.eval_shape(init)
-    logical = nn.get_partition_spec(boxed)
-    shardings = nn.logical_to_mesh_sharding(logical, mesh, cfg.mesh.rules)
-    return mesh_lib.strip_boxes(boxed), shardings, logical
-
-
-def per_device_shape(shape: tuple, spec: PartitionSpec, mesh_shape: dict) -> tuple:
-    """The shard each device holds (ceil division, as XLA pads uneven shards)."""
-    out = []
-    for i, size in enumerate(shape):
-        axes = spec[i] if i < len(spec) else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        out.append(-(-size // math.prod(mesh_shape[a] for a in axes)))
-    return tuple(out)
-
-
-def sharded_bytes(tree, shardings, mesh_shape: dict) -> int:
-    """Bytes per device of an abstract tree laid out by `shardings`."""
-    total = 0
-    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
-        shard = per_device_shape(tuple(leaf.shape), sharding.spec, mesh_shape)
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
+    """(abstract TrainState with boxes stripped, its shardings, its logical specs): the
+    run's own state builder (pretrain/state.py) on the abstract mesh."""
+    built = state_lib.build(cfg, mesh, bert_config(cfg))  # ELECTRA: both models
+    return built.abstract, built.shardings, built.logical
 
 
 def activation_bytes(model: BertConfig, cfg: ml_collections.ConfigDict, mesh_shape: dict,
@@ -169,15 +143,15 @@ def sharding_lines(params, shardings, logical, mesh_shape: dict) -> list[str]:
     for (path, leaf), sharding, names in rows:
         name = '/'.join(str(getattr(k, 'key', k)) for k in path)
         shape = tuple(leaf.shape)
-        local = per_device_shape(shape, sharding.spec, mesh_shape)
+        local = mesh_lib.per_device_shape(shape, sharding.spec, mesh_shape)
         lines.append(f'{name:62s} {str(shape):16s} {str(tuple(names)):28s} '
                      f'{str(tuple(sharding.spec)):26s} {local}')
     return lines
 
 
 def _memory_lines(cfg, model, state, shardings, mesh_shape, masked) -> list[str]:
-    params = sharded_bytes(state.params, shardings.params, mesh_shape)
-    optimizer = sharded_bytes(state.opt_state, shardings.opt_state, mesh_shape)
+    params = mesh_lib.sharded_bytes(state.params, shardings.params, mesh_shape)
+    optimizer = mesh_lib.sharded_bytes(state.opt_state, shardings.opt_state, mesh_shape)
     activations = activation_bytes(model, cfg, mesh_shape, masked)
     total = 2 * params + optimizer + activations  # gradients: params-sized
     return [f'memory/device: params {params / GiB:.2f} GiB, optimizer state '

@@ -1,9 +1,12 @@
 """The pretraining state and train step, built in one place.
 
-The run (pretrain/train.py), `--dry-run` and `--dry-run --compile-for` all call `build` and
-`compile_steps`, so the step compiled for a TPU slice on a CPU is the step the run executes.
+The run (pretrain/train.py), `--dry-run` (on an abstract mesh), `--dry-run --compile-for`,
+the throughput benchmark and `launch.py import` all call `build` (and `compile_steps`), so
+the step compiled for a TPU slice on a CPU, or timed by the benchmark, is the step the run
+executes, and an imported checkpoint has the state a run restores.
 """
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -14,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import AbstractMesh
 
 from engine import mesh as mesh_lib
 from engine.optim import learning_rate_schedule, make_optimizer
@@ -31,17 +35,41 @@ class PretrainState:
     init: Callable[[], Any]  # the fresh state, boxed (logical axis names)
     abstract: TrainState
     shardings: TrainState
+    logical: TrainState  # each leaf's logical axis names (PartitionSpecs), for dry runs
 
 
-def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | AbstractMesh,
           model_cfg: Any) -> PretrainState:
-    """The run's model (`objective`'s), optimizer and abstract sharded state on `mesh`."""
+    """The run's model (`objective`'s), optimizer and abstract sharded state on `mesh` (a
+    device mesh, or an AbstractMesh: a dry run of a cluster's shape; nothing allocated)."""
     model = objective.build_model(cfg, model_cfg)
     tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
     init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
-    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
-    return PretrainState(model, tx, init, abstract, shardings)
+    with _tracing_context(mesh, cfg.mesh.rules):
+        boxed = jax.eval_shape(init)
+    logical = nn.get_partition_spec(boxed)
+    shardings = nn.logical_to_mesh_sharding(logical, mesh, cfg.mesh.rules)
+    return PretrainState(model, tx, init, mesh_lib.strip_boxes(boxed), shardings, logical)
+
+
+def _tracing_context(mesh, rules):
+    if isinstance(mesh, AbstractMesh):
+        return _abstract_context(mesh, rules)
+    return mesh_lib.sharding_context(mesh, rules)
+
+
+@contextlib.contextmanager
+def _abstract_context(mesh: AbstractMesh, rules):
+    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def imported_state(built: PretrainState, params: dict) -> TrainState:
+    """Step 0 with `params` (an imported checkpoint's, host arrays) and the optimizer's
+    fresh state: what `pretrain` restores from a workdir `launch.py import` wrote."""
+    params = jax.tree.map(jnp.asarray, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=built.tx.init(params))
 
 
 def fresh_state(built: PretrainState) -> TrainState:

@@ -4,19 +4,17 @@ Shared by `pretrain.benchmark` (one config) and `pretrain.benchmark_suite` (the 
 the same jitted step and sharded state `launch.py pretrain` uses, on full-length batches.
 """
 
-import functools
 import time
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from engine import mesh as mesh_lib
-from engine.optim import learning_rate_schedule, make_optimizer
-from models.bert import BertForMaskedLM
-from models.flops import count_params, train_flops_per_step
-from pretrain import steps
-from pretrain.train import bert_config, masking_config
+from models.flops import count_params
+from pretrain import objective
+from pretrain import state as state_lib
+from pretrain.sections import bert_config, masking_config
 
 # The custom-call targets of jax's cuDNN fused attention all start with this.
 CUDNN_ATTENTION_CALL = '__cudnn$fmha'
@@ -30,25 +28,20 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 
 
 def build_step(cfg, devices=None):
-    """The same jitted train step and sharded state `launch.py pretrain` uses, on a mesh
-    over `devices` (default: all)."""
+    """The same jitted train step and sharded state `launch.py pretrain` uses (built by
+    pretrain/state.py), on a mesh over `devices` (default: all). Returns (mesh, state,
+    step, model FLOPs per step, the step's arguments after the batch)."""
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
     model_cfg = bert_config(cfg)
-    model = BertForMaskedLM(model_cfg)
-    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
+    built = state_lib.build(cfg, mesh, model_cfg)
     masking = masking_config(cfg, model_cfg.vocab_size)
-    init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
-        state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-        step = jax.jit(steps.mlm_train_step(model=model, tx=tx,
-            schedule=learning_rate_schedule(cfg.optimizer, cfg.num_train_steps),
-            masking=masking, word_starts=None, seed=cfg.seed,
-            grad_accum_steps=cfg.grad_accum_steps),
-            in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-            out_shardings=(shardings, None), donate_argnums=0)
-    flops = train_flops_per_step(model_cfg, cfg.batch_size, cfg.seq_len, masking.max_predictions)
-    return mesh, state, step, flops
+        state = state_lib.fresh_state(built)
+        step, _ = state_lib.compile_steps(cfg, mesh, built, masking, word_starts=None)
+    # schedule=budget: the host passes the rate; the peak stands in for it.
+    extra = (jnp.float32(cfg.optimizer.learning_rate),) if state_lib.feeds_rate(cfg) else ()
+    flops = objective.flops_per_step(cfg, built.model, masking.max_predictions)
+    return mesh, state, step, flops, extra
 
 
 class JaxRunner:
@@ -61,12 +54,12 @@ class JaxRunner:
     def __init__(self, cfg, devices=None):
         self.cfg = cfg
         self.model_config = bert_config(cfg)
-        self.mesh, self.state, step, self.flops = build_step(cfg, devices)
+        self.mesh, self.state, step, self.flops, self.extra = build_step(cfg, devices)
         self.batch = mesh_lib.shard_batch(
             synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size), self.mesh)
         start = time.perf_counter()
         with mesh_lib.sharding_context(self.mesh, cfg.mesh.rules):
-            lowered = step.lower(self.state, self.batch)
+            lowered = step.lower(self.state, self.batch, *self.extra)
             self.step = lowered.compile()
         self.compile_seconds = time.perf_counter() - start
         self.cudnn_attention = CUDNN_ATTENTION_CALL in lowered.as_text()
@@ -76,7 +69,7 @@ class JaxRunner:
         """Seconds per step over `num_steps` steps; metrics are fetched once, at the end."""
         start = time.perf_counter()
         for _ in range(num_steps):
-            self.state, metrics = self.step(self.state, self.batch)
+            self.state, metrics = self.step(self.state, self.batch, *self.extra)
         jax.block_until_ready(metrics)
         return (time.perf_counter() - start) / num_steps
 

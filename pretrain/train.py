@@ -5,7 +5,6 @@ before anything is written, then tokenizer -> data -> sharded state (fresh or re
 -> the shared loop.
 """
 
-import math
 import time
 
 import jax
@@ -18,86 +17,17 @@ from engine import mesh as mesh_lib
 from engine.budget import Budget
 from engine.checkpoint import Checkpoints
 from engine.errors import ConfigError
-from engine.hardware import total_peak_flops
 from engine.lock import workdir_lock
-from engine.loop import (
-    LoopCallbacks,
-    LoopConfig,
-    SigtermFlag,
-    parse_profile_steps,
-    run_loop,
-)
-from engine.metrics_writer import MetricWriter, require_wandb
-from engine.optim import make_optimizer
+from engine.loop import LoopCallbacks
 from engine.paths import open_workdir
-from engine.rundir import RunDir, tokenized_data_dir
-from models.config import BertConfig, model_config
+from engine.run import Run, RunSettings, run_stage
+from engine.rundir import tokenized_data_dir
 from models.flops import count_params
 from pretrain import continual, data, objective, phases
 from pretrain import state as state_lib
-from pretrain.masking import MaskingConfig
+from pretrain.sections import bert_config, masking_config, validate, validate_values
 from text.batches import PretrainBatches, eval_batches
 from text.tokenizer import Tokenizer, load_or_train_tokenizer
-
-
-def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
-    """The model's frozen dataclass from the `model` section (layers never see the rest)."""
-    try:
-        return model_config(cfg.model.to_dict())
-    except ValueError as e:
-        raise ConfigError(f'model: {e}') from None
-
-
-def masking_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> MaskingConfig:
-    k = cfg.masking
-    max_predictions = k.max_predictions or math.ceil(k.mask_rate * cfg.seq_len)
-    return MaskingConfig(vocab_size=vocab_size, max_predictions=max_predictions,
-                         mask_rate=k.mask_rate, mask_token_rate=k.mask_token_rate,
-                         random_token_rate=k.random_token_rate, whole_word=k.whole_word,
-                         span_length=k.get('span_length', 0.0))
-
-
-def validate(cfg: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, dict]:
-    """Checks everything checkable up front; returns the mesh and the resolved sources.
-
-    Raises ConfigError with a one-line message naming the key.
-    """
-    validate_values(cfg)
-    try:
-        mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    except ValueError as e:
-        raise ConfigError(f'mesh.shape: {e}') from None
-    check_batch(cfg, mesh_lib.data_parallel_size(mesh))
-    if cfg.data.tokenizer_model and not epath.Path(cfg.data.tokenizer_model).is_file():
-        raise ConfigError(f'data.tokenizer_model: no such file {cfg.data.tokenizer_model!r}')
-    return mesh, data.resolve_sources(cfg)
-
-
-def validate_values(cfg: ml_collections.ConfigDict) -> None:
-    """The checks that need neither devices nor files (shared with `--dry-run`)."""
-    for key in ('num_train_steps', 'batch_size', 'seq_len', 'grad_accum_steps',
-                'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-        if cfg[key] < 1:
-            raise ConfigError(f'{key}: must be >= 1, got {cfg[key]}')
-    model = bert_config(cfg)
-    if model.position_embedding == 'learned' and cfg.seq_len > model.max_position_embeddings:
-        raise ConfigError(f'seq_len: {cfg.seq_len} exceeds model.max_position_embeddings '
-                          f'({model.max_position_embeddings})')
-    if not 0 < cfg.masking.mask_rate < 1:
-        raise ConfigError(f'masking.mask_rate: must be in (0, 1), got {cfg.masking.mask_rate}')
-    objective.validate(cfg, model)  # objective, electra.*, masking.eval_mask_rate/span_length
-    make_optimizer(cfg.optimizer, cfg.num_train_steps)  # ConfigError on an unknown name
-    learned = model.position_embedding == 'learned'
-    phases.check(cfg, model.max_position_embeddings if learned else None)
-
-
-def check_batch(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:
-    """The global batch splits evenly over data-parallel devices and micro-batches."""
-    if cfg.batch_size % (data_parallel * cfg.grad_accum_steps):
-        raise ConfigError(
-            f'batch_size: {cfg.batch_size} is not divisible by the data-parallel size '
-            f'{data_parallel} x grad_accum_steps {cfg.grad_accum_steps}')
-    phases.check(cfg, None, data_parallel)  # batch_size_ramp's sizes too
 
 
 def prepare_data(cfg, workdir: epath.Path, sources: list[data.Source], src=None,
@@ -233,29 +163,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
     cfg = phases.final_config(cfg)  # seq_len_phases: the last phase's length
     mesh, sources = validate(cfg)
-    parse_profile_steps(cfg.get('profile_steps', ''))  # bad values and a missing wandb:
-    require_wandb((cfg.get('wandb') or {}).get('project'))  # one line, before any work
+    settings = RunSettings.from_config('pretrain', cfg)  # profile/W&B: one line, before work
     started = time.time()
-    workdir = open_workdir(workdir)  # a local path made absolute, or gs://...
-    main = jax.process_index() == 0
-    sigterm = SigtermFlag()  # from here on, SIGTERM and Ctrl-C end the run cleanly
-    with sigterm, workdir_lock(workdir, 'pretrain'):  # the handlers restored on the way out
-        return _pretrain(cfg, workdir, src, mesh, sources, sigterm, started, main)
+    return run_stage(settings, workdir,
+                     lambda run: _pretrain(cfg, run, src, mesh, sources, started))
 
 
-def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: SigtermFlag,
-              started: float, main: bool) -> dict:
+def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     """The run itself, with the workdir held."""
+    workdir, main = run.workdir, run.main
     saved = resume_check.check_pretrain(cfg, workdir)  # a resume: before anything is written
     if saved is not None:
         phases.check_resume(cfg, saved)
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
-        RunDir(workdir).write_config(cfg)
+        run.rundir.write_config(cfg)
     model_cfg = bert_config(cfg)
     built = state_lib.build(cfg, mesh, model_cfg)  # the same state/step as the dry runs'
     model = built.model
-    ckpts = Checkpoints(str(RunDir(workdir).checkpoints), keep=cfg.keep_checkpoints)
+    ckpts = run.checkpoints(run.rundir.checkpoints, keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, built, ckpts, src, tokenizer)
     resumed_meta = ckpts.restore_meta(start_step) if start_step else None
     plan = phases.StepPlan(cfg)
@@ -294,8 +220,7 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
         ckpts.wait()
         data_offset[0] = offset
         return ckpts.restore(step, abstract, shardings)[0], iterate(step + offset)
-    writer = MetricWriter(str(workdir), enabled=main, resume_step=start_step,
-                          wandb=cfg.get('wandb'), run_config=cfg.to_dict())
+    writer = run.open_writer(start_step)
     results = {}
     evaluate = _evaluate_both(cfg, mesh, eval_fn, eval_source, old_eval, results)
     if src is not None and start_step == 0:  # before any update: the continual baseline
@@ -303,27 +228,19 @@ def _pretrain(cfg, workdir: epath.Path, src, mesh, sources: list, sigterm: Sigte
             writer.write(0, evaluate(state))
         _log(main, 'step 0: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()))
 
-    loop_cfg = LoopConfig(
-        num_steps=budget.last_step(cfg.num_train_steps), log_every=cfg.log_every_steps,
-        eval_every=cfg.eval_every_steps, checkpoint_every=cfg.checkpoint_every_steps,
-        tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_step=flops,
-        peak_flops=total_peak_flops(cfg.peak_flops_per_device),
-        is_main=main, deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
-        data_offset=data_offset[0], profile=parse_profile_steps(cfg.get('profile_steps', '')),
-        profile_dir=writer.profile_dir, tokens_at=budget.tokens_at)
+    loop_cfg = run.loop_config(
+        num_steps=budget.last_step(cfg.num_train_steps), eval_every=cfg.eval_every_steps,
+        checkpoint_every=cfg.checkpoint_every_steps, flops_per_step=flops,
+        deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
+        data_offset=data_offset[0], tokens_at=budget.tokens_at)
     callbacks = LoopCallbacks(
         step=lambda s, b: train_fns[phases.seq_len_of(b[0])](  # b: (batch, extra arguments)
             s, mesh_lib.shard_batch(b[0], mesh), *b[1]), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
         check_saves=ckpts.check, rollback=rollback,
         summarize=objective.summarize(cfg))
-    try:
-        with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-            run_loop(state, iterate(start_step + data_offset[0]), start_step, loop_cfg,
-                     callbacks, sigterm)
-    finally:
-        ckpts.close()
-        writer.close()
+    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
+        run.loop(state, iterate(start_step + data_offset[0]), start_step, loop_cfg, callbacks)
     return results
 
 

@@ -35,7 +35,7 @@ from engine.checkpoint import read_meta_and_shapes
 from engine.rundir import RunDir
 from models.bert import BertForMaskedLM
 from pretrain import objective
-from pretrain.train import bert_config, masking_config
+from pretrain.sections import bert_config, masking_config
 
 REGIME = 'low-label (1k labels)'
 BASELINE = 'tfidf'

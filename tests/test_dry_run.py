@@ -13,7 +13,7 @@ from engine import mesh as mesh_lib
 from engine.optim import make_optimizer
 from models.bert import BertForMaskedLM
 from pretrain import dry_run, steps
-from pretrain.train import bert_config
+from pretrain.sections import bert_config
 
 
 def dry(capsys, tmp_path, size: str, *overrides: str) -> tuple[int, str, str]:
@@ -64,7 +64,7 @@ def test_per_device_bytes_match_a_real_sharded_state():
     cfg.mesh.shape = (2, 4)
     mesh = dry_run.abstract_mesh(cfg)
     abstract, shardings, _ = dry_run.abstract_state(cfg, mesh)
-    expected = dry_run.sharded_bytes(abstract, shardings, dict(mesh.shape))
+    expected = mesh_lib.sharded_bytes(abstract, shardings, dict(mesh.shape))
 
     real_mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     model = BertForMaskedLM(bert_config(cfg))

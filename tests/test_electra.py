@@ -19,7 +19,7 @@ from models.electra import ElectraForPretraining, electra_train_flops, generator
 from models.flops import forward_flops
 from pretrain import dry_run, electra, objective, steps
 from pretrain.masking import MaskingConfig
-from pretrain.train import validate_values
+from pretrain.sections import validate_values
 from tests.sharded import packed_batch
 
 SEQ, BATCH, VOCAB = 16, 8, 96

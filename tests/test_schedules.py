@@ -16,7 +16,7 @@ from engine.errors import ConfigError
 from engine.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from engine.step import TrainState, set_learning_rate, train_step
 from pretrain import phases
-from pretrain.train import check_batch, validate_values
+from pretrain.sections import check_batch, validate_values
 
 
 def rates(cfg: OptimizerConfig, total: int, steps) -> list[float]:

@@ -15,7 +15,7 @@ from pretrain.masking import (
     span_geometric_p,
     span_max_length,
 )
-from pretrain.train import masking_config
+from pretrain.sections import masking_config
 from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 ROWS, LENGTH, VOCAB = 256, 128, 500
