@@ -10,9 +10,8 @@ import math
 import pathlib
 from collections.abc import Sequence
 
-from engine.rundir import METRICS_FILENAME
+from engine.rundir import CURVES_FILENAME, METRICS_FILENAME
 
-CURVES_FILENAME = 'curves.png'
 LOSS_KEYS = ('loss', 'eval_loss')
 SKIPPED = ('step', 'learning_rate', 'tokens_per_sec', 'steps_per_sec', 'mfu', 'grad_norm',
            'rollback_to', 'skipped_batches')

@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from engine import distributed
 from engine.errors import ConfigError
 from engine.paths import absolute_path, is_remote, write_bytes_atomic
+from engine.rundir import LOCK_FILENAME
 
-LOCK_FILENAME = '.lock'
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
 _SETTLE_S = 1.0  # gs://: wait before reading the lock back

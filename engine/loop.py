@@ -74,7 +74,8 @@ class LoopConfig:
 
 @dataclasses.dataclass
 class LoopCallbacks:
-    step: Callable[[Any, Any], tuple[Any, dict]]  # (state, device batch) -> (state, metrics)
+    # (state, host batch[, learning rate]) -> (state, metrics)
+    step: Callable[..., tuple[Any, dict]]
     evaluate: Callable[[Any], dict]  # state -> {'eval_loss': ..., ...}
     save: Callable[[int, Any], None]  # (step, state) -> None, async
     write: Callable[[int, dict], None]  # (step, metrics) -> None
@@ -87,6 +88,10 @@ class LoopCallbacks:
     # index step + offset on); saves made after it must record the new offset. Needed
     # only with LoopConfig.nan_rollbacks > 0.
     rollback: Callable[[int, int], tuple[Any, Iterator]] | None = None
+    # The host's learning rate for the step after `step` steps (schedule='budget', where it
+    # depends on elapsed time), asked right before that step and passed to `step` as its
+    # third argument; None: the step computes its own.
+    learning_rate: Callable[[int], Any] | None = None
 
 
 class SigtermFlag:
@@ -209,7 +214,8 @@ def run_loop(state: Any, batches: Iterator[tuple[int, Any]], start_step: int,
         for index, batch in batches:  # the data index of the step about to be taken
             step = index - offset  # the optimizer step about to be taken (1-based after)
             profiler.before(step + 1)
-            state, metrics = cb.step(state, batch)
+            rate = () if cb.learning_rate is None else (cb.learning_rate(step),)
+            state, metrics = cb.step(state, batch, *rate)
             pending.append(metrics)
             done = step + 1
             profiler.after(done, metrics)

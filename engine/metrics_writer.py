@@ -28,7 +28,7 @@ from typing import Any
 
 from engine import curves, extras
 from engine.paths import absolute_path, is_remote
-from engine.rundir import METRICS_FILENAME
+from engine.rundir import METRICS_FILENAME, TENSORBOARD_DIRNAME, WANDB_ID_FILENAME
 
 
 def _plain(value: Any) -> Any:
@@ -62,7 +62,7 @@ def require_wandb(project: str):
 
 def _wandb_id(workdir) -> str:
     """This workdir's W&B run id: read from WORKDIR/wandb_id.txt, or made and stored there."""
-    path = absolute_path(workdir) / 'wandb_id.txt'
+    path = absolute_path(workdir) / WANDB_ID_FILENAME
     if path.exists() and path.read_text().strip():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:16]
@@ -97,7 +97,7 @@ class MetricWriter:
         # `--help`, config errors, dry runs and the other processes need not pay.
         from tensorboardX import SummaryWriter
         # Local; for a gs:// workdir uploaded with the events (profiler traces go under it).
-        self.tensorboard_dir = local / 'tensorboard'
+        self.tensorboard_dir = local / TENSORBOARD_DIRNAME
         self._tb = SummaryWriter(str(self.tensorboard_dir))
         if run_config:
             text = json.dumps(run_config, indent=2, sort_keys=True, default=str)
@@ -175,7 +175,7 @@ class MetricWriter:
         """Copies the staged files over the workdir's (this run's event file is new; earlier
         runs' event files there are left as they are)."""
         local = self.path.parent
-        events = sorted(p for p in (local / 'tensorboard').rglob('*') if p.is_file())
+        events = sorted(p for p in (local / TENSORBOARD_DIRNAME).rglob('*') if p.is_file())
         picture = [p for p in [local / curves.CURVES_FILENAME] if p.exists()]
         for file in [self.path, *events, *picture]:
             target = self._remote / file.relative_to(local)

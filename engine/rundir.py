@@ -10,6 +10,10 @@
       task.json        fine-tuning: the task kind and label names
       best/            fine-tuning: the params of the best validation evaluation
       results.json     fine-tuning: final metrics; a run with it is complete
+      tensorboard/     TensorBoard event files (and profile/ traces: profile_steps)
+      curves.png       loss, eval metrics and learning rate against step ([plots] extra)
+      wandb_id.txt     the W&B run id a resumed run continues (wandb.project)
+      .lock            the process holding the workdir (engine/lock.py)
 
 Every command reads and writes a workdir through `RunDir`, locally or on gs://.
 """
@@ -37,6 +41,10 @@ TOKENIZER_FILENAMES = (SPM_FILENAME, WORDPIECE_FILENAME)
 CHECKPOINTS_DIRNAME = 'checkpoints'
 BEST_DIRNAME = 'best'
 DATA_DIRNAME = 'data'
+TENSORBOARD_DIRNAME = 'tensorboard'
+CURVES_FILENAME = 'curves.png'
+WANDB_ID_FILENAME = 'wandb_id.txt'
+LOCK_FILENAME = '.lock'
 
 
 def step_dirs(directory: epath.Path) -> list[int]:
@@ -69,6 +77,10 @@ class RunDir:
         self.metrics_file = self.path / METRICS_FILENAME
         self.checkpoints = self.path / CHECKPOINTS_DIRNAME
         self.best = self.path / BEST_DIRNAME
+        self.tensorboard = self.path / TENSORBOARD_DIRNAME
+        self.curves_file = self.path / CURVES_FILENAME
+        self.wandb_id_file = self.path / WANDB_ID_FILENAME
+        self.lock_file = self.path / LOCK_FILENAME
 
     def __str__(self) -> str:
         return str(self.path)

@@ -224,17 +224,16 @@ class PlannedBatches:
         return iter(batches)
 
 
-def budget_rates(cfg: ml_collections.ConfigDict, budget: Budget, offset: int,
+def budget_rates(cfg: ml_collections.ConfigDict, budget: Budget,
                  agree: Callable[[float], float] = float, clock: Callable[[], float] | None = None,
                  every: int = 1) -> Callable[[int], np.float32]:
-    """data index -> the learning rate of its step under schedule='budget', measured when the
-    loop asks for the batch (the step is dispatched right after). `agree` makes processes
-    use process 0's elapsed time (refreshed every `every` steps: a collective); `clock`
-    replaces time.time (tests)."""
+    """step -> the learning rate of the step after it under schedule='budget', measured when
+    the loop asks (right before it dispatches that step). `agree` makes processes use
+    process 0's elapsed time (refreshed every `every` steps: a collective); `clock` replaces
+    time.time (tests)."""
     steps, last = cfg.num_train_steps, {}
 
-    def rate(index: int) -> np.float32:
-        step = index - offset
+    def rate(step: int) -> np.float32:
         if not last or step % every == 0:
             now = None if clock is None else clock()
             last['elapsed'] = agree(budget.elapsed(now))
@@ -244,38 +243,33 @@ def budget_rates(cfg: ml_collections.ConfigDict, budget: Budget, offset: int,
     return rate
 
 
+def learning_rates(cfg: ml_collections.ConfigDict, budget: Budget
+                   ) -> Callable[[int], np.float32] | None:
+    """The loop's learning_rate callback: the budget's rates under schedule='budget' (the
+    same on every process), else None (the step computes its own)."""
+    if cfg.optimizer.schedule != 'budget':
+        return None
+    several = jax.process_count() > 1
+    return budget_rates(cfg, budget, agree_on_process_0 if several else float,
+                        every=cfg.log_every_steps if several else 1)
+
+
 def agree_on_process_0(value: float) -> float:
     """Process 0's `value` on every process, to the microsecond (a collective)."""
     from engine.distributed import broadcast_int
     return broadcast_int(round(value * 1e6)) / 1e6
 
 
-def rate_of_steps(rate: Callable[[int], np.float32] | None,
-                  iterator: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, tuple]]:
-    """(index, batch) -> (index, (batch, extra step arguments)): the host-fed learning rate
-    when there is one."""
-    for index, batch in iterator:
-        yield index, (batch, () if rate is None else (rate(index),))
-
-
-def feed(cfg: ml_collections.ConfigDict, plan: StepPlan, budget: Budget,
-         shard: tuple[int, int], batches: PretrainBatches, data_offset: list,
-         phase_sources: list | None, weights: list[float] | None = None
-         ) -> Callable[[int], Iterator[tuple[int, tuple]]]:
-    """data index -> iterator of (index, (batch, extra train-step arguments)) from there:
-    the plan's shapes (phases, ramp) or the plain `batches`, with the host's learning rate
-    under schedule='budget'. `data_offset[0]`: batches skipped by NaN rollbacks so far."""
+def feed(cfg: ml_collections.ConfigDict, plan: StepPlan, shard: tuple[int, int],
+         batches: PretrainBatches, phase_sources: list | None,
+         weights: list[float] | None = None) -> Callable[[int, int], Iterator[tuple[int, dict]]]:
+    """(data index, offset) -> iterator of (index, batch) from there: the plan's shapes
+    (phases, ramp) or the plain `batches`. `offset`: batches skipped by NaN rollbacks so
+    far (the batch of data index i belongs to step i - offset)."""
     planned = plan.active and PlannedBatches(plan, phase_sources, cfg.seed, shard, weights)
-    several = jax.process_count() > 1
 
-    def iterate(index: int) -> Iterator[tuple[int, tuple]]:
-        offset = data_offset[0]
-        raw = planned.iterate(index, offset) if planned else batches.iterate(index)
-        rate = None
-        if cfg.optimizer.schedule == 'budget':
-            rate = budget_rates(cfg, budget, offset, agree_on_process_0 if several else float,
-                                every=cfg.log_every_steps if several else 1)
-        return rate_of_steps(rate, raw)
+    def iterate(index: int, offset: int) -> Iterator[tuple[int, dict]]:
+        return planned.iterate(index, offset) if planned else batches.iterate(index)
     return iterate
 
 

@@ -72,6 +72,14 @@ def imported_state(built: PretrainState, params: dict) -> TrainState:
                       opt_state=built.tx.init(params))
 
 
+def checkpoint_meta(cfg: ml_collections.ConfigDict, position: int, **extra: Any) -> dict:
+    """A pretraining checkpoint's JSON side item: where its data stands (`position`: batches
+    consumed, NaN-skipped ones included), the config it was made with and `extra` (budget,
+    imported_from). Resume checks read it back (pretrain/train.py)."""
+    return {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size, 'position': position},
+            'config': cfg.to_dict(), **extra}
+
+
 def fresh_state(built: PretrainState) -> TrainState:
     """A sharded fresh init (call inside the run's sharding context)."""
     return jax.jit(lambda: nn.unbox(built.init()), out_shardings=built.shardings)()

@@ -188,9 +188,9 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     budget = Budget.resume(cfg, resumed_meta, start_step, cfg.batch_size * cfg.seq_len, started,
                            plan.tokens_at if plan.active else None)
     # Batches skipped by NaN rollbacks: data position - step (0 in checkpoints before them;
-    # an imported checkpoint's position is 0).
+    # an imported checkpoint's position is 0). A rollback changes it (the loop's own count).
     position = (resumed_meta or {}).get('data', {}).get('position') or start_step
-    data_offset = [position - start_step]
+    skipped = {'offset': position - start_step}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     masking = masking_config(cfg, tokenizer.vocab_size)
     word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
@@ -210,16 +210,15 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
                               *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights)
     phase_splits = plan.active and _phase_splits(cfg, plan, workdir, sources, src, main,
                                                  train_splits, weights)
-    iterate = phases.feed(cfg, plan, budget, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
-                          data_offset, phase_splits, weights)
-    meta = lambda step: {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size,  # noqa: E731
-                                  'position': step + data_offset[0]}, 'config': cfg.to_dict(),
-                          'budget': budget.meta(step)}
+    iterate = phases.feed(cfg, plan, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
+                          phase_splits, weights)
+    meta = lambda step: state_lib.checkpoint_meta(  # noqa: E731
+        cfg, step + skipped['offset'], budget=budget.meta(step))
 
     def rollback(step: int, offset: int):  # a NaN loss: back to checkpoint `step`
         ckpts.wait()
-        data_offset[0] = offset
-        return ckpts.restore(step, abstract, shardings)[0], iterate(step + offset)
+        skipped['offset'] = offset  # what later checkpoints record
+        return ckpts.restore(step, abstract, shardings)[0], iterate(step + offset, offset)
     writer = run.open_writer(start_step)
     results = {}
     evaluate = _evaluate_both(cfg, mesh, eval_fn, eval_source, old_eval, results)
@@ -232,15 +231,16 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
         num_steps=budget.last_step(cfg.num_train_steps), eval_every=cfg.eval_every_steps,
         checkpoint_every=cfg.checkpoint_every_steps, flops_per_step=flops,
         deadline=budget.deadline(), nan_rollbacks=cfg.nan_rollbacks,
-        data_offset=data_offset[0], tokens_at=budget.tokens_at)
+        data_offset=skipped['offset'], tokens_at=budget.tokens_at)
     callbacks = LoopCallbacks(
-        step=lambda s, b: train_fns[phases.seq_len_of(b[0])](  # b: (batch, extra arguments)
-            s, mesh_lib.shard_batch(b[0], mesh), *b[1]), evaluate=evaluate,
+        step=lambda s, b, *rate: train_fns[phases.seq_len_of(b)](  # rate: schedule=budget's
+            s, mesh_lib.shard_batch(b, mesh), *rate), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
         check_saves=ckpts.check, rollback=rollback,
-        summarize=objective.summarize(cfg))
+        summarize=objective.summarize(cfg), learning_rate=phases.learning_rates(cfg, budget))
+    offset = skipped['offset']
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        run.loop(state, iterate(start_step + data_offset[0]), start_step, loop_cfg, callbacks)
+        run.loop(state, iterate(start_step + offset, offset), start_step, loop_cfg, callbacks)
     return results
 
 

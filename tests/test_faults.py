@@ -17,7 +17,7 @@ import pytest
 from orbax.checkpoint._src.checkpointers import async_checkpointer
 
 import launch
-from engine import loop
+from engine import errors, loop
 from engine.checkpoint import read_params_numpy, step_dirs
 from finetune.unfreeze import phase_of_state
 from tests.helpers import read_metrics, tiny_args, write_toy_task
@@ -67,8 +67,8 @@ def test_a_failed_background_save_stops_the_loop_at_the_next_step():
     def check_saves(wait):
         calls.append(wait)
         if len(calls) == 4:  # asked after step 4: the save of step 3 failed meanwhile
-            raise loop.CheckpointSaveFailed('could not save the checkpoint of step 3')
-    with pytest.raises(loop.CheckpointSaveFailed, match='step 3'):
+            raise errors.CheckpointSaveFailed('could not save the checkpoint of step 3')
+    with pytest.raises(errors.CheckpointSaveFailed, match='step 3'):
         fake_loop(checkpoint_every=3, check_saves=check_saves)
     assert calls == [False] * 4  # asked after every step without waiting, until it failed
     # The last save is waited for: a run does not end "done" with its checkpoint unwritten.
@@ -205,16 +205,19 @@ def test_disk_full_stops_the_run_and_keeps_the_last_good_checkpoint(
 # --- 4. NaN rollbacks ----------------------------------------------------------------------
 
 def nan_loop(nan_rollbacks: int, bad_batches: set[int], num_steps: int = 8, log_every: int = 2,
-             checkpoint_every: int = 2):
+             checkpoint_every: int = 2, rates: dict | None = None):
     """run_loop on host numbers where the state is the optimizer step and the batch of data
     index i is i + 1 (its 1-based number); the loss is NaN on `bad_batches`. Returns (the
     batches trained on, per step, of the surviving history; written records; saved steps
-    with their data offset; final state)."""
+    with their data offset; final state). `rates`: filled with {step: the host learning rate
+    it was given} from a learning_rate callback of 10 x the steps taken before it."""
     trained, written, saved, offset = {}, [], [], [0]
     snapshots = {}
 
-    def step(state, batch):
+    def step(state, batch, *rate):
         trained[state + 1] = batch
+        if rates is not None:
+            rates[state + 1] = rate
         loss = float('nan') if batch in bad_batches else 1.0
         return state + 1, {'loss_sum': loss, 'correct_sum': 0.0, 'weight_sum': 1.0,
                            'learning_rate': 0.1, 'grad_norm': 1.0}
@@ -231,7 +234,8 @@ def nan_loop(nan_rollbacks: int, bad_batches: set[int], num_steps: int = 8, log_
         return snapshots[step], batches(step + new_offset)
     callbacks = loop.LoopCallbacks(step=step, evaluate=lambda s: {}, save=save,
                                    write=lambda step, m: written.append({'step': step, **m}),
-                                   rollback=rollback)
+                                   rollback=rollback,
+                                   learning_rate=None if rates is None else lambda s: 10 * s)
     cfg = loop.LoopConfig(num_steps=num_steps, log_every=log_every, eval_every=0,
                           checkpoint_every=checkpoint_every, tokens_per_step=1,
                           flops_per_step=1.0, peak_flops=1.0, is_main=True,
@@ -255,11 +259,20 @@ def test_nan_rollback_restores_the_checkpoint_and_skips_the_batches(capsys):
     assert [(r['step'], r['loss']) for r in written if 'loss' in r] == [(4, 1.0), (8, 1.0)]
 
 
+def test_host_learning_rate_follows_the_optimizer_step_across_a_rollback():
+    # schedule=budget's rate is asked for by step: after skipping batch 3, step 3 trains on
+    # batch 4 with the rate of step 3 (not of data index 4).
+    rates = {}
+    trained, _, _, _ = nan_loop(1, {3}, checkpoint_every=2, log_every=4, rates=rates)
+    assert trained[3] == 4
+    assert rates == {n: (10 * (n - 1),) for n in range(1, 9)}
+
+
 def test_nan_rollbacks_are_limited_and_zero_stops_at_once():
-    with pytest.raises(loop.NonFiniteLoss, match=r'loss became nan by step 4; stopped'):
+    with pytest.raises(errors.NonFiniteLoss, match=r'loss became nan by step 4; stopped'):
         nan_loop(0, {3})
     # Two bad batches, one rollback allowed: the second one stops the run.
-    with pytest.raises(loop.NonFiniteLoss, match=r'by step 6 after 1 rollback\(s\).*step 4'):
+    with pytest.raises(errors.NonFiniteLoss, match=r'by step 6 after 1 rollback\(s\).*step 4'):
         nan_loop(1, {3, 7}, checkpoint_every=2, log_every=2)
     # Two allowed: both survived; the skipped batches follow the offset of the first.
     trained, written, saved, final = nan_loop(2, {3, 7})
@@ -272,7 +285,7 @@ def test_nan_rollbacks_are_limited_and_zero_stops_at_once():
 
 
 def test_nan_before_any_checkpoint_stops_the_run():
-    with pytest.raises(loop.NonFiniteLoss, match='last good checkpoint: none yet'):
+    with pytest.raises(errors.NonFiniteLoss, match='last good checkpoint: none yet'):
         nan_loop(1, {1}, checkpoint_every=4, log_every=2)
 
 

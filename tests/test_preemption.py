@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from engine import loop
+from engine import errors, loop
 from engine.budget import Budget
 from tests.helpers import launch, tiny_args
 from tests.test_pretrain_e2e import has_logged, launch_and_signal
@@ -65,7 +65,7 @@ class FakeRun:
 
 def test_sigterm_saves_the_step_reached_and_asks_for_a_requeue():
     run = FakeRun(sigterm_at=7)
-    with pytest.raises(loop.Preempted, match='saved a checkpoint at step 7'):
+    with pytest.raises(errors.Preempted, match='saved a checkpoint at step 7'):
         run.run()
     assert run.saved == [7] and loop.REQUEUE_EXIT_CODE == 75
 
@@ -87,7 +87,7 @@ def test_processes_stop_at_the_same_step(monkeypatch):
     monkeypatch.setattr(loop.jax, 'process_count', lambda: 2)
     monkeypatch.setattr('engine.distributed.agree', agree)
     run = FakeRun()
-    with pytest.raises(loop.Preempted, match='step 10'):
+    with pytest.raises(errors.Preempted, match='step 10'):
         run.run()
     assert len(seen) == 2 and run.saved == [10]  # asked at steps 5 and 10 only
 

@@ -91,17 +91,14 @@ def pretrain_cfg(**changes):
 def test_budget_schedule_by_tokens_is_a_function_of_the_step():
     cfg = pretrain_cfg(train_tokens=2000, **{'optimizer.decay_fraction': 0.5})
     b = budget(train_tokens=2000)  # 100 tokens per step: the budget ends at step 20
-    rate = phases.budget_rates(cfg, b, offset=0, clock=lambda: 1000.0)
+    rate = phases.budget_rates(cfg, b, clock=lambda: 1000.0)
     # warm-up over 10 steps; progress = step / 20, decay (linear) over progress 0.5..1.
     expected = {0: 0.0, 5: 0.5, 10: 1.0, 15: 0.5, 18: 0.2, 20: 0.0}
     for step, value in expected.items():
         assert float(rate(step)) == pytest.approx(value, abs=1e-6), step
-    # A rollback's offset: data index 17 with 2 batches skipped is step 15.
-    shifted = phases.budget_rates(cfg, b, offset=2, clock=lambda: 1000.0)
-    assert float(shifted(17)) == pytest.approx(0.5)
     # Resumed at step 12 from its checkpoint's meta: the same rates from there on.
     resumed = budget(train_tokens=2000, meta={'budget': {'tokens_seen': 1200}}, start_step=12)
-    again = phases.budget_rates(cfg, resumed, offset=0, clock=lambda: 0.0)
+    again = phases.budget_rates(cfg, resumed, clock=lambda: 0.0)
     assert [float(again(s)) for s in (15, 18)] == [float(rate(s)) for s in (15, 18)]
 
 
@@ -110,7 +107,7 @@ def test_budget_schedule_by_time_follows_the_clock():
                                              'optimizer.decay_shape': 'cosine'})
     now = [1000.0]
     b = budget(max_runtime=100.0, meta={'budget': {'elapsed_seconds': 40.0}}, start_step=3)
-    rate = phases.budget_rates(cfg, b, offset=0, clock=lambda: now[0])
+    rate = phases.budget_rates(cfg, b, clock=lambda: now[0])
     assert float(rate(3)) == pytest.approx(1.0)  # 40 % spent: stable
     now[0] = 1055.0  # 95 s of 100: halfway through the last 10 %: cosine gives 0.5
     assert float(rate(4)) == pytest.approx(0.5, abs=1e-6)
@@ -118,7 +115,7 @@ def test_budget_schedule_by_time_follows_the_clock():
     assert float(rate(5)) == 0.0
     # Several processes: the agreed elapsed time is refreshed every `every` steps only.
     seen = []
-    agreed = phases.budget_rates(cfg, b, 0, agree=lambda v: seen.append(v) or v,
+    agreed = phases.budget_rates(cfg, b, agree=lambda v: seen.append(v) or v,
                                  clock=lambda: now[0], every=5)
     now[0] = 1000.0
     agreed(3)
