@@ -14,7 +14,8 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
-from finetune.data import Examples, encode
+from finetune.data import Examples
+from finetune.encoding import encode
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from text.tokenizer import CLS_ID, SEP_ID
 

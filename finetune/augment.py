@@ -14,7 +14,7 @@ Few-shot (`data.few_shot_k` > 0): K training examples per class, drawn with the 
 
 import numpy as np
 
-from finetune import data
+from finetune import data, encoding
 from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 _SPECIAL = (PAD_ID, CLS_ID, SEP_ID)
@@ -54,7 +54,7 @@ def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, delete
             'attention_mask': (ids != PAD_ID).astype(batch['attention_mask'].dtype)}
 
 
-class AugmentedBatches(data.TaskBatches):
+class AugmentedBatches(encoding.TaskBatches):
     """`TaskBatches` whose batch(step) is augmented with a (seed, step, process) generator."""
 
     def __init__(self, encoded: dict[str, np.ndarray], global_batch_size: int, seed: int,
@@ -72,13 +72,13 @@ class AugmentedBatches(data.TaskBatches):
 
 
 def task_batches(cfg, encoded: dict[str, np.ndarray], process_index: int,
-                 process_count: int) -> data.TaskBatches:
+                 process_count: int) -> encoding.TaskBatches:
     """The run's training batches: augmented when any `cfg.augment` probability is > 0."""
     probs = {k: float(cfg.augment[k]) for k in ('delete', 'swap', 'mask')} \
         if 'augment' in cfg else {}
     dynamic = bool(cfg.data.dynamic_padding)
     if not any(probs.values()):
-        return data.TaskBatches(encoded, cfg.batch_size, cfg.seed, process_index, process_count,
+        return encoding.TaskBatches(encoded, cfg.batch_size, cfg.seed, process_index, process_count,
                                 dynamic_padding=dynamic)
     return AugmentedBatches(encoded, cfg.batch_size, cfg.seed, process_index, process_count,
                             **probs, dynamic_padding=dynamic)

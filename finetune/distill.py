@@ -37,7 +37,7 @@ from etils import epath
 from engine.errors import ConfigError
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import RunDir
-from finetune import data, predict
+from finetune import data, encoding, predict
 from finetune.task import load_config_task
 from models.flops import count_params
 
@@ -217,7 +217,7 @@ def examples_per_second(runs: list[tuple], repeats: int = SPEED_REPEATS) -> list
     prepared = []
     for model, params, encoded in runs:
         apply = predict.logits_fn(model)
-        batches = [jax.device_put(b) for b in data.eval_batches(encoded, predict.BATCH_SIZE)]
+        batches = [jax.device_put(b) for b in encoding.eval_batches(encoded, predict.BATCH_SIZE)]
         params = jax.device_put(params)
         jax.block_until_ready(apply(params, batches[0]))  # compile
         prepared.append((apply, params, batches, len(encoded['input_ids'])))

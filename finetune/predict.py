@@ -24,7 +24,7 @@ from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.progress import Progress
 from engine.rundir import SPM_FILENAME, RunDir
-from finetune import data
+from finetune import data, encoding
 from models.bert import BertForSequenceClassification
 from models.config import model_config
 from models.peft import merge_lora, merged_config
@@ -147,7 +147,7 @@ def load_run(workdir: epath.Path):
 
 def encode_for_run(run_cfg, workdir: epath.Path, examples: data.Examples) -> dict:
     """`examples` encoded as the run in `workdir` saw its inputs: its tokenizer, seq_len."""
-    return data.encode(load_tokenizer(RunDir(workdir).tokenizer_file()), examples,
+    return encoding.encode(load_tokenizer(RunDir(workdir).tokenizer_file()), examples,
                        run_cfg.seq_len)
 
 
@@ -167,7 +167,7 @@ def all_logits(model, params, encoded: dict, label: str = 'predict', *,
     total = len(encoded['input_ids'])
     outputs, done = [], [0]
     with Progress(label, total, lambda: (done[0], 0), unit='examples', scale=1):
-        for batch in data.eval_batches(encoded, BATCH_SIZE, dynamic_padding=dynamic_padding):
+        for batch in encoding.eval_batches(encoded, BATCH_SIZE, dynamic_padding=dynamic_padding):
             outputs.append(np.asarray(apply(params, batch))[batch['weights'] > 0])
             done[0] += len(outputs[-1])
     return np.concatenate(outputs)

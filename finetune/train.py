@@ -23,7 +23,7 @@ from engine.loop import LoopCallbacks, LoopConfig
 from engine.optim import OptimizerConfig
 from engine.run import Run, RunSettings, check_batch_split, run_mesh, run_stage
 from engine.rundir import RunDir
-from finetune import augment, data, distill, metrics, setup, unfreeze
+from finetune import augment, distill, encoding, metrics, setup, unfreeze
 from finetune.best import BestTracker
 from finetune.freeze import count_params_by_label, tree_bytes
 from finetune.task import load_config_task
@@ -65,7 +65,7 @@ def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
     """Metrics of the current params on one encoded split."""
     lo, hi = mesh_lib.process_rows(cfg.batch_size, mesh)
     outputs, weights = [], []
-    for batch in data.eval_batches(encoded, cfg.batch_size,
+    for batch in encoding.eval_batches(encoded, cfg.batch_size,
                                    dynamic_padding=cfg.data.dynamic_padding):
         local = {k: batch[k][lo:hi] for k in ('input_ids', 'token_type_ids', 'attention_mask')}
         out = predict_fn(params, mesh_lib.shard_batch(local, mesh))
@@ -228,7 +228,7 @@ def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, se
     if resuming:
         resume_check.check_file(rundir.task_file, described, workdir, 'data: ')
     tokenizer = setup.tokenizer_for(cfg, workdir, task)
-    encoded = {split: data.encode(tokenizer, examples, cfg.seq_len)
+    encoded = {split: encoding.encode(tokenizer, examples, cfg.seq_len)
                for split, examples in task.items()
                if split in ('train', 'validation', 'test') and examples is not None}
     built = setup.build(cfg, task, tokenizer)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from finetune import augment, data
+from finetune import augment, data, encoding
 from tests.test_finetune_e2e import task_files  # noqa: F401  (a fixture)
 from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
@@ -31,13 +31,13 @@ def test_augmentation_is_a_pure_function_of_seed_and_step():
     batches = _batches(delete=0.2, swap=0.2, mask=0.2)
     np.testing.assert_array_equal(batches.batch(5)['input_ids'], _batches(
         delete=0.2, swap=0.2, mask=0.2).batch(5)['input_ids'])
-    plain = data.TaskBatches(_encoded(), 8, seed=3)
+    plain = encoding.TaskBatches(_encoded(), 8, seed=3)
     assert not np.array_equal(batches.batch(5)['input_ids'], plain.batch(5)['input_ids'])
     np.testing.assert_array_equal(batches.batch(5)['labels'], plain.batch(5)['labels'])
 
 
 def test_swap_and_mask_keep_specials_and_segments():
-    plain = data.TaskBatches(_encoded(), 8, seed=3).batch(2)
+    plain = encoding.TaskBatches(_encoded(), 8, seed=3).batch(2)
     for probs in ({'swap': 0.5}, {'mask': 0.5}):
         out = _batches(**probs).batch(2)
         ids = out['input_ids']
@@ -55,7 +55,7 @@ def test_swap_and_mask_keep_specials_and_segments():
 
 
 def test_delete_closes_up_rows_and_keeps_types_and_masks_consistent():
-    plain = data.TaskBatches(_encoded(), 8, seed=3).batch(1)
+    plain = encoding.TaskBatches(_encoded(), 8, seed=3).batch(1)
     out = _batches(delete=0.3).batch(1)
     removed = 0
     for before, after, t_before, t_after in zip(plain['input_ids'], out['input_ids'],
@@ -77,7 +77,7 @@ def test_task_batches_from_config_and_bad_probabilities():
     from configs.finetune import get_config
     cfg = get_config('custom')
     cfg.batch_size = 8
-    assert type(augment.task_batches(cfg, _encoded(), 0, 1)) is data.TaskBatches
+    assert type(augment.task_batches(cfg, _encoded(), 0, 1)) is encoding.TaskBatches
     cfg.augment.mask = 0.1
     assert isinstance(augment.task_batches(cfg, _encoded(), 0, 1), augment.AugmentedBatches)
     with pytest.raises(ValueError, match='augment.delete'):

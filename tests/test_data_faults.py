@@ -11,6 +11,7 @@ import pytest
 import launch
 from engine.errors import ConfigError
 from finetune import data as ft_data
+from finetune import encoding
 from tests.helpers import make_sentences, small_tokenizer, tiny_args
 from text import corpus, prepare, records, sample
 from text import tokenizer as tk
@@ -209,7 +210,7 @@ def test_a_csv_cell_over_the_csv_field_limit_is_truncated_as_jsonl(tmp_path, tok
         jsonl = ft_data.read_examples(str(tmp_path / 't.jsonl'))
         assert [{**r, 'line': 0} for r in rows] == [{**r, 'line': 0} for r in jsonl], sep
     examples = ft_data.Examples([r['text_a'] for r in rows], None, np.array([0, 1], np.int32))
-    encoded = ft_data.encode(tok, examples, 32)
+    encoded = encoding.encode(tok, examples, 32)
     assert encoded['attention_mask'][0].all()  # truncated to seq_len, not refused
     assert encoded['input_ids'][0, -1] == tk.SEP_ID
 

