@@ -4,6 +4,7 @@ error line; units stay a function of the file; missing libraries name their extr
 
 import gzip
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -197,3 +198,20 @@ def test_pretraining_on_a_jsonl_zst_corpus(tmp_path, corpus):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(tmp_path / 'run')
     assert any('loss' in m and np.isfinite(m['loss']) for m in metrics)
+
+
+def test_formats_on_gs_prepare_as_the_local_files(tmp_path, tokenizer):
+    from etils import epath
+
+    from tests.fake_gcs import fake_gcs
+    from text.corpus import resolve_text_files
+    local = [_write(tmp_path, 'a.jsonl.zst', DOCS[:200]), _write(tmp_path, 'b.parquet',
+                                                                   DOCS[200:])]
+    expected = _sequences(_prepare(tmp_path, tokenizer, local, 'local'))
+    with fake_gcs() as url:
+        for path in local:
+            (epath.Path(url) / 'corpus' / pathlib.Path(path).name).write_bytes(
+                pathlib.Path(path).read_bytes())
+        files = resolve_text_files(f'{url}/corpus/*')
+        assert files == [f'{url}/corpus/a.jsonl.zst', f'{url}/corpus/b.parquet']
+        assert _sequences(_prepare(tmp_path, tokenizer, files, 'remote')) == expected
