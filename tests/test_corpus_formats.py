@@ -184,8 +184,13 @@ def test_the_tokenizer_sample_reads_the_formats(tmp_path):
     files = [_write(tmp_path, 'a.jsonl.zst', DOCS[:100]), _write(tmp_path, 'b.parquet',
                                                                    DOCS[100:200])]
     assert list(sample_texts(files, 'line', 0)) == DOCS[:200]
-    few = list(sample_texts(files, 'line', 2000, seed=1))  # a binding budget
-    assert 0 < sum(len(d) for d in few) < 2000 + max(len(d) for d in DOCS) + (1 << 20)
+    # A compressed file's text is several times its size: capped at the budget anyway.
+    big = _write(tmp_path, 'big.txt.zst', DOCS * 200)  # ~5 MB of text, far less compressed
+    budget = 1 << 20
+    assert formats.file_size(big) < budget
+    sample = list(sample_texts([big], 'line', budget))
+    assert budget <= sum(len(d) for d in sample) < budget + max(len(d) for d in DOCS)
+    assert sample == (DOCS * 200)[:len(sample)]  # from its start
 
 
 @pytest.mark.slow

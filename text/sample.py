@@ -36,8 +36,8 @@ def _size(source: str) -> int:
 def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
                  seed: int = 0, text_field: str = 'text') -> Iterator[str]:
     """Documents of `sources` (text, JSONL, Parquet files, 'tfds:'/'hf:' specs), at most
-    ~budget_bytes of them. A compressed file is one unit read from its start: a chosen
-    one gives at most its share of the budget."""
+    ~budget_bytes of them. A compressed file is one unit read from its start: it gives
+    at most its share of the budget (by compressed size)."""
     sources = [s for s in sources if is_indexed(s) or file_size(s)]
     total = sum(_size(s) for s in sources)
     block = BLOCK_BYTES
@@ -74,8 +74,8 @@ def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
 
 def _allowance(unit: Unit, budget_bytes: int, total: int) -> float:
     """Text bytes a unit may give: unbounded, but a compressed file's (whose text is
-    several times its size) at most its share of a binding budget."""
-    if unit.is_tfds or not 0 < budget_bytes < total:
+    several times its size) at most its share of the budget."""
+    if unit.is_tfds or budget_bytes <= 0:
         return float('inf')
     if not any(file_format(path).compression for path, _, _ in unit.ranges()):
         return float('inf')
