@@ -204,6 +204,7 @@ def _data_config() -> ml_collections.ConfigDict:
     d.sources = ml_collections.ConfigDict()  # NAME -> train_files-style spec, for mixture
     d.doc_separator = 'line'  # a document is a line, or 'blank_line' separated paragraphs
     d.bad_input = 'skip'  # binary/empty files, invalid UTF-8 lines: 'skip' (summarized) or 'error'
+    d.text_field = 'text'  # .jsonl/.parquet inputs: the document's field ('meta.body' if nested)
     d.tokenizer_model = ''  # an existing sentencepiece .model to use instead of training one
     d.tokenizer_type = 'unigram'  # sentencepiece model type when training: 'unigram' or 'bpe'
     d.tokenizer_sample_mb = 32.0  # text the tokenizer trains on: a seeded sample of the corpus

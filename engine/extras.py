@@ -19,6 +19,8 @@ EXTRAS = {
     'transformers': 'hf',
     'libtpu': 'tpu-compile',
     'datasets': 'datasets',
+    'pyarrow': 'formats',
+    'zstandard': 'formats',
 }
 
 

@@ -96,7 +96,8 @@ def tokenizer_sample(cfg: ml_collections.ConfigDict, sources: list[Source]) -> I
     """The tokenizer's training text: a seeded sample of every source's training text."""
     inputs = [f for s in sources for f in s.train]
     return sample_texts(inputs, cfg.data.doc_separator,
-                        int(cfg.data.tokenizer_sample_mb * MB), cfg.seed)
+                        int(cfg.data.tokenizer_sample_mb * MB), cfg.seed,
+                        cfg.data.get('text_field', 'text'))
 
 
 def prepare_spec(cfg: ml_collections.ConfigDict, train, evals) -> prepare.PrepareSpec:
@@ -110,7 +111,8 @@ def prepare_spec(cfg: ml_collections.ConfigDict, train, evals) -> prepare.Prepar
     return prepare.PrepareSpec(
         train=train, evals=evals, seq_len=cfg.seq_len, doc_separator=d.doc_separator,
         eval_fraction=float(d.eval_fraction), eval_max_bytes=int(d.eval_max_mb * MB),
-        seed=cfg.seed, unit_bytes=max(int(d.shard_mb * MB), 1 << 16), bad_input=d.bad_input)
+        seed=cfg.seed, unit_bytes=max(int(d.shard_mb * MB), 1 << 16), bad_input=d.bad_input,
+        text_field=d.get('text_field', 'text'))
 
 
 def _shared(directory: str) -> bool:

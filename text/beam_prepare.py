@@ -31,6 +31,7 @@ from etils import epath
 
 from engine.errors import ConfigError
 from text import records
+from text.formats import BadRecord
 from text.prepare import (
     Plan,
     PrepareSpec,
@@ -62,7 +63,7 @@ def _prepare(unit: Unit, settings: Settings, directory: str) -> dict:
     """One unit on a Beam worker. A module-level function, so Beam pickles it by name."""
     try:
         summary = prepare_unit(unit, settings, directory)
-    except BadLine as e:  # the same one-line message as the local path, not a traceback
+    except (BadLine, BadRecord) as e:  # the one-line message of the local path, no traceback
         raise ConfigError(e.message('data.train_files')) from None
     require_beam().metrics.Metrics.counter('prepare', 'units').inc()
     return {'unit': unit.number, 'sequences': {s: summary[s]['sequences']

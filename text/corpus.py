@@ -129,6 +129,9 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
     for pattern in (p.strip() for p in spec.split(',')):
         if not pattern:
             continue
+        if '://' in pattern:  # gs://...: read through etils.epath
+            found.update(_remote_files(pattern, key))
+            continue
         if os.path.isdir(os.path.expanduser(pattern)):
             found.update(_directory_files(os.path.expanduser(pattern), key))
             continue
@@ -140,6 +143,26 @@ def resolve_text_files(spec: str, split: str = 'train', key: str = 'data.train_f
     if not found:
         raise ValueError(f'{key}: no file matches {spec!r}')
     return sorted(found)
+
+
+def _remote_files(pattern: str, key: str) -> list[str]:
+    """The files a gs:// glob (or directory, or file) names."""
+    from etils import epath
+    scheme, rest = pattern.split('://', 1)
+    parts = rest.split('/')
+    wild = next((i for i, p in enumerate(parts) if glob.has_magic(p)), None)
+    if wild is None:
+        path = epath.Path(pattern)
+        if path.is_dir():
+            return [str(p) for p in path.rglob('*') if p.is_file()]
+        if path.exists():
+            return [pattern]
+        raise ValueError(f'{key}: no file matches {pattern!r}')
+    base = epath.Path(f"{scheme}://{'/'.join(parts[:wild])}")
+    matches = [str(p) for p in base.glob('/'.join(parts[wild:])) if p.is_file()]
+    if not matches:
+        raise ValueError(f'{key}: no file matches {pattern!r}')
+    return matches
 
 
 def _directory_files(directory: str, key: str) -> list[str]:

@@ -43,7 +43,7 @@ from etils import epath
 from engine.errors import ConfigError
 from engine.paths import absolute_path, is_remote, write_bytes_atomic
 from engine.progress import Progress
-from text import records
+from text import formats, records
 from text.corpus import TFDS_PREFIX, is_indexed, open_indexed_split
 from text.packing import Packer
 from text.tokenizer import load_tokenizer
@@ -76,6 +76,7 @@ class PrepareSpec:
     seed: int = 0
     unit_bytes: int = 32 << 20
     bad_input: str = 'skip'
+    text_field: str = 'text'  # JSONL/Parquet inputs' text (fingerprinted only with such inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Settings:
     seed: int
     bad_input: str
     tokenizer_path: str
+    text_field: str = 'text'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,9 @@ def _describe(source: str, role: str) -> dict:
         kind = 'tfds' if source.startswith(TFDS_PREFIX) else 'hf'
         return {kind: source, 'split': split, 'version': str(ds.dataset_info.version),
                 'num_examples': len(ds)}
+    if '://' in source:
+        st = epath.Path(source).stat()
+        return {'path': source, 'size': st.length, 'mtime_ns': int(st.mtime * 1e9)}
     st = os.stat(source)
     return {'path': os.path.abspath(source), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
 
@@ -131,9 +136,11 @@ def make_plan(spec: PrepareSpec, tokenizer, root: str) -> Plan:
         if spec.eval_max_bytes and total:
             fraction = min(fraction, spec.eval_max_bytes / total)
     settings_json = {k: v for k, v in dataclasses.asdict(spec).items()
-                     if k not in ('train', 'evals', 'bad_input')}
+                     if k not in ('train', 'evals', 'bad_input', 'text_field')}
     info = {'inputs': described, 'tokenizer': tokenizer.fingerprint, 'settings': settings_json,
             'eval_fraction_used': fraction, 'format_version': records.FORMAT_VERSION}
+    if any(formats.file_format(s).records for s in train + evals if not is_indexed(s)):
+        info['text_field'] = spec.text_field  # absent otherwise: plain-text names unchanged
     units = plan_units(train, evals, spec.doc_separator, spec.unit_bytes)
     if any(u.parts for u in units):
         # Small files packed together: not the layout older versions made of the same
@@ -144,7 +151,8 @@ def make_plan(spec: PrepareSpec, tokenizer, root: str) -> Plan:
     settings = Settings(
         seq_len=spec.seq_len, dtype=records.token_dtype(tokenizer.vocab_size),
         doc_separator=spec.doc_separator, holdout_threshold=int(fraction * 2**32),
-        seed=spec.seed, bad_input=spec.bad_input, tokenizer_path=str(tokenizer.path))
+        seed=spec.seed, bad_input=spec.bad_input, tokenizer_path=str(tokenizer.path),
+        text_field=spec.text_field)
     directory = str(absolute_path(root) / fingerprint)
     return Plan(directory, tuple(units), settings, fingerprint, total, bad, info)
 
@@ -225,7 +233,7 @@ def _write_unit(unit: Unit, settings: Settings, directory: str, num_threads: int
         texts: list[str] = []
         pending = 0
         for docs, size in unit_document_batches(unit, settings.doc_separator, bad,
-                                                settings.bad_input):
+                                                settings.bad_input, settings.text_field):
             texts.extend(docs)
             pending += size
             if pending >= ENCODE_BATCH_BYTES:
@@ -240,7 +248,8 @@ def _write_unit(unit: Unit, settings: Settings, directory: str, num_threads: int
             out.writer.abort()
         raise
     return {'unit': dataclasses.asdict(unit), **closed,
-            'bad_lines': bad.lines, 'first_bad_line': bad.first_line}
+            'bad_lines': bad.lines, 'first_bad_line': bad.first_line,
+            'bad_records': bad.records}
 
 
 def _encode_into(texts, unit, settings, tokenizer, outputs, num_threads) -> None:
@@ -319,7 +328,7 @@ def run_units(plan: Plan, units: Sequence[Unit], workers: int = 0,
                         for job in jobs:
                             job.cancel()
                         raise
-    except BadLine as e:
+    except (BadLine, formats.BadRecord) as e:
         raise ConfigError(e.message('data.train_files')) from None
     finally:
         _COUNTERS = None
@@ -362,7 +371,7 @@ def finalize(plan: Plan) -> records.Index:
     shards = {split: [] for split in records.SPLITS}
     totals = {split: dict.fromkeys(('sequences', 'documents', 'tokens'), 0)
               for split in records.SPLITS}
-    bad = dataclasses.replace(plan.bad, files=dict(plan.bad.files))
+    bad = dataclasses.replace(plan.bad, files=dict(plan.bad.files), records={})
     for unit in plan.units:
         summary = json.loads((directory / unit_summary_name(unit.number)).read_text())
         for split in records.SPLITS:
@@ -372,6 +381,7 @@ def finalize(plan: Plan) -> records.Index:
         if summary['bad_lines']:
             bad.lines += summary['bad_lines']
             bad.first_line = bad.first_line or tuple(summary['first_bad_line'])
+        bad.merge_records(summary.get('bad_records', {}))
     index = records.Index(seq_len=plan.settings.seq_len, dtype=plan.settings.dtype,
                           shards=shards, totals=totals, fingerprint=plan.fingerprint,
                           info={**plan.info, 'skipped': bad.summary()})

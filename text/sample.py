@@ -8,13 +8,13 @@ budget. TFDS sources contribute a seeded choice of example ranges in the same wa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from engine.errors import ConfigError
 from text.corpus import is_indexed, open_indexed_split
+from text.formats import file_format, file_size
 from text.units import (
     ENCODING_HINT,
     TFDS_EXAMPLE_BYTES,
@@ -30,13 +30,15 @@ BLOCK_BYTES = 1 << 20
 def _size(source: str) -> int:
     if is_indexed(source):
         return len(open_indexed_split(source, 'train', 'data.train_files')) * TFDS_EXAMPLE_BYTES
-    return os.path.getsize(source)
+    return file_size(source)
 
 
 def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
-                 seed: int = 0) -> Iterator[str]:
-    """Documents of `sources` (text files, 'tfds:'/'hf:' specs), at most ~budget_bytes of them."""
-    sources = [s for s in sources if is_indexed(s) or os.path.getsize(s)]
+                 seed: int = 0, text_field: str = 'text') -> Iterator[str]:
+    """Documents of `sources` (text, JSONL, Parquet files, 'tfds:'/'hf:' specs), at most
+    ~budget_bytes of them. A compressed file is one unit read from its start: it gives
+    at most its share of the budget (by compressed size)."""
+    sources = [s for s in sources if is_indexed(s) or file_size(s)]
     total = sum(_size(s) for s in sources)
     block = BLOCK_BYTES
     if budget_bytes <= 0 or total <= budget_bytes:
@@ -58,12 +60,26 @@ def sample_texts(sources: Sequence[str], doc_separator: str, budget_bytes: int,
     bad = BadInput()  # the preparation reports bad input; the sample just leaves it out
     found = 0
     for unit in units:
-        for doc in unit_documents(unit, doc_separator, bad, 'skip'):
+        left = _allowance(unit, budget_bytes, total)
+        for doc in unit_documents(unit, doc_separator, bad, 'skip', text_field):
             found += 1
             yield doc
+            left -= len(doc)
+            if left <= 0:
+                break
     if not found and bad.lines:  # else the tokenizer would only say its text is empty
         raise ConfigError(f'data.train_files: no valid UTF-8 text ({bad.summary()}); '
                           f'{ENCODING_HINT}')
+
+
+def _allowance(unit: Unit, budget_bytes: int, total: int) -> float:
+    """Text bytes a unit may give: unbounded, but a compressed file's (whose text is
+    several times its size) at most its share of the budget."""
+    if unit.is_tfds or budget_bytes <= 0:
+        return float('inf')
+    if not any(file_format(path).compression for path, _, _ in unit.ranges()):
+        return float('inf')
+    return max(budget_bytes * unit.size / total, BLOCK_BYTES)
 
 
 def _tfds_blocks(unit: Unit) -> list[Unit]:

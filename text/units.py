@@ -1,22 +1,22 @@
 """Planning a preparation: inputs checked and cut into work units, and each unit's documents.
 
 A unit is a byte range of one text file (cut at line starts, or after a blank line for
-'blank_line' documents), a run of consecutive small files (whole, together about
-`unit_bytes`: their documents pack into shared sequences as one file's lines do), or an
-example range of a TFDS split. Units depend only on the
-inputs and `unit_bytes`, never on the number of workers or hosts, so the prepared data
-is the same wherever it is made. Reading is binary: lines end at '\\n' (a trailing
-'\\r' is stripped); a line that is not valid UTF-8 is reported and skipped (or, with
-data.bad_input='error', stops the preparation).
+'blank_line' documents; JSONL, Parquet, compressed files: see text.formats), a run of
+consecutive small files (whole, together about `unit_bytes`: their documents pack into
+shared sequences as one file's lines do), or an example range of a TFDS
+split. Units depend only on the inputs and `unit_bytes`, never on the number of workers
+or hosts, so the prepared data is the same wherever it is made. Reading is binary: lines
+end at '\\n' (a trailing '\\r' is stripped); a line that is not valid UTF-8 is reported and
+skipped (or, with data.bad_input='error', stops the preparation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator, Sequence
 
 from engine.errors import ConfigError
+from text import formats
 from text.corpus import (
     DOC_SEPARATORS,
     READ_BATCH,
@@ -72,15 +72,26 @@ class BadInput:
     files: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # kind -> paths
     lines: int = 0  # lines that are not valid UTF-8
     first_line: tuple[str, int] | None = None  # (path, byte offset)
+    # Bad records of JSONL, Parquet and compressed files: kind -> [count, 'path:line', reason]
+    records: dict[str, list] = dataclasses.field(default_factory=dict)
 
     def add_line(self, path: str, offset: int) -> None:
         self.lines += 1
         if self.first_line is None:
             self.first_line = (path, offset)
 
+    def add_record(self, kind: str, reason: str, where: str) -> None:
+        self.merge_records({kind: [1, where, reason]})
+
+    def merge_records(self, records: dict[str, list]) -> None:
+        for kind, (count, where, reason) in records.items():
+            entry = self.records.setdefault(kind, [0, where, reason])
+            entry[0] += count
+
     def merge(self, other: BadInput) -> None:
         for kind, paths in other.files.items():
             self.files.setdefault(kind, []).extend(paths)
+        self.merge_records(other.records)
         if other.lines and self.first_line is None:
             self.first_line = other.first_line
         self.lines += other.lines
@@ -92,13 +103,15 @@ class BadInput:
             path, offset = self.first_line
             parts.append(f'{self.lines} line(s) of invalid UTF-8 (first: '
                          f'{path}:{line_number(path, offset)})')
+        parts.extend(f'{count} record(s) with {reason} (first: {where})'
+                     for count, where, reason in self.records.values())
         return 'skipped ' + ', '.join(parts) if parts else ''
 
 
 def line_number(path: str, offset: int) -> int:
     """1-based number of the line that starts at byte `offset` of `path`."""
     count, done = 1, 0
-    with open(path, 'rb') as f:
+    with formats.open_binary(path) as f:
         while done < offset:
             block = f.read(min(_READ_BLOCK, offset - done))
             if not block:
@@ -109,14 +122,18 @@ def line_number(path: str, offset: int) -> int:
 
 
 def _file_problem(path: str) -> str | None:
-    """'unreadable', 'empty', 'binary' or None for a usable text file."""
+    """'unreadable', 'empty', 'binary', 'corrupt' or None for a usable input file."""
+    fmt = formats.file_format(path)
     try:
-        with open(path, 'rb') as f:
+        size = formats.file_size(path)
+        if fmt.compression or fmt.kind == 'parquet':
+            return formats.sniff(path, fmt, size)
+        with formats.open_binary(path) as f:
             head = f.read(_SNIFF_BYTES)
     except OSError:
         return 'unreadable'
     if not head.strip():
-        return 'empty' if os.path.getsize(path) <= len(head) else None
+        return 'empty' if size <= len(head) else None
     return 'binary' if b'\0' in head else None
 
 
@@ -179,7 +196,7 @@ def _role_ranges(sources: Sequence[str], role: str, doc_separator: str, unit_byt
     group: list[tuple[str, int, int]] = []
     grouped = 0  # bytes in the group
     for source in sources:
-        size = None if is_indexed(source) else os.path.getsize(source)
+        size = None if is_indexed(source) else formats.file_size(source)
         if size is not None and size < unit_bytes:
             group.append((source, 0, size))
             grouped += size
@@ -202,9 +219,16 @@ def _ranges(source: str, role: str, doc_separator: str, unit_bytes: int):
         n = len(open_indexed_split(source, split, key))
         return [(a, min(a + TFDS_UNIT_EXAMPLES, n), split)
                 for a in range(0, n, TFDS_UNIT_EXAMPLES)]
-    size = os.path.getsize(source)
+    size, fmt = formats.file_size(source), formats.file_format(source)
+    if fmt.compression:  # read only from its start: one unit
+        return [(0, size, 'train')]
+    if fmt.kind == 'parquet':
+        cuts = formats.parquet_cuts(source, size, unit_bytes)
+        return [(a, b, 'train') for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    if fmt.kind == 'jsonl':
+        doc_separator = 'line'  # a record is a line
     cuts = [0]
-    with open(source, 'rb') as f:
+    with formats.open_binary(source) as f:
         nominal = unit_bytes
         while nominal < size:
             cut = _next_boundary(f, nominal, size, doc_separator)
@@ -221,7 +245,7 @@ def _line_blocks(path: str, start: int, end: int, bad: BadInput,
                  policy: str) -> Iterator[tuple[list[str], int]]:
     """(stripped lines, bytes read) per block of [start, end); invalid UTF-8 lines come
     out empty (skipped as documents) and are counted in `bad`."""
-    with open(path, 'rb') as f:
+    with formats.open_binary(path) as f:
         f.seek(start)
         position, carry = start, b''
         while position < end:
@@ -270,21 +294,39 @@ class BadLine(Exception):
                 "(data.bad_input=error; set it to 'skip' to drop such lines)")
 
 
-def unit_document_batches(unit: Unit, doc_separator: str, bad: BadInput,
-                          policy: str) -> Iterator[tuple[list[str], int]]:
+def unit_document_batches(unit: Unit, doc_separator: str, bad: BadInput, policy: str,
+                          text_field: str = 'text') -> Iterator[tuple[list[str], int]]:
     """(documents, input bytes they came from) of a unit, a block at a time; empty
-    documents are left out."""
+    documents are left out. JSONL and Parquet documents are `text_field` of each record."""
     if unit.is_tfds:
         yield from _tfds_documents(unit)
         return
     for path, start, end in unit.ranges():  # a paragraph never spans two files
-        yield from _range_document_batches(path, start, end, doc_separator, bad, policy)
+        fmt = formats.file_format(path)
+        if fmt.kind == 'parquet':
+            yield from formats.parquet_batches(path, start, end, text_field, bad, policy)
+        elif fmt.kind == 'jsonl':
+            yield from formats.jsonl_batches(path, fmt, start, end, text_field, bad, policy,
+                                             lambda p=path, s=start: line_number(p, s))
+        else:
+            yield from _range_document_batches(path, start, end, doc_separator, bad, policy)
+
+
+def _stripped_blocks(path: str, start: int, end: int, bad: BadInput,
+                     policy: str) -> Iterator[tuple[list[str], int]]:
+    """_line_blocks of a plain text file; a compressed one's stripped lines."""
+    fmt = formats.file_format(path)
+    if fmt.plain:
+        yield from _line_blocks(path, start, end, bad, policy)
+        return
+    for _, lines, size in formats.line_blocks(path, fmt, start, end, bad, policy, lambda: 1):
+        yield [line.strip() for line in lines], size
 
 
 def _range_document_batches(path: str, start: int, end: int, doc_separator: str,
                             bad: BadInput, policy: str) -> Iterator[tuple[list[str], int]]:
     paragraph: list[str] = []
-    for lines, size in _line_blocks(path, start, end, bad, policy):
+    for lines, size in _stripped_blocks(path, start, end, bad, policy):
         if doc_separator == 'line':
             yield [line for line in lines if line], size
             continue
@@ -300,10 +342,10 @@ def _range_document_batches(path: str, start: int, end: int, doc_separator: str,
         yield [' '.join(paragraph)], 0
 
 
-def unit_documents(unit: Unit, doc_separator: str, bad: BadInput,
-                   policy: str) -> Iterator[str]:
+def unit_documents(unit: Unit, doc_separator: str, bad: BadInput, policy: str,
+                   text_field: str = 'text') -> Iterator[str]:
     """The documents of a unit, one at a time."""
-    for docs, _ in unit_document_batches(unit, doc_separator, bad, policy):
+    for docs, _ in unit_document_batches(unit, doc_separator, bad, policy, text_field):
         yield from docs
 
 
@@ -324,7 +366,7 @@ def _tfds_documents(unit: Unit) -> Iterator[tuple[list[str], int]]:
 
 
 def iter_texts(sources: Sequence[str], doc_separator: str = 'line', split: str = 'train',
-               key: str = 'data.train_files') -> Iterator[str]:
+               key: str = 'data.train_files', text_field: str = 'text') -> Iterator[str]:
     """All documents of text files and 'tfds:NAME[:feature]' specs (their `split`), in
     order, invalid UTF-8 lines left out: for small inputs read whole."""
     if doc_separator not in DOC_SEPARATORS:
@@ -336,5 +378,5 @@ def iter_texts(sources: Sequence[str], doc_separator: str = 'line', split: str =
             unit = Unit(0, source, 0, len(open_indexed_split(source, split, key)), 'train',
                         split)
         else:
-            unit = Unit(0, source, 0, os.path.getsize(source), 'train')
-        yield from unit_documents(unit, doc_separator, bad, 'skip')
+            unit = Unit(0, source, 0, formats.file_size(source), 'train')
+        yield from unit_documents(unit, doc_separator, bad, 'skip', text_field)
