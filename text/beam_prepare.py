@@ -41,7 +41,7 @@ from text.prepare import (
     pending_units,
     prepare_unit,
 )
-from text.units import BadLine, Unit
+from text.units import Unit
 
 BEAM_REQUIREMENT = 'apache-beam==2.77.0'
 
@@ -63,7 +63,7 @@ def _prepare(unit: Unit, settings: Settings, directory: str) -> dict:
     """One unit on a Beam worker. A module-level function, so Beam pickles it by name."""
     try:
         summary = prepare_unit(unit, settings, directory)
-    except (BadLine, BadRecord) as e:  # the one-line message of the local path, no traceback
+    except BadRecord as e:  # BadLine too: the one-line message of the local path, no traceback
         raise ConfigError(e.message('data.train_files')) from None
     require_beam().metrics.Metrics.counter('prepare', 'units').inc()
     return {'unit': unit.number, 'sequences': {s: summary[s]['sequences']

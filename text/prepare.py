@@ -50,7 +50,6 @@ from text.tokenizer import load_tokenizer
 from text.units import (
     ENCODING_HINT,
     BadInput,
-    BadLine,
     Unit,
     check_files,
     plan_units,
@@ -328,7 +327,7 @@ def run_units(plan: Plan, units: Sequence[Unit], workers: int = 0,
                         for job in jobs:
                             job.cancel()
                         raise
-    except (BadLine, formats.BadRecord) as e:
+    except formats.BadRecord as e:  # BadLine too
         raise ConfigError(e.message('data.train_files')) from None
     finally:
         _COUNTERS = None

@@ -282,11 +282,12 @@ def _decode_block(data: bytes, path: str, offset: int, bad: BadInput, policy: st
     return [line.strip() for line in lines]
 
 
-class BadLine(Exception):
-    """A line that is not UTF-8 under data.bad_input='error' (path, byte offset)."""
+class BadLine(formats.BadRecord):
+    """A line that is not UTF-8 under data.bad_input='error' (path, byte offset); its line
+    number is counted only when the message is shown."""
 
     def __init__(self, path: str, offset: int):
-        super().__init__(path, offset)
+        Exception.__init__(self, path, offset)
         self.path, self.offset = path, offset
 
     def message(self, key: str) -> str:
