@@ -20,8 +20,11 @@ student on the teacher's soft targets too (finetune/distill.py).
 import ml_collections
 
 from configs.pretrain import apply_arg_overrides, mesh_config, model_config, wandb_config
+from engine.config_cli import link_aliases
 
 TASKS = ('sentiment', 'custom')
+OPTIMIZER_KEYS = ('learning_rate', 'head_learning_rate', 'layer_decay', 'warmup_fraction',
+                  'weight_decay', 'max_grad_norm', 'b1', 'b2', 'eps', 'l2sp')
 
 
 def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
@@ -126,5 +129,8 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     if task == 'sentiment':  # ... but the demo is a tiny model on a 2-core budget
         c.num_epochs, c.seq_len, c.learning_rate = 1, 64, 3e-4  # best of 3e-5/1e-4/3e-4
     c.mesh = mesh_config()  # same mesh axes and logical rules as pretraining
+    # The optimizer keys above as an `optimizer` section, the shape pretraining has: each
+    # entry is the top-level key itself (--config.optimizer.learning_rate sets both).
+    link_aliases(c, 'optimizer', OPTIMIZER_KEYS)
     apply_arg_overrides(c, extras)
     return c

@@ -32,7 +32,7 @@ from convert import hf_tokenizer_in, names
 from engine.checkpoint import Checkpoints
 from engine.errors import ConfigError
 from engine.mesh import strip_boxes
-from engine.optim import make_optimizer
+from engine.optim import OptimizerConfig, make_optimizer
 from engine.paths import local_file_argument
 from engine.rundir import RunDir
 from engine.step import TrainState
@@ -215,7 +215,8 @@ def _save(tmp: pathlib.Path, cfg, params: dict, source: str) -> None:
     run = RunDir(tmp)
     run.write_config(cfg)
     params = jax.tree.map(jnp.asarray, params)
-    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)  # as `pretrain` builds it
+    optimizer = OptimizerConfig.from_config(cfg.optimizer)
+    tx = make_optimizer(optimizer, cfg.num_train_steps)  # as `pretrain` builds it
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     meta = {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size, 'position': 0},
             'config': cfg.to_dict(), 'imported_from': source}

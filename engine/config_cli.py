@@ -139,4 +139,17 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
         if isinstance(value, dict):
             return {k: to_tuples(v) for k, v in value.items()}
         return value
-    return ml_collections.ConfigDict(to_tuples(json.loads(text)))
+    config = ml_collections.ConfigDict(to_tuples(json.loads(text)))
+    if isinstance(config.get('optimizer'), ml_collections.ConfigDict):  # fine-tuning's
+        same = [k for k, v in config.optimizer.items() if k in config and config[k] == v]
+        link_aliases(config, 'optimizer', same)
+    return config
+
+
+def link_aliases(config: ml_collections.ConfigDict, section: str, keys: Sequence[str]) -> None:
+    """Makes `config[section][key]` the same setting as the top-level `config[key]` for each
+    key (one shared value: setting either sets both; config.json writes both)."""
+    if section not in config:
+        config[section] = ml_collections.ConfigDict()
+    for key in keys:
+        config[section][key] = config.get_ref(key)

@@ -57,9 +57,10 @@ from models.paths import count_layers, is_head, layer_depth, path_of
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """The optimizer settings of a run, validated once. Pretraining reads them from its
-    `optimizer` section, fine-tuning from its top-level keys; a key a config lacks takes
-    the default here (the fine-tuning recipe's)."""
+    """The optimizer settings of a run, read from the config once at the entry
+    (`from_config`) and validated; everything below takes this, never the config. Both
+    stages keep them in an `optimizer` section (fine-tuning's top-level keys are aliases of
+    its entries); a key a section lacks takes the default here (the fine-tuning recipe's)."""
 
     name: str = 'adamw'  # without labels: 'adamw' or 'lamb'
     learning_rate: float = 2e-5  # peak
@@ -105,9 +106,7 @@ class OptimizerConfig:
 
     @classmethod
     def from_config(cls, section: Any, prefix: str = 'optimizer.') -> OptimizerConfig:
-        """From a config section (an OptimizerConfig passes through unchanged)."""
-        if isinstance(section, cls):
-            return section
+        """From a config section (a mapping with `.get`); `prefix` names it in errors."""
         casts = {'str': str, 'int': int, 'float': float}  # annotations are strings here
         kinds = {f.name: casts[f.type] for f in dataclasses.fields(cls) if f.name != 'prefix'}
         given = {k: cast(section.get(k)) for k, cast in kinds.items()
@@ -127,11 +126,20 @@ DECAY_SHAPES = {
 }
 
 
-def stable_decay(cfg: Any, progress: Any) -> Any:
+def typed(cfg: Any) -> OptimizerConfig:
+    """`cfg` itself; a TypeError for anything else (a config section must be read at the
+    entry with `OptimizerConfig.from_config`, not below it)."""
+    if not isinstance(cfg, OptimizerConfig):
+        raise TypeError(f'expected an OptimizerConfig, got {type(cfg).__name__} '
+                        '(read the section once with OptimizerConfig.from_config)')
+    return cfg
+
+
+def stable_decay(cfg: OptimizerConfig, progress: Any) -> Any:
     """The WSD multiplier (after warm-up) at `progress` in [0, 1] of the run: 1 until
     1 - decay_fraction, then `decay_shape` down to 0 at progress 1. Works on floats and
     jax arrays."""
-    cfg = OptimizerConfig.from_config(cfg)
+    cfg = typed(cfg)
     start = 1.0 - cfg.decay_fraction
     if cfg.decay_fraction <= 0:
         return jnp.where(jnp.asarray(progress) >= 1.0, 0.0, 1.0)
@@ -144,29 +152,30 @@ def _warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
     return min(int(cfg.warmup_steps), max(total_steps - 1, 0))
 
 
-def warmup_factor(cfg: Any, step: Any, total_steps: int) -> Any:
+def warmup_factor(cfg: OptimizerConfig, step: Any, total_steps: int) -> Any:
     """Linear warm-up multiplier min(step / warmup_steps, 1) (1 without warm-up)."""
-    cfg = OptimizerConfig.from_config(cfg)
+    cfg = typed(cfg)
     warmup = _warmup_steps(cfg, total_steps)
     if not warmup:
         return jnp.ones((), jnp.float32)
     return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
 
 
-def budget_learning_rate(cfg: Any, step: int, progress: float, total_steps: int) -> float:
+def budget_learning_rate(cfg: OptimizerConfig, step: int, progress: float,
+                         total_steps: int) -> float:
     """schedule='budget': peak x warm-up(step) x stable_decay(progress), where the host
     measures `progress` = max(elapsed / max_runtime, tokens / train_tokens, step /
     num_train_steps) - whichever budget ends first (engine.budget.Budget.progress)."""
-    cfg = OptimizerConfig.from_config(cfg)
+    cfg = typed(cfg)
     return float(cfg.learning_rate * warmup_factor(cfg, step, total_steps)
                  * stable_decay(cfg, min(max(progress, 0.0), 1.0)))
 
 
-def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up to `cfg.learning_rate`, then 'linear' (to 0), 'cosine', 'constant' or
     'wsd'. For 'budget' this is the step-driven part only (budget = num_train_steps): the
     train step takes the host's rate instead (see `budget_learning_rate`)."""
-    cfg = OptimizerConfig.from_config(cfg)
+    cfg = typed(cfg)
     if cfg.schedule in ('wsd', 'budget'):
         peak = float(cfg.learning_rate)
         return lambda step: peak * warmup_factor(cfg, step, total_steps) * stable_decay(
@@ -198,14 +207,14 @@ def weight_decay_mask(params: Any) -> Any:
 def adamw(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW with the schedule; returns a transformation whose
     learning rate at any step is `learning_rate_schedule(cfg, total_steps)(step)`."""
-    return _clipped(optax.adamw, cfg, total_steps)
+    return _clipped(optax.adamw, typed(cfg), total_steps)
 
 
 def lamb(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Clip by global norm, then LAMB (You et al. 2019, the 76-minute BERT recipe): Adam
     moments with decoupled weight decay (same mask as AdamW), each update rescaled by the
     layer's trust ratio ||param|| / ||update||, for large batches."""
-    return _clipped(optax.lamb, cfg, total_steps)
+    return _clipped(optax.lamb, typed(cfg), total_steps)
 
 
 def _clipped(optimizer: Callable, cfg: OptimizerConfig,
@@ -235,21 +244,20 @@ def _base(optimizer: Callable, cfg: OptimizerConfig, total_steps: int) -> Callab
 OPTIMIZERS = {'adamw': adamw, 'lamb': lamb}
 
 
-def make_optimizer(cfg: Any, total_steps: int, params: Any = None,
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: Any = None,
                    labels: Any = None, num_layers: int | None = None
                    ) -> optax.GradientTransformation:
-    """The one optimizer builder; `cfg` an OptimizerConfig or a config section holding its
-    keys. Without `labels` (pretraining: everything trains at one rate) the optimizer
-    `cfg.name` names. With
-    `labels` ('train'/'frozen' per leaf of `params`), the path-rule optimizer below:
-    frozen leaves get no state and zero updates, learning rates follow each leaf's path."""
+    """The one optimizer builder. Without `labels` (pretraining: everything trains at one
+    rate) the optimizer `cfg.name` names. With `labels` ('train'/'frozen' per leaf of
+    `params`), the path-rule optimizer below: frozen leaves get no state and zero updates,
+    learning rates follow each leaf's path."""
     if labels is not None:
-        if OptimizerConfig.from_config(cfg, '').schedule == 'budget':
+        if typed(cfg).schedule == 'budget':
             raise ConfigError("schedule: 'budget' is for pretraining; fine-tuning decays "
                               'linearly over its steps')
-        return _rule_optimizer(OptimizerConfig.from_config(cfg, ''), params, labels,
+        return _rule_optimizer(cfg, params, labels,
                                total_steps, num_layers)
-    cfg = OptimizerConfig.from_config(cfg)
+    cfg = typed(cfg)
     return OPTIMIZERS[cfg.name](cfg, total_steps)
 
 
@@ -265,9 +273,9 @@ def _shape_schedule(cfg: OptimizerConfig, total_steps: int,
     return learning_rate_schedule(shape, total_steps)
 
 
-def learning_rate_at(cfg: Any, total_steps: int) -> optax.Schedule:
+def learning_rate_at(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """step -> the body's learning rate (peak `learning_rate`), for logging."""
-    cfg = OptimizerConfig.from_config(cfg, '')
+    cfg = typed(cfg)
     return _shape_schedule(cfg, total_steps, cfg.learning_rate)
 
 
@@ -281,9 +289,9 @@ def _peak_of(cfg: OptimizerConfig, num_layers: int) -> Callable[[str], float]:
     return peak
 
 
-def peak_learning_rates(cfg: Any, params: Any, num_layers: int | None = None) -> Any:
+def peak_learning_rates(cfg: OptimizerConfig, params: Any, num_layers: int | None = None) -> Any:
     """A tree of `params`' structure: each leaf's peak learning rate (see the module doc)."""
-    cfg = OptimizerConfig.from_config(cfg, '')
+    cfg = typed(cfg)
     peak = _peak_of(cfg, count_layers(params) if num_layers is None else num_layers)
     return jax.tree_util.tree_map_with_path(lambda kp, _: peak(path_of(kp)), params)
 

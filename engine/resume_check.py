@@ -113,8 +113,15 @@ def check_finetune(cfg: ml_collections.ConfigDict, workdir) -> dict | None:
     """As check_pretrain, for a fine-tuning workdir (its checkpoints or best/)."""
     saved = saved_config(workdir)
     if saved is not None:
-        compare(as_json(cfg), saved, FINETUNE_CHANGEABLE, workdir, 'start a new workdir')
+        compare(_without_aliases(as_json(cfg)), _without_aliases(saved), FINETUNE_CHANGEABLE,
+                workdir, 'start a new workdir')
     return saved
+
+
+def _without_aliases(config: dict) -> dict:
+    """Fine-tuning's `optimizer` section repeats top-level keys (the same settings, compared
+    there); a workdir started before the section existed has none."""
+    return {k: v for k, v in config.items() if k != 'optimizer'}
 
 
 def check_file(file, expected: dict, workdir, what: str) -> None:

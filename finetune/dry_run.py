@@ -76,7 +76,8 @@ def abstract_run(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     num_steps = cfg.num_epochs * max(math.ceil(rows / cfg.batch_size), 1)
     phase = unfreeze.phase_of_state(0, cfg.gradual_unfreeze_steps, built.model_cfg.num_layers)
     labels = setup.phase_labels(cfg, params, built, phase)
-    tx = make_optimizer(cfg, num_steps, params, labels, built.model_cfg.num_layers)
+    optimizer = setup.optimizer_config(cfg)
+    tx = make_optimizer(optimizer, num_steps, params, labels, built.model_cfg.num_layers)
     sized = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          params, shardings)
     # Moments take their parameter's sharding (as jit(tx.init) gives the run); counters and
@@ -89,7 +90,7 @@ def abstract_run(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
             s, jax.sharding.NamedSharding) else replicated), opt_abstract, opt_state)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     state = TrainState(step=step, params=sized, opt_state=opt_state)
-    return Abstract(built, state, logical, labels, tx, learning_rate_at(cfg, num_steps),
+    return Abstract(built, state, logical, labels, tx, learning_rate_at(optimizer, num_steps),
                     num_steps)
 
 

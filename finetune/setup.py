@@ -13,7 +13,7 @@ from etils import epath
 from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints, saved_steps, subtree_reader
 from engine.errors import ConfigError
-from engine.optim import learning_rate_at, make_optimizer
+from engine.optim import OptimizerConfig, learning_rate_at, make_optimizer
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import SPM_FILENAME, RunDir
 from engine.step import TrainState
@@ -44,6 +44,18 @@ def learning_rate_for_width(hidden_size: int) -> float:
         if hidden_size <= width:
             return rate
     return LARGE_MODEL_LEARNING_RATE
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
+    """The optimizer settings, typed: the `optimizer` section, whose entries are the
+    top-level keys of the same names (a config written before the section has only those).
+    Errors name the top-level keys, the ones fine-tuning commands set."""
+    section = cfg.optimizer if 'optimizer' in cfg else cfg
+    for key, value in (section.items() if section is not cfg else ()):
+        if key in cfg and cfg[key] != value:
+            raise ConfigError(f'optimizer.{key}: {value!r}, but {key} says {cfg[key]!r}; '
+                              'they are one setting (set one of them)')
+    return OptimizerConfig.from_config(section, '')
 
 
 def resolve_learning_rate(cfg: ml_collections.ConfigDict) -> None:
@@ -213,7 +225,8 @@ def phase_labels(cfg, params, built: Built, phase: int):
 
 def fresh_optimizer(cfg, mesh, built: Built, params, labels, num_steps: int, step: int = 0):
     """(tx, opt_state) for `labels`, its learning-rate schedule at `step`."""
-    tx = make_optimizer(cfg, num_steps, params, labels, built.model_cfg.num_layers)
+    tx = make_optimizer(optimizer_config(cfg), num_steps, params, labels,
+                        built.model_cfg.num_layers)
     # Moments inherit the parameters' shardings; step counters go replicated on the mesh.
     opt_state = jax.tree.map(
         lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
@@ -231,7 +244,7 @@ def initial_state(cfg, mesh, built: Built, num_steps: int, phase: int):
     tx, opt_state = fresh_optimizer(cfg, mesh, built, params, labels, num_steps)
     step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
     state = TrainState(step=step, params=params, opt_state=opt_state)
-    return state, labels, tx, learning_rate_at(cfg, num_steps)
+    return state, labels, tx, learning_rate_at(optimizer_config(cfg), num_steps)
 
 
 def enter_phase(cfg, mesh, built: Built, state, num_steps: int, phase: int):

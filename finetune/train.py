@@ -20,7 +20,6 @@ from engine import mesh as mesh_lib
 from engine.checkpoint import Checkpoints
 from engine.errors import ConfigError
 from engine.loop import LoopCallbacks, LoopConfig
-from engine.optim import OptimizerConfig
 from engine.run import Run, RunSettings, check_batch_split, run_mesh, run_stage
 from engine.rundir import RunDir
 from finetune import augment, distill, encoding, metrics, setup, unfreeze
@@ -41,7 +40,7 @@ def validate(cfg: ml_collections.ConfigDict,
     if cfg.metric not in metrics.METRIC_DIRECTIONS:
         raise ConfigError(f'metric: {cfg.metric!r} is not one of '
                           f'{sorted(metrics.METRIC_DIRECTIONS)}')
-    OptimizerConfig.from_config(cfg, '')  # its keys, checked before anything runs
+    setup.optimizer_config(cfg)  # its keys, checked before anything runs
     setup.check_init_from(cfg)
     setup.resolve_learning_rate(cfg)  # 0 = auto, by model width
     mesh = run_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.pretrain import get_config
-from engine.optim import adamw
+from engine.optim import OptimizerConfig, adamw
 from models.bert import BertConfig, BertForMaskedLM
 from models.config import model_config
 from pretrain import steps
@@ -30,7 +30,7 @@ def compile_seconds(model_cfg: BertConfig) -> float:
     """Seconds to lower and compile one train step of `model_cfg` (nothing cached)."""
     cfg = get_config('tiny')
     model = BertForMaskedLM(model_cfg)
-    tx = adamw(cfg.optimizer, 10)
+    tx = adamw(OptimizerConfig.from_config(cfg.optimizer), 10)
     state = jax.eval_shape(lambda: nn.unbox(steps.init_state(jax.random.key(0), model, tx, SEQ)))
     step = jax.jit(steps.mlm_train_step(
         model=model, tx=tx, schedule=lambda s: 1e-3,

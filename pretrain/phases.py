@@ -31,7 +31,7 @@ import numpy as np
 
 from engine.budget import Budget
 from engine.errors import ConfigError
-from engine.optim import budget_learning_rate
+from engine.optim import OptimizerConfig, budget_learning_rate
 from text.batches import PretrainBatches
 
 RAMP_STAGES = 7  # sizes during the ramp; with the final batch_size, 8 shapes at most
@@ -232,6 +232,7 @@ def budget_rates(cfg: ml_collections.ConfigDict, budget: Budget,
     process 0's elapsed time (refreshed every `every` steps: a collective); `clock` replaces
     time.time (tests)."""
     steps, last = cfg.num_train_steps, {}
+    optimizer = OptimizerConfig.from_config(cfg.optimizer)
 
     def rate(step: int) -> np.float32:
         if not last or step % every == 0:
@@ -239,7 +240,7 @@ def budget_rates(cfg: ml_collections.ConfigDict, budget: Budget,
             last['elapsed'] = agree(budget.elapsed(now))
         now = budget.started + last['elapsed'] - budget.elapsed_before
         progress = budget.progress(step, steps, now)
-        return np.float32(budget_learning_rate(cfg.optimizer, step, progress, steps))
+        return np.float32(budget_learning_rate(optimizer, step, progress, steps))
     return rate
 
 

@@ -12,7 +12,7 @@ from etils import epath
 
 from engine import mesh as mesh_lib
 from engine.errors import ConfigError
-from engine.optim import make_optimizer
+from engine.optim import OptimizerConfig, make_optimizer
 from engine.run import check_batch_split, run_mesh
 from models.config import BertConfig, model_config
 from pretrain import data, objective, phases
@@ -25,6 +25,11 @@ def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
         return model_config(cfg.model.to_dict())
     except ValueError as e:
         raise ConfigError(f'model: {e}') from None
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
+    """The `optimizer` section, typed and validated (ConfigError naming the key)."""
+    return OptimizerConfig.from_config(cfg.optimizer)
 
 
 def masking_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> MaskingConfig:
@@ -62,7 +67,7 @@ def validate_values(cfg: ml_collections.ConfigDict) -> None:
     if not 0 < cfg.masking.mask_rate < 1:
         raise ConfigError(f'masking.mask_rate: must be in (0, 1), got {cfg.masking.mask_rate}')
     objective.validate(cfg, model)  # objective, electra.*, masking.eval_mask_rate/span_length
-    make_optimizer(cfg.optimizer, cfg.num_train_steps)  # ConfigError on an unknown name
+    make_optimizer(optimizer_config(cfg), cfg.num_train_steps)  # ConfigError on a bad key
     learned = model.position_embedding == 'learned'
     phases.check(cfg, model.max_position_embeddings if learned else None)
 

@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh
 from engine import mesh as mesh_lib
 from engine.optim import learning_rate_schedule, make_optimizer
 from engine.step import TrainState
-from pretrain import objective, steps
+from pretrain import objective, sections, steps
 from pretrain.masking import MaskingConfig
 
 
@@ -43,7 +43,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | AbstractMesh
     """The run's model (`objective`'s), optimizer and abstract sharded state on `mesh` (a
     device mesh, or an AbstractMesh: a dry run of a cluster's shape; nothing allocated)."""
     model = objective.build_model(cfg, model_cfg)
-    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
+    tx = make_optimizer(sections.optimizer_config(cfg), cfg.num_train_steps)
     init = functools.partial(steps.init_state, jax.random.key(cfg.seed), model, tx, cfg.seq_len)
     with _tracing_context(mesh, cfg.mesh.rules):
         boxed = jax.eval_shape(init)
@@ -95,7 +95,7 @@ def compile_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   word_starts: jax.Array | None) -> tuple[Callable, Callable]:
     """The jitted train step (state donated) and eval step."""
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    schedule = learning_rate_schedule(cfg.optimizer, cfg.num_train_steps)
+    schedule = learning_rate_schedule(sections.optimizer_config(cfg), cfg.num_train_steps)
     fed_rate = (None,) if feeds_rate(cfg) else ()  # the host's rate
     train = jax.jit(
         objective.make_train_step(cfg, built.model, built.tx, schedule, masking, word_starts),

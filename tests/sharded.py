@@ -8,7 +8,7 @@ import numpy as np
 
 from configs.pretrain import get_config
 from engine import mesh as mesh_lib
-from engine.optim import adamw, learning_rate_schedule
+from engine.optim import OptimizerConfig, adamw, learning_rate_schedule
 from models.bert import BertConfig, BertForMaskedLM
 from pretrain import steps
 from pretrain.masking import MaskingConfig
@@ -20,14 +20,15 @@ def sharded_mlm(model_cfg: BertConfig, mesh_shape, devices=None, grad_accum: int
     cfg = get_config('tiny')
     mesh = mesh_lib.make_mesh(mesh_shape, cfg.mesh.axes, devices=devices)
     model = BertForMaskedLM(model_cfg)
-    tx = adamw(cfg.optimizer, 10)
+    tx_cfg = OptimizerConfig.from_config(cfg.optimizer)
+    tx = adamw(tx_cfg, 10)
     init = functools.partial(steps.init_state, jax.random.key(0), model, tx,
                              model_cfg.max_position_embeddings)
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
         state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
         train = jax.jit(steps.mlm_train_step(
-            model=model, tx=tx, schedule=learning_rate_schedule(cfg.optimizer, 10),
+            model=model, tx=tx, schedule=learning_rate_schedule(tx_cfg, 10),
             masking=MaskingConfig(vocab_size=model_cfg.vocab_size, max_predictions=3),
             word_starts=None, seed=0, grad_accum_steps=grad_accum),
             in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),

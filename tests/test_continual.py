@@ -53,7 +53,7 @@ def _load(cfg_args: list[str], tokenizer_path: str):
     """continual.load_params on a (2, 4) mesh, as a run would call it; numpy by path."""
     from engine import mesh as mesh_lib
     from engine.config_cli import apply_overrides, load_config
-    from engine.optim import make_optimizer
+    from engine.optim import OptimizerConfig, make_optimizer
     from models.bert import BertConfig, BertForMaskedLM
     from pretrain import steps
     cfg = load_config(cfg_args[1])
@@ -62,7 +62,7 @@ def _load(cfg_args: list[str], tokenizer_path: str):
     cfg.mesh.shape = (2, 4)
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     model = BertForMaskedLM(BertConfig(**cfg.model.to_dict()))
-    tx = make_optimizer(cfg.optimizer, cfg.num_train_steps)
+    tx = make_optimizer(OptimizerConfig.from_config(cfg.optimizer), cfg.num_train_steps)
     init = lambda: steps.init_state(jax.random.key(0), model, tx, cfg.seq_len)  # noqa: E731
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         abstract, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)

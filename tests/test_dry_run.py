@@ -10,7 +10,7 @@ import pytest
 import launch
 from configs.pretrain import get_config
 from engine import mesh as mesh_lib
-from engine.optim import make_optimizer
+from engine.optim import OptimizerConfig, make_optimizer
 from models.bert import BertForMaskedLM
 from pretrain import dry_run, steps
 from pretrain.sections import bert_config
@@ -68,8 +68,9 @@ def test_per_device_bytes_match_a_real_sharded_state():
 
     real_mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     model = BertForMaskedLM(bert_config(cfg))
+    optimizer = OptimizerConfig.from_config(cfg.optimizer)
     init = functools.partial(steps.init_state, jax.random.key(0), model,
-                             make_optimizer(cfg.optimizer, 10), cfg.seq_len)
+                             make_optimizer(optimizer, 10), cfg.seq_len)
     with mesh_lib.sharding_context(real_mesh, cfg.mesh.rules):
         _, real_shardings = mesh_lib.abstract_and_shardings(init, real_mesh, cfg.mesh.rules)
         state = jax.jit(lambda: nn.unbox(init()), out_shardings=real_shardings)()

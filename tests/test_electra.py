@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from configs.pretrain import get_config
 from engine import mesh as mesh_lib
 from engine.errors import ConfigError
-from engine.optim import adamw, learning_rate_schedule
+from engine.optim import OptimizerConfig, adamw, learning_rate_schedule
 from models.bert import BertConfig
 from models.electra import ElectraForPretraining, electra_train_flops, generator_config
 from models.flops import forward_flops
@@ -69,7 +69,7 @@ def test_generator_is_a_fraction_of_the_discriminator():
 def _model_and_state():
     """(model, optimizer, initial state), made once for the tests that share them."""
     model = ElectraForPretraining(MODEL, generator_config(MODEL, 0.25))
-    tx = adamw(get_config('tiny').optimizer, 10)
+    tx = adamw(OptimizerConfig.from_config(get_config('tiny').optimizer), 10)
     state = jax.jit(lambda: nn.unbox(steps.init_state(jax.random.key(0), model, tx, SEQ)))()
     return model, tx, state
 
@@ -123,7 +123,8 @@ def test_no_gradient_flows_through_sampling():
 def _train(accum: int, mesh_shape=(1,), devices=None):
     """(state, metrics) after two ELECTRA steps on `mesh_shape`, and the shardings."""
     cfg = get_config('tiny')
-    tx = adamw(cfg.optimizer, 10)
+    tx_cfg = OptimizerConfig.from_config(cfg.optimizer)
+    tx = adamw(tx_cfg, 10)
     model = ElectraForPretraining(MODEL, generator_config(MODEL, 0.25))
     mesh = mesh_lib.make_mesh(mesh_shape, cfg.mesh.axes, devices=devices)
     init = functools.partial(steps.init_state, jax.random.key(0), model, tx, SEQ)
@@ -131,7 +132,7 @@ def _train(accum: int, mesh_shape=(1,), devices=None):
         _, shardings = mesh_lib.abstract_and_shardings(init, mesh, cfg.mesh.rules)
         state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
         train = jax.jit(electra.electra_train_step(
-            model=model, tx=tx, schedule=learning_rate_schedule(cfg.optimizer, 10),
+            model=model, tx=tx, schedule=learning_rate_schedule(tx_cfg, 10),
             masking=MASKING, word_starts=None, seed=0, disc_weight=50.0,
             grad_accum_steps=accum), in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
             out_shardings=(shardings, None))
@@ -164,7 +165,7 @@ def test_gradient_accumulation_gives_the_same_step():
 
 def test_every_parameter_has_logical_axes_and_the_head_shards():
     model = ElectraForPretraining(MODEL, generator_config(MODEL, 0.25))
-    tx = adamw(get_config('tiny').optimizer, 10)
+    tx = adamw(OptimizerConfig.from_config(get_config('tiny').optimizer), 10)
     boxed = jax.eval_shape(functools.partial(steps.init_state, jax.random.key(0), model, tx,
                                              SEQ)).params
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

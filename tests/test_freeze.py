@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from engine.optim import learning_rate_at, make_optimizer, peak_learning_rates
+from engine.optim import OptimizerConfig, learning_rate_at, make_optimizer, peak_learning_rates
 from engine.step import FROZEN, TRAIN, merge_params, split_params
 from finetune.freeze import count_params_by_label, freeze_labels, tree_bytes
 from models.bert import BertConfig, BertForSequenceClassification
@@ -52,12 +52,12 @@ def _paths(*prefixes: str) -> set[str]:
     return {p for p in _flat(_params()) if p.startswith(prefixes)}
 
 
-def _cfg(**overrides) -> ml_collections.ConfigDict:
+def _cfg(**overrides) -> OptimizerConfig:
     c = ml_collections.ConfigDict(dict(
         learning_rate=1e-2, head_learning_rate=0.0, warmup_fraction=0.0, weight_decay=0.0,
         layer_decay=1.0, max_grad_norm=0.0, b1=0.9, b2=0.999, eps=1e-6, l2sp=0.0))
     c.update(overrides)
-    return c
+    return OptimizerConfig.from_config(c, '')
 
 
 def _loss(trainable, frozen, batch):

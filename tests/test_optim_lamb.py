@@ -8,7 +8,7 @@ import pytest
 
 from configs.pretrain import get_config
 from engine.errors import ConfigError
-from engine.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+from engine.optim import OptimizerConfig, learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
 def _tree():
@@ -29,6 +29,7 @@ def test_lamb_step_matches_optax_lamb(clip):
     cfg = get_config('tiny').optimizer
     cfg.name, cfg.weight_decay, cfg.max_grad_norm, cfg.warmup_steps = 'lamb', 0.3, clip, 0
     params, grads = _tree()
+    cfg = OptimizerConfig.from_config(cfg)
     tx = make_optimizer(cfg, total_steps=10)
     reference = optax.lamb(learning_rate_schedule(cfg, 10), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=weight_decay_mask)
@@ -44,6 +45,7 @@ def test_lamb_step_matches_optax_lamb(clip):
     # LAMB is not AdamW: the trust ratio rescales each leaf's step.
     adam_cfg = get_config('tiny').optimizer
     adam_cfg.weight_decay, adam_cfg.max_grad_norm, adam_cfg.warmup_steps = 0.3, clip, 0
+    adam_cfg = OptimizerConfig.from_config(adam_cfg)
     adam_updates, _ = make_optimizer(adam_cfg, 10).update(grads, make_optimizer(
         adam_cfg, 10).init(params), params)
     assert not np.allclose(adam_updates['dense']['kernel'], updates['dense']['kernel'])
@@ -55,6 +57,7 @@ def test_lamb_weight_decay_skips_bias_and_layernorm():
     params, grads = _tree()
     zero = jax.tree.map(jnp.zeros_like, grads)  # zero gradients: only decay moves params
     cfg.weight_decay = 0.5
+    cfg = OptimizerConfig.from_config(cfg)
     updates, _ = make_optimizer(cfg, 10).update(zero, make_optimizer(cfg, 10).init(params),
                                                 params)
     assert np.abs(updates['dense']['kernel']).min() > 0
@@ -67,4 +70,4 @@ def test_unknown_optimizer_is_a_config_error():
     cfg = get_config('tiny').optimizer
     cfg.name = 'sgd'
     with pytest.raises(ConfigError, match="optimizer.name: 'sgd'"):
-        make_optimizer(cfg, 10)
+        make_optimizer(OptimizerConfig.from_config(cfg), 10)
