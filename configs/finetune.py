@@ -24,7 +24,7 @@ from engine.config_cli import link_aliases
 
 TASKS = ('sentiment', 'custom')
 OPTIMIZER_KEYS = ('learning_rate', 'head_learning_rate', 'layer_decay', 'warmup_fraction',
-                  'weight_decay', 'max_grad_norm', 'b1', 'b2', 'eps', 'l2sp')
+                  'weight_decay', 'max_grad_norm', 'b1', 'b2', 'eps', 'mu_dtype', 'l2sp')
 
 
 def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
@@ -55,6 +55,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.weight_decay = 0.01  # off biases and LayerNorm
     c.max_grad_norm = 1.0  # over trainable gradients only; 0 disables
     c.b1, c.b2, c.eps = 0.9, 0.999, 1e-6
+    c.mu_dtype = ''  # Adam's first moment: '' = the params' dtype, or 'bfloat16'
     c.l2sp = 0.0  # L2-SP strength: pulls pretrained weights toward their start; 0 = off
     # Gradual unfreezing: head only first, then one more layer from the top every N steps
     # (embeddings last); 0 = off. See finetune/unfreeze.py.
@@ -86,8 +87,8 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     # seq_len: the same metrics for less work (finetune/data.py).
     c.data.dynamic_padding = True
 
-    # Used only with init_from=none; otherwise the pretrained model's config is used and
-    # only the dropout rates below apply.
+    # Used only with init_from=none; otherwise the pretrained model's architecture is used
+    # and only this run's dropout rates, dtype, remat and attention_impl apply.
     c.model = model_config('tiny')
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.1

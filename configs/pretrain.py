@@ -121,7 +121,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.dropout_rate = 0.0  # hidden-state dropout
     m.attention_dropout_rate = 0.0  # attention-probability dropout
     m.pre_layer_norm = False  # False: post-LN as in BERT; True: pre-LN (stabler when deep)
-    m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+    # The parameters' dtype; 'bfloat16' halves their memory but loses Adam's small updates
+    # (docs/throughput.md, Precision): keep float32 unless memory forces it.
+    m.param_dtype = 'float32'
     m.remat = 'none'  # activation recomputation per layer: 'none', 'full' or 'dots'
     # Architecture options (docs/configs.md); the defaults are BERT, and export needs them.
     m.position_embedding = 'learned'  # 'learned' table, or 'rope' (rotary, no table)
@@ -159,6 +162,7 @@ def _optimizer_config(learning_rate: float) -> ml_collections.ConfigDict:
     o.b2 = 0.98
     o.eps = 1e-6
     o.max_grad_norm = 1.0  # global-norm clipping; 0 disables
+    o.mu_dtype = ''  # Adam's first moment: '' = the params' dtype, or 'bfloat16' (adamw)
     return o
 
 

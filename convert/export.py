@@ -23,6 +23,8 @@ import pathlib
 import shutil
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -80,6 +82,9 @@ def load_workdir(workdir: epath.Path, step: int | None
         params = read_state_numpy(str(directory), step)['params']
     finally:
         absl.setLevel(level)
+    # transformers checkpoints are float32; a model.param_dtype=bfloat16 run widens exactly.
+    params = jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == jnp.bfloat16
+                          else x, params)
     if model_cfg.scan_layers:  # per-layer names for the name map, as transformers has them
         params['bert']['encoder'] = unstack_layers(params['bert']['encoder'])
         model_cfg = dataclasses.replace(model_cfg, scan_layers=False)

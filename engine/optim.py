@@ -79,6 +79,9 @@ class OptimizerConfig:
     head_learning_rate: float = 0.0  # path rules: the head's peak (0 = learning_rate)
     layer_decay: float = 1.0  # path rules: layer-wise decay from the top (1 = off)
     l2sp: float = 0.0  # path rules: L2-SP strength (0 = off)
+    # Adam's first moment: '' = the parameters' dtype, 'bfloat16' halves it (MaxText's
+    # mu_dtype); the second moment keeps the parameters' dtype (its range needs it).
+    mu_dtype: str = ''
     prefix: str = 'optimizer.'  # where the keys live, for error messages
 
     def __post_init__(self):
@@ -100,6 +103,11 @@ class OptimizerConfig:
             fail('warmup_fraction', f'must be in [0, 1], got {self.warmup_fraction}')
         if self.layer_decay <= 0.0:
             fail('layer_decay', f'must be > 0, got {self.layer_decay}')
+        if self.mu_dtype not in MU_DTYPES:
+            fail('mu_dtype', f'{self.mu_dtype!r} is not one of {list(MU_DTYPES)}')
+        if self.mu_dtype and self.name == 'lamb':
+            fail('mu_dtype', "optax's LAMB keeps its moments in the parameters' dtype; use "
+                 "name=adamw or mu_dtype=''")
         for key in ('weight_decay', 'max_grad_norm', 'head_learning_rate', 'l2sp'):
             if getattr(self, key) < 0:
                 fail(key, f'must be >= 0, got {getattr(self, key)}')
@@ -115,6 +123,12 @@ class OptimizerConfig:
 
 
 SCHEDULES = ('linear', 'cosine', 'constant', 'wsd', 'budget')
+MU_DTYPES = ('', 'float32', 'bfloat16')
+
+
+def mu_dtype(cfg: OptimizerConfig) -> Any:
+    """The first moment's dtype for optax (None: the parameters')."""
+    return jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
 
 # Decay shapes of wsd/budget: t in [0, 1] through the decay -> multiplier of the peak.
 # 'sqrt' is 1 - sqrt(t), the WSD papers' choice (Hägele et al. 2024, "Scaling Laws and
@@ -224,9 +238,10 @@ def _clipped(optimizer: Callable, cfg: OptimizerConfig,
     parts = []
     if cfg.max_grad_norm:
         parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
+    moments = {'mu_dtype': mu_dtype(cfg)} if optimizer is optax.adamw else {}
     parts.append(_base(optimizer, cfg, total_steps)(
         b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        mask=weight_decay_mask))
+        mask=weight_decay_mask, **moments))
     return optax.chain(*parts)
 
 
@@ -236,7 +251,8 @@ def _base(optimizer: Callable, cfg: OptimizerConfig, total_steps: int) -> Callab
     overwrites each step with the host's value (engine.step.set_learning_rate), so it is
     checkpointed with the state."""
     if cfg.schedule == 'budget':
-        injected = optax.inject_hyperparams(optimizer, static_args=('mask',))
+        static = ('mask', 'mu_dtype') if optimizer is optax.adamw else ('mask',)
+        injected = optax.inject_hyperparams(optimizer, static_args=static)
         return functools.partial(injected, learning_rate=0.0)
     return functools.partial(optimizer, learning_rate_schedule(cfg, total_steps))
 
@@ -340,7 +356,7 @@ def _train_branch(cfg: OptimizerConfig, num_layers: int,
         parts.append(optax.masked(l2sp(cfg.l2sp), _pretrained_mask))
     if cfg.max_grad_norm:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=mu_dtype(cfg)))
     if cfg.weight_decay:
         # Decoupled (AdamW) decay, scaled by the leaf's learning rate like optax.adamw.
         parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask))

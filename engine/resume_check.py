@@ -7,7 +7,8 @@ what the run was started with: a checkpoint restored under other values either f
 in orbax or, worse, trains on silently (4 heads on 2-head weights whose shapes happen to
 fit; another seq_len reusing the old data position). Only the keys of an explicit
 allow-list may change (budgets, cadences, the mesh, logging); a key added to a config
-later is refused by default. The comparison runs before the resumed run writes anything,
+later is refused by default, unless ADDED_KEYS names the value that means what runs did
+before it existed. The comparison runs before the resumed run writes anything,
 so a refused command leaves every file of the workdir as it was.
 
 Both sides are compared as JSON (what config.json holds), after the code resolved its auto
@@ -44,6 +45,15 @@ FINETUNE_CHANGEABLE = (
     'profile_steps', 'wandb', 'mesh', 'grad_accum_steps', 'model.remat', 'model.dtype',
     'model.attention_impl', 'data.dynamic_padding',
 )
+# Keys added to the configs after runs were started, each with the value that does what a
+# run did before the key existed: a saved config without the key reads as holding it, so
+# such a workdir still resumes (with that value, and only with that value).
+ADDED_KEYS = {
+    'data.text_field': 'text',  # pretraining corpora in JSONL/Parquet
+    'model.param_dtype': 'float32',
+    'optimizer.mu_dtype': '',  # pretraining's optimizer section
+    'mu_dtype': '',  # fine-tuning's top-level optimizer key
+}
 _ABSENT = object()
 
 
@@ -87,7 +97,8 @@ def compare(new: dict, saved: dict, allowed: tuple[str, ...], workdir, hint: str
     for key in sorted(new_flat.keys() | saved_flat.keys()):
         if not key.startswith(only) or changeable(key, allowed):
             continue
-        old, now = saved_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
+        old = saved_flat.get(key, ADDED_KEYS.get(key, _ABSENT))
+        now = new_flat.get(key, _ABSENT)
         if old != now:
             raise ConfigError(f'{key}: the run in {workdir} was started with {_show(old)}, '
                               f'this config says {_show(now)}; a resume cannot change it '

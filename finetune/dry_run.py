@@ -149,7 +149,7 @@ def run(cfg: ml_collections.ConfigDict, spec: str, topology: str = '') -> None:
     """Prints the dry-run report; with `topology`, the train step compiled for that TPU
     slice too (ConfigError, one line, if it does not fit)."""
     target = compile_for.target(topology) if topology else None  # before JAX starts
-    mesh, task = validate(cfg, target.devices if target else None)
+    cfg, mesh, task = validate(cfg, target.devices if target else None)
     abstract = abstract_run(cfg, mesh, task, for_tpu=target is not None)
     print(describe(cfg, spec, mesh, abstract), flush=True)
     if target is None:

@@ -19,7 +19,7 @@ from engine.rundir import SPM_FILENAME, RunDir
 from engine.step import TrainState
 from finetune import distill, peft, steps, unfreeze
 from models.bert import BertConfig, BertForSequenceClassification
-from models.config import model_config
+from models.config import RUNTIME_FIELDS, model_config
 from models.flops import forward_flops, train_flops_per_step
 from models.load import load
 from models.peft import is_peft_path
@@ -58,14 +58,14 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     return OptimizerConfig.from_config(section, '')
 
 
-def resolve_learning_rate(cfg: ml_collections.ConfigDict) -> None:
-    """Sets cfg.learning_rate when it is 0 ('auto') from the width of the model it will
-    train (init_from's, or `model` for random init), so the run's config.json records it."""
+def resolved_learning_rate(cfg: ml_collections.ConfigDict) -> float:
+    """cfg.learning_rate, or when it is 0 ('auto') the rate for the width of the model it
+    will train (init_from's, or `model` for random init)."""
     if cfg.learning_rate:
-        return
+        return cfg.learning_rate
     root = pretrained_dir(cfg)
     model = RunDir(root).read_config().model if root is not None else cfg.model
-    cfg.learning_rate = learning_rate_for_width(model.hidden_size)
+    return learning_rate_for_width(model.hidden_size)
 
 
 # num_epochs=0 ('auto', the `custom` default): the fewest whole epochs, at least 3 (BERT's),
@@ -82,11 +82,9 @@ def epochs_for_size(num_examples: int, batch_size: int) -> int:
     return max(AUTO_MIN_EPOCHS, math.ceil(AUTO_MIN_STEPS / max(steps_per_epoch, 1)))
 
 
-def resolve_num_epochs(cfg: ml_collections.ConfigDict, num_examples: int) -> None:
-    """Sets cfg.num_epochs when it is 0 ('auto') from the training set's size, so the
-    run's config.json records it."""
-    if not cfg.num_epochs:
-        cfg.num_epochs = epochs_for_size(num_examples, cfg.batch_size)
+def resolved_num_epochs(cfg: ml_collections.ConfigDict, num_examples: int) -> int:
+    """cfg.num_epochs, or when it is 0 ('auto') the number for the training set's size."""
+    return cfg.num_epochs or epochs_for_size(num_examples, cfg.batch_size)
 
 
 def check_init_from(cfg: ml_collections.ConfigDict) -> None:
@@ -165,14 +163,14 @@ class Built:
 
 def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     """The classifier: the pretrained run's architecture (or `model` for random init), this
-    config's dropout, and one output per label (one for regression)."""
+    config's dropout, dtype and remat, and one output per label (one for regression)."""
     source = pretrained_dir(cfg)
     if source is not None:
         model_section = RunDir(source).read_config().model
     else:
         model_section = cfg.model
-    fields = {**model_section.to_dict(), 'dropout_rate': cfg.model.dropout_rate,
-              'attention_dropout_rate': cfg.model.attention_dropout_rate,
+    own = {key: cfg.model[key] for key in RUNTIME_FIELDS if key in cfg.model}
+    fields = {**model_section.to_dict(), **own,  # this run's dropout, dtype and remat
               'pooling': cfg.model.get('pooling', 'cls'),
               'attention_impl': cfg.model.get('attention_impl', 'auto'),  # a runtime choice
               'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT

@@ -6,6 +6,7 @@ frozen, and trains with the same loop as pretraining. Writes the best checkpoint
 `metric` on validation), `metrics.jsonl`, TensorBoard events and `results.json`.
 """
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -28,9 +29,10 @@ from finetune.freeze import count_params_by_label, tree_bytes
 from finetune.task import load_config_task
 
 
-def validate(cfg: ml_collections.ConfigDict,
-             devices: list | None = None) -> tuple[jax.sharding.Mesh, dict]:
-    """Checks config, files and data before anything is written; returns (mesh, task).
+def validate(cfg: ml_collections.ConfigDict, devices: list | None = None
+             ) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh, dict]:
+    """Checks config, files and data before anything is written; returns (the config with
+    its auto values resolved, as config.json records it: a copy; mesh, task).
     `devices`: the mesh's (default this machine's; a dry run's TPU target's)."""
     for key in ('batch_size', 'seq_len', 'log_every_steps'):
         if cfg[key] < 1:
@@ -42,7 +44,8 @@ def validate(cfg: ml_collections.ConfigDict,
                           f'{sorted(metrics.METRIC_DIRECTIONS)}')
     setup.optimizer_config(cfg)  # its keys, checked before anything runs
     setup.check_init_from(cfg)
-    setup.resolve_learning_rate(cfg)  # 0 = auto, by model width
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as given
+    cfg.learning_rate = setup.resolved_learning_rate(cfg)  # 0 = auto, by model width
     mesh = run_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
     check_batch_split(cfg.batch_size, mesh_lib.data_parallel_size(mesh),
                       cfg.get('grad_accum_steps', 1))
@@ -56,8 +59,8 @@ def validate(cfg: ml_collections.ConfigDict,
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f'data: {e}') from None
     distill.check(cfg, task)
-    setup.resolve_num_epochs(cfg, len(task['train'].labels))  # 0 = auto, by data size
-    return mesh, task
+    cfg.num_epochs = setup.resolved_num_epochs(cfg, len(task['train'].labels))  # 0: by size
+    return cfg, mesh, task
 
 
 def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
@@ -124,7 +127,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     best checkpoint. Single-process runs only: other processes would not stop with it.
     """
     auto_rate, auto_epochs = not cfg.learning_rate, not cfg.num_epochs
-    mesh, task = validate(cfg)
+    cfg, mesh, task = validate(cfg)
     if auto_rate and jax.process_index() == 0:
         print(f'learning_rate: {cfg.learning_rate:g} (auto, by model width)', flush=True)
     if auto_epochs and jax.process_index() == 0:

@@ -277,7 +277,7 @@ class BertPredictionHead(nn.Module):
             'bias',
             nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
             (cfg.vocab_size,),
-            jnp.float32,
+            cfg.weights_dtype,
         )
         emb = word_embeddings.astype(cfg.compute_dtype)
         logits = jnp.einsum('bpe,ve->bpv', h, emb, preferred_element_type=jnp.float32)

@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = ('float32', 'bfloat16')
+# How a run computes, not what its weights are: each stage's own config sets these, whatever
+# the run it starts from used (continued pretraining, fine-tuning).
+RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'dtype', 'remat')
 REMAT_POLICIES = {
     'none': None,
     'full': None,
@@ -65,7 +68,11 @@ class BertConfig:
     attention_dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-12
     pre_layer_norm: bool = False  # post-LN (BERT) by default; pre-LN adds a final LayerNorm
-    dtype: str = 'float32'  # compute dtype; params are always float32
+    dtype: str = 'float32'  # compute dtype
+    # The parameters' dtype (what a checkpoint stores): bfloat16 halves their memory, but
+    # Adam's small updates then round away (docs/throughput.md, Precision); PEFT's added
+    # parameters stay float32.
+    param_dtype: str = 'float32'
     initializer_range: float = 0.02  # truncated-normal std as in BERT
     remat: str = 'none'  # 'none' | 'full' | 'dots'
     num_labels: int = 2  # only for the classification head
@@ -101,6 +108,8 @@ class BertConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
+        if self.param_dtype not in DTYPES:
+            raise ValueError(f'param_dtype must be one of {DTYPES}, got {self.param_dtype!r}')
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f'remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}')
         for name in ('dropout_rate', 'attention_dropout_rate'):
@@ -116,6 +125,10 @@ class BertConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+    @property
+    def weights_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
 
     @property
     def gated_mlp(self) -> bool:

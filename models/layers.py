@@ -29,13 +29,14 @@ def dense(
     name: str | None = None,
     use_bias: bool | None = None,
 ) -> nn.Dense:
-    """Dense layer: compute in config dtype, float32 params, zero bias named like the output.
+    """Dense layer: compute in config dtype, params in param_dtype, zero bias named like the
+    output.
 
     `use_bias` None follows `config.use_bias`; heads whose bias is kept pass True.
     """
     kwargs = dict(
         dtype=config.compute_dtype,
-        param_dtype=jnp.float32,
+        param_dtype=config.weights_dtype,
         kernel_init=kernel_init(config, kernel_axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (kernel_axes[1],)),
         use_bias=config.use_bias if use_bias is None else use_bias,
@@ -51,19 +52,19 @@ def embed(config: BertConfig, num: int, axes: LogicalAxes, name: str | None = No
         num,
         config.hidden_size,
         dtype=config.compute_dtype,
-        param_dtype=jnp.float32,
+        param_dtype=config.weights_dtype,
         embedding_init=kernel_init(config, axes),
         name=name,
     )
 
 
 def layer_norm(config: BertConfig, name: str | None = None) -> nn.LayerNorm:
-    """A float32 LayerNorm with logical names; callers cast the result to the compute dtype.
-    Without `config.use_bias` it only scales (no learned shift)."""
+    """A LayerNorm computing in float32 (params in param_dtype) with logical names; callers
+    cast the result to the compute dtype. Without `config.use_bias` it only scales."""
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps,
         dtype=jnp.float32,
-        param_dtype=jnp.float32,
+        param_dtype=config.weights_dtype,
         use_bias=config.use_bias,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),

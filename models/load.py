@@ -7,9 +7,14 @@ stays as initialised is explicit: the parts not named, every leaf whose path `do
 accepts (parameters the pretrained model never had: LoRA, adapters, prefixes), and nothing
 else. `layer_map` lets a model read its layer i from another saved layer (a shallower
 student starting from every other layer of its teacher).
+
+`load_whole(target, read, resize)` reads a whole model (continued pretraining), with a hook
+for the leaves whose saved shape differs from this model's (a vocabulary resized to a new
+tokenizer): they are read as saved, mapped by the hook, and placed on the target's shardings.
 """
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -83,3 +88,46 @@ def load(params: dict, read: Callable[[dict], Any], *,
             loaded['encoder'] = _onto(loaded['encoder'], params['bert']['encoder'])
     fresh = {part: params['bert'][part] for part in parts}
     return {**params, 'bert': {**params['bert'], **_overlay(fresh, loaded)}}
+
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    """Leaves saved with other shapes than this model's: `saved` {path: the saved
+    ShapeDtypeStruct, with the sharding to read it onto}; `apply` {path: saved value} ->
+    {path: this model's value (numpy; cast to the target's dtype)}, all at once: the word
+    embeddings and the output bias follow the same vocabulary map."""
+    saved: Mapping[Path, jax.ShapeDtypeStruct]
+    apply: Callable[[dict[Path, Any]], dict[Path, Any]]
+
+
+def load_whole(target: dict, read: Callable[[dict], Any], resize: Resize | None = None
+               ) -> dict:
+    """Every leaf of `target` (ShapeDtypeStructs with shardings: {'bert': ..., heads}) read
+    by `read`; the leaves `resize` names read as saved, then mapped by it onto the target's
+    shapes and shardings. Raises ValueError when another saved shape differs."""
+    if resize is None:
+        return read({'params': target})['params']
+    wanted = target
+    for path, saved in resize.saved.items():
+        wanted = _replace(wanted, path, saved)
+    params = read({'params': wanted})['params']
+    mapped = resize.apply({path: _get(params, path) for path in resize.saved})
+    for path, value in mapped.items():
+        like = _get(target, path)
+        value = jax.device_put(value.astype(like.dtype), like.sharding)
+        params = _replace(params, path, value)
+    return params
+
+
+def _get(tree: dict, path: Path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _replace(tree: dict, path: Path, value) -> dict:
+    head, *rest = path
+    return {**tree, head: _replace(tree[head], tuple(rest), value) if rest else value}

@@ -29,6 +29,7 @@ kept, the step-0 numbers equal init_from's final eval exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import jax
@@ -37,14 +38,15 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from engine.checkpoint import flat_shapes, read_meta_and_shapes, restore_subtree, saved_steps
+from engine.checkpoint import flat_shapes, read_meta_and_shapes, saved_steps, subtree_reader
 from engine.errors import ConfigError
 from engine.mesh import replicated, strip_boxes
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import RunDir
 from engine.step import TrainState
 from models.bert import BertForMaskedLM
-from models.config import model_config
+from models.config import RUNTIME_FIELDS, model_config
+from models.load import Resize, load_whole
 from pretrain import data
 from text import corpus, records
 from text.batches import Mixed
@@ -55,8 +57,8 @@ from text.units import iter_texts
 
 TOKENIZER_MODES = ('keep', 'train')
 NEW_ROWS = ('subwords', 'mean')
-# What makes the weights fit: taken from init_from. Dropout, dtype and remat stay this run's.
-RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'dtype', 'remat')
+# What makes the weights fit is taken from init_from; RUNTIME_FIELDS (dropout, dtype,
+# remat) stay this run's.
 EMBEDDINGS = ('bert', 'embeddings', 'word_embeddings', 'embedding')
 OUTPUT_BIAS = ('cls', 'predictions', 'bias')
 
@@ -72,13 +74,16 @@ class Source:
     imported: bool  # made by `launch.py import`: its eval text is not its training text
 
 
-def resolve(cfg: ml_collections.ConfigDict) -> Source | None:
-    """Checks init_from and sets this run's model section from it; None without init_from.
+def resolve(cfg: ml_collections.ConfigDict
+            ) -> tuple[ml_collections.ConfigDict, Source | None]:
+    """(this run's config, the run it continues): without init_from, `cfg` and None; with
+    it, a copy of `cfg` whose model section is init_from's architecture (`cfg` itself is
+    left as given).
 
     Raises ConfigError (one line) before anything is written.
     """
     if not cfg.init_from:
-        return None
+        return cfg, None
     k = cfg.continual
     if k.tokenizer not in TOKENIZER_MODES:
         raise ConfigError(f'continual.tokenizer: must be one of {TOKENIZER_MODES}, '
@@ -89,8 +94,9 @@ def resolve(cfg: ml_collections.ConfigDict) -> Source | None:
         raise ConfigError("continual.tokenizer: 'train' and data.tokenizer_model both name "
                           'a tokenizer; set one')
     src = _source(cfg)
+    cfg = copy.deepcopy(cfg)
     _apply_model(cfg, src)
-    return src
+    return cfg, src
 
 
 def _source(cfg) -> Source:
@@ -124,8 +130,9 @@ def _check_shapes(old: ml_collections.ConfigDict, saved: dict[str, tuple]) -> No
 
 
 def _apply_model(cfg, src: Source) -> None:
-    """This run's model: init_from's architecture and vocabulary size (the new tokenizer's
-    target size with continual.tokenizer='train' or a different data.tokenizer_model)."""
+    """Sets (on resolve's own copy) this run's model: init_from's architecture and
+    vocabulary size (the new tokenizer's target size with continual.tokenizer='train' or a
+    different data.tokenizer_model)."""
     model = src.config.model.to_dict()
     for key in RUNTIME_FIELDS:
         model.pop(key, None)
@@ -212,49 +219,40 @@ def resize_vocab(table: np.ndarray, bias: np.ndarray, old_tok, new_tok, vocab_si
     return new_table, new_bias, copied
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _replace(tree: dict, path: tuple[str, ...], value) -> dict:
-    head, *rest = path
-    return {**tree, head: _replace(tree[head], tuple(rest), value) if rest else value}
-
-
 def load_params(cfg, src: Source, tokenizer, abstract_params, param_shardings, mesh):
     """init_from's params on this run's shardings; the vocabulary-sized ones resized when
     the tokenizer changed. Returns (params, a line for the log)."""
     old_tok = load_tokenizer(src.tokenizer_path)
     old_vocab = src.config.model.vocab_size
-    resize = old_vocab != cfg.model.vocab_size or not same_vocabulary(old_tok, tokenizer)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params, param_shardings)
-    if resize:  # read the old vocabulary-sized leaves whole, onto every device
-        hidden = cfg.model.hidden_size
-        target = _replace(target, EMBEDDINGS, jax.ShapeDtypeStruct(
-            (old_vocab, hidden), jnp.float32, sharding=replicated(mesh)))
-        target = _replace(target, OUTPUT_BIAS, jax.ShapeDtypeStruct(
-            (old_vocab,), jnp.float32, sharding=replicated(mesh)))
+    copied = []
+    resize = None
+    if old_vocab != cfg.model.vocab_size or not same_vocabulary(old_tok, tokenizer):
+        def apply(saved: dict) -> dict:
+            table, bias, count = resize_vocab(
+                np.asarray(saved[EMBEDDINGS]), np.asarray(saved[OUTPUT_BIAS]), old_tok,
+                tokenizer, cfg.model.vocab_size, cfg.continual.new_rows)
+            copied.append(count)
+            return {EMBEDDINGS: table, OUTPUT_BIAS: bias}
+        whole = replicated(mesh)  # the old vocabulary-sized leaves, read onto every device
+        resize = Resize(saved={
+            EMBEDDINGS: jax.ShapeDtypeStruct((old_vocab, cfg.model.hidden_size), jnp.float32,
+                                             sharding=whole),
+            OUTPUT_BIAS: jax.ShapeDtypeStruct((old_vocab,), jnp.float32, sharding=whole)},
+            apply=apply)
     try:
-        params = restore_subtree(str(RunDir(src.root).checkpoints), src.step,
-                                 {'params': target})['params']
+        params = load_whole(target, subtree_reader(str(RunDir(src.root).checkpoints),
+                                                   src.step), resize)
     except ValueError as e:  # shapes differ from those its config.json gives
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(f'init_from: its checkpoint does not fit the model of its '
                           f'config.json ({first})') from None
-    line = f'init_from: {src.root} step {src.step}, all params loaded as saved'
-    if resize:
-        table, bias, copied = resize_vocab(
-            np.asarray(_get(params, EMBEDDINGS)), np.asarray(_get(params, OUTPUT_BIAS)),
-            old_tok, tokenizer, cfg.model.vocab_size, cfg.continual.new_rows)
-        for path, value in ((EMBEDDINGS, table), (OUTPUT_BIAS, bias)):
-            params = _replace(params, path, jax.device_put(value, _get(param_shardings, path)))
-        line = (f'init_from: {src.root} step {src.step}; vocabulary {old_vocab} -> '
-                f'{cfg.model.vocab_size}: {copied} rows copied by piece, the rest '
-                f"'{cfg.continual.new_rows}'")
-    return params, line
+    if resize is None:
+        return params, f'init_from: {src.root} step {src.step}, all params loaded as saved'
+    return params, (f'init_from: {src.root} step {src.step}; vocabulary {old_vocab} -> '
+                    f'{cfg.model.vocab_size}: {copied[0]} rows copied by piece, the rest '
+                    f"'{cfg.continual.new_rows}'")
 
 
 def initial_state(cfg, src: Source, tokenizer, tx, abstract, shardings, mesh):

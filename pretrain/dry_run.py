@@ -164,7 +164,7 @@ def run(cfg: ml_collections.ConfigDict, spec: str, compile_for: str = '') -> Non
     """Prints the dry-run report; with `compile_for` (a TPU topology), the train step
     compiled for it too (ConfigError if it does not fit)."""
     from pretrain import continual
-    continual.resolve(cfg)  # a continual run's model is init_from's
+    cfg, _ = continual.resolve(cfg)  # a continual run's model is init_from's
     if not compile_for:
         print(describe(cfg, spec), flush=True)
         return

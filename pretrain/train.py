@@ -137,7 +137,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
     """`launch.py prepare`: the tokenizer and the prepared corpus, nothing else; the
     directories (a later `pretrain` with the same config and workdir finds them).
     beam_options (a list, possibly empty): prepare with Apache Beam and these options."""
-    src = continual.resolve(cfg)
+    cfg, src = continual.resolve(cfg)
     cfg = phases.final_config(cfg)  # seq_len_phases: the last phase's length
     validate_values(cfg)
     sources = data.resolve_sources(cfg)
@@ -160,7 +160,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
-    src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
+    cfg, src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
     cfg = phases.final_config(cfg)  # seq_len_phases: the last phase's length
     mesh, sources = validate(cfg)
     settings = RunSettings.from_config('pretrain', cfg)  # profile/W&B: one line, before work

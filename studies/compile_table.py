@@ -68,7 +68,7 @@ def compile_row(row: dict, mesh: str) -> dict:
 
     cfg = load_config(f"configs/pretrain.py:{row['model']}")
     apply_overrides(cfg, overrides(row, mesh))
-    continual.resolve(cfg)
+    cfg, _ = continual.resolve(cfg)
     start = time.perf_counter()
     try:
         result = compile_pretrain(cfg, SLICES[row['slice']])

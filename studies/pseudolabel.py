@@ -100,7 +100,7 @@ def validate(pl: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, 
         raise ConfigError(f'task: pseudo-labelling needs a classification task, got '
                           f'{cfg.task!r}')
     try:
-        _, task = finetune_train.validate(cfg)
+        cfg, _, task = finetune_train.validate(cfg)  # auto values resolved
     except ConfigError as e:
         raise ConfigError(f'task: {e}') from None
     pool = _rest_pool(cfg, task) if pl.unlabeled_file == REST else _read_pool(pl, cfg)

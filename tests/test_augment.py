@@ -103,7 +103,7 @@ def test_few_shot_k_in_the_finetune_config(task_files):  # noqa: F811
     cfg.init_from, cfg.batch_size, cfg.data.few_shot_k = 'none', 8, 5
     for split in ('train', 'validation', 'test'):
         cfg.data[f'{split}_file'] = task_files[split]
-    _, task = train.validate(cfg)
+    _, _, task = train.validate(cfg)
     assert np.bincount(task['train'].labels).tolist() == [5, 5]
     assert len(task['test'].text_a) == 96 and task['label_names'] == ['cool', 'warm']
     cfg.data.few_shot_k = -1

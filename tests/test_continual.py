@@ -58,7 +58,7 @@ def _load(cfg_args: list[str], tokenizer_path: str):
     from pretrain import steps
     cfg = load_config(cfg_args[1])
     apply_overrides(cfg, [a[len('--config.'):] for a in cfg_args[2:] if a.startswith('--config.')])
-    src = continual.resolve(cfg)
+    cfg, src = continual.resolve(cfg)
     cfg.mesh.shape = (2, 4)
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     model = BertForMaskedLM(BertConfig(**cfg.model.to_dict()))

@@ -29,19 +29,17 @@ def test_auto_reads_the_pretrained_width(tmp_path):
     RunDir(tmp_path).write_config(pretrain_config('base'))  # H768
     cfg = finetune_config('custom')
     cfg.init_from = str(tmp_path)
-    setup.resolve_learning_rate(cfg)
-    assert cfg.learning_rate == 2e-5
+    assert setup.resolved_learning_rate(cfg) == 2e-5
+    assert cfg.learning_rate == 0.0  # the config itself is left as given
 
 
 def test_auto_from_scratch_uses_model_section_and_explicit_rate_is_kept():
     cfg = finetune_config('custom')
     cfg.init_from = 'none'
     cfg.model.hidden_size = 256
-    setup.resolve_learning_rate(cfg)
-    assert cfg.learning_rate == 1e-4
+    assert setup.resolved_learning_rate(cfg) == 1e-4
     cfg.learning_rate = 7e-4
-    setup.resolve_learning_rate(cfg)
-    assert cfg.learning_rate == 7e-4
+    assert setup.resolved_learning_rate(cfg) == 7e-4
 
 
 @pytest.mark.parametrize('examples, batch, epochs', [
@@ -69,13 +67,13 @@ def test_custom_defaults_to_auto_epochs_and_validate_resolves_it(task_files):  #
     cfg.init_from, cfg.batch_size = 'none', 8
     for split in ('train', 'validation', 'test'):
         cfg.data[f'{split}_file'] = task_files[split]
-    _, task = train.validate(cfg)  # config.json is written from this cfg
+    resolved, _, task = train.validate(cfg)  # config.json is written from `resolved`
     n = len(task['train'].labels)
-    assert cfg.num_epochs == setup.epochs_for_size(n, 8) > 3
-    assert cfg.num_epochs * -(-n // 8) >= setup.AUTO_MIN_STEPS
+    assert resolved.num_epochs == setup.epochs_for_size(n, 8) > 3
+    assert resolved.num_epochs * -(-n // 8) >= setup.AUTO_MIN_STEPS
+    assert cfg.num_epochs == 0  # the caller's config is left as given
     cfg.num_epochs = 2  # an explicit value is kept
-    train.validate(cfg)
-    assert cfg.num_epochs == 2
+    assert train.validate(cfg)[0].num_epochs == 2
     cfg.num_epochs = -1
     with pytest.raises(ConfigError, match='num_epochs: must be >= 1, or 0 for auto'):
         train.validate(cfg)
