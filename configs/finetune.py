@@ -42,7 +42,7 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     c.freeze = 'none'  # 'none', 'embeddings', 'layers:N', 'encoder', or 're:REGEX,REGEX'
     c.seed = 0  # init of the new head, data order, dropout
     # The BERT fine-tuning recipe (Devlin et al. 2018) as defaults, the rate by model size ...
-    c.num_epochs = 3  # 0 = auto: at least 3 and enough for 1,500 steps (small data)
+    c.num_epochs = 3  # 0 = auto: at least 3, and 1,500 steps up to H256 or 400 wider
     c.batch_size = 32  # global
     c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
     c.seq_len = 128  # tokens per example, [CLS]/[SEP] included; longer text is truncated
@@ -96,8 +96,8 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     # benchmark (docs/benchmark.md), so it is the default for your data; the demo keeps
     # [CLS], which transformers' BertForSequenceClassification has (`export` needs cls).
     c.model.pooling = 'mean' if task == 'custom' else 'cls'
-    if task == 'custom':  # your own data, of any size: 0 = auto, at least 3 epochs and
-        c.num_epochs = 0  # 1,500 steps (finetune/setup.py; docs/benchmark.md measures it)
+    if task == 'custom':  # your own data, of any size: 0 = auto, at least 3 epochs and a
+        c.num_epochs = 0  # step minimum by width (finetune/setup.py; docs/finetuning.md)
 
     # Parameter-efficient fine-tuning (finetune/peft.py): only these params + the head train.
     c.peft = ml_collections.ConfigDict()

@@ -1,10 +1,12 @@
 """`launch.py import`: a local Hugging Face BERT directory -> a workdir of this project.
 
-The workdir looks like a pretraining run's: config.json (the `tiny` pretraining recipe with
-the imported architecture), the tokenizer (spm.model, or wordpiece.json for a `vocab.txt`
-WordPiece BERT) and checkpoints/0 holding a fresh-optimizer TrainState at step 0. So
+The workdir looks like a pretraining run's: config.json (continued-pretraining defaults with
+the imported architecture: peak lr 1e-4, no corpus until one is named), the tokenizer
+(spm.model, or wordpiece.json for a `vocab.txt` WordPiece BERT) and checkpoints/0 holding a
+fresh-optimizer TrainState at step 0. So
 
-    python launch.py pretrain --config W/config.json --workdir W     # continues pretraining
+    python launch.py pretrain --config W/config.json --workdir W-cpt --config.init_from=W \
+        --config.data.train_files=TEXT                                # continues pretraining
     python launch.py finetune --config.init_from=W --workdir FT       # fine-tunes from it
 
 Weights are read without pickle: model.safetensors (sharded too), or pytorch_model.bin with
@@ -161,13 +163,27 @@ def model_fields(config: dict) -> dict:
         raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
 
 
+# Continued pretraining of an imported (real, pretrained) encoder: not the tiny recipe's
+# 2e-3, which would wreck its weights, but BERT-base's own peak (1e-4; Devlin et al. 2018)
+# with a 10 % warm-up, over the user's own text (data.train_files, which they must name).
+CONTINUE_LEARNING_RATE = 1e-4
+CONTINUE_STEPS = 1000
+CONTINUE_WARMUP_STEPS = 100
+TEXT_PLACEHOLDER = 'YOUR_TEXT'
+
+
 def pretrain_config(fields: dict, tokenizer_type: str):
-    """The `tiny` pretraining recipe with the imported architecture and tokenizer kind."""
+    """Continued-pretraining defaults with the imported architecture and tokenizer kind."""
     from configs.pretrain import get_config
     cfg = get_config('tiny')
     for key, value in fields.items():  # keys the recipe lacks (layer_norm_eps, ...) are added
         cfg.model[key] = type(cfg.model[key])(value) if key in cfg.model else value
     cfg.seq_len = min(cfg.seq_len, fields['max_position_embeddings'])
+    cfg.num_train_steps = CONTINUE_STEPS
+    cfg.eval_every_steps = cfg.checkpoint_every_steps = CONTINUE_STEPS // 2
+    cfg.optimizer.learning_rate = CONTINUE_LEARNING_RATE
+    cfg.optimizer.warmup_steps = CONTINUE_WARMUP_STEPS
+    cfg.data.train_files = ''  # the user's corpus: no demo text by default
     with cfg.data.ignore_type():
         cfg.data.tokenizer_type = tokenizer_type
     return cfg
@@ -269,6 +285,16 @@ def _report(source, workdir: str, m: BertConfig, tok, head: str, state: dict) ->
     if ignored:
         print(f'not imported (no place in a pretraining run): {", ".join(ignored[:6])}'
               f'{" ..." if len(ignored) > 6 else ""}', flush=True)
-    print(f'continue pretraining: python launch.py pretrain --config {workdir}/config.json '
-          f'--workdir {workdir}\nfine-tune: python launch.py finetune --workdir FT '
-          f'--config.init_from={workdir}', flush=True)
+    print(next_commands(workdir), flush=True)
+
+
+def next_commands(workdir: str) -> str:
+    """The continued-pretraining and fine-tuning commands that use the imported defaults."""
+    cpt = f'{workdir.rstrip("/")}-cpt'
+    return (f'continue pretraining on your text (peak lr {CONTINUE_LEARNING_RATE:g}, '
+            f'{CONTINUE_WARMUP_STEPS} warm-up steps, {CONTINUE_STEPS:,} steps):\n'
+            f'  python launch.py pretrain --config {workdir}/config.json --workdir {cpt} '
+            f'--config.init_from={workdir} --config.data.train_files={TEXT_PLACEHOLDER}\n'
+            f'fine-tune (from {workdir}, or from {cpt} after continued pretraining):\n'
+            f'  python launch.py finetune --config configs/finetune.py:custom --workdir FT '
+            f'--config.init_from={workdir} --config.data.train_file=YOUR_LABELS.csv')

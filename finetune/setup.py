@@ -58,33 +58,50 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     return OptimizerConfig.from_config(section, '')
 
 
+def model_width(cfg: ml_collections.ConfigDict) -> int:
+    """The hidden size of the model the run trains: init_from's, or `model` for random init."""
+    root = pretrained_dir(cfg)
+    model = RunDir(root).read_config().model if root is not None else cfg.model
+    return int(model.hidden_size)
+
+
 def resolved_learning_rate(cfg: ml_collections.ConfigDict) -> float:
     """cfg.learning_rate, or when it is 0 ('auto') the rate for the width of the model it
     will train (init_from's, or `model` for random init)."""
-    if cfg.learning_rate:
-        return cfg.learning_rate
-    root = pretrained_dir(cfg)
-    model = RunDir(root).read_config().model if root is not None else cfg.model
-    return learning_rate_for_width(model.hidden_size)
+    return cfg.learning_rate or learning_rate_for_width(model_width(cfg))
 
 
 # num_epochs=0 ('auto', the `custom` default): the fewest whole epochs, at least 3 (BERT's),
-# that make at least 1,500 steps. A few thousand rows are ~150 steps an epoch, and 3 epochs
-# left the tiny encoder still improving on TREC; the best checkpoint on validation is what is
-# kept, so where the extra epochs overfit they mostly cost time. Large sets keep 3 epochs.
+# that make a minimum number of steps, by model width. A few thousand rows are ~60-150 steps
+# an epoch: 3 epochs left the tiny encoder (H128) still improving on TREC, so narrow encoders
+# get at least 1,500 steps. A real pretrained encoder (MiniLM, H384) on 2,000 TREC rows had
+# its best validation F1 at 378 steps (3 epochs, 189 steps, were 0.13 F1 short of it) and
+# 1,500 steps took 2 h on 2 cores (docs/finetuning.md), so wider ones get at least 400.
+# The best checkpoint on validation is what is kept, so extra epochs mostly cost time.
 AUTO_MIN_EPOCHS = 3
-AUTO_MIN_STEPS = 1500
+AUTO_MIN_STEPS = 1500  # up to AUTO_NARROW_WIDTH
+AUTO_NARROW_WIDTH = 256
+AUTO_MIN_STEPS_WIDE = 400
 
 
-def epochs_for_size(num_examples: int, batch_size: int) -> int:
+def min_steps_for_width(hidden_size: int) -> int:
+    """The 'auto' minimum number of fine-tuning steps of a model `hidden_size` wide."""
+    return AUTO_MIN_STEPS if hidden_size <= AUTO_NARROW_WIDTH else AUTO_MIN_STEPS_WIDE
+
+
+def epochs_for_size(num_examples: int, batch_size: int, min_steps: int = AUTO_MIN_STEPS) -> int:
     """The 'auto' number of epochs over `num_examples` training examples."""
     steps_per_epoch = math.ceil(num_examples / batch_size)
-    return max(AUTO_MIN_EPOCHS, math.ceil(AUTO_MIN_STEPS / max(steps_per_epoch, 1)))
+    return max(AUTO_MIN_EPOCHS, math.ceil(min_steps / max(steps_per_epoch, 1)))
 
 
 def resolved_num_epochs(cfg: ml_collections.ConfigDict, num_examples: int) -> int:
-    """cfg.num_epochs, or when it is 0 ('auto') the number for the training set's size."""
-    return cfg.num_epochs or epochs_for_size(num_examples, cfg.batch_size)
+    """cfg.num_epochs, or when it is 0 ('auto') the number for the training set's size and
+    the model's width."""
+    if cfg.num_epochs:
+        return cfg.num_epochs
+    min_steps = min_steps_for_width(model_width(cfg))
+    return epochs_for_size(num_examples, cfg.batch_size, min_steps)
 
 
 def check_init_from(cfg: ml_collections.ConfigDict) -> None:

@@ -131,7 +131,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     if auto_rate and jax.process_index() == 0:
         print(f'learning_rate: {cfg.learning_rate:g} (auto, by model width)', flush=True)
     if auto_epochs and jax.process_index() == 0:
-        print(f'num_epochs: {cfg.num_epochs} (auto: at least {setup.AUTO_MIN_STEPS:,} steps '
+        min_steps = setup.min_steps_for_width(setup.model_width(cfg))
+        print(f'num_epochs: {cfg.num_epochs} (auto: at least {min_steps:,} steps '
               f'over {len(task["train"].labels):,} training examples)', flush=True)
     settings = RunSettings.from_config('finetune', cfg)  # profile/W&B: one line, before work
     return run_stage(settings, workdir, lambda run: _finetune(cfg, run, mesh, task, report),

@@ -77,3 +77,36 @@ def test_custom_defaults_to_auto_epochs_and_validate_resolves_it(task_files):  #
     cfg.num_epochs = -1
     with pytest.raises(ConfigError, match='num_epochs: must be >= 1, or 0 for auto'):
         train.validate(cfg)
+
+
+@pytest.mark.parametrize('hidden, min_steps', [(64, 1500), (128, 1500), (256, 1500),
+                                               (384, 400), (768, 400), (1024, 400)])
+def test_step_minimum_by_width(hidden, min_steps):
+    assert setup.min_steps_for_width(hidden) == min_steps
+
+
+@pytest.mark.parametrize('examples, epochs', [
+    (2000, 7),      # MiniLM on 2,000 TREC rows: 63 steps an epoch, 441 steps (not 24 epochs)
+    (4696, 3),      # TREC's train split: 147 steps an epoch, BERT's 3
+    (500, 25),      # 16 steps an epoch
+    (100, 100),     # 4 steps an epoch
+])
+def test_auto_epochs_of_a_wide_encoder(examples, epochs):
+    assert setup.epochs_for_size(examples, 32, setup.AUTO_MIN_STEPS_WIDE) == epochs
+
+
+@pytest.mark.parametrize('size, epochs', [('tiny', 24), ('mini', 24), ('small', 7),
+                                          ('base', 7)])
+def test_resolve_epochs_reads_the_pretrained_width(tmp_path, size, epochs):
+    RunDir(tmp_path).write_config(pretrain_config(size))  # H128, H256, H512, H768
+    cfg = finetune_config('custom')
+    cfg.init_from = str(tmp_path)
+    assert setup.resolved_num_epochs(cfg, 2000) == epochs  # 63 steps an epoch
+    cfg.num_epochs = 5  # an explicit value is kept
+    assert setup.resolved_num_epochs(cfg, 2000) == 5
+
+
+def test_from_scratch_the_model_section_sets_the_minimum():
+    cfg = finetune_config('custom')
+    cfg.init_from, cfg.model.hidden_size = 'none', 384
+    assert setup.resolved_num_epochs(cfg, 2000) == 7
