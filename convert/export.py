@@ -5,12 +5,16 @@ and task.json) becomes `BertForSequenceClassification` with id2label/label2id (r
 one output, problem_type 'regression'). Written: config.json, model.safetensors (numpy
 API: no torch needed), tokenizer.json + tokenizer_config.json + special_tokens_map.json,
 and this project's own tokenizer file (spm.model or wordpiece.json) so `import` restores it
-exactly. An imported WordPiece BERT whose special tokens `import` moved to ids 0..4 is
-written back in its original id order (vocab.txt, tokenizer.json, the word-embedding rows and
-MLM output bias), so the original tokenizer works with the exported weights; a workdir whose
-vocabulary no longer allows that (resized) is refused. Everything goes to a temporary
-directory beside --output that is renamed at the end, after verification: a failure leaves
-nothing behind.
+exactly. A model with position_offset (an imported RoBERTa) becomes RobertaForMaskedLM /
+RobertaForSequenceClassification (our pooler + classifier are its classifier.dense +
+out_proj), its byte-level BPE tokenizer.json written back as imported; a kept pretrained
+pooler (model.mlm_pooler) is written as bert.pooler.* / roberta.pooler.*, which
+*ForSequenceClassification reads. An imported WordPiece BERT whose special tokens `import`
+moved to ids 0..4 is written back in its original id order (vocab.txt, tokenizer.json, the
+word-embedding rows and MLM output bias), so the original tokenizer works with the exported
+weights; a workdir whose vocabulary no longer allows that (resized) is refused. Everything
+goes to a temporary directory beside --output that is renamed at the end, after
+verification: a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ from models.scan import unstack_layers
 from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
+ROBERTA_ARCHITECTURES = {'mlm': 'RobertaForMaskedLM',
+                         'classifier': 'RobertaForSequenceClassification'}
+# Our classifier head -> RobertaClassificationHead (dense + tanh on <s>, then out_proj).
+ROBERTA_CLASSIFIER = (('bert.pooler.dense.', 'classifier.dense.'),
+                      ('classifier.', 'classifier.out_proj.'))
 
 
 def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
@@ -99,7 +108,7 @@ def export_kind(head: str, model_cfg: BertConfig) -> str:
     if model_cfg.pre_layer_norm:
         options.append('model.pre_layer_norm=True')
     if not options:
-        return 'bert'
+        return 'roberta' if model_cfg.position_offset else 'bert'
     why = modernbert.refusal(model_cfg, head)
     if why is None:
         return 'modernbert'
@@ -135,6 +144,26 @@ def hf_config(head: str, m: BertConfig, task: dict) -> dict:
     return config
 
 
+def roberta_config(head: str, m: BertConfig, task: dict, ids: np.ndarray | None) -> dict:
+    """transformers RobertaConfig fields: BERT's, RoBERTa's special ids; its padding_idx
+    (pad_token_id) must be position_offset - 1, as its position ids count from it."""
+    pad, cls, sep = (int(i) for i in (ids if ids is not None else np.arange(5))[
+        [PAD_ID, CLS_ID, SEP_ID]])
+    if m.position_offset != pad + 1:
+        raise ConfigError(f'--workdir: model.position_offset={m.position_offset}: RoBERTa '
+                          f'counts positions from its pad id + 1 = {pad + 1}')
+    return {**hf_config(head, m, task), 'model_type': 'roberta',
+            'architectures': [ROBERTA_ARCHITECTURES[head]], 'pad_token_id': pad,
+            'bos_token_id': cls, 'eos_token_id': sep}
+
+
+def _roberta_tensors(tensors: dict, head: str) -> dict:
+    if head == 'classifier':
+        tensors = {next((new + k[len(old):] for old, new in ROBERTA_CLASSIFIER
+                         if k.startswith(old)), k): v for k, v in tensors.items()}
+    return names.roberta_names(tensors)
+
+
 def _restored_order(workdir: epath.Path, model_cfg: BertConfig
                     ) -> tuple[list[str], list[int]] | None:
     """(original vocabulary, our id -> original id) of an imported WordPiece BERT whose
@@ -168,6 +197,11 @@ def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
     source = epath.Path(RunDir(workdir).tokenizer_file())
     (out / source.name).write_bytes(source.read_bytes())
     special_ids = None
+    original = (hf_tokenizer_in.original_pipeline(pathlib.Path(source))
+                if source.name == WORDPIECE_FILENAME else None)
+    if original is not None:  # an imported BPE: written back as it was
+        tokenizer_files.write_original(*original, out, max_len)
+        return load_tokenizer(str(out / source.name))
     if restored is not None:
         vocab, order = restored
         pipeline = _original_pipeline(source, vocab)
@@ -188,7 +222,8 @@ def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
 def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
     from safetensors.numpy import save_file
     head, model_cfg, params, task, step = load_workdir(workdir, step)
-    if export_kind(head, model_cfg) == 'modernbert':
+    kind = export_kind(head, model_cfg)
+    if kind == 'modernbert':
         return _write_modernbert(workdir, out, model_cfg, params, step, check)
     restored = _restored_order(workdir, model_cfg)
     try:
@@ -201,15 +236,20 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
         order = restored[1]
         ids = np.concatenate([order, np.arange(len(order), model_cfg.vocab_size)])
         tensors = hf_tokenizer_in.reorder_vocab(tensors, np.argsort(order).tolist())
+    if kind == 'roberta':
+        config = roberta_config(head, model_cfg, task, ids)
+        tensors = _roberta_tensors(tensors, head)
+    else:
+        config = hf_config(head, model_cfg, task)
+        if ids is not None:
+            config['pad_token_id'] = int(ids[PAD_ID])
     save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
-    config = hf_config(head, model_cfg, task)
-    if ids is not None:
-        config['pad_token_id'] = int(ids[PAD_ID])
     (out / names.HF_CONFIG_FILENAME).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
-    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, restored)
+    max_len = model_cfg.max_position_embeddings - model_cfg.position_offset
+    tokenizer = _write_tokenizer(workdir, out, max_len, restored)
     if check:
         verify.verify(out, head, model_cfg, params, tokenizer, ids)
-    return f'{ARCHITECTURES[head]} (step {step})'
+    return f'{config["architectures"][0]} (step {step})'
 
 
 def _write_modernbert(workdir: epath.Path, out: pathlib.Path, model_cfg: BertConfig,

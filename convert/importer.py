@@ -1,4 +1,4 @@
-"""`launch.py import`: a local Hugging Face BERT directory -> a workdir of this project.
+"""`launch.py import`: a local Hugging Face BERT or RoBERTa directory -> a workdir of this project.
 
 The workdir looks like a pretraining run's: config.json (the `tiny` pretraining recipe with
 the imported architecture), the tokenizer (spm.model, or wordpiece.json for a `vocab.txt`
@@ -10,7 +10,10 @@ WordPiece BERT) and checkpoints/0 holding a fresh-optimizer TrainState at step 0
 Weights are read without pickle: model.safetensors (sharded too), or pytorch_model.bin with
 torch.load(weights_only=True) when torch is installed. This project keeps [PAD] [UNK] [CLS]
 [SEP] [MASK] at ids 0..4; a WordPiece vocabulary with them elsewhere (BERT's 0, 100..103)
-is reordered, and the word-embedding rows and MLM output bias with it.
+is reordered, and the word-embedding rows and MLM output bias with it. A RoBERTa is a BERT
+with other names (convert/names.py), positions from padding_idx + 1 (model.position_offset),
+no token types (type_vocab_size 1) and a byte-level BPE tokenizer. A pretrained pooler
+(bert.pooler.*, e.g. a bare BertModel's) is kept: model.mlm_pooler.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from models.bert import BertConfig, BertForMaskedLM
 from models.config import model_config
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
+IMPORTED_TYPES = ('bert', 'roberta')  # config.json model_type
 
 
 def resolve_dir(hf_dir: pathlib.Path, step: int | None) -> pathlib.Path:
@@ -136,11 +140,11 @@ def read_weights(d: pathlib.Path) -> dict[str, np.ndarray]:
 
 def model_fields(config: dict) -> dict:
     """BertConfig fields from a transformers config.json; refuses what our model lacks."""
-    if config.get('model_type') != 'bert':
-        found = (f"model_type {config['model_type']!r}" if 'model_type' in config
-                 else 'no model_type')
-        raise ConfigError(f"--hf-dir: config.json has {found}; only model_type 'bert' can be "
-                          'imported')
+    kind = config.get('model_type')
+    if kind not in IMPORTED_TYPES:
+        found = f'model_type {kind!r}' if 'model_type' in config else 'no model_type'
+        raise ConfigError(f"--hf-dir: config.json has {found}; only model_type "
+                          f"{' or '.join(map(repr, IMPORTED_TYPES))} can be imported")
     if config.get('hidden_act', 'gelu') != 'gelu':
         raise ConfigError(f"--hf-dir: hidden_act {config['hidden_act']!r}: only 'gelu' (erf) "
                           'is supported')
@@ -156,7 +160,11 @@ def model_fields(config: dict) -> dict:
                 'dropout_rate': config.get('hidden_dropout_prob', 0.1),
                 'attention_dropout_rate': config.get('attention_probs_dropout_prob', 0.1),
                 'layer_norm_eps': config.get('layer_norm_eps', 1e-12),
-                'initializer_range': config.get('initializer_range', 0.02)}
+                'initializer_range': config.get('initializer_range', 0.02),
+                # RoBERTa's first position id is padding_idx + 1 (transformers'
+                # create_position_ids_from_input_ids), for right-padded rows.
+                **({'position_offset': config.get('pad_token_id', 1) + 1}
+                   if kind == 'roberta' else {})}
     except KeyError as e:
         raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
 
@@ -167,22 +175,34 @@ def pretrain_config(fields: dict, tokenizer_type: str):
     cfg = get_config('tiny')
     for key, value in fields.items():  # keys the recipe lacks (layer_norm_eps, ...) are added
         cfg.model[key] = type(cfg.model[key])(value) if key in cfg.model else value
-    cfg.seq_len = min(cfg.seq_len, fields['max_position_embeddings'])
+    cfg.seq_len = min(cfg.seq_len, fields['max_position_embeddings']
+                      - fields.get('position_offset', 0))
     with cfg.data.ignore_type():
         cfg.data.tokenizer_type = tokenizer_type
     return cfg
 
 
+def has_pooler(state: dict) -> bool:
+    """Whether the state dict holds a pretrained pooler (all of it, or a ConfigError)."""
+    present = set(names.POOLER_KEYS) & state.keys()
+    if present and len(present) < len(names.POOLER_KEYS):
+        raise ConfigError(f'--hf-dir: incomplete pooler, missing '
+                          f'{sorted(set(names.POOLER_KEYS) - present)}')
+    return bool(present)
+
+
 def _head_params(state: dict, model_cfg: BertConfig) -> tuple[dict, str]:
-    """Our params from the state dict: the MLM head if it has one, else a fresh one."""
+    """Our params from the state dict: the MLM head if it has one, else a fresh one; the
+    pooler when model_cfg.mlm_pooler."""
     layers = model_cfg.num_layers
     head = names.head_keys(layers, 'mlm')
     present = head & state.keys()
-    keys = names.encoder_keys(layers) | (head if present else set())
+    pooler = set(names.POOLER_KEYS) if model_cfg.mlm_pooler else set()
+    keys = names.encoder_keys(layers) | (head if present else set()) | pooler
     if present and present != head:
         raise ConfigError(f'--hf-dir: incomplete MLM head, missing {sorted(head - present)}')
     try:
-        ours = names.from_hf(state, layers, 'mlm', keys)
+        ours = names.from_hf(state, layers, 'mlm', keys, model_cfg.mlm_pooler)
     except KeyError as e:
         raise ConfigError(f'--hf-dir: the weights have no {e.args[0]}') from None
     model = BertForMaskedLM(model_cfg)
@@ -236,8 +256,10 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     if not (source / names.HF_CONFIG_FILENAME).is_file():
         raise ConfigError(f'--hf-dir: {source} has no {names.HF_CONFIG_FILENAME}')
     fields = model_fields(_read_json(source / names.HF_CONFIG_FILENAME))
-    model_cfg = model_config(fields)
     state = read_weights(source)
+    if has_pooler(state):
+        fields['mlm_pooler'] = True
+    model_cfg = model_config(fields)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
     try:
@@ -259,12 +281,12 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
 
 
 def _report(source, workdir: str, m: BertConfig, tok, head: str, state: dict) -> None:
-    used = {hf for _, hf, _ in names.name_map(m.num_layers, 'mlm')}
+    used = {hf for _, hf, _ in names.name_map(m.num_layers, 'mlm', m.mlm_pooler)}
     ignored = sorted(set(state) - used - set(names.IGNORED_HF_KEYS))
     moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
-    moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
+    pooler = '; pooler imported' if m.mlm_pooler else ''
     print(f'imported {source}: {m.num_layers} layers, hidden {m.hidden_size}, vocab '
-          f'{m.vocab_size}, {tok.kind} tokenizer{moved}; MLM head {head}', flush=True)
+          f'{m.vocab_size}, {tok.kind} tokenizer{moved}; MLM head {head}{pooler}', flush=True)
     if ignored:
         print(f'not imported (no place in a pretraining run): {", ".join(ignored[:6])}'
               f'{" ..." if len(ignored) > 6 else ""}', flush=True)

@@ -9,6 +9,10 @@ Heads:
                 the word embeddings, so transformers saves neither `decoder.weight` nor
                 `decoder.bias` (an alias of `cls.predictions.bias`).
   'classifier'  BertForSequenceClassification: `bert.pooler.dense.*` and `classifier.*`.
+An MLM model with `mlm_pooler` (a kept pretrained pooler) also maps `bert.pooler.dense.*`.
+
+RoBERTa (`roberta.*`, `lm_head.{dense,layer_norm,bias}`) is the same tree under other
+names: `normalize_hf_keys` renames it to BERT's on import, `roberta_names` back on export.
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ HEADS = ('mlm', 'classifier')
 # Keys older or other transformers BERT checkpoints carry that hold nothing we need: the
 # tied decoder copies, the position-id buffer, next-sentence prediction.
 IGNORED_HF_KEYS = ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias',
-                   'bert.embeddings.position_ids', 'cls.seq_relationship.weight',
-                   'cls.seq_relationship.bias')
+                   'bert.embeddings.position_ids', 'bert.embeddings.token_type_ids',
+                   'cls.seq_relationship.weight', 'cls.seq_relationship.bias')
+POOLER_KEYS = ('bert.pooler.dense.weight', 'bert.pooler.dense.bias')
+# (RoBERTa prefix, BERT prefix): a key starting with the one starts with the other.
+ROBERTA_PREFIXES = (('roberta.', 'bert.'),
+                    ('lm_head.dense.', 'cls.predictions.transform.dense.'),
+                    ('lm_head.layer_norm.', 'cls.predictions.transform.LayerNorm.'),
+                    ('lm_head.decoder.', 'cls.predictions.decoder.'),
+                    ('lm_head.bias', 'cls.predictions.bias'))
 
 
 def _dense(ours: Path, hf: str) -> Iterator[tuple[Path, str, bool]]:
@@ -68,14 +79,18 @@ def _classifier_head() -> Iterator[tuple[Path, str, bool]]:
     yield from _dense(('classifier',), 'classifier')
 
 
-def name_map(num_layers: int, head: str) -> list[tuple[Path, str, bool]]:
-    """[(our path, transformers key, transpose?)] for every parameter of the model."""
+def name_map(num_layers: int, head: str, pooler: bool = False
+             ) -> list[tuple[Path, str, bool]]:
+    """[(our path, transformers key, transpose?)] for every parameter of the model;
+    `pooler`: an MLM model's kept pooler too (a classifier always has one)."""
     if head not in HEADS:
         raise ValueError(f'head must be one of {HEADS}, got {head!r}')
     entries = list(_embeddings())
     for i in range(num_layers):
         entries += list(_layer(i))
     entries += list(_mlm_head() if head == 'mlm' else _classifier_head())
+    if pooler and head == 'mlm':
+        entries += list(_dense(('bert', 'pooler', 'dense'), 'bert.pooler.dense'))
     return entries
 
 
@@ -103,7 +118,8 @@ def _set(tree: dict, path: Path, value) -> None:
 def to_hf(params: dict, num_layers: int, head: str) -> dict[str, np.ndarray]:
     """Our nested params -> {transformers key: float32 array}; every leaf must be mapped."""
     out = {}
-    for path, hf, transpose in name_map(num_layers, head):
+    pooler = 'pooler' in params.get('bert', {})
+    for path, hf, transpose in name_map(num_layers, head, pooler):
         value = np.asarray(_get(params, path), dtype=np.float32)
         out[hf] = np.ascontiguousarray(value.T if transpose else value)
     mapped = len(out)
@@ -115,10 +131,10 @@ def to_hf(params: dict, num_layers: int, head: str) -> dict[str, np.ndarray]:
 
 
 def from_hf(state: dict[str, np.ndarray], num_layers: int, head: str,
-            keys: set[str] | None = None) -> dict:
+            keys: set[str] | None = None, pooler: bool = False) -> dict:
     """{transformers key: array} -> our nested params (only `keys` if given, else all)."""
     params: dict = {}
-    for path, hf, transpose in name_map(num_layers, head):
+    for path, hf, transpose in name_map(num_layers, head, pooler):
         if keys is not None and hf not in keys:
             continue
         if hf not in state:
@@ -133,6 +149,7 @@ def normalize_hf_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     'bert.'), TF-era LayerNorm 'gamma'/'beta'."""
     out = {}
     for key, value in state.items():
+        key = _renamed(key, ROBERTA_PREFIXES)
         if key.startswith(('embeddings.', 'encoder.', 'pooler.')):
             key = f'bert.{key}'
         if key.endswith('LayerNorm.gamma'):
@@ -141,6 +158,19 @@ def normalize_hf_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             key = key[:-len('beta')] + 'bias'
         out[key] = value
     return out
+
+
+def _renamed(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def roberta_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BERT-named tensors (to_hf's) -> RobertaForMaskedLM's names."""
+    back = tuple((bert, roberta) for roberta, bert in ROBERTA_PREFIXES)
+    return {_renamed(key, back): value for key, value in tensors.items()}
 
 
 def _leaves(tree: dict, prefix: Path = ()) -> list[Path]:
