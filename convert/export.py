@@ -41,6 +41,7 @@ from models.scan import unstack_layers
 from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
+ELECTRA_ARCHITECTURE = 'ElectraForPreTraining'  # the discriminator; the generator stays
 ROBERTA_ARCHITECTURES = {'mlm': 'RobertaForMaskedLM',
                          'classifier': 'RobertaForSequenceClassification'}
 # Our classifier head -> RobertaClassificationHead (dense + tanh on <s>, then out_proj).
@@ -52,7 +53,7 @@ def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
                     ) -> tuple[epath.Path, int]:
     """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
     run = RunDir(workdir)
-    places = [run.checkpoints] if head == 'mlm' else [run.best, run.checkpoints]
+    places = [run.best, run.checkpoints] if head == 'classifier' else [run.checkpoints]
     for place in places:
         saved = step_dirs(place)
         if saved and (step is None or step in saved):
@@ -76,9 +77,11 @@ def load_workdir(workdir: epath.Path, step: int | None
         task = run.read_task()
     else:
         config = run.read_config()
-        if config.get('objective', 'mlm') != 'mlm':
-            raise ConfigError(f"--workdir: an objective={config.objective} run has no MLM head "
-                              'for BertForMaskedLM; fine-tune it (init_from) and export that')
+        head = {'mlm': 'mlm', 'electra': 'electra'}.get(config.get('objective', 'mlm'), '')
+        if not head:
+            raise ConfigError(f"--workdir: an objective={config.objective} run has no "
+                              'transformers counterpart; fine-tune it (init_from) and export '
+                              'that')
         model_cfg = model_config(config.model.to_dict())
         task = {}
     directory, step = _checkpoint_dir(workdir, head, step)
@@ -157,6 +160,17 @@ def roberta_config(head: str, m: BertConfig, task: dict, ids: np.ndarray | None)
             'bos_token_id': cls, 'eos_token_id': sep}
 
 
+def electra_config(m: BertConfig, ids: np.ndarray | None) -> dict:
+    """transformers ElectraConfig fields of the discriminator (embedding_size = hidden)."""
+    config = {**hf_config('mlm', m, {}), 'model_type': 'electra',
+              'architectures': [ELECTRA_ARCHITECTURE], 'embedding_size': m.hidden_size,
+              'summary_type': 'first', 'summary_use_proj': True,
+              'summary_activation': 'gelu', 'summary_last_dropout': 0.1}
+    if ids is not None:
+        config['pad_token_id'] = int(ids[PAD_ID])
+    return config
+
+
 def _roberta_tensors(tensors: dict, head: str) -> dict:
     if head == 'classifier':
         tensors = {next((new + k[len(old):] for old, new in ROBERTA_CLASSIFIER
@@ -223,11 +237,15 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
     from safetensors.numpy import save_file
     head, model_cfg, params, task, step = load_workdir(workdir, step)
     kind = export_kind(head, model_cfg)
+    if head == 'electra' and kind != 'bert':
+        raise ConfigError(f'--workdir: an ELECTRA of {kind} layout has no transformers '
+                          'counterpart (ElectraForPreTraining is a BERT encoder)')
     if kind == 'modernbert':
         return _write_modernbert(workdir, out, model_cfg, params, step, check)
     restored = _restored_order(workdir, model_cfg)
-    try:
-        tensors = names.to_hf(params, model_cfg.num_layers, head)
+    try:  # ELECTRA: the discriminator (transformers keeps the generator in another model)
+        tensors = names.to_hf({k: v for k, v in params.items() if k != 'generator'},
+                              model_cfg.num_layers, head)
     except (KeyError, ValueError) as e:
         raise ConfigError(f'--workdir: cannot map its parameters to transformers BERT: '
                           f'{e}') from None
@@ -239,6 +257,9 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
     if kind == 'roberta':
         config = roberta_config(head, model_cfg, task, ids)
         tensors = _roberta_tensors(tensors, head)
+    elif head == 'electra':
+        config = electra_config(model_cfg, ids)
+        tensors = names.electra_names(tensors)
     else:
         config = hf_config(head, model_cfg, task)
         if ids is not None:

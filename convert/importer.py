@@ -39,11 +39,13 @@ from engine.optim import make_optimizer
 from engine.paths import local_file_argument
 from engine.rundir import RunDir
 from engine.step import TrainState
-from models.bert import BertConfig, BertForMaskedLM
+from models.bert import BertConfig
 from models.config import model_config
+from pretrain.objective import build_model
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
-IMPORTED_TYPES = ('bert', 'roberta')  # config.json model_type
+IMPORTED_TYPES = ('bert', 'roberta', 'electra')  # config.json model_type
+HEAD_NAMES = {'mlm': 'MLM head', 'electra': 'discriminator head'}
 
 
 def resolve_dir(hf_dir: pathlib.Path, step: int | None) -> pathlib.Path:
@@ -150,6 +152,11 @@ def model_fields(config: dict) -> dict:
                           'is supported')
     if config.get('position_embedding_type', 'absolute') != 'absolute':
         raise ConfigError('--hf-dir: only absolute position embeddings are supported')
+    if kind == 'electra' and config.get('embedding_size', config.get('hidden_size')) != \
+            config.get('hidden_size'):
+        raise ConfigError(f"--hf-dir: ELECTRA embedding_size {config['embedding_size']} != "
+                          f"hidden_size {config.get('hidden_size')}: the embeddings "
+                          'projection of small ELECTRAs has no place in this model')
     try:
         return {'vocab_size': config['vocab_size'], 'hidden_size': config['hidden_size'],
                 'num_layers': config['num_hidden_layers'],
@@ -169,10 +176,12 @@ def model_fields(config: dict) -> dict:
         raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
 
 
-def pretrain_config(fields: dict, tokenizer_type: str):
-    """The `tiny` pretraining recipe with the imported architecture and tokenizer kind."""
+def pretrain_config(fields: dict, tokenizer_type: str, objective: str = 'mlm'):
+    """The `tiny` pretraining recipe with the imported architecture, tokenizer kind and
+    objective ('electra' for an ELECTRA discriminator: a fresh generator beside it)."""
     from configs.pretrain import get_config
     cfg = get_config('tiny')
+    cfg.objective = objective
     for key, value in fields.items():  # keys the recipe lacks (layer_norm_eps, ...) are added
         cfg.model[key] = type(cfg.model[key])(value) if key in cfg.model else value
     cfg.seq_len = min(cfg.seq_len, fields['max_position_embeddings']
@@ -191,30 +200,36 @@ def has_pooler(state: dict) -> bool:
     return bool(present)
 
 
-def _head_params(state: dict, model_cfg: BertConfig) -> tuple[dict, str]:
-    """Our params from the state dict: the MLM head if it has one, else a fresh one; the
-    pooler when model_cfg.mlm_pooler."""
-    layers = model_cfg.num_layers
-    head = names.head_keys(layers, 'mlm')
+def _head_params(state: dict, cfg, model_cfg: BertConfig) -> tuple[dict, str]:
+    """Our params from the state dict: the MLM (ELECTRA: discriminator) head if it has
+    one, else a fresh one; the pooler when model_cfg.mlm_pooler; ELECTRA's generator is
+    always fresh (transformers keeps it in another model)."""
+    layers, kind = model_cfg.num_layers, _head_kind(cfg)
+    head = names.head_keys(layers, kind)
     present = head & state.keys()
     pooler = set(names.POOLER_KEYS) if model_cfg.mlm_pooler else set()
     keys = names.encoder_keys(layers) | (head if present else set()) | pooler
     if present and present != head:
-        raise ConfigError(f'--hf-dir: incomplete MLM head, missing {sorted(head - present)}')
+        raise ConfigError(f'--hf-dir: incomplete {HEAD_NAMES[kind]}, missing '
+                          f'{sorted(head - present)}')
     try:
-        ours = names.from_hf(state, layers, 'mlm', keys, model_cfg.mlm_pooler)
+        ours = names.from_hf(state, layers, kind, keys, model_cfg.mlm_pooler)
     except KeyError as e:
         raise ConfigError(f'--hf-dir: the weights have no {e.args[0]}') from None
-    model = BertForMaskedLM(model_cfg)
+    model = build_model(cfg, model_cfg)
     ids = jnp.zeros((1, 8), jnp.int32)
     init = functools.partial(model.init, jax.random.key(0), ids, ids[:, :1])
-    if present:  # shapes only: no need to initialise what the checkpoint replaces
+    if present and kind == 'mlm':  # shapes only: no need to initialise what is replaced
         base = strip_boxes(jax.eval_shape(init)['params'])
     else:
         base = jax.tree.map(np.asarray, nn.unbox(init()['params']))
     params = _overlay(base, ours)
     _check_shapes(base, params)
     return params, 'imported' if present else 'freshly initialised (not in the checkpoint)'
+
+
+def _head_kind(cfg) -> str:
+    return 'electra' if cfg.objective == 'electra' else 'mlm'
 
 
 def _overlay(base: dict, update: dict) -> dict:
@@ -255,7 +270,9 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
         raise ConfigError(f'--workdir: {workdir} exists and is not empty')
     if not (source / names.HF_CONFIG_FILENAME).is_file():
         raise ConfigError(f'--hf-dir: {source} has no {names.HF_CONFIG_FILENAME}')
-    fields = model_fields(_read_json(source / names.HF_CONFIG_FILENAME))
+    hf_config = _read_json(source / names.HF_CONFIG_FILENAME)
+    fields = model_fields(hf_config)
+    objective = 'electra' if hf_config['model_type'] == 'electra' else 'mlm'
     state = read_weights(source)
     if has_pooler(state):
         fields['mlm_pooler'] = True
@@ -268,8 +285,9 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
         tok = hf_tokenizer_in.import_tokenizer([source] if source == given else [source, given],
                                                tmp)
         state = hf_tokenizer_in.reorder_vocab(state, tok.order)
-        params, head = _head_params(state, model_cfg)
-        _save(tmp, pretrain_config(fields, tok.kind), params, str(source))
+        cfg = pretrain_config(fields, tok.kind, objective)
+        params, head = _head_params(state, cfg, model_cfg)
+        _save(tmp, cfg, params, str(source))
         if target.exists():
             target.rmdir()
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -277,16 +295,18 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _report(source, workdir, model_cfg, tok, head, state)
+    _report(source, workdir, model_cfg, tok, (_head_kind(cfg), head), state)
 
 
-def _report(source, workdir: str, m: BertConfig, tok, head: str, state: dict) -> None:
-    used = {hf for _, hf, _ in names.name_map(m.num_layers, 'mlm', m.mlm_pooler)}
+def _report(source, workdir: str, m: BertConfig, tok, head: tuple[str, str],
+            state: dict) -> None:
+    used = {hf for _, hf, _ in names.name_map(m.num_layers, head[0], m.mlm_pooler)}
     ignored = sorted(set(state) - used - set(names.IGNORED_HF_KEYS))
     moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
     pooler = '; pooler imported' if m.mlm_pooler else ''
     print(f'imported {source}: {m.num_layers} layers, hidden {m.hidden_size}, vocab '
-          f'{m.vocab_size}, {tok.kind} tokenizer{moved}; MLM head {head}{pooler}', flush=True)
+          f'{m.vocab_size}, {tok.kind} tokenizer{moved}; {HEAD_NAMES[head[0]]} {head[1]}'
+          f'{pooler}', flush=True)
     if ignored:
         print(f'not imported (no place in a pretraining run): {", ".join(ignored[:6])}'
               f'{" ..." if len(ignored) > 6 else ""}', flush=True)

@@ -9,6 +9,8 @@ Heads:
                 the word embeddings, so transformers saves neither `decoder.weight` nor
                 `decoder.bias` (an alias of `cls.predictions.bias`).
   'classifier'  BertForSequenceClassification: `bert.pooler.dense.*` and `classifier.*`.
+  'electra'     ElectraForPreTraining (the discriminator): `discriminator_predictions.
+                {dense,dense_prediction}.*`, our models/electra.py head of the same names.
 An MLM model with `mlm_pooler` (a kept pretrained pooler) also maps `bert.pooler.dense.*`.
 
 RoBERTa (`roberta.*`, `lm_head.{dense,layer_norm,bias}`) is the same tree under other
@@ -23,7 +25,7 @@ import numpy as np
 
 Path = tuple[str, ...]
 HF_CONFIG_FILENAME = 'config.json'  # transformers' model config (not our workdir's)
-HEADS = ('mlm', 'classifier')
+HEADS = ('mlm', 'classifier', 'electra')
 # Keys older or other transformers BERT checkpoints carry that hold nothing we need: the
 # tied decoder copies, the position-id buffer, next-sentence prediction.
 IGNORED_HF_KEYS = ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias',
@@ -36,6 +38,7 @@ ROBERTA_PREFIXES = (('roberta.', 'bert.'),
                     ('lm_head.layer_norm.', 'cls.predictions.transform.LayerNorm.'),
                     ('lm_head.decoder.', 'cls.predictions.decoder.'),
                     ('lm_head.bias', 'cls.predictions.bias'))
+ELECTRA_PREFIXES = (('electra.', 'bert.'),)
 
 
 def _dense(ours: Path, hf: str) -> Iterator[tuple[Path, str, bool]]:
@@ -79,6 +82,16 @@ def _classifier_head() -> Iterator[tuple[Path, str, bool]]:
     yield from _dense(('classifier',), 'classifier')
 
 
+def _discriminator_head() -> Iterator[tuple[Path, str, bool]]:
+    for name in ('dense', 'dense_prediction'):
+        yield from _dense(('discriminator_predictions', name), f'discriminator_predictions.{name}')
+
+
+def _head(head: str) -> Iterator[tuple[Path, str, bool]]:
+    return {'mlm': _mlm_head, 'classifier': _classifier_head,
+            'electra': _discriminator_head}[head]()
+
+
 def name_map(num_layers: int, head: str, pooler: bool = False
              ) -> list[tuple[Path, str, bool]]:
     """[(our path, transformers key, transpose?)] for every parameter of the model;
@@ -88,7 +101,7 @@ def name_map(num_layers: int, head: str, pooler: bool = False
     entries = list(_embeddings())
     for i in range(num_layers):
         entries += list(_layer(i))
-    entries += list(_mlm_head() if head == 'mlm' else _classifier_head())
+    entries += list(_head(head))
     if pooler and head == 'mlm':
         entries += list(_dense(('bert', 'pooler', 'dense'), 'bert.pooler.dense'))
     return entries
@@ -149,7 +162,7 @@ def normalize_hf_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     'bert.'), TF-era LayerNorm 'gamma'/'beta'."""
     out = {}
     for key, value in state.items():
-        key = _renamed(key, ROBERTA_PREFIXES)
+        key = _renamed(key, ROBERTA_PREFIXES + ELECTRA_PREFIXES)
         if key.startswith(('embeddings.', 'encoder.', 'pooler.')):
             key = f'bert.{key}'
         if key.endswith('LayerNorm.gamma'):
@@ -170,6 +183,12 @@ def _renamed(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
 def roberta_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """BERT-named tensors (to_hf's) -> RobertaForMaskedLM's names."""
     back = tuple((bert, roberta) for roberta, bert in ROBERTA_PREFIXES)
+    return {_renamed(key, back): value for key, value in tensors.items()}
+
+
+def electra_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BERT-named tensors (to_hf's) -> ElectraForPreTraining's names."""
+    back = tuple((bert, electra) for electra, bert in ELECTRA_PREFIXES)
     return {_renamed(key, back): value for key, value in tensors.items()}
 
 

@@ -194,19 +194,25 @@ def test_position_offset_caps_the_sequence_length():
 # ----------------------------------------------------------------------------- the pooler
 
 
-def _hf_bert_model(directory: pathlib.Path):
-    """A random bare BertModel (with its pooler, as sentence-transformers ship them) and a
-    WordPiece vocab.txt in BERT's layout (special tokens not at 0..4)."""
+def _write_vocab(directory: pathlib.Path) -> int:
+    """A WordPiece vocab.txt in BERT's layout (special tokens not at 0..4); its size."""
     vocab = ['[PAD]', '[unused0]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', '.',
              *ADJECTIVES, *NOUNS, *VERBS, *PLACES, *'abcdefghijklmnopqrstuvwxyz',
              *(f'##{c}' for c in 'abcdefghijklmnopqrstuvwxyz')]
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
+    return len(vocab)
+
+
+def _hf_bert_model(directory: pathlib.Path):
+    """A random bare BertModel (with its pooler, as sentence-transformers ship them)."""
+    vocab_size = _write_vocab(directory)
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=64,
                                      max_position_embeddings=64)
     model = transformers.BertModel(config)
     _noise(model, 1)
     model.save_pretrained(str(directory))
-    (directory / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
     return model
 
 
@@ -254,3 +260,49 @@ def test_cls_finetuning_starts_from_the_imported_pooler(pooled, tmp_path, capsys
     pretrained = read_params_numpy(str(work / 'checkpoints'))['bert/pooler/dense/kernel']
     # [CLS] pooling is what the pretrained pooler was trained for; mean pooling starts fresh.
     assert np.array_equal(kernel, pretrained) == (pooling == 'cls')
+
+
+# ----------------------------------------------------------------------------- ELECTRA
+
+
+@pytest.fixture(scope='module')
+def electra(tmp_path_factory) -> dict:
+    """A random ElectraForPreTraining (the discriminator) with a BERT-layout vocab.txt."""
+    root = tmp_path_factory.mktemp('electra')
+    config = transformers.ElectraConfig(
+        vocab_size=_write_vocab(root / 'hf'), embedding_size=32, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64)
+    model = transformers.ElectraForPreTraining(config)
+    _noise(model, 2)
+    model.save_pretrained(str(root / 'hf'))
+    return {'root': root, 'hf': root / 'hf', 'model': model.eval()}
+
+
+def test_electra_discriminator_imports_and_exports_exactly(electra, tmp_path, capsys):
+    work, out = tmp_path / 'w', tmp_path / 'o'
+    assert 'discriminator head imported' in _import(electra['hf'], work, capsys)
+    assert json.loads((work / 'config.json').read_text())['objective'] == 'electra'
+    tok = transformers.BertTokenizerFast.from_pretrained(str(electra['hf']))
+    ours = load_tokenizer(tokenizer_file(str(work)))
+    order = [tok.convert_tokens_to_ids(ours.id_to_piece(i)) for i in range(ours.vocab_size)]
+    texts = ['the red cat sat on the mat .', 'a quiet horse walked', 'old fish jumped near',
+             'zebras ?']
+    enc = tok(texts, padding=True, return_tensors='pt')
+    with torch.no_grad():
+        expected = electra['model'](**enc).logits.numpy()
+    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    assert sorted(params) == ['bert', 'discriminator_predictions', 'generator']
+    batch = {'input_ids': np.argsort(order)[enc['input_ids'].numpy()],
+             'token_type_ids': enc['token_type_ids'].numpy(),
+             'attention_mask': enc['attention_mask'].numpy()}
+    got = verify.our_logits('electra', _model_config(work), params, batch)
+    mask = batch['attention_mask'].astype(bool)
+    np.testing.assert_allclose(got[mask], expected[mask], atol=1e-4)
+    stdout = _export(work, out, capsys)
+    assert 'exported ElectraForPreTraining' in stdout and _diff(stdout) <= 1e-4
+    original, exported = _weights(electra['hf']), _weights(out)
+    assert set(exported) <= set(original)
+    for key, value in original.items():
+        if key in exported or 'position_ids' not in key:
+            assert np.array_equal(exported[key], value), key
