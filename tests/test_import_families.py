@@ -23,7 +23,15 @@ from finetune import setup, unfreeze  # noqa: E402
 from finetune.data import Examples  # noqa: E402
 from finetune.encoding import encode  # noqa: E402
 from models.bert import BertConfig, BertModel  # noqa: E402
-from tests.helpers import ADJECTIVES, NOUNS, PLACES, VERBS, make_sentences  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ADJECTIVES,
+    NOUNS,
+    PLACES,
+    REPO,
+    VERBS,
+    make_sentences,
+    write_toy_task,
+)
 from text.tokenizer import load_tokenizer, tokenizer_file  # noqa: E402
 
 TEXTS = (*verify.SENTENCES,
@@ -306,3 +314,20 @@ def test_electra_discriminator_imports_and_exports_exactly(electra, tmp_path, ca
     for key, value in original.items():
         if key in exported or 'position_ids' not in key:
             assert np.array_equal(exported[key], value), key
+
+
+@pytest.mark.slow
+def test_roberta_finetuned_classifier_exports_as_roberta(roberta, tmp_path, capsys):
+    """Our pooler + classifier are RobertaClassificationHead's dense + out_proj."""
+    work, ft, out = tmp_path / 'w', tmp_path / 'ft', tmp_path / 'o'
+    _import(roberta['root'] / 'hf', work, capsys)
+    task = write_toy_task(tmp_path, n=64)
+    assert launch.main(['finetune', '--workdir', str(ft), '--config',
+                        f'{REPO}/configs/finetune.py:custom', f'--config.data.train_file={task}',
+                        f'--config.init_from={work}', '--config.num_epochs=1',
+                        '--config.batch_size=16', '--config.seq_len=16',
+                        '--config.model.pooling=cls']) == 0
+    capsys.readouterr()
+    stdout = _export(ft, out, capsys)
+    assert 'exported RobertaForSequenceClassification' in stdout and _diff(stdout) <= 1e-4
+    assert 'tokenizer: 20/20' in stdout
