@@ -110,6 +110,12 @@ def export_kind(head: str, model_cfg: BertConfig) -> str:
     options = [f'model.{o}' for o in non_bert_options(model_cfg)]
     if model_cfg.pre_layer_norm:
         options.append('model.pre_layer_norm=True')
+    if not options and model_cfg.export_as == 'distilbert':
+        if head != 'mlm':
+            raise ConfigError('--workdir: a classifier of an imported DistilBERT has no '
+                              'transformers counterpart (DistilBertForSequenceClassification '
+                              'pools with dense + ReLU, ours with dense + tanh)')
+        return 'distilbert'
     if not options:
         return 'roberta' if model_cfg.position_offset else 'bert'
     why = modernbert.refusal(model_cfg, head)
@@ -169,6 +175,18 @@ def electra_config(m: BertConfig, ids: np.ndarray | None) -> dict:
     if ids is not None:
         config['pad_token_id'] = int(ids[PAD_ID])
     return config
+
+
+def distilbert_config(m: BertConfig, ids: np.ndarray | None) -> dict:
+    """transformers DistilBertConfig fields of our MLM."""
+    return {'architectures': ['DistilBertForMaskedLM'], 'model_type': 'distilbert',
+            'vocab_size': m.vocab_size, 'dim': m.hidden_size, 'n_layers': m.num_layers,
+            'n_heads': m.num_heads, 'hidden_dim': m.intermediate_size, 'activation': 'gelu',
+            'dropout': m.dropout_rate, 'attention_dropout': m.attention_dropout_rate,
+            'max_position_embeddings': m.max_position_embeddings, 'sinusoidal_pos_embds': False,
+            'initializer_range': m.initializer_range, 'tie_word_embeddings': True,
+            'pad_token_id': int(ids[PAD_ID]) if ids is not None else PAD_ID,
+            'dtype': 'float32'}
 
 
 def _roberta_tensors(tensors: dict, head: str) -> dict:
@@ -257,6 +275,9 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
     if kind == 'roberta':
         config = roberta_config(head, model_cfg, task, ids)
         tensors = _roberta_tensors(tensors, head)
+    elif kind == 'distilbert':
+        config = distilbert_config(model_cfg, ids)
+        tensors = names.to_distilbert(tensors)
     elif head == 'electra':
         config = electra_config(model_cfg, ids)
         tensors = names.electra_names(tensors)

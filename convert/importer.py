@@ -44,7 +44,7 @@ from models.config import model_config
 from pretrain.objective import build_model
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
-IMPORTED_TYPES = ('bert', 'roberta', 'electra')  # config.json model_type
+IMPORTED_TYPES = ('bert', 'roberta', 'electra', 'distilbert')  # config.json model_type
 HEAD_NAMES = {'mlm': 'MLM head', 'electra': 'discriminator head'}
 
 
@@ -147,6 +147,8 @@ def model_fields(config: dict) -> dict:
         found = f'model_type {kind!r}' if 'model_type' in config else 'no model_type'
         raise ConfigError(f"--hf-dir: config.json has {found}; only model_type "
                           f"{' or '.join(map(repr, IMPORTED_TYPES))} can be imported")
+    if kind == 'distilbert':
+        return _distilbert_fields(config)
     if config.get('hidden_act', 'gelu') != 'gelu':
         raise ConfigError(f"--hf-dir: hidden_act {config['hidden_act']!r}: only 'gelu' (erf) "
                           'is supported')
@@ -172,6 +174,28 @@ def model_fields(config: dict) -> dict:
                 # create_position_ids_from_input_ids), for right-padded rows.
                 **({'position_offset': config.get('pad_token_id', 1) + 1}
                    if kind == 'roberta' else {})}
+    except KeyError as e:
+        raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
+
+
+def _distilbert_fields(config: dict) -> dict:
+    """DistilBERT: BERT without token types (one all-zero row here), its own field names."""
+    if config.get('activation', 'gelu') != 'gelu':
+        raise ConfigError(f"--hf-dir: activation {config['activation']!r}: only 'gelu' (erf) "
+                          'is supported')
+    if config.get('sinusoidal_pos_embds'):
+        raise ConfigError('--hf-dir: sinusoidal_pos_embds: only learned position embeddings '
+                          'are supported')
+    try:
+        return {'vocab_size': config['vocab_size'], 'hidden_size': config['dim'],
+                'num_layers': config['n_layers'], 'num_heads': config['n_heads'],
+                'intermediate_size': config['hidden_dim'],
+                'max_position_embeddings': config['max_position_embeddings'],
+                'type_vocab_size': 1, 'export_as': 'distilbert',
+                'dropout_rate': config.get('dropout', 0.1),
+                'attention_dropout_rate': config.get('attention_dropout', 0.1),
+                'layer_norm_eps': 1e-12,  # fixed in transformers' DistilBERT
+                'initializer_range': config.get('initializer_range', 0.02)}
     except KeyError as e:
         raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
 
@@ -274,6 +298,8 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     fields = model_fields(hf_config)
     objective = 'electra' if hf_config['model_type'] == 'electra' else 'mlm'
     state = read_weights(source)
+    if hf_config['model_type'] == 'distilbert':
+        state = names.from_distilbert(state)
     if has_pooler(state):
         fields['mlm_pooler'] = True
     model_cfg = model_config(fields)

@@ -19,6 +19,7 @@ names: `normalize_hf_keys` renames it to BERT's on import, `roberta_names` back 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,6 +40,19 @@ ROBERTA_PREFIXES = (('roberta.', 'bert.'),
                     ('lm_head.decoder.', 'cls.predictions.decoder.'),
                     ('lm_head.bias', 'cls.predictions.bias'))
 ELECTRA_PREFIXES = (('electra.', 'bert.'),)
+# DistilBERT's names of BERT's modules (its layer i's, then its MLM head's).
+DISTILBERT_LAYER = (('attention.q_lin', 'attention.self.query'),
+                    ('attention.k_lin', 'attention.self.key'),
+                    ('attention.v_lin', 'attention.self.value'),
+                    ('attention.out_lin', 'attention.output.dense'),
+                    ('sa_layer_norm', 'attention.output.LayerNorm'),
+                    ('ffn.lin1', 'intermediate.dense'), ('ffn.lin2', 'output.dense'),
+                    ('output_layer_norm', 'output.LayerNorm'))
+DISTILBERT_HEAD = (('vocab_transform.', 'cls.predictions.transform.dense.'),
+                   ('vocab_layer_norm.', 'cls.predictions.transform.LayerNorm.'),
+                   ('vocab_projector.bias', 'cls.predictions.bias'),
+                   ('vocab_projector.weight', 'cls.predictions.decoder.weight'))
+_DISTIL_LAYER = re.compile(r'^(?:distilbert\.)?transformer\.layer\.(\d+)\.(.+)$')
 
 
 def _dense(ours: Path, hf: str) -> Iterator[tuple[Path, str, bool]]:
@@ -184,6 +198,52 @@ def roberta_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """BERT-named tensors (to_hf's) -> RobertaForMaskedLM's names."""
     back = tuple((bert, roberta) for roberta, bert in ROBERTA_PREFIXES)
     return {_renamed(key, back): value for key, value in tensors.items()}
+
+
+def _from_distil(key: str) -> str:
+    layer = _DISTIL_LAYER.match(key)
+    if layer:
+        i, rest = layer.groups()
+        for distil, bert in DISTILBERT_LAYER:
+            if rest.startswith(distil + '.'):
+                return f'bert.encoder.layer.{i}.{bert}{rest[len(distil):]}'
+    if key.startswith(('distilbert.embeddings.', 'embeddings.')):
+        return 'bert.' + key.removeprefix('distilbert.')
+    return _renamed(key, DISTILBERT_HEAD)
+
+
+def from_distilbert(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A DistilBERT state dict in BERT's names, with the one all-zero token-type row our
+    embeddings add (DistilBERT has none)."""
+    out = {_from_distil(key): value for key, value in state.items()}
+    words = out.get('bert.embeddings.word_embeddings.weight')
+    if words is not None:
+        out['bert.embeddings.token_type_embeddings.weight'] = np.zeros_like(words[:1])
+    return out
+
+
+def _to_distil(key: str) -> str:
+    layer = re.match(r'^bert\.encoder\.layer\.(\d+)\.(.+)$', key)
+    if layer:
+        i, rest = layer.groups()
+        for distil, bert in DISTILBERT_LAYER:
+            if rest.startswith(bert + '.'):
+                return f'distilbert.transformer.layer.{i}.{distil}{rest[len(bert):]}'
+    if key.startswith('bert.embeddings.'):
+        return 'distil' + key
+    return _renamed(key, tuple((bert, distil) for distil, bert in DISTILBERT_HEAD))
+
+
+def to_distilbert(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BERT-named MLM tensors (to_hf's) -> DistilBertForMaskedLM's; the token-type row
+    (every token reads it) is folded into each position row, which gives the same sums."""
+    tensors = dict(tensors)
+    row = tensors.pop('bert.embeddings.token_type_embeddings.weight')
+    if row.shape[0] != 1:
+        raise ValueError(f'{row.shape[0]} token types; DistilBERT has none')
+    positions = 'bert.embeddings.position_embeddings.weight'
+    tensors[positions] = tensors[positions] + row[0]
+    return {_to_distil(key): value for key, value in tensors.items()}
 
 
 def electra_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

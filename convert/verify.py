@@ -92,7 +92,7 @@ def hf_logits(directory: pathlib.Path, head: str, batch: dict) -> np.ndarray:
     if problems or info.get('error_msgs'):
         raise VerificationError(f'transformers reports {problems or info["error_msgs"]}')
     model.eval()
-    if model.config.model_type == 'modernbert':  # no token types (single-segment inputs)
+    if model.config.model_type in ('modernbert', 'distilbert'):  # no token types
         batch = {k: v for k, v in batch.items() if k != 'token_type_ids'}
     with torch.no_grad():
         out = model(**{k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()})

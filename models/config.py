@@ -29,6 +29,9 @@ today's model bit for bit; `non_bert_options` names the ones a run moved away fr
                         max_position_embeddings - position_offset long.
     type_vocab_size     1: no token types (RoBERTa); every token reads row 0 (a pair's
                         second-segment types are ignored, not clamped by the lookup).
+    export_as           '' (export by architecture: BERT, RoBERTa, ModernBERT) or 'distilbert':
+                        an imported DistilBERT, a BERT with one all-zero token-type row
+                        (type_vocab_size 1) that export folds into the position table.
     mlm_pooler          True: the MLM model also holds a pooler (dense + tanh on [CLS]) that
                         its loss never trains (only weight decay reaches it): an imported
                         checkpoint's pretrained pooler, kept for fine-tuning (pooling='cls')
@@ -59,6 +62,7 @@ MLPS = ('gelu', 'geglu', 'swiglu')
 POOLINGS = ('cls', 'mean')
 ATTENTION_IMPLS = ('auto', 'explicit', 'xla', 'cudnn', 'splash')
 ADAPTER_PLACEMENTS = ('houlsby', 'pfeiffer')  # models/peft.py
+EXPORT_FAMILIES = ('', 'distilbert')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,7 @@ class BertConfig:
     pooling: str = 'cls'  # sequence classification: 'cls' | 'mean'
     position_offset: int = 0  # first position row (RoBERTa: padding_idx + 1)
     mlm_pooler: bool = False  # the MLM model keeps a (pretrained, untrained) pooler
+    export_as: str = ''  # EXPORT_FAMILIES: '' by architecture, 'distilbert'
     attention_impl: str = 'auto'  # ATTENTION_IMPLS; resolved per platform (models/attention.py)
     scan_layers: bool = False  # one nn.scan over the layers (stacked params; models/scan.py)
     # Pre-LN only: False = layer 0 has no attention LayerNorm, the embedding norm plays its
@@ -178,6 +183,10 @@ def _validate_architecture(c: BertConfig) -> None:
     _one_of('mlp', c.mlp, MLPS)
     _one_of('pooling', c.pooling, POOLINGS)
     _one_of('attention_impl', c.attention_impl, ATTENTION_IMPLS)
+    _one_of('export_as', c.export_as, EXPORT_FAMILIES)
+    if c.export_as == 'distilbert' and c.type_vocab_size != 1:
+        raise ValueError('export_as=distilbert needs type_vocab_size=1 (DistilBERT has no '
+                         'token types)')
     if c.attention_impl in ('xla', 'cudnn', 'splash') and c.attention_dropout_rate > 0:
         raise ValueError(f'attention_impl={c.attention_impl} has no attention dropout; set '
                          'attention_dropout_rate=0 or attention_impl=auto')

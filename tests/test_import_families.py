@@ -331,3 +331,83 @@ def test_roberta_finetuned_classifier_exports_as_roberta(roberta, tmp_path, caps
     stdout = _export(ft, out, capsys)
     assert 'exported RobertaForSequenceClassification' in stdout and _diff(stdout) <= 1e-4
     assert 'tokenizer: 20/20' in stdout
+
+
+# ----------------------------------------------------------------------------- DistilBERT
+
+
+@pytest.fixture(scope='module')
+def distilbert(tmp_path_factory) -> dict:
+    """A random DistilBertForMaskedLM with a BERT-layout vocab.txt."""
+    root = tmp_path_factory.mktemp('distilbert')
+    config = transformers.DistilBertConfig(
+        vocab_size=_write_vocab(root / 'hf'), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+        max_position_embeddings=64)
+    model = transformers.DistilBertForMaskedLM(config)
+    _noise(model, 3)
+    model.save_pretrained(str(root / 'hf'))
+    return {'root': root, 'hf': root / 'hf', 'model': model.eval()}
+
+
+def test_distilbert_imports_and_exports_exactly(distilbert, tmp_path, capsys):
+    work, out = tmp_path / 'w', tmp_path / 'o'
+    assert 'MLM head imported' in _import(distilbert['hf'], work, capsys)
+    model_cfg = _model_config(work)
+    assert (model_cfg.type_vocab_size, model_cfg.export_as) == (1, 'distilbert')
+    tok = transformers.BertTokenizerFast.from_pretrained(str(distilbert['hf']))
+    ours = load_tokenizer(tokenizer_file(str(work)))
+    order = [tok.convert_tokens_to_ids(ours.id_to_piece(i)) for i in range(ours.vocab_size)]
+    texts = ['the red cat sat on the mat .', 'a quiet horse walked', 'old fish jumped near',
+             'zebras ?']
+    enc = tok(texts, padding=True, return_tensors='pt')
+    with torch.no_grad():
+        out_hf = distilbert['model'](input_ids=enc['input_ids'],
+                                     attention_mask=enc['attention_mask'],
+                                     output_hidden_states=True)
+    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    batch = {'input_ids': np.argsort(order)[enc['input_ids'].numpy()],
+             'token_type_ids': enc['token_type_ids'].numpy(),
+             'attention_mask': enc['attention_mask'].numpy()}
+    mask = batch['attention_mask'].astype(bool)
+    hidden, _ = BertModel(model_cfg).apply({'params': params['bert']}, batch['input_ids'],
+                                           batch['token_type_ids'], batch['attention_mask'])
+    np.testing.assert_allclose(np.asarray(hidden)[mask],
+                               out_hf.hidden_states[-1].numpy()[mask], atol=1e-4)
+    logits = verify.our_logits('mlm', model_cfg, params, batch)
+    np.testing.assert_allclose(logits[mask], out_hf.logits.numpy()[..., order][mask],
+                               atol=1e-4)
+    stdout = _export(work, out, capsys)
+    assert 'exported DistilBertForMaskedLM' in stdout and _diff(stdout) <= 1e-4
+    original, exported = _weights(distilbert['hf']), _weights(out)
+    assert set(exported) <= set(original)
+    for key, value in original.items():
+        if key in exported or key != 'vocab_projector.weight':  # tied to the embeddings
+            assert np.array_equal(exported[key], value), key
+
+
+def test_distilbert_export_folds_a_trained_token_type_row_into_the_positions(distilbert,
+                                                                             tmp_path, capsys):
+    """Pretraining trains our one token-type row; DistilBERT has none: export adds it to
+    every position row (the same embedding sums), which transformers reproduces."""
+    from safetensors.numpy import save_file
+
+    from convert import export, names
+    work, out = tmp_path / 'w', tmp_path / 'o'
+    _import(distilbert['hf'], work, capsys)
+    model_cfg = _model_config(work)
+    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    row = np.random.default_rng(0).normal(0, 0.5, (1, 32)).astype(np.float32)
+    params['bert']['embeddings']['token_type_embeddings']['embedding'] = row
+    out.mkdir()
+    save_file(names.to_distilbert(names.to_hf(params, 2, 'mlm')), str(out / 'model.safetensors'),
+              metadata={'format': 'pt'})
+    (out / 'config.json').write_text(json.dumps(export.distilbert_config(model_cfg, None)))
+    ids = np.random.default_rng(1).integers(5, model_cfg.vocab_size, (3, 12))
+    batch = {'input_ids': ids, 'token_type_ids': np.zeros_like(ids),
+             'attention_mask': np.ones_like(ids)}
+    theirs = verify.hf_logits(out, 'mlm', batch)
+    ours = verify.our_logits('mlm', model_cfg, params, batch)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    unfolded = dict(params, bert=dict(params['bert'], embeddings=dict(
+        params['bert']['embeddings'], token_type_embeddings={'embedding': 0 * row})))
+    assert np.abs(verify.our_logits('mlm', model_cfg, unfolded, batch) - theirs).max() > 1e-2
