@@ -1,4 +1,5 @@
-"""`launch.py import`: a local Hugging Face BERT or RoBERTa directory -> a workdir of this project.
+"""`launch.py import`: a local Hugging Face BERT, RoBERTa, DistilBERT or ELECTRA directory ->
+a workdir of this project.
 
 The workdir looks like a pretraining run's: config.json (the `tiny` pretraining recipe with
 the imported architecture), the tokenizer (spm.model, or wordpiece.json for a `vocab.txt`
@@ -13,7 +14,9 @@ torch.load(weights_only=True) when torch is installed. This project keeps [PAD] 
 is reordered, and the word-embedding rows and MLM output bias with it. A RoBERTa is a BERT
 with other names (convert/names.py), positions from padding_idx + 1 (model.position_offset),
 no token types (type_vocab_size 1) and a byte-level BPE tokenizer. A pretrained pooler
-(bert.pooler.*, e.g. a bare BertModel's) is kept: model.mlm_pooler.
+(bert.pooler.*, e.g. a bare BertModel's) is kept: model.mlm_pooler. A DistilBERT is a BERT
+without token types (one zero row, model.export_as='distilbert'); an ElectraForPreTraining
+becomes an objective=electra run (its discriminator, a fresh generator).
 """
 
 from __future__ import annotations
@@ -145,8 +148,9 @@ def model_fields(config: dict) -> dict:
     kind = config.get('model_type')
     if kind not in IMPORTED_TYPES:
         found = f'model_type {kind!r}' if 'model_type' in config else 'no model_type'
-        raise ConfigError(f"--hf-dir: config.json has {found}; only model_type "
-                          f"{' or '.join(map(repr, IMPORTED_TYPES))} can be imported")
+        known = ', '.join(map(repr, IMPORTED_TYPES[:-1])) + f' or {IMPORTED_TYPES[-1]!r}'
+        raise ConfigError(f'--hf-dir: config.json has {found}; only model_type {known} can '
+                          'be imported')
     if kind == 'distilbert':
         return _distilbert_fields(config)
     if config.get('hidden_act', 'gelu') != 'gelu':
