@@ -121,7 +121,8 @@ def original_order(path, where: str) -> tuple[list[str], list[int]] | None:
 
 
 def _renamed(vocab: list[str], originals: list[str] | None) -> list[str]:
-    """`vocab` with the original special names `originals` spelled as SPECIAL_PIECES."""
+    """`vocab` with the special names `originals` spelled as SPECIAL_PIECES (to find where
+    they are; the pipeline keeps its own names)."""
     rename = dict(zip(originals or (), SPECIAL_PIECES, strict=False))
     return [rename.get(piece, piece) for piece in vocab]
 
@@ -143,9 +144,9 @@ def _special_names(d: pathlib.Path) -> list[str]:
 
 def relabel(data: dict, new_id: list[int]) -> dict:
     """A tokenizer.json (BPE) with old id i moved to new_id[i]: its vocabulary, added
-    tokens and RoBERTa post-processor. The model's vocabulary
-    gets every piece, the added tokens too: tokenizers numbers an added token that is not
-    in it after the vocabulary, whatever id the file gives it."""
+    tokens and RoBERTa post-processor. The model's vocabulary gets every piece, the added
+    tokens too: tokenizers numbers an added token missing from it after the vocabulary,
+    whatever id the file gives it."""
     vocab = _bpe_vocab(data)
     data = json.loads(json.dumps(data))  # a deep copy
     model = data['model']
