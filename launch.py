@@ -9,7 +9,7 @@ Subcommands:
   search     hyper-parameter search over fine-tuning configs (optuna; resumes from study.db)
   pseudolabel  fine-tune, pseudo-label unlabelled text above a confidence threshold, retrain
   export     a workdir -> a Hugging Face transformers BERT directory (parity-checked)
-  import     a Hugging Face BERT directory -> a workdir to pretrain or fine-tune from
+  import     a Hugging Face BERT/RoBERTa/DistilBERT/ELECTRA directory -> a workdir
   plot       overlay the curves of several runs (each run also draws its own curves.png)
 
 Examples:
@@ -304,7 +304,8 @@ COMMANDS = {
                        docs='docs/finetuning.md', writes=(('output', BESIDE),)),
     'export': Command(_export, 'export to Hugging Face transformers', _export_arguments,
                       docs='docs/huggingface.md', writes=(('output', BESIDE),)),
-    'import': Command(_import, 'import a Hugging Face BERT', _import_arguments,
+    'import': Command(_import, 'import a Hugging Face BERT, RoBERTa, DistilBERT, ELECTRA',
+                      _import_arguments,
                       docs='docs/huggingface.md', writes=(('workdir', BESIDE),)),
     'evaluate': Command(_evaluate, 'multi-seed fine-tuning suite: mean ± std tables',
                         _workdir_arguments, 'configs/suite.py:demo', 'docs/finetuning.md',

@@ -5,12 +5,16 @@ and task.json) becomes `BertForSequenceClassification` with id2label/label2id (r
 one output, problem_type 'regression'). Written: config.json, model.safetensors (numpy
 API: no torch needed), tokenizer.json + tokenizer_config.json + special_tokens_map.json,
 and this project's own tokenizer file (spm.model or wordpiece.json) so `import` restores it
-exactly. An imported WordPiece BERT whose special tokens `import` moved to ids 0..4 is
-written back in its original id order (vocab.txt, tokenizer.json, the word-embedding rows and
-MLM output bias), so the original tokenizer works with the exported weights; a workdir whose
-vocabulary no longer allows that (resized) is refused. Everything goes to a temporary
-directory beside --output that is renamed at the end, after verification: a failure leaves
-nothing behind.
+exactly. A model with position_offset (an imported RoBERTa) becomes RobertaForMaskedLM /
+RobertaForSequenceClassification (our pooler + classifier are its classifier.dense +
+out_proj), its byte-level BPE tokenizer.json written back as imported; a kept pretrained
+pooler (model.mlm_pooler) is written as bert.pooler.* / roberta.pooler.*, which
+*ForSequenceClassification reads. An imported WordPiece BERT whose special tokens `import`
+moved to ids 0..4 is written back in its original id order (vocab.txt, tokenizer.json, the
+word-embedding rows and MLM output bias), so the original tokenizer works with the exported
+weights; a workdir whose vocabulary no longer allows that (resized) is refused. Everything
+goes to a temporary directory beside --output that is renamed at the end, after
+verification: a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -39,13 +43,19 @@ from models.scan import unstack_layers
 from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
+ELECTRA_ARCHITECTURE = 'ElectraForPreTraining'  # the discriminator; the generator stays
+ROBERTA_ARCHITECTURES = {'mlm': 'RobertaForMaskedLM',
+                         'classifier': 'RobertaForSequenceClassification'}
+# Our classifier head -> RobertaClassificationHead (dense + tanh on <s>, then out_proj).
+ROBERTA_CLASSIFIER = (('bert.pooler.dense.', 'classifier.dense.'),
+                      ('classifier.', 'classifier.out_proj.'))
 
 
 def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
                     ) -> tuple[epath.Path, int]:
     """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
     run = RunDir(workdir)
-    places = [run.checkpoints] if head == 'mlm' else [run.best, run.checkpoints]
+    places = [run.best, run.checkpoints] if head == 'classifier' else [run.checkpoints]
     for place in places:
         saved = step_dirs(place)
         if saved and (step is None or step in saved):
@@ -69,9 +79,11 @@ def load_workdir(workdir: epath.Path, step: int | None
         task = run.read_task()
     else:
         config = run.read_config()
-        if config.get('objective', 'mlm') != 'mlm':
-            raise ConfigError(f"--workdir: an objective={config.objective} run has no MLM head "
-                              'for BertForMaskedLM; fine-tune it (init_from) and export that')
+        head = {'mlm': 'mlm', 'electra': 'electra'}.get(config.get('objective', 'mlm'), '')
+        if not head:
+            raise ConfigError(f"--workdir: an objective={config.objective} run has no "
+                              'transformers counterpart; fine-tune it (init_from) and export '
+                              'that')
         model_cfg = model_config(config.model.to_dict())
         task = {}
     directory, step = _checkpoint_dir(workdir, head, step)
@@ -103,8 +115,14 @@ def export_kind(head: str, model_cfg: BertConfig) -> str:
     options = [f'model.{o}' for o in non_bert_options(model_cfg)]
     if model_cfg.pre_layer_norm:
         options.append('model.pre_layer_norm=True')
+    if not options and model_cfg.export_as == 'distilbert':
+        if head != 'mlm':
+            raise ConfigError('--workdir: a classifier of an imported DistilBERT has no '
+                              'transformers counterpart (DistilBertForSequenceClassification '
+                              'pools with dense + ReLU, ours with dense + tanh)')
+        return 'distilbert'
     if not options:
-        return 'bert'
+        return 'roberta' if model_cfg.position_offset else 'bert'
     why = modernbert.refusal(model_cfg, head)
     if why is None:
         return 'modernbert'
@@ -140,6 +158,49 @@ def hf_config(head: str, m: BertConfig, task: dict) -> dict:
     return config
 
 
+def roberta_config(head: str, m: BertConfig, task: dict, ids: np.ndarray | None) -> dict:
+    """transformers RobertaConfig fields: BERT's, RoBERTa's special ids; its padding_idx
+    (pad_token_id) must be position_offset - 1, as its position ids count from it."""
+    pad, cls, sep = (int(i) for i in (ids if ids is not None else np.arange(5))[
+        [PAD_ID, CLS_ID, SEP_ID]])
+    if m.position_offset != pad + 1:
+        raise ConfigError(f'--workdir: model.position_offset={m.position_offset}: RoBERTa '
+                          f'counts positions from its pad id + 1 = {pad + 1}')
+    return {**hf_config(head, m, task), 'model_type': 'roberta',
+            'architectures': [ROBERTA_ARCHITECTURES[head]], 'pad_token_id': pad,
+            'bos_token_id': cls, 'eos_token_id': sep}
+
+
+def electra_config(m: BertConfig, ids: np.ndarray | None) -> dict:
+    """transformers ElectraConfig fields of the discriminator (embedding_size = hidden)."""
+    config = {**hf_config('mlm', m, {}), 'model_type': 'electra',
+              'architectures': [ELECTRA_ARCHITECTURE], 'embedding_size': m.hidden_size,
+              'summary_type': 'first', 'summary_use_proj': True,
+              'summary_activation': 'gelu', 'summary_last_dropout': 0.1}
+    if ids is not None:
+        config['pad_token_id'] = int(ids[PAD_ID])
+    return config
+
+
+def distilbert_config(m: BertConfig, ids: np.ndarray | None) -> dict:
+    """transformers DistilBertConfig fields of our MLM."""
+    return {'architectures': ['DistilBertForMaskedLM'], 'model_type': 'distilbert',
+            'vocab_size': m.vocab_size, 'dim': m.hidden_size, 'n_layers': m.num_layers,
+            'n_heads': m.num_heads, 'hidden_dim': m.intermediate_size, 'activation': 'gelu',
+            'dropout': m.dropout_rate, 'attention_dropout': m.attention_dropout_rate,
+            'max_position_embeddings': m.max_position_embeddings, 'sinusoidal_pos_embds': False,
+            'initializer_range': m.initializer_range, 'tie_word_embeddings': True,
+            'pad_token_id': int(ids[PAD_ID]) if ids is not None else PAD_ID,
+            'dtype': 'float32'}
+
+
+def _roberta_tensors(tensors: dict, head: str) -> dict:
+    if head == 'classifier':
+        tensors = {next((new + k[len(old):] for old, new in ROBERTA_CLASSIFIER
+                         if k.startswith(old)), k): v for k, v in tensors.items()}
+    return names.roberta_names(tensors)
+
+
 def _restored_order(workdir: epath.Path, model_cfg: BertConfig
                     ) -> tuple[list[str], list[int]] | None:
     """(original vocabulary, our id -> original id) of an imported WordPiece BERT whose
@@ -173,6 +234,11 @@ def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
     source = epath.Path(RunDir(workdir).tokenizer_file())
     (out / source.name).write_bytes(source.read_bytes())
     special_ids = None
+    original = (hf_tokenizer_in.original_pipeline(pathlib.Path(source))
+                if source.name == WORDPIECE_FILENAME else None)
+    if original is not None:  # an imported BPE: written back as it was
+        tokenizer_files.write_original(*original, out, max_len)
+        return load_tokenizer(str(out / source.name))
     if restored is not None:
         vocab, order = restored
         pipeline = _original_pipeline(source, vocab)
@@ -193,11 +259,16 @@ def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
 def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
     from safetensors.numpy import save_file
     head, model_cfg, params, task, step = load_workdir(workdir, step)
-    if export_kind(head, model_cfg) == 'modernbert':
+    kind = export_kind(head, model_cfg)
+    if head == 'electra' and kind != 'bert':
+        raise ConfigError(f'--workdir: an ELECTRA of {kind} layout has no transformers '
+                          'counterpart (ElectraForPreTraining is a BERT encoder)')
+    if kind == 'modernbert':
         return _write_modernbert(workdir, out, model_cfg, params, step, check)
     restored = _restored_order(workdir, model_cfg)
-    try:
-        tensors = names.to_hf(params, model_cfg.num_layers, head)
+    try:  # ELECTRA: the discriminator (transformers keeps the generator in another model)
+        tensors = names.to_hf({k: v for k, v in params.items() if k != 'generator'},
+                              model_cfg.num_layers, head)
     except (KeyError, ValueError) as e:
         raise ConfigError(f'--workdir: cannot map its parameters to transformers BERT: '
                           f'{e}') from None
@@ -206,15 +277,26 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
         order = restored[1]
         ids = np.concatenate([order, np.arange(len(order), model_cfg.vocab_size)])
         tensors = hf_tokenizer_in.reorder_vocab(tensors, np.argsort(order).tolist())
+    if kind == 'roberta':
+        config = roberta_config(head, model_cfg, task, ids)
+        tensors = _roberta_tensors(tensors, head)
+    elif kind == 'distilbert':
+        config = distilbert_config(model_cfg, ids)
+        tensors = names.to_distilbert(tensors)
+    elif head == 'electra':
+        config = electra_config(model_cfg, ids)
+        tensors = names.electra_names(tensors)
+    else:
+        config = hf_config(head, model_cfg, task)
+        if ids is not None:
+            config['pad_token_id'] = int(ids[PAD_ID])
     save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
-    config = hf_config(head, model_cfg, task)
-    if ids is not None:
-        config['pad_token_id'] = int(ids[PAD_ID])
     (out / names.HF_CONFIG_FILENAME).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
-    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, restored)
+    max_len = model_cfg.max_position_embeddings - model_cfg.position_offset
+    tokenizer = _write_tokenizer(workdir, out, max_len, restored)
     if check:
         verify.verify(out, head, model_cfg, params, tokenizer, ids)
-    return f'{ARCHITECTURES[head]} (step {step})'
+    return f'{config["architectures"][0]} (step {step})'
 
 
 def _write_modernbert(workdir: epath.Path, out: pathlib.Path, model_cfg: BertConfig,

@@ -5,7 +5,12 @@ then in the --hf-dir that holds it):
   wordpiece.json / spm.model  this project's own files (an `export` round trip): copied;
   *.model                     another sentencepiece model: used if ids 0..4 are ours;
   vocab.txt                   WordPiece (do_lower_case/strip_accents from
-                              tokenizer_config.json), or a WordPiece tokenizer.json.
+                              tokenizer_config.json), or a WordPiece tokenizer.json;
+  tokenizer.json (BPE)        a byte-level BPE (RoBERTa): the pipeline as it is, its special
+                              tokens (named by tokenizer_config.json, RoBERTa's <s> <pad> </s>
+                              <unk> <mask> by default) moved to ids 0..4 under their own names
+                              (text '<mask>' is the mask, as in transformers); RoBERTa's pair
+                              template (<s> a </s></s> b </s>) is kept.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ from convert.tokenizer_files import model_proto
 from engine.errors import ConfigError
 from engine.rundir import SPM_FILENAME, WORDPIECE_FILENAME
 from text.tokenizer import SPECIAL_PIECES, Tokenizer
-from text.wordpiece import WordPieceTokenizer, build_wordpiece
+from text.wordpiece import SPECIAL_NAMES, WordPieceTokenizer, build_wordpiece
 
 # Key in the "model" object of wordpiece.json (tokenizers ignores it on load): the imported
 # vocabulary in its original id order, written when import moved the special tokens, so
 # that `export` restores the original ids (and a re-import of that export moves them again).
 ORIGINAL_VOCAB = 'original_vocab'
+# Each of SPECIAL_PIECES: its tokenizer_config.json key, the fallback key, RoBERTa's name.
+_ROLES = (('pad_token', None, '<pad>'), ('unk_token', None, '<unk>'),
+          ('cls_token', 'bos_token', '<s>'), ('sep_token', 'eos_token', '</s>'),
+          ('mask_token', None, '<mask>'))
 
 # Rows indexed by token id, reordered with the vocabulary.
 VOCAB_ROWS = ('bert.embeddings.word_embeddings.weight', 'cls.predictions.bias',
@@ -90,21 +99,113 @@ def original_order(path, where: str) -> tuple[list[str], list[int]] | None:
     reordered."""
     from tokenizers import Tokenizer as HFTokenizer
     text = path.read_text(encoding='utf-8')
-    vocab = (json.loads(text).get('model') or {}).get(ORIGINAL_VOCAB)
+    model = json.loads(text).get('model') or {}
+    vocab = model.get(ORIGINAL_VOCAB)
     if vocab is None:
         return None
+    renamed = _renamed(vocab, model.get(SPECIAL_NAMES))
     current = [p for p, _ in sorted(HFTokenizer.from_str(text).get_vocab().items(),
                                     key=lambda kv: kv[1])]
     try:
-        order = special_order(vocab)
+        order = special_order(renamed)
     except ConfigError:
         order = None
+    if model.get(SPECIAL_NAMES) and order is None:
+        order = list(range(len(vocab)))  # specials at 0..4 already: the original ids
     if order is None or [vocab[i] for i in order] != current:
         raise ConfigError(f'{where}: {path.name} records the original vocabulary of an '
                           'imported BERT, but its own vocabulary is no longer that one '
                           'reordered (changed or resized?); the original token ids cannot be '
                           'restored')
     return vocab, order
+
+
+def _renamed(vocab: list[str], originals: list[str] | None) -> list[str]:
+    """`vocab` with the special names `originals` spelled as SPECIAL_PIECES (to find where
+    they are; the pipeline keeps its own names)."""
+    rename = dict(zip(originals or (), SPECIAL_PIECES, strict=False))
+    return [rename.get(piece, piece) for piece in vocab]
+
+
+def _token_name(value) -> str | None:
+    """A special token of tokenizer_config.json: a string or an AddedToken dict."""
+    return value.get('content') if isinstance(value, dict) else value
+
+
+def _special_names(d: pathlib.Path) -> list[str]:
+    """The tokens of d's tokenizer playing [PAD] [UNK] [CLS] [SEP] [MASK], in that order."""
+    settings: dict = {}
+    for name in ('special_tokens_map.json', 'tokenizer_config.json'):
+        if (d / name).is_file():
+            settings.update(json.loads((d / name).read_text(encoding='utf-8')))
+    return [_token_name(settings.get(key)) or _token_name(settings.get(other or key))
+            or default for key, other, default in _ROLES]
+
+
+def relabel(data: dict, new_id: list[int]) -> dict:
+    """A tokenizer.json (BPE) with old id i moved to new_id[i]: its vocabulary, added
+    tokens and RoBERTa post-processor. The model's vocabulary gets every piece, the added
+    tokens too: tokenizers numbers an added token missing from it after the vocabulary,
+    whatever id the file gives it."""
+    vocab = _bpe_vocab(data)
+    data = json.loads(json.dumps(data))  # a deep copy
+    model = data['model']
+    model['vocab'] = {p: new_id[i] for i, p in enumerate(vocab)}
+    for token in data.get('added_tokens') or []:
+        token['id'] = new_id[token['id']]
+    post = data.get('post_processor') or {}
+    for key in ('cls', 'sep') if post.get('type') == 'RobertaProcessing' else ():
+        piece, old = post[key]
+        post[key] = [piece, new_id[old]]
+    return data
+
+
+def _bpe_vocab(data: dict) -> list[str]:
+    """The pieces of a tokenizer.json in id order (its added tokens included)."""
+    ids = dict(data['model']['vocab'])
+    for token in data.get('added_tokens') or []:
+        ids.setdefault(token['content'], token['id'])
+    if sorted(ids.values()) != list(range(len(ids))):
+        raise ConfigError('--hf-dir: tokenizer.json: the token ids are not 0..N-1')
+    return [piece for piece, _ in sorted(ids.items(), key=lambda kv: kv[1])]
+
+
+def _import_bpe(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
+    if not (d / 'tokenizer.json').is_file():
+        return None
+    data = json.loads((d / 'tokenizer.json').read_text(encoding='utf-8'))
+    if (data.get('model') or {}).get('type') != 'BPE':
+        return None
+    vocab, originals = _bpe_vocab(data), _special_names(d)
+    clash = sorted(set(SPECIAL_PIECES) & set(vocab) - set(originals))
+    if clash:
+        raise ConfigError(f'--hf-dir: tokenizer.json has {" ".join(clash)} as ordinary tokens')
+    order = special_order(_renamed(vocab, originals))
+    new_id = np.argsort(order).tolist() if order is not None else list(range(len(vocab)))
+    ours = relabel(data, new_id)
+    if (ours.get('post_processor') or {}).get('type') != 'RobertaProcessing':
+        ours['post_processor'] = None  # this project adds the special tokens itself
+    ours['model'][ORIGINAL_VOCAB] = vocab
+    ours['model'][SPECIAL_NAMES] = originals
+    (out / WORDPIECE_FILENAME).write_text(json.dumps(ours, ensure_ascii=False),
+                                          encoding='utf-8')
+    WordPieceTokenizer(str(out / WORDPIECE_FILENAME))  # checks ids 0..4
+    return Imported('bpe', order)
+
+
+def original_pipeline(path: pathlib.Path) -> tuple[dict, list[str]] | None:
+    """(tokenizer.json, its special token names) of an imported BPE file `path` as it was
+    imported: original names and ids; None for any other file."""
+    data = json.loads(path.read_text(encoding='utf-8'))
+    model = data.get('model') or {}
+    originals = model.pop(SPECIAL_NAMES, None)
+    vocab = model.pop(ORIGINAL_VOCAB, None)
+    if originals is None or vocab is None:
+        return None
+    index = {piece: i for i, piece in enumerate(vocab)}
+    current = _bpe_vocab(data)
+    new_id = [index[piece] for piece in current]
+    return relabel(data, new_id), originals
 
 
 def _wordpiece_settings(d: pathlib.Path) -> tuple[bool, bool | None]:
@@ -155,7 +256,9 @@ def _import_own(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
         # An export of an imported BERT holds its weights in the original id order.
         restored = original_order(d / WORDPIECE_FILENAME, '--hf-dir')
         shutil.copyfile(d / WORDPIECE_FILENAME, out / WORDPIECE_FILENAME)
-        return Imported('wordpiece', restored and restored[1])
+        model = json.loads((d / WORDPIECE_FILENAME).read_text(encoding='utf-8'))['model']
+        kind = 'bpe' if model.get('type') == 'BPE' else 'wordpiece'
+        return Imported(kind, restored and restored[1])
     for model in [d / SPM_FILENAME, *sorted(d.glob('*.model'))]:
         if model.is_file():
             try:
@@ -170,9 +273,9 @@ def _import_own(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
 def import_tokenizer(dirs: list[pathlib.Path], out: pathlib.Path) -> Imported:
     """Writes the tokenizer into `out`; the first of `dirs` that has one wins."""
     for d in dirs:
-        found = _import_own(d, out) or _import_wordpiece(d, out)
+        found = _import_own(d, out) or _import_wordpiece(d, out) or _import_bpe(d, out)
         if found is not None:
             return found
     raise ConfigError(f'--hf-dir: no tokenizer in {dirs[0]} (need vocab.txt, a WordPiece '
-                      'tokenizer.json, or a sentencepiece .model with [PAD] [UNK] [CLS] [SEP] '
-                      '[MASK] at ids 0..4)')
+                      'or BPE tokenizer.json, or a sentencepiece .model with [PAD] [UNK] [CLS] '
+                      '[SEP] [MASK] at ids 0..4)')

@@ -1,4 +1,5 @@
-"""`launch.py import`: a local Hugging Face BERT directory -> a workdir of this project.
+"""`launch.py import`: a local Hugging Face BERT, RoBERTa, DistilBERT or ELECTRA directory ->
+a workdir of this project.
 
 The workdir looks like a pretraining run's: config.json (continued-pretraining defaults with
 the imported architecture: peak lr 1e-4, no corpus until one is named), the tokenizer
@@ -12,7 +13,12 @@ fresh-optimizer TrainState at step 0. So
 Weights are read without pickle: model.safetensors (sharded too), or pytorch_model.bin with
 torch.load(weights_only=True) when torch is installed. This project keeps [PAD] [UNK] [CLS]
 [SEP] [MASK] at ids 0..4; a WordPiece vocabulary with them elsewhere (BERT's 0, 100..103)
-is reordered, and the word-embedding rows and MLM output bias with it.
+is reordered, and the word-embedding rows and MLM output bias with it. A RoBERTa is a BERT
+with other names (convert/names.py), positions from padding_idx + 1 (model.position_offset),
+no token types (type_vocab_size 1) and a byte-level BPE tokenizer. A pretrained pooler
+(bert.pooler.*, e.g. a bare BertModel's) is kept: model.mlm_pooler. A DistilBERT is a BERT
+without token types (one zero row, model.export_as='distilbert'); an ElectraForPreTraining
+becomes an objective=electra run (its discriminator, a fresh generator).
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ from engine.optim import OptimizerConfig, make_optimizer
 from engine.paths import local_file_argument
 from engine.rundir import RunDir
 from engine.step import TrainState
-from models.bert import BertConfig, BertForMaskedLM
+from models.bert import BertConfig
 from models.config import model_config
+from pretrain.objective import build_model
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
+IMPORTED_TYPES = ('bert', 'roberta', 'electra', 'distilbert')  # config.json model_type
+HEAD_NAMES = {'mlm': 'MLM head', 'electra': 'discriminator head'}
 
 
 def resolve_dir(hf_dir: pathlib.Path, step: int | None) -> pathlib.Path:
@@ -138,16 +147,24 @@ def read_weights(d: pathlib.Path) -> dict[str, np.ndarray]:
 
 def model_fields(config: dict) -> dict:
     """BertConfig fields from a transformers config.json; refuses what our model lacks."""
-    if config.get('model_type') != 'bert':
-        found = (f"model_type {config['model_type']!r}" if 'model_type' in config
-                 else 'no model_type')
-        raise ConfigError(f"--hf-dir: config.json has {found}; only model_type 'bert' can be "
-                          'imported')
+    kind = config.get('model_type')
+    if kind not in IMPORTED_TYPES:
+        found = f'model_type {kind!r}' if 'model_type' in config else 'no model_type'
+        known = ', '.join(map(repr, IMPORTED_TYPES[:-1])) + f' or {IMPORTED_TYPES[-1]!r}'
+        raise ConfigError(f'--hf-dir: config.json has {found}; only model_type {known} can '
+                          'be imported')
+    if kind == 'distilbert':
+        return _distilbert_fields(config)
     if config.get('hidden_act', 'gelu') != 'gelu':
         raise ConfigError(f"--hf-dir: hidden_act {config['hidden_act']!r}: only 'gelu' (erf) "
                           'is supported')
     if config.get('position_embedding_type', 'absolute') != 'absolute':
         raise ConfigError('--hf-dir: only absolute position embeddings are supported')
+    if kind == 'electra' and config.get('embedding_size', config.get('hidden_size')) != \
+            config.get('hidden_size'):
+        raise ConfigError(f"--hf-dir: ELECTRA embedding_size {config['embedding_size']} != "
+                          f"hidden_size {config.get('hidden_size')}: the embeddings "
+                          'projection of small ELECTRAs has no place in this model')
     try:
         return {'vocab_size': config['vocab_size'], 'hidden_size': config['hidden_size'],
                 'num_layers': config['num_hidden_layers'],
@@ -158,6 +175,32 @@ def model_fields(config: dict) -> dict:
                 'dropout_rate': config.get('hidden_dropout_prob', 0.1),
                 'attention_dropout_rate': config.get('attention_probs_dropout_prob', 0.1),
                 'layer_norm_eps': config.get('layer_norm_eps', 1e-12),
+                'initializer_range': config.get('initializer_range', 0.02),
+                # RoBERTa's first position id is padding_idx + 1 (transformers'
+                # create_position_ids_from_input_ids), for right-padded rows.
+                **({'position_offset': config.get('pad_token_id', 1) + 1}
+                   if kind == 'roberta' else {})}
+    except KeyError as e:
+        raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
+
+
+def _distilbert_fields(config: dict) -> dict:
+    """DistilBERT: BERT without token types (one all-zero row here), its own field names."""
+    if config.get('activation', 'gelu') != 'gelu':
+        raise ConfigError(f"--hf-dir: activation {config['activation']!r}: only 'gelu' (erf) "
+                          'is supported')
+    if config.get('sinusoidal_pos_embds'):
+        raise ConfigError('--hf-dir: sinusoidal_pos_embds: only learned position embeddings '
+                          'are supported')
+    try:
+        return {'vocab_size': config['vocab_size'], 'hidden_size': config['dim'],
+                'num_layers': config['n_layers'], 'num_heads': config['n_heads'],
+                'intermediate_size': config['hidden_dim'],
+                'max_position_embeddings': config['max_position_embeddings'],
+                'type_vocab_size': 1, 'export_as': 'distilbert',
+                'dropout_rate': config.get('dropout', 0.1),
+                'attention_dropout_rate': config.get('attention_dropout', 0.1),
+                'layer_norm_eps': 1e-12,  # fixed in transformers' DistilBERT
                 'initializer_range': config.get('initializer_range', 0.02)}
     except KeyError as e:
         raise ConfigError(f'--hf-dir: config.json has no {e.args[0]}') from None
@@ -172,13 +215,16 @@ CONTINUE_WARMUP_STEPS = 100
 TEXT_PLACEHOLDER = 'YOUR_TEXT'
 
 
-def pretrain_config(fields: dict, tokenizer_type: str):
-    """Continued-pretraining defaults with the imported architecture and tokenizer kind."""
+def pretrain_config(fields: dict, tokenizer_type: str, objective: str = 'mlm'):
+    """Continued-pretraining defaults with the imported architecture, tokenizer kind and
+    objective ('electra' for an ELECTRA discriminator: a fresh generator beside it)."""
     from configs.pretrain import get_config
     cfg = get_config('tiny')
+    cfg.objective = objective
     for key, value in fields.items():  # keys the recipe lacks (layer_norm_eps, ...) are added
         cfg.model[key] = type(cfg.model[key])(value) if key in cfg.model else value
-    cfg.seq_len = min(cfg.seq_len, fields['max_position_embeddings'])
+    cfg.seq_len = min(cfg.seq_len, fields['max_position_embeddings']
+                      - fields.get('position_offset', 0))
     cfg.num_train_steps = CONTINUE_STEPS
     cfg.eval_every_steps = cfg.checkpoint_every_steps = CONTINUE_STEPS // 2
     cfg.optimizer.learning_rate = CONTINUE_LEARNING_RATE
@@ -189,28 +235,45 @@ def pretrain_config(fields: dict, tokenizer_type: str):
     return cfg
 
 
-def _head_params(state: dict, model_cfg: BertConfig) -> tuple[dict, str]:
-    """Our params from the state dict: the MLM head if it has one, else a fresh one."""
-    layers = model_cfg.num_layers
-    head = names.head_keys(layers, 'mlm')
+def has_pooler(state: dict) -> bool:
+    """Whether the state dict holds a pretrained pooler (all of it, or a ConfigError)."""
+    present = set(names.POOLER_KEYS) & state.keys()
+    if present and len(present) < len(names.POOLER_KEYS):
+        raise ConfigError(f'--hf-dir: incomplete pooler, missing '
+                          f'{sorted(set(names.POOLER_KEYS) - present)}')
+    return bool(present)
+
+
+def _head_params(state: dict, cfg, model_cfg: BertConfig) -> tuple[dict, str]:
+    """Our params from the state dict: the MLM (ELECTRA: discriminator) head if it has
+    one, else a fresh one; the pooler when model_cfg.mlm_pooler; ELECTRA's generator is
+    always fresh (transformers keeps it in another model)."""
+    layers, kind = model_cfg.num_layers, _head_kind(cfg)
+    head = names.head_keys(layers, kind)
     present = head & state.keys()
-    keys = names.encoder_keys(layers) | (head if present else set())
+    pooler = set(names.POOLER_KEYS) if model_cfg.mlm_pooler else set()
+    keys = names.encoder_keys(layers) | (head if present else set()) | pooler
     if present and present != head:
-        raise ConfigError(f'--hf-dir: incomplete MLM head, missing {sorted(head - present)}')
+        raise ConfigError(f'--hf-dir: incomplete {HEAD_NAMES[kind]}, missing '
+                          f'{sorted(head - present)}')
     try:
-        ours = names.from_hf(state, layers, 'mlm', keys)
+        ours = names.from_hf(state, layers, kind, keys, model_cfg.mlm_pooler)
     except KeyError as e:
         raise ConfigError(f'--hf-dir: the weights have no {e.args[0]}') from None
-    model = BertForMaskedLM(model_cfg)
+    model = build_model(cfg, model_cfg)
     ids = jnp.zeros((1, 8), jnp.int32)
     init = functools.partial(model.init, jax.random.key(0), ids, ids[:, :1])
-    if present:  # shapes only: no need to initialise what the checkpoint replaces
+    if present and kind == 'mlm':  # shapes only: no need to initialise what is replaced
         base = strip_boxes(jax.eval_shape(init)['params'])
     else:
         base = jax.tree.map(np.asarray, nn.unbox(init()['params']))
     params = _overlay(base, ours)
     _check_shapes(base, params)
     return params, 'imported' if present else 'freshly initialised (not in the checkpoint)'
+
+
+def _head_kind(cfg) -> str:
+    return 'electra' if cfg.objective == 'electra' else 'mlm'
 
 
 def _overlay(base: dict, update: dict) -> dict:
@@ -252,9 +315,15 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
         raise ConfigError(f'--workdir: {workdir} exists and is not empty')
     if not (source / names.HF_CONFIG_FILENAME).is_file():
         raise ConfigError(f'--hf-dir: {source} has no {names.HF_CONFIG_FILENAME}')
-    fields = model_fields(_read_json(source / names.HF_CONFIG_FILENAME))
-    model_cfg = model_config(fields)
+    hf_config = _read_json(source / names.HF_CONFIG_FILENAME)
+    fields = model_fields(hf_config)
+    objective = 'electra' if hf_config['model_type'] == 'electra' else 'mlm'
     state = read_weights(source)
+    if hf_config['model_type'] == 'distilbert':
+        state = names.from_distilbert(state)
+    if has_pooler(state):
+        fields['mlm_pooler'] = True
+    model_cfg = model_config(fields)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
     try:
@@ -263,8 +332,9 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
         tok = hf_tokenizer_in.import_tokenizer([source] if source == given else [source, given],
                                                tmp)
         state = hf_tokenizer_in.reorder_vocab(state, tok.order)
-        params, head = _head_params(state, model_cfg)
-        _save(tmp, pretrain_config(fields, tok.kind), params, str(source))
+        cfg = pretrain_config(fields, tok.kind, objective)
+        params, head = _head_params(state, cfg, model_cfg)
+        _save(tmp, cfg, params, str(source))
         if target.exists():
             target.rmdir()
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -272,16 +342,18 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _report(source, workdir, model_cfg, tok, head, state)
+    _report(source, workdir, model_cfg, tok, (_head_kind(cfg), head), state)
 
 
-def _report(source, workdir: str, m: BertConfig, tok, head: str, state: dict) -> None:
-    used = {hf for _, hf, _ in names.name_map(m.num_layers, 'mlm')}
+def _report(source, workdir: str, m: BertConfig, tok, head: tuple[str, str],
+            state: dict) -> None:
+    used = {hf for _, hf, _ in names.name_map(m.num_layers, head[0], m.mlm_pooler)}
     ignored = sorted(set(state) - used - set(names.IGNORED_HF_KEYS))
     moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
-    moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
+    pooler = '; pooler imported' if m.mlm_pooler else ''
     print(f'imported {source}: {m.num_layers} layers, hidden {m.hidden_size}, vocab '
-          f'{m.vocab_size}, {tok.kind} tokenizer{moved}; MLM head {head}', flush=True)
+          f'{m.vocab_size}, {tok.kind} tokenizer{moved}; {HEAD_NAMES[head[0]]} {head[1]}'
+          f'{pooler}', flush=True)
     if ignored:
         print(f'not imported (no place in a pretraining run): {", ".join(ignored[:6])}'
               f'{" ..." if len(ignored) > 6 else ""}', flush=True)

@@ -9,22 +9,50 @@ Heads:
                 the word embeddings, so transformers saves neither `decoder.weight` nor
                 `decoder.bias` (an alias of `cls.predictions.bias`).
   'classifier'  BertForSequenceClassification: `bert.pooler.dense.*` and `classifier.*`.
+  'electra'     ElectraForPreTraining (the discriminator): `discriminator_predictions.
+                {dense,dense_prediction}.*`, our models/electra.py head of the same names.
+An MLM model with `mlm_pooler` (a kept pretrained pooler) also maps `bert.pooler.dense.*`.
+
+RoBERTa (`roberta.*`, `lm_head.{dense,layer_norm,bias}`) is the same tree under other
+names: `normalize_hf_keys` renames it to BERT's on import, `roberta_names` back on export.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
 
 Path = tuple[str, ...]
 HF_CONFIG_FILENAME = 'config.json'  # transformers' model config (not our workdir's)
-HEADS = ('mlm', 'classifier')
+HEADS = ('mlm', 'classifier', 'electra')
 # Keys older or other transformers BERT checkpoints carry that hold nothing we need: the
 # tied decoder copies, the position-id buffer, next-sentence prediction.
 IGNORED_HF_KEYS = ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias',
-                   'bert.embeddings.position_ids', 'cls.seq_relationship.weight',
-                   'cls.seq_relationship.bias')
+                   'bert.embeddings.position_ids', 'bert.embeddings.token_type_ids',
+                   'cls.seq_relationship.weight', 'cls.seq_relationship.bias')
+POOLER_KEYS = ('bert.pooler.dense.weight', 'bert.pooler.dense.bias')
+# (RoBERTa prefix, BERT prefix): a key starting with the one starts with the other.
+ROBERTA_PREFIXES = (('roberta.', 'bert.'),
+                    ('lm_head.dense.', 'cls.predictions.transform.dense.'),
+                    ('lm_head.layer_norm.', 'cls.predictions.transform.LayerNorm.'),
+                    ('lm_head.decoder.', 'cls.predictions.decoder.'),
+                    ('lm_head.bias', 'cls.predictions.bias'))
+ELECTRA_PREFIXES = (('electra.', 'bert.'),)
+# DistilBERT's names of BERT's modules (its layer i's, then its MLM head's).
+DISTILBERT_LAYER = (('attention.q_lin', 'attention.self.query'),
+                    ('attention.k_lin', 'attention.self.key'),
+                    ('attention.v_lin', 'attention.self.value'),
+                    ('attention.out_lin', 'attention.output.dense'),
+                    ('sa_layer_norm', 'attention.output.LayerNorm'),
+                    ('ffn.lin1', 'intermediate.dense'), ('ffn.lin2', 'output.dense'),
+                    ('output_layer_norm', 'output.LayerNorm'))
+DISTILBERT_HEAD = (('vocab_transform.', 'cls.predictions.transform.dense.'),
+                   ('vocab_layer_norm.', 'cls.predictions.transform.LayerNorm.'),
+                   ('vocab_projector.bias', 'cls.predictions.bias'),
+                   ('vocab_projector.weight', 'cls.predictions.decoder.weight'))
+_DISTIL_LAYER = re.compile(r'^(?:distilbert\.)?transformer\.layer\.(\d+)\.(.+)$')
 
 
 def _dense(ours: Path, hf: str) -> Iterator[tuple[Path, str, bool]]:
@@ -68,14 +96,28 @@ def _classifier_head() -> Iterator[tuple[Path, str, bool]]:
     yield from _dense(('classifier',), 'classifier')
 
 
-def name_map(num_layers: int, head: str) -> list[tuple[Path, str, bool]]:
-    """[(our path, transformers key, transpose?)] for every parameter of the model."""
+def _discriminator_head() -> Iterator[tuple[Path, str, bool]]:
+    for name in ('dense', 'dense_prediction'):
+        yield from _dense(('discriminator_predictions', name), f'discriminator_predictions.{name}')
+
+
+def _head(head: str) -> Iterator[tuple[Path, str, bool]]:
+    return {'mlm': _mlm_head, 'classifier': _classifier_head,
+            'electra': _discriminator_head}[head]()
+
+
+def name_map(num_layers: int, head: str, pooler: bool = False
+             ) -> list[tuple[Path, str, bool]]:
+    """[(our path, transformers key, transpose?)] for every parameter of the model;
+    `pooler`: an MLM model's kept pooler too (a classifier always has one)."""
     if head not in HEADS:
         raise ValueError(f'head must be one of {HEADS}, got {head!r}')
     entries = list(_embeddings())
     for i in range(num_layers):
         entries += list(_layer(i))
-    entries += list(_mlm_head() if head == 'mlm' else _classifier_head())
+    entries += list(_head(head))
+    if pooler and head == 'mlm':
+        entries += list(_dense(('bert', 'pooler', 'dense'), 'bert.pooler.dense'))
     return entries
 
 
@@ -103,7 +145,8 @@ def _set(tree: dict, path: Path, value) -> None:
 def to_hf(params: dict, num_layers: int, head: str) -> dict[str, np.ndarray]:
     """Our nested params -> {transformers key: float32 array}; every leaf must be mapped."""
     out = {}
-    for path, hf, transpose in name_map(num_layers, head):
+    pooler = 'pooler' in params.get('bert', {})
+    for path, hf, transpose in name_map(num_layers, head, pooler):
         value = np.asarray(_get(params, path), dtype=np.float32)
         out[hf] = np.ascontiguousarray(value.T if transpose else value)
     mapped = len(out)
@@ -115,10 +158,10 @@ def to_hf(params: dict, num_layers: int, head: str) -> dict[str, np.ndarray]:
 
 
 def from_hf(state: dict[str, np.ndarray], num_layers: int, head: str,
-            keys: set[str] | None = None) -> dict:
+            keys: set[str] | None = None, pooler: bool = False) -> dict:
     """{transformers key: array} -> our nested params (only `keys` if given, else all)."""
     params: dict = {}
-    for path, hf, transpose in name_map(num_layers, head):
+    for path, hf, transpose in name_map(num_layers, head, pooler):
         if keys is not None and hf not in keys:
             continue
         if hf not in state:
@@ -133,6 +176,7 @@ def normalize_hf_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     'bert.'), TF-era LayerNorm 'gamma'/'beta'."""
     out = {}
     for key, value in state.items():
+        key = _renamed(key, ROBERTA_PREFIXES + ELECTRA_PREFIXES)
         if key.startswith(('embeddings.', 'encoder.', 'pooler.')):
             key = f'bert.{key}'
         if key.endswith('LayerNorm.gamma'):
@@ -141,6 +185,71 @@ def normalize_hf_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             key = key[:-len('beta')] + 'bias'
         out[key] = value
     return out
+
+
+def _renamed(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def roberta_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BERT-named tensors (to_hf's) -> RobertaForMaskedLM's names."""
+    back = tuple((bert, roberta) for roberta, bert in ROBERTA_PREFIXES)
+    return {_renamed(key, back): value for key, value in tensors.items()}
+
+
+def _from_distil(key: str) -> str:
+    layer = _DISTIL_LAYER.match(key)
+    if layer:
+        i, rest = layer.groups()
+        for distil, bert in DISTILBERT_LAYER:
+            if rest.startswith(distil + '.'):
+                return f'bert.encoder.layer.{i}.{bert}{rest[len(distil):]}'
+    if key.startswith(('distilbert.embeddings.', 'embeddings.')):
+        return 'bert.' + key.removeprefix('distilbert.')
+    return _renamed(key, DISTILBERT_HEAD)
+
+
+def from_distilbert(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A DistilBERT state dict in BERT's names, with the one all-zero token-type row our
+    embeddings add (DistilBERT has none)."""
+    out = {_from_distil(key): value for key, value in state.items()}
+    words = out.get('bert.embeddings.word_embeddings.weight')
+    if words is not None:
+        out['bert.embeddings.token_type_embeddings.weight'] = np.zeros_like(words[:1])
+    return out
+
+
+def _to_distil(key: str) -> str:
+    layer = re.match(r'^bert\.encoder\.layer\.(\d+)\.(.+)$', key)
+    if layer:
+        i, rest = layer.groups()
+        for distil, bert in DISTILBERT_LAYER:
+            if rest.startswith(bert + '.'):
+                return f'distilbert.transformer.layer.{i}.{distil}{rest[len(bert):]}'
+    if key.startswith('bert.embeddings.'):
+        return 'distil' + key
+    return _renamed(key, tuple((bert, distil) for distil, bert in DISTILBERT_HEAD))
+
+
+def to_distilbert(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BERT-named MLM tensors (to_hf's) -> DistilBertForMaskedLM's; the token-type row
+    (every token reads it) is folded into each position row, which gives the same sums."""
+    tensors = dict(tensors)
+    row = tensors.pop('bert.embeddings.token_type_embeddings.weight')
+    if row.shape[0] != 1:
+        raise ValueError(f'{row.shape[0]} token types; DistilBERT has none')
+    positions = 'bert.embeddings.position_embeddings.weight'
+    tensors[positions] = tensors[positions] + row[0]
+    return {_to_distil(key): value for key, value in tensors.items()}
+
+
+def electra_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BERT-named tensors (to_hf's) -> ElectraForPreTraining's names."""
+    back = tuple((bert, electra) for electra, bert in ELECTRA_PREFIXES)
+    return {_renamed(key, back): value for key, value in tensors.items()}
 
 
 def _leaves(tree: dict, prefix: Path = ()) -> list[Path]:

@@ -118,3 +118,19 @@ def write_hf_tokenizer(tok: Tokenizer, directory: pathlib.Path, model_max_length
               **SPECIAL_TOKENS, **(extra or {})}
     (directory / 'tokenizer_config.json').write_text(json.dumps(config, indent=2) + '\n')
     (directory / 'special_tokens_map.json').write_text(json.dumps(SPECIAL_TOKENS, indent=2) + '\n')
+
+
+def write_original(data: dict, specials: list[str], directory: pathlib.Path,
+                   model_max_length: int) -> None:
+    """An imported tokenizer.json (`data`, its original names and ids; special tokens
+    `specials`, the original names of SPECIAL_PIECES) and its transformers config files.
+    No token types: RoBERTa's pair template has none."""
+    (directory / 'tokenizer.json').write_text(json.dumps(data, ensure_ascii=False),
+                                              encoding='utf-8')
+    tokens = {key: specials[SPECIAL_PIECES.index(piece)] for key, piece in SPECIAL_TOKENS.items()}
+    tokens.update(bos_token=tokens['cls_token'], eos_token=tokens['sep_token'])
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': model_max_length,
+              'model_input_names': ['input_ids', 'attention_mask'], 'padding_side': 'right',
+              'clean_up_tokenization_spaces': False, **tokens}
+    (directory / 'tokenizer_config.json').write_text(json.dumps(config, indent=2) + '\n')
+    (directory / 'special_tokens_map.json').write_text(json.dumps(tokens, indent=2) + '\n')

@@ -17,9 +17,11 @@ import numpy as np
 from finetune.data import Examples
 from finetune.encoding import encode
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from models.electra import ElectraForPretraining
 from text.tokenizer import CLS_ID, SEP_ID
 
 TOLERANCE = 1e-4  # max |logit difference| in float32
+POOLER_PREFIXES = ('bert.pooler.', 'roberta.pooler.')
 SENTENCES = (
     'The quick brown fox jumps over the lazy dog.',
     'I love this!!! :) #happy',
@@ -58,7 +60,8 @@ def fixed_batch(tokenizer, pairs: bool, max_len: int) -> dict[str, np.ndarray]:
 
 
 def our_logits(head: str, model_cfg: BertConfig, params: dict, batch: dict) -> np.ndarray:
-    """(B, L, V) MLM logits at every position, or (B, C) classifier logits; float32."""
+    """(B, L, V) MLM logits at every position, (B, L) ELECTRA discriminator logits, or
+    (B, C) classifier logits; float32."""
     cfg = dataclasses.replace(model_cfg, dtype='float32')
     ids = jnp.asarray(batch['input_ids'])
     kwargs = {'token_type_ids': jnp.asarray(batch['token_type_ids']),
@@ -67,6 +70,9 @@ def our_logits(head: str, model_cfg: BertConfig, params: dict, batch: dict) -> n
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
         return np.asarray(BertForMaskedLM(cfg).apply({'params': params}, ids, positions,
                                                      **kwargs))
+    if head == 'electra':  # the discriminator alone (no token types, as it is trained)
+        return np.asarray(ElectraForPretraining(cfg, cfg).apply(
+            {'params': params}, ids, kwargs['attention_mask'], None, method='discriminate'))
     return np.asarray(BertForSequenceClassification(cfg).apply({'params': params}, ids,
                                                                **kwargs))
 
@@ -74,14 +80,19 @@ def our_logits(head: str, model_cfg: BertConfig, params: dict, batch: dict) -> n
 def hf_logits(directory: pathlib.Path, head: str, batch: dict) -> np.ndarray:
     import torch
     import transformers
-    auto = (transformers.AutoModelForMaskedLM if head == 'mlm'
-            else transformers.AutoModelForSequenceClassification)
+    auto = {'mlm': transformers.AutoModelForMaskedLM,
+            'electra': transformers.AutoModelForPreTraining,
+            'classifier': transformers.AutoModelForSequenceClassification}[head]
     model, info = auto.from_pretrained(str(directory), output_loading_info=True)
+    # A kept pretrained pooler is written with an MLM export for *ForSequenceClassification
+    # to read; the *ForMaskedLM models have none.
+    info = {**info, 'unexpected_keys': [k for k in info.get('unexpected_keys') or []
+                                        if not k.startswith(POOLER_PREFIXES)]}
     problems = {k: v for k, v in info.items() if v and k != 'error_msgs'}
     if problems or info.get('error_msgs'):
         raise VerificationError(f'transformers reports {problems or info["error_msgs"]}')
     model.eval()
-    if model.config.model_type == 'modernbert':  # no token types (single-segment inputs)
+    if model.config.model_type in ('modernbert', 'distilbert'):  # no token types
         batch = {k: v for k, v in batch.items() if k != 'token_type_ids'}
     with torch.no_grad():
         out = model(**{k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()})
@@ -93,7 +104,7 @@ def max_logit_diff(head: str, ours: np.ndarray, theirs: np.ndarray, mask: np.nda
         raise VerificationError(f'logit shapes differ: ours {ours.shape}, transformers '
                                 f'{theirs.shape}')
     diff = np.abs(ours - theirs)
-    if head == 'mlm':
+    if head != 'classifier':
         diff = diff[mask.astype(bool)]  # padded positions are not predictions
     return float(diff.max())
 
@@ -113,10 +124,15 @@ def tokenizer_parity(directory: pathlib.Path, tokenizer, ids: np.ndarray | None 
         single = hf(text)
         pair = hf(text, other)
         cls, sep = to_hf([CLS_ID, SEP_ID])
-        want_pair = [cls, *a, sep, *b, sep]
-        types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+        if getattr(tokenizer, 'pair_template', 'bert') == 'roberta':  # no token types
+            want_pair = [cls, *a, sep, sep, *b, sep]
+            types = [0] * len(want_pair)
+        else:
+            want_pair = [cls, *a, sep, *b, sep]
+            types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
         matching += single['input_ids'] == [cls, *a, sep]
-        matching += pair['input_ids'] == want_pair and pair['token_type_ids'] == types
+        matching += (pair['input_ids'] == want_pair
+                     and pair.get('token_type_ids', [0] * len(want_pair)) == types)
         total += 2
     return matching, total
 
@@ -134,7 +150,7 @@ def verify(directory: pathlib.Path, head: str, model_cfg: BertConfig, params: di
     transformers.logging.set_verbosity_error()  # we report problems ourselves, in one line
     transformers.logging.disable_progress_bar()
     batch = fixed_batch(tokenizer, head == 'classifier',
-                        min(64, model_cfg.max_position_embeddings))
+                        min(64, model_cfg.max_position_embeddings - model_cfg.position_offset))
     theirs_batch = batch if ids is None else {**batch, 'input_ids': ids[batch['input_ids']]}
     theirs = hf_logits(directory, head, theirs_batch)
     if ids is not None and head == 'mlm':

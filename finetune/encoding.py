@@ -64,10 +64,13 @@ def encode(tokenizer: Tokenizer, examples: Examples, seq_len: int) -> dict[str, 
     """int32 (N, seq_len) 'input_ids', 'token_type_ids', 'attention_mask', and 'labels'.
 
     [CLS] a [SEP], or [CLS] a [SEP] b [SEP] with token type 1 from b to its [SEP];
-    longest-first truncation to fit, [PAD] after.
+    longest-first truncation to fit, [PAD] after. A tokenizer whose pair_template is
+    'roberta' joins pairs as [CLS] a [SEP] [SEP] b [SEP], all token type 0.
     """
     paired = examples.text_b is not None
-    budget = seq_len - (3 if paired else 2)
+    roberta = paired and getattr(tokenizer, 'pair_template', 'bert') == 'roberta'
+    gap = 2 if roberta else 1  # [SEP]s between a and b
+    budget = seq_len - (2 + gap if paired else 2)
     if budget < (2 if paired else 1):
         raise ValueError(f'seq_len: {seq_len} leaves no room for text')
     n = len(examples)
@@ -82,12 +85,15 @@ def encode(tokenizer: Tokenizer, examples: Examples, seq_len: int) -> dict[str, 
     out[np.arange(n), keep_a + 1] = SEP_ID
     length = keep_a + 2
     if paired:
-        _place(out, ids_b, keep_b, keep_a + 2)
-        length = length + keep_b + 1
+        if roberta:
+            out[np.arange(n), length] = SEP_ID
+        _place(out, ids_b, keep_b, keep_a + 1 + gap)
+        length = length + gap - 1 + keep_b + 1
         out[np.arange(n), length - 1] = SEP_ID
     cols = np.arange(seq_len)
     mask = cols < length[:, None]
-    types = mask & (cols >= (keep_a + 2)[:, None]) if paired else np.zeros_like(mask)
+    types = (mask & (cols >= (keep_a + 2)[:, None]) if paired and not roberta
+             else np.zeros_like(mask))
     truncated = int(np.sum(keep_a < len_a) + (np.sum(keep_b < len_b) if paired else 0))
     if truncated:
         log.info('encode: truncated %d of %d examples to seq_len %d', truncated, n, seq_len)

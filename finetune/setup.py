@@ -21,7 +21,7 @@ from finetune import distill, peft, steps, unfreeze
 from models.bert import BertConfig, BertForSequenceClassification
 from models.config import RUNTIME_FIELDS, model_config
 from models.flops import forward_flops, train_flops_per_step
-from models.load import load
+from models.load import ENCODER_PARTS, load
 from models.peft import is_peft_path
 from pretrain.continual import same_vocabulary
 from text.tokenizer import Tokenizer, load_or_train_tokenizer, load_tokenizer
@@ -218,11 +218,15 @@ def _fresh_params(cfg, mesh, built: Built):
 def _load_encoder(cfg, params: dict, built: Built) -> dict:
     """Replaces embeddings and encoder with the pretrained ones, on this run's shardings.
     LoRA / adapter / prefix parameters are not in a pretraining checkpoint: they stay fresh;
-    a distillation student with fewer layers reads each from its pretrained source layer."""
+    a distillation student with fewer layers reads each from its pretrained source layer.
+    An imported checkpoint's pretrained pooler (model.mlm_pooler) is read too for [CLS]
+    pooling, as transformers' BertForSequenceClassification starts from it."""
+    m = built.model_cfg
+    parts = (*ENCODER_PARTS, 'pooler') if m.mlm_pooler and m.pooling == 'cls' else ENCODER_PARTS
     try:
         read = subtree_reader(str(RunDir(pretrained_dir(cfg)).checkpoints), cfg.init_step or None)
-        return load(params, read, layer_map=distill.source_names(cfg), dont_load=is_peft_path,
-                    saved_layers=built.saved_layers)
+        return load(params, read, parts=parts, layer_map=distill.source_names(cfg),
+                    dont_load=is_peft_path, saved_layers=built.saved_layers)
     except ValueError as e:  # shapes differ: another architecture
         raise ConfigError(f'init_from: cannot load its encoder: {e}') from None
 

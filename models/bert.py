@@ -75,16 +75,20 @@ class BertEmbeddings(nn.Module):
 
     def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
         length = input_ids.shape[-1]
-        if self.learned_positions and length > self.config.max_position_embeddings:
+        offset = self.config.position_offset
+        if self.learned_positions and length + offset > self.config.max_position_embeddings:
             # jnp indexing would silently clamp the out-of-range position ids.
             raise ValueError(
                 f'sequence length {length} > max_position_embeddings '
                 f'{self.config.max_position_embeddings}'
+                + (f' - position_offset {offset}' if offset else '')
             )
+        if self.config.type_vocab_size == 1:  # no token types: a pair's 1s read row 0 too
+            token_type_ids = jnp.zeros_like(token_type_ids)
         # Sum in float32: it feeds a float32 LayerNorm anyway.
         x = self.word_embeddings(input_ids).astype(jnp.float32)
         if self.learned_positions:
-            positions = jnp.arange(length)[None, :]
+            positions = jnp.arange(offset, offset + length)[None, :]
             x = x + self.position_embeddings(positions).astype(jnp.float32)
         x = x + self.token_type_embeddings(token_type_ids).astype(jnp.float32)
         x = norm(self.LayerNorm, x, self.config.compute_dtype)
@@ -304,7 +308,9 @@ class BertForMaskedLM(nn.Module):
     config: BertConfig
 
     def setup(self) -> None:
-        self.bert = BertModel(self.config, add_pooling_layer=False)
+        # mlm_pooler: the pooler is computed and its output dropped, so it has params (an
+        # imported one is kept) and a zero gradient.
+        self.bert = BertModel(self.config, add_pooling_layer=self.config.mlm_pooler)
         self.cls = BertOnlyMLMHead(self.config)
 
     def __call__(

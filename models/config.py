@@ -24,6 +24,18 @@ today's model bit for bit; `non_bert_options` names the ones a run moved away fr
                         dropout in training, else xla on CPU, cuDNN on GPU for 16-bit,
                         splash on TPU; models/attention.py), or 'explicit', 'xla', 'cudnn',
                         'splash' (these three have no dropout: attention_dropout_rate 0).
+    position_offset     learned positions: token i reads row i + position_offset of the table
+                        (RoBERTa's padding_idx + 1 = 2; BERT 0), so sequences are at most
+                        max_position_embeddings - position_offset long.
+    type_vocab_size     1: no token types (RoBERTa); every token reads row 0 (a pair's
+                        second-segment types are ignored, not clamped by the lookup).
+    export_as           '' (export by architecture: BERT, RoBERTa, ModernBERT) or 'distilbert':
+                        an imported DistilBERT, a BERT with one all-zero token-type row
+                        (type_vocab_size 1) that export folds into the position table.
+    mlm_pooler          True: the MLM model also holds a pooler (dense + tanh on [CLS]) that
+                        its loss never trains (only weight decay reaches it): an imported
+                        checkpoint's pretrained pooler, kept for fine-tuning (pooling='cls')
+                        and export.
     pooling             sequence classification: 'cls' pools [CLS] (BERT), 'mean' the
                         masked mean of the non-pad tokens; both then go through the pooler
                         dense + tanh.
@@ -53,6 +65,7 @@ MLPS = ('gelu', 'geglu', 'swiglu')
 POOLINGS = ('cls', 'mean')
 ATTENTION_IMPLS = ('auto', 'explicit', 'xla', 'cudnn', 'splash')
 ADAPTER_PLACEMENTS = ('houlsby', 'pfeiffer')  # models/peft.py
+EXPORT_FAMILIES = ('', 'distilbert')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +98,9 @@ class BertConfig:
     local_attention_window: int = 0  # 0 = off; W: attend within +-W/2 in local layers
     global_attention_every: int = 3  # layer l is global when l % N == 0; 0 = none global
     pooling: str = 'cls'  # sequence classification: 'cls' | 'mean'
+    position_offset: int = 0  # first position row (RoBERTa: padding_idx + 1)
+    mlm_pooler: bool = False  # the MLM model keeps a (pretrained, untrained) pooler
+    export_as: str = ''  # EXPORT_FAMILIES: '' by architecture, 'distilbert'
     attention_impl: str = 'auto'  # ATTENTION_IMPLS; resolved per platform (models/attention.py)
     scan_layers: bool = False  # one nn.scan over the layers (stacked params; models/scan.py)
     # Pre-LN only: False = layer 0 has no attention LayerNorm, the embedding norm plays its
@@ -180,6 +196,10 @@ def _validate_architecture(c: BertConfig) -> None:
     _one_of('mlp', c.mlp, MLPS)
     _one_of('pooling', c.pooling, POOLINGS)
     _one_of('attention_impl', c.attention_impl, ATTENTION_IMPLS)
+    _one_of('export_as', c.export_as, EXPORT_FAMILIES)
+    if c.export_as == 'distilbert' and c.type_vocab_size != 1:
+        raise ValueError('export_as=distilbert needs type_vocab_size=1 (DistilBERT has no '
+                         'token types)')
     if c.attention_impl in ('xla', 'cudnn', 'splash') and c.attention_dropout_rate > 0:
         raise ValueError(f'attention_impl={c.attention_impl} has no attention dropout; set '
                          'attention_dropout_rate=0 or attention_impl=auto')
@@ -196,6 +216,11 @@ def _validate_architecture(c: BertConfig) -> None:
     if c.scan_layers and (c.lora_rank or c.adapter_size or c.prefix_length):
         raise ValueError('scan_layers: PEFT needs per-layer parameters; fine-tuning unrolls '
                          'the layers of a scanned run (leave scan_layers off)')
+    if c.position_offset < 0 or c.position_offset >= c.max_position_embeddings:
+        raise ValueError(f'position_offset must be in [0, max_position_embeddings), got '
+                         f'{c.position_offset}')
+    if c.type_vocab_size < 1:
+        raise ValueError(f'type_vocab_size must be >= 1, got {c.type_vocab_size}')
     window, every = c.local_attention_window, c.global_attention_every
     if window < 0 or window % 2:
         raise ValueError(f'local_attention_window must be 0 (off) or an even number of tokens '

@@ -192,8 +192,8 @@ def test_import_refuses_a_damaged_safetensors_file(hf_copy, tmp_path, capsys, da
                               'safetensors file (truncated or corrupt? '), message
 
 
-@pytest.mark.parametrize('model_type', [None, 'roberta', ''])
-def test_import_requires_model_type_bert(hf_copy, tmp_path, capsys, model_type):
+@pytest.mark.parametrize('model_type', [None, 'xlm-roberta', ''])
+def test_import_requires_a_known_model_type(hf_copy, tmp_path, capsys, model_type):
     config = json.loads((hf_copy / 'config.json').read_text())
     assert config['model_type'] == 'bert'
     if model_type is None:
@@ -203,7 +203,8 @@ def test_import_requires_model_type_bert(hf_copy, tmp_path, capsys, model_type):
     (hf_copy / 'config.json').write_text(json.dumps(config))
     found = 'no model_type' if model_type is None else f'model_type {model_type!r}'
     assert _import_refused(capsys, hf_copy, tmp_path) == (
-        f"error: --hf-dir: config.json has {found}; only model_type 'bert' can be imported")
+        f"error: --hf-dir: config.json has {found}; only model_type 'bert', 'roberta', "
+        "'electra' or 'distilbert' can be imported")
 
 
 def test_import_refuses_garbled_config_json(hf_copy, tmp_path, capsys):

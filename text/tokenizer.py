@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 class Tokenizer:
     """A sentencepiece model whose first five pieces are SPECIAL_PIECES."""
 
+    pair_template = 'bert'  # text pairs: [CLS] a [SEP] b [SEP] (see text/wordpiece.py)
+
     def __init__(self, model_path: str):
         self.path = str(model_path)
         try:

@@ -3,12 +3,16 @@
 A workdir that holds WORDPIECE_FILENAME (a `tokenizers` pipeline: BERT normalizer and
 pre-tokenizer, WordPiece model) instead of spm.model uses it for pretraining, fine-tuning
 and prediction. `launch.py import` writes it from a `vocab.txt`, reordered so that the five
-special tokens sit at ids 0..4 like every tokenizer of this project.
+special tokens sit at ids 0..4 like every tokenizer of this project. An imported RoBERTa's
+byte-level BPE pipeline is kept in the same file and read by the same class: its special
+tokens keep their names (SPECIAL_NAMES) at ids 0..4, its words start with 'Ġ', and its
+RobertaProcessing post-processor makes `pair_template` 'roberta'.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +24,10 @@ from tokenizers.implementations import BertWordPieceTokenizer
 from text.special import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
 
 _CONTINUATION = '##'
+_BYTE_LEVEL_SPACE = '\u0120'  # 'Ġ': byte-level BPE's marker for a preceding space
+# Key in the "model" object of an imported BPE pipeline: its own names of SPECIAL_PIECES
+# (RoBERTa's <pad> <unk> <s> </s> <mask>), which it keeps at ids 0..4.
+SPECIAL_NAMES = 'original_specials'
 
 
 def build_wordpiece(vocab: Sequence[str], lowercase: bool = True,
@@ -46,7 +54,14 @@ class WordPieceTokenizer:
             raise ValueError(f'tokenizer {self.path}: cannot load a WordPiece tokenizer '
                              f'({type(e).__name__}: {e})') from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-        for i, want in enumerate(SPECIAL_PIECES):
+        data = json.loads(self._bytes)
+        self.byte_level = (data.get('model') or {}).get('type') == 'BPE'
+        post = (data.get('post_processor') or {}).get('type')
+        # How text pairs are joined (finetune/encoding.py): 'bert' [CLS] a [SEP] b [SEP]
+        # with token types, 'roberta' [CLS] a [SEP] [SEP] b [SEP] without.
+        self.pair_template = 'roberta' if post == 'RobertaProcessing' else 'bert'
+        names = (data.get('model') or {}).get(SPECIAL_NAMES) or SPECIAL_PIECES
+        for i, want in enumerate(names):
             if self._tok.id_to_token(i) != want:
                 raise ValueError(f'tokenizer {self.path}: id {i} is '
                                  f'{self._tok.id_to_token(i)!r}, expected {want!r}')
@@ -71,8 +86,13 @@ class WordPieceTokenizer:
         return self._tok.id_to_token(int(i))
 
     def word_start_mask(self) -> np.ndarray:
-        """True for pieces that begin a word (no '##'), and for the special ids."""
+        """True for pieces that begin a word (no '##'; byte-level BPE: a leading 'Ġ'), and
+        for the special ids."""
         pieces = [self._tok.id_to_token(i) or '' for i in range(self.vocab_size)]
-        mask = np.array([not p.startswith(_CONTINUATION) for p in pieces], dtype=bool)
+        if self.byte_level:
+            starts = [p.startswith(_BYTE_LEVEL_SPACE) for p in pieces]
+        else:
+            starts = [not p.startswith(_CONTINUATION) for p in pieces]
+        mask = np.array(starts, dtype=bool)
         mask[:len(SPECIAL_PIECES)] = True
         return mask
