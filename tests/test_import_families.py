@@ -65,6 +65,21 @@ def _noise(model, seed: int) -> None:
             p.add_(torch.randn_like(p) * 0.1)
 
 
+def _wordpiece_batch(hf_dir, work) -> tuple[list[int], dict, dict]:
+    """(our id -> transformers id, transformers' encoding, the same batch in our ids) of a
+    few texts, for a WordPiece model imported into `work`."""
+    tok = transformers.BertTokenizerFast.from_pretrained(str(hf_dir))
+    ours = load_tokenizer(tokenizer_file(str(work)))
+    order = [tok.convert_tokens_to_ids(ours.id_to_piece(i)) for i in range(ours.vocab_size)]
+    texts = ['the red cat sat on the mat .', 'a quiet horse walked', 'old fish jumped near',
+             'zebras ?']
+    enc = tok(texts, padding=True, return_tensors='pt')
+    batch = {'input_ids': np.argsort(order)[enc['input_ids'].numpy()],
+             'token_type_ids': enc['token_type_ids'].numpy(),
+             'attention_mask': enc['attention_mask'].numpy()}
+    return order, enc, batch
+
+
 def _import(hf_dir, workdir, capsys) -> str:
     assert launch.main(['import', '--hf-dir', str(hf_dir), '--workdir', str(workdir)]) == 0
     return capsys.readouterr().out
@@ -291,19 +306,11 @@ def test_electra_discriminator_imports_and_exports_exactly(electra, tmp_path, ca
     work, out = tmp_path / 'w', tmp_path / 'o'
     assert 'discriminator head imported' in _import(electra['hf'], work, capsys)
     assert json.loads((work / 'config.json').read_text())['objective'] == 'electra'
-    tok = transformers.BertTokenizerFast.from_pretrained(str(electra['hf']))
-    ours = load_tokenizer(tokenizer_file(str(work)))
-    order = [tok.convert_tokens_to_ids(ours.id_to_piece(i)) for i in range(ours.vocab_size)]
-    texts = ['the red cat sat on the mat .', 'a quiet horse walked', 'old fish jumped near',
-             'zebras ?']
-    enc = tok(texts, padding=True, return_tensors='pt')
+    order, enc, batch = _wordpiece_batch(electra['hf'], work)
     with torch.no_grad():
         expected = electra['model'](**enc).logits.numpy()
     params = _tree(read_params_numpy(str(work / 'checkpoints')))
     assert sorted(params) == ['bert', 'discriminator_predictions', 'generator']
-    batch = {'input_ids': np.argsort(order)[enc['input_ids'].numpy()],
-             'token_type_ids': enc['token_type_ids'].numpy(),
-             'attention_mask': enc['attention_mask'].numpy()}
     got = verify.our_logits('electra', _model_config(work), params, batch)
     mask = batch['attention_mask'].astype(bool)
     np.testing.assert_allclose(got[mask], expected[mask], atol=1e-4)
@@ -354,20 +361,12 @@ def test_distilbert_imports_and_exports_exactly(distilbert, tmp_path, capsys):
     assert 'MLM head imported' in _import(distilbert['hf'], work, capsys)
     model_cfg = _model_config(work)
     assert (model_cfg.type_vocab_size, model_cfg.export_as) == (1, 'distilbert')
-    tok = transformers.BertTokenizerFast.from_pretrained(str(distilbert['hf']))
-    ours = load_tokenizer(tokenizer_file(str(work)))
-    order = [tok.convert_tokens_to_ids(ours.id_to_piece(i)) for i in range(ours.vocab_size)]
-    texts = ['the red cat sat on the mat .', 'a quiet horse walked', 'old fish jumped near',
-             'zebras ?']
-    enc = tok(texts, padding=True, return_tensors='pt')
+    order, enc, batch = _wordpiece_batch(distilbert['hf'], work)
     with torch.no_grad():
         out_hf = distilbert['model'](input_ids=enc['input_ids'],
                                      attention_mask=enc['attention_mask'],
                                      output_hidden_states=True)
     params = _tree(read_params_numpy(str(work / 'checkpoints')))
-    batch = {'input_ids': np.argsort(order)[enc['input_ids'].numpy()],
-             'token_type_ids': enc['token_type_ids'].numpy(),
-             'attention_mask': enc['attention_mask'].numpy()}
     mask = batch['attention_mask'].astype(bool)
     hidden, _ = BertModel(model_cfg).apply({'params': params['bert']}, batch['input_ids'],
                                            batch['token_type_ids'], batch['attention_mask'])

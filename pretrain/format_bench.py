@@ -1,6 +1,6 @@
 """Preparation speed per corpus format, A/B on the same text in one run.
 
-    python -m text.format_bench --size-mb 20 --workdir /tmp/format-bench
+    python -m pretrain.format_bench --size-mb 20 --workdir /tmp/format-bench
 
 The same documents (pretrain.benchmark_data's corpus: the shipped tweets and docstrings,
 shuffled and repeated to SIZE MB) are written as .txt, .jsonl.zst and .parquet; one
