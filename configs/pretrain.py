@@ -132,6 +132,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # Architecture options (docs/configs.md); the defaults are BERT, and export needs them.
     m.position_embedding = 'learned'  # 'learned' table, or 'rope' (rotary, no table)
     m.rope_theta = 10000.0  # RoPE base frequency (position_embedding='rope' only)
+    m.local_rope_theta = 0.0  # RoPE base of the windowed (local) layers; 0 = rope_theta
     m.mlp = 'gelu'  # feed-forward: 'gelu', or gated 'geglu' / 'swiglu' (act(input) * gate)
     m.use_bias = True  # False: no biases in Dense layers and LayerNorms (heads' output keep one)
     m.final_norm = False  # a LayerNorm after the last layer (pre-LN always has one)

@@ -302,16 +302,21 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
 def _write_modernbert(workdir: epath.Path, out: pathlib.Path, model_cfg: BertConfig,
                       params: dict, step: int, check: bool) -> str:
     from safetensors.numpy import save_file
-    if _restored_order(workdir, model_cfg) is not None:
-        raise ConfigError('--workdir: an imported BERT vocabulary cannot be exported as '
-                          'ModernBERT')
-    save_file(modernbert.to_hf(params, model_cfg), str(out / 'model.safetensors'),
-              metadata={'format': 'pt'})
-    config = modernbert.hf_config(model_cfg, PAD_ID, CLS_ID, SEP_ID)
+    restored = _restored_order(workdir, model_cfg)
+    tensors = modernbert.to_hf(params, model_cfg)
+    ids = np.arange(len(SPECIAL_PIECES))  # our id -> exported id (the special ones suffice)
+    if restored is not None:  # an imported ModernBERT: its own token ids back
+        order = restored[1]
+        ids = np.concatenate([order, np.arange(len(order), model_cfg.vocab_size)])
+        tensors = hf_tokenizer_in.reorder_vocab(tensors, np.argsort(order).tolist())
+    save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
+    config = modernbert.hf_config(model_cfg, *(int(ids[i]) for i in (PAD_ID, CLS_ID, SEP_ID)),
+                                  tied='decoder.weight' not in tensors)
     (out / names.HF_CONFIG_FILENAME).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
-    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, None)
+    tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, restored)
     if check:
-        verify.verify(out, 'mlm', model_cfg, params, tokenizer)
+        verify.verify(out, 'mlm', model_cfg, params, tokenizer,
+                      ids if restored is not None else None)
     return f'ModernBertForMaskedLM (step {step})'
 
 

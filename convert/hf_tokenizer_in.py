@@ -10,7 +10,9 @@ then in the --hf-dir that holds it):
                               tokens (named by tokenizer_config.json, RoBERTa's <s> <pad> </s>
                               <unk> <mask> by default) moved to ids 0..4 under their own names
                               (text '<mask>' is the mask, as in transformers); RoBERTa's pair
-                              template (<s> a </s></s> b </s>) is kept.
+                              template (<s> a </s></s> b </s>) is kept; another post-
+                              processor (ModernBERT's [CLS] a [SEP] b [SEP], which is
+                              this project's own) is kept aside for `export`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from text.wordpiece import SPECIAL_NAMES, WordPieceTokenizer, build_wordpiece
 # vocabulary in its original id order, written when import moved the special tokens, so
 # that `export` restores the original ids (and a re-import of that export moves them again).
 ORIGINAL_VOCAB = 'original_vocab'
+# Beside it: a BPE file's own post-processor (ModernBERT's "[CLS] $A [SEP]" template), which
+# this project replaces by its own special tokens, so that `export` writes it back.
+ORIGINAL_POST = 'original_post_processor'
 # Each of SPECIAL_PIECES: its tokenizer_config.json key, the fallback key, RoBERTa's name.
 _ROLES = (('pad_token', None, '<pad>'), ('unk_token', None, '<unk>'),
           ('cls_token', 'bos_token', '<s>'), ('sep_token', 'eos_token', '</s>'),
@@ -39,7 +44,9 @@ _ROLES = (('pad_token', None, '<pad>'), ('unk_token', None, '<unk>'),
 
 # Rows indexed by token id, reordered with the vocabulary.
 VOCAB_ROWS = ('bert.embeddings.word_embeddings.weight', 'cls.predictions.bias',
-              'cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')
+              'cls.predictions.decoder.weight', 'cls.predictions.decoder.bias',
+              # ModernBERT's (convert/modernbert.py)
+              'model.embeddings.tok_embeddings.weight', 'decoder.weight', 'decoder.bias')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +161,19 @@ def relabel(data: dict, new_id: list[int]) -> dict:
     for token in data.get('added_tokens') or []:
         token['id'] = new_id[token['id']]
     post = data.get('post_processor') or {}
+    _relabel_post(post, new_id)
+    _relabel_post((data['model'].get(ORIGINAL_POST) or {}), new_id)
+    return data
+
+
+def _relabel_post(post: dict, new_id: list[int]) -> None:
+    """A RoBERTa or template post-processor's token ids, in place."""
     for key in ('cls', 'sep') if post.get('type') == 'RobertaProcessing' else ():
         piece, old = post[key]
         post[key] = [piece, new_id[old]]
-    return data
+    if post.get('type') == 'TemplateProcessing':
+        for token in (post.get('special_tokens') or {}).values():
+            token['ids'] = [new_id[i] for i in token['ids']]
 
 
 def _bpe_vocab(data: dict) -> list[str]:
@@ -184,6 +200,7 @@ def _import_bpe(d: pathlib.Path, out: pathlib.Path) -> Imported | None:
     new_id = np.argsort(order).tolist() if order is not None else list(range(len(vocab)))
     ours = relabel(data, new_id)
     if (ours.get('post_processor') or {}).get('type') != 'RobertaProcessing':
+        ours['model'][ORIGINAL_POST] = ours['post_processor']
         ours['post_processor'] = None  # this project adds the special tokens itself
     ours['model'][ORIGINAL_VOCAB] = vocab
     ours['model'][SPECIAL_NAMES] = originals
@@ -202,6 +219,9 @@ def original_pipeline(path: pathlib.Path) -> tuple[dict, list[str]] | None:
     vocab = model.pop(ORIGINAL_VOCAB, None)
     if originals is None or vocab is None:
         return None
+    if model.get(ORIGINAL_POST) is not None:
+        data['post_processor'] = model[ORIGINAL_POST]
+    model.pop(ORIGINAL_POST, None)
     index = {piece: i for i, piece in enumerate(vocab)}
     current = _bpe_vocab(data)
     new_id = [index[piece] for piece in current]

@@ -1,5 +1,5 @@
-"""`launch.py import`: a local Hugging Face BERT, RoBERTa, DistilBERT or ELECTRA directory ->
-a workdir of this project.
+"""`launch.py import`: a local Hugging Face BERT, RoBERTa, DistilBERT, ELECTRA or ModernBERT
+directory -> a workdir of this project.
 
 The workdir looks like a pretraining run's: config.json (continued-pretraining defaults with
 the imported architecture: peak lr 1e-4, no corpus until one is named), the tokenizer
@@ -18,7 +18,9 @@ with other names (convert/names.py), positions from padding_idx + 1 (model.posit
 no token types (type_vocab_size 1) and a byte-level BPE tokenizer. A pretrained pooler
 (bert.pooler.*, e.g. a bare BertModel's) is kept: model.mlm_pooler. A DistilBERT is a BERT
 without token types (one zero row, model.export_as='distilbert'); an ElectraForPreTraining
-becomes an objective=electra run (its discriminator, a fresh generator).
+becomes an objective=electra run (its discriminator, a fresh generator). A ModernBERT is
+our modern recipe (rope with its two bases, a gated MLP, pre-LN, local/global attention;
+convert/modernbert.py maps its names both ways) with a byte-level BPE tokenizer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import hf_tokenizer_in, names
+from convert import hf_tokenizer_in, modernbert, names
 from engine.checkpoint import Checkpoints
 from engine.errors import ConfigError
 from engine.mesh import strip_boxes
@@ -49,7 +51,8 @@ from models.config import model_config
 from pretrain.objective import build_model
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
-IMPORTED_TYPES = ('bert', 'roberta', 'electra', 'distilbert')  # config.json model_type
+# config.json model_type
+IMPORTED_TYPES = ('bert', 'roberta', 'electra', 'distilbert', 'modernbert')
 HEAD_NAMES = {'mlm': 'MLM head', 'electra': 'discriminator head'}
 
 
@@ -114,8 +117,9 @@ def _first_line(e: BaseException) -> str:
     return f'{type(e).__name__}: {lines[0]}' if lines else type(e).__name__
 
 
-def read_weights(d: pathlib.Path) -> dict[str, np.ndarray]:
-    """The state dict as float32 numpy arrays; never unpickles arbitrary objects."""
+def read_weights(d: pathlib.Path, kind: str = 'bert') -> dict[str, np.ndarray]:
+    """The state dict as float32 numpy arrays, in BERT's names (ModernBERT's own for `kind`
+    'modernbert'); never unpickles arbitrary objects."""
     files = _weights_files(d)
     if not files:
         raise ConfigError(f'--hf-dir: {d} has no model.safetensors or pytorch_model.bin')
@@ -142,6 +146,8 @@ def read_weights(d: pathlib.Path) -> dict[str, np.ndarray]:
             except Exception as e:  # truncated zip, pickle refused by weights_only, ...
                 raise ConfigError(f'--hf-dir: {file.name} is not a readable PyTorch state '
                                   f'dict (truncated or corrupt? {_first_line(e)})') from None
+    if kind == 'modernbert':
+        return modernbert.normalize_keys(state)
     return names.normalize_hf_keys(state)
 
 
@@ -155,6 +161,8 @@ def model_fields(config: dict) -> dict:
                           'be imported')
     if kind == 'distilbert':
         return _distilbert_fields(config)
+    if kind == 'modernbert':
+        return modernbert.model_fields(config)
     if config.get('hidden_act', 'gelu') != 'gelu':
         raise ConfigError(f"--hf-dir: hidden_act {config['hidden_act']!r}: only 'gelu' (erf) "
                           'is supported')
@@ -244,11 +252,9 @@ def has_pooler(state: dict) -> bool:
     return bool(present)
 
 
-def _head_params(state: dict, cfg, model_cfg: BertConfig) -> tuple[dict, str]:
-    """Our params from the state dict: the MLM (ELECTRA: discriminator) head if it has
-    one, else a fresh one; the pooler when model_cfg.mlm_pooler; ELECTRA's generator is
-    always fresh (transformers keeps it in another model)."""
-    layers, kind = model_cfg.num_layers, _head_kind(cfg)
+def _bert_params(state: dict, kind: str, model_cfg: BertConfig) -> tuple[dict, bool]:
+    """(our params of the state dict, whether it has the head of `kind`)."""
+    layers = model_cfg.num_layers
     head = names.head_keys(layers, kind)
     present = head & state.keys()
     pooler = set(names.POOLER_KEYS) if model_cfg.mlm_pooler else set()
@@ -257,9 +263,24 @@ def _head_params(state: dict, cfg, model_cfg: BertConfig) -> tuple[dict, str]:
         raise ConfigError(f'--hf-dir: incomplete {HEAD_NAMES[kind]}, missing '
                           f'{sorted(head - present)}')
     try:
-        ours = names.from_hf(state, layers, kind, keys, model_cfg.mlm_pooler)
+        return names.from_hf(state, layers, kind, keys, model_cfg.mlm_pooler), bool(present)
     except KeyError as e:
         raise ConfigError(f'--hf-dir: the weights have no {e.args[0]}') from None
+
+
+def _head_params(state: dict, cfg, model_cfg: BertConfig, family: str
+                 ) -> tuple[dict, str, set[str]]:
+    """Our params from the state dict: the MLM (ELECTRA: discriminator) head if it has
+    one, else a fresh one; the pooler when model_cfg.mlm_pooler; ELECTRA's generator is
+    always fresh (transformers keeps it in another model). Also the keys used."""
+    kind = _head_kind(cfg)
+    if family == 'modernbert':
+        present = modernbert.has_head(state)
+        ours, used = modernbert.from_hf(state, model_cfg, present)
+    else:
+        ours, present = _bert_params(state, kind, model_cfg)
+        used = {hf for _, hf, _ in names.name_map(model_cfg.num_layers, kind,
+                                                  model_cfg.mlm_pooler)}
     model = build_model(cfg, model_cfg)
     ids = jnp.zeros((1, 8), jnp.int32)
     init = functools.partial(model.init, jax.random.key(0), ids, ids[:, :1])
@@ -269,7 +290,7 @@ def _head_params(state: dict, cfg, model_cfg: BertConfig) -> tuple[dict, str]:
         base = jax.tree.map(np.asarray, nn.unbox(init()['params']))
     params = _overlay(base, ours)
     _check_shapes(base, params)
-    return params, 'imported' if present else 'freshly initialised (not in the checkpoint)'
+    return params, 'imported' if present else 'freshly initialised (not in the checkpoint)', used
 
 
 def _head_kind(cfg) -> str:
@@ -317,11 +338,12 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
         raise ConfigError(f'--hf-dir: {source} has no {names.HF_CONFIG_FILENAME}')
     hf_config = _read_json(source / names.HF_CONFIG_FILENAME)
     fields = model_fields(hf_config)
-    objective = 'electra' if hf_config['model_type'] == 'electra' else 'mlm'
-    state = read_weights(source)
-    if hf_config['model_type'] == 'distilbert':
+    family = hf_config['model_type']
+    objective = 'electra' if family == 'electra' else 'mlm'
+    state = read_weights(source, family)
+    if family == 'distilbert':
         state = names.from_distilbert(state)
-    if has_pooler(state):
+    if family != 'modernbert' and has_pooler(state):
         fields['mlm_pooler'] = True
     model_cfg = model_config(fields)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +355,7 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
                                                tmp)
         state = hf_tokenizer_in.reorder_vocab(state, tok.order)
         cfg = pretrain_config(fields, tok.kind, objective)
-        params, head = _head_params(state, cfg, model_cfg)
+        params, head, used = _head_params(state, cfg, model_cfg, family)
         _save(tmp, cfg, params, str(source))
         if target.exists():
             target.rmdir()
@@ -342,13 +364,12 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _report(source, workdir, model_cfg, tok, (_head_kind(cfg), head), state)
+    _report(source, workdir, model_cfg, tok, (_head_kind(cfg), head), set(state) - used)
 
 
 def _report(source, workdir: str, m: BertConfig, tok, head: tuple[str, str],
-            state: dict) -> None:
-    used = {hf for _, hf, _ in names.name_map(m.num_layers, head[0], m.mlm_pooler)}
-    ignored = sorted(set(state) - used - set(names.IGNORED_HF_KEYS))
+            unused: set[str]) -> None:
+    ignored = sorted(unused - set(names.IGNORED_HF_KEYS) - set(modernbert.IGNORED_KEYS))
     moved = ' (special tokens moved to ids 0..4)' if tok.moved else ''
     pooler = '; pooler imported' if m.mlm_pooler else ''
     print(f'imported {source}: {m.num_layers} layers, hidden {m.hidden_size}, vocab '

@@ -85,6 +85,22 @@ def rotary_tables(length: int, head_dim: int, theta: float) -> tuple[Array, Arra
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def layer_rotary_tables(cfg: BertConfig, length: int, inputs: AttentionInputs | None
+                        ) -> tuple[Array, Array]:
+    """This layer's RoPE tables: local_rope_theta's in a local (windowed) layer when set,
+    else rope_theta's. A scanned layer's global flag is traced, so both tables are built
+    and selected. A dense mask carries no layer kind: rope_theta then."""
+    tables = rotary_tables(length, cfg.head_dim, cfg.rope_theta)
+    local = cfg.local_rope_theta
+    if not local or local == cfg.rope_theta or inputs is None or not inputs.window:
+        return tables
+    local_tables = rotary_tables(length, cfg.head_dim, local)
+    if inputs.is_global is None:  # unrolled: a layer with a window is a local one
+        return local_tables
+    return tuple(jnp.where(inputs.is_global, g, lo)
+                 for g, lo in zip(tables, local_tables, strict=True))
+
+
 def rotate_half(x: Array) -> Array:
     """(x1, x2) -> (-x2, x1) over the two halves of the last axis."""
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -135,13 +151,13 @@ class BertSelfAttention(nn.Module):
             self._split_heads(dense(cfg, cfg.hidden_size, ('embed', 'heads'), name=n)(x))
             for n in ('query', 'key', 'value')
         )
+        inputs = mask if isinstance(mask, AttentionInputs) else None
         if cfg.position_embedding == 'rope':
-            cos, sin = rotary_tables(x.shape[-2], cfg.head_dim, cfg.rope_theta)
+            cos, sin = layer_rotary_tables(cfg, x.shape[-2], inputs)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         rate = 0.0 if deterministic else cfg.attention_dropout_rate
         impl = resolve_attention_impl(cfg.attention_impl, jax.default_backend(), rate,
                                       cfg.compute_dtype)
-        inputs = mask if isinstance(mask, AttentionInputs) else None
         dense_mask = mask if inputs is None else None
         if cfg.prefix_length:  # prefix keys carry no position: they are not rotated
             dense_mask = inputs.dense_mask() if inputs is not None else dense_mask

@@ -7,6 +7,8 @@ today's model bit for bit; `non_bert_options` names the ones a run moved away fr
                         max_position_embeddings). 'rope': rotary embeddings on q and k in
                         every attention layer (ModernBERT's rotate_half convention, theta
                         rope_theta), no position table and no length cap from one.
+                        local_rope_theta > 0: the base of the local (windowed) layers
+                        instead (ModernBERT's 10000 beside a global 160000); 0 = rope_theta.
     mlp                 'gelu': dense H->I, exact GELU, dense I->H (BERT). 'geglu' /
                         'swiglu': the up projection yields 2I features split as
                         `input, gate` (first half, second half, ModernBERT's Wi layout) and
@@ -92,6 +94,7 @@ class BertConfig:
     # Architecture options (module docstring); the defaults are BERT.
     position_embedding: str = 'learned'  # 'learned' | 'rope'
     rope_theta: float = 10000.0  # RoPE base; only with position_embedding='rope'
+    local_rope_theta: float = 0.0  # RoPE base of the local layers; 0 = rope_theta
     mlp: str = 'gelu'  # 'gelu' | 'geglu' | 'swiglu'
     use_bias: bool = True  # False: bias-free Dense layers and LayerNorms
     final_norm: bool = False  # a LayerNorm after the last layer (implied by pre_layer_norm)
@@ -210,6 +213,9 @@ def _validate_architecture(c: BertConfig) -> None:
                              f'{c.head_dim} (hidden_size {c.hidden_size} / {c.num_heads} heads)')
         if not c.rope_theta > 0:
             raise ValueError(f'rope_theta must be > 0, got {c.rope_theta}')
+    if not c.local_rope_theta >= 0:
+        raise ValueError(f'local_rope_theta must be >= 0 (0: rope_theta), got '
+                         f'{c.local_rope_theta}')
     if not c.first_attention_norm and (not c.pre_layer_norm or c.scan_layers):
         raise ValueError('first_attention_norm=False needs pre_layer_norm=True and '
                          'scan_layers=False (layer 0 then differs from the others)')

@@ -204,7 +204,7 @@ def test_import_requires_a_known_model_type(hf_copy, tmp_path, capsys, model_typ
     found = 'no model_type' if model_type is None else f'model_type {model_type!r}'
     assert _import_refused(capsys, hf_copy, tmp_path) == (
         f"error: --hf-dir: config.json has {found}; only model_type 'bert', 'roberta', "
-        "'electra' or 'distilbert' can be imported")
+        "'electra', 'distilbert' or 'modernbert' can be imported")
 
 
 def test_import_refuses_garbled_config_json(hf_copy, tmp_path, capsys):

@@ -40,7 +40,9 @@ def _with_encoder(params, encoder):
 @pytest.mark.parametrize('options', [
     {}, {'remat': 'full'}, {'pre_layer_norm': True},
     {'local_attention_window': 4, 'global_attention_every': 2, 'position_embedding': 'rope',
-     'mlp': 'swiglu', 'use_bias': False}])
+     'mlp': 'swiglu', 'use_bias': False},
+    {'local_attention_window': 4, 'global_attention_every': 2, 'position_embedding': 'rope',
+     'rope_theta': 160000.0, 'local_rope_theta': 10.0}])
 def test_scanned_layers_compute_what_unrolled_layers_do(options):
     unrolled = dataclasses.replace(BASE, **options)
     scanned = dataclasses.replace(unrolled, scan_layers=True)
