@@ -198,7 +198,9 @@ def normalize_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def has_head(state: dict) -> bool:
-    return any(k.startswith(('head.', 'decoder.')) for k in state)
+    """Whether the state dict holds an MLM head: head.* without a classifier (the head.* of a
+    ModernBertForSequenceClassification feeds its classifier, not a decoder)."""
+    return 'head.dense.weight' in state and not any(k.startswith('classifier.') for k in state)
 
 
 class _Reader:

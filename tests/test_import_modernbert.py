@@ -244,5 +244,31 @@ def test_modernbert_config_fields_and_refusals():
              "rope_type 'yarn'")):
         with pytest.raises(ConfigError, match=message.replace('(', r'\(')):
             modernbert.model_fields({**base, **bad})
+    # A classifier's head.* pools for its classifier: no MLM head to import.
+    assert modernbert.has_head({'head.dense.weight': 0, 'decoder.bias': 0})
+    assert not modernbert.has_head({'head.dense.weight': 0, 'classifier.weight': 0})
     with pytest.raises(ValueError, match='local_rope_theta must be >= 0'):
         BertConfig(vocab_size=50, position_embedding='rope', local_rope_theta=-1.0)
+
+
+@pytest.mark.slow
+def test_imported_modernbert_continues_pretraining_and_fine_tunes(modern, tmp_path, corpus,
+                                                                  capsys):
+    from tests.helpers import REPO, write_toy_task
+    work, cpt, ft = tmp_path / 'w', tmp_path / 'cpt', tmp_path / 'ft'
+    _import(modern['root'] / 'hf', work, capsys)
+    small = ['--config.optimizer.warmup_steps=1', '--config.batch_size=8',
+             '--config.seq_len=32', '--config.eval_max_batches=1']
+    assert launch.main(['pretrain', '--config', str(work / 'config.json'), '--workdir', str(cpt),
+                        f'--config.init_from={work}', f'--config.data.train_files={corpus}',
+                        '--config.num_train_steps=2', *small]) == 0
+    before = read_params_numpy(str(work / 'checkpoints'))
+    after = read_params_numpy(str(cpt / 'checkpoints'), 2)
+    key = 'bert/encoder/layer_1/attention/self/query/kernel'
+    assert not np.array_equal(before[key], after[key])  # it trained from the import
+    task = write_toy_task(tmp_path, 40)
+    assert launch.main(['finetune', '--config', f'{REPO}/configs/finetune.py:custom',
+                        '--workdir', str(ft), f'--config.init_from={cpt}',
+                        f'--config.data.train_file={task}', '--config.num_epochs=1',
+                        '--config.batch_size=8', '--config.seq_len=32']) == 0
+    assert (ft / 'results.json').is_file()
