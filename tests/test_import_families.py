@@ -18,7 +18,7 @@ import launch  # noqa: E402
 from configs.finetune import get_config  # noqa: E402
 from convert import verify  # noqa: E402
 from engine import mesh as mesh_lib  # noqa: E402
-from engine.checkpoint import read_params_numpy  # noqa: E402
+from engine.checkpoint import read_params_numpy, read_state_numpy  # noqa: E402
 from finetune import setup, unfreeze  # noqa: E402
 from finetune.data import Examples  # noqa: E402
 from finetune.encoding import encode  # noqa: E402
@@ -39,17 +39,6 @@ TEXTS = (*verify.SENTENCES,
          'Kalomi tersun raven dopi nor galshu.', 'trailing space ', "it's 5 o'clock; isn't it?",
          'a <mask> b <mask> c', 'unicode: ñ ü ß 中文 日本語', 'line one\nline two')
 
-
-def _tree(flat: dict) -> dict:
-    """read_params_numpy's {'a/b/c': array} as a nested dict."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split('/')
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def _weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
@@ -166,7 +155,7 @@ def test_roberta_import_matches_transformers(roberta, tmp_path, capsys):
         out = roberta['model'](**enc, output_hidden_states=True)
     model_cfg = _model_config(tmp_path / 'w')
     assert (model_cfg.position_offset, model_cfg.type_vocab_size) == (2, 1)
-    params = _tree(read_params_numpy(str(tmp_path / 'w' / 'checkpoints')))
+    params = read_state_numpy(str(tmp_path / 'w' / 'checkpoints'))['params']
     batch = {'input_ids': np.argsort(order)[enc['input_ids'].numpy()],
              'token_type_ids': np.zeros_like(enc['input_ids'].numpy()),
              'attention_mask': enc['attention_mask'].numpy()}
@@ -309,7 +298,7 @@ def test_electra_discriminator_imports_and_exports_exactly(electra, tmp_path, ca
     order, enc, batch = _wordpiece_batch(electra['hf'], work)
     with torch.no_grad():
         expected = electra['model'](**enc).logits.numpy()
-    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    params = read_state_numpy(str(work / 'checkpoints'))['params']
     assert sorted(params) == ['bert', 'discriminator_predictions', 'generator']
     got = verify.our_logits('electra', _model_config(work), params, batch)
     mask = batch['attention_mask'].astype(bool)
@@ -366,7 +355,7 @@ def test_distilbert_imports_and_exports_exactly(distilbert, tmp_path, capsys):
         out_hf = distilbert['model'](input_ids=enc['input_ids'],
                                      attention_mask=enc['attention_mask'],
                                      output_hidden_states=True)
-    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    params = read_state_numpy(str(work / 'checkpoints'))['params']
     mask = batch['attention_mask'].astype(bool)
     hidden, _ = BertModel(model_cfg).apply({'params': params['bert']}, batch['input_ids'],
                                            batch['token_type_ids'], batch['attention_mask'])
@@ -394,7 +383,7 @@ def test_distilbert_export_folds_a_trained_token_type_row_into_the_positions(dis
     work, out = tmp_path / 'w', tmp_path / 'o'
     _import(distilbert['hf'], work, capsys)
     model_cfg = _model_config(work)
-    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    params = read_state_numpy(str(work / 'checkpoints'))['params']
     row = np.random.default_rng(0).normal(0, 0.5, (1, 32)).astype(np.float32)
     params['bert']['embeddings']['token_type_embeddings']['embedding'] = row
     out.mkdir()
@@ -454,7 +443,7 @@ def test_real_minilm_imports_with_its_pooler_and_exports_bit_for_bit(minilm, tmp
     with torch.no_grad():
         expected = transformers.BertModel.from_pretrained(str(minilm))(**enc)
     model_cfg = _model_config(work)
-    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    params = read_state_numpy(str(work / 'checkpoints'))['params']
     ids = np.argsort(order)[enc['input_ids'].numpy()]
     hidden, pooled = BertModel(model_cfg, add_pooling_layer=True).apply(
         {'params': params['bert']}, ids, enc['token_type_ids'].numpy(),

@@ -19,7 +19,7 @@ transformers = pytest.importorskip('transformers')
 
 import launch  # noqa: E402
 from convert import modernbert, verify  # noqa: E402
-from engine.checkpoint import read_params_numpy  # noqa: E402
+from engine.checkpoint import read_params_numpy, read_state_numpy  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 from finetune.data import Examples  # noqa: E402
 from finetune.encoding import encode  # noqa: E402
@@ -84,16 +84,6 @@ def _import(hf_dir, workdir, capsys) -> str:
     return capsys.readouterr().out
 
 
-def _tree(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split('/')
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
 
 def _pairs(texts):
     return list(zip(texts, texts[1:] + texts[:1], strict=True))
@@ -137,7 +127,7 @@ def test_modernbert_import_matches_transformers(modern, tmp_path, capsys):
     with torch.no_grad():
         out = modern['model'](input_ids=enc['input_ids'], attention_mask=enc['attention_mask'],
                               output_hidden_states=True)
-    params = _tree(read_params_numpy(str(work / 'checkpoints')))
+    params = read_state_numpy(str(work / 'checkpoints'))['params']
     batch = {'input_ids': np.argsort(order)[enc['input_ids'].numpy()],
              'token_type_ids': np.zeros_like(enc['input_ids'].numpy()),
              'attention_mask': enc['attention_mask'].numpy()}
