@@ -25,7 +25,6 @@ convert/modernbert.py maps its names both ways) with a byte-level BPE tokenizer.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pathlib
@@ -35,20 +34,18 @@ import tempfile
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from convert import hf_tokenizer_in, modernbert, names
 from engine.checkpoint import Checkpoints
 from engine.errors import ConfigError
-from engine.mesh import strip_boxes
-from engine.optim import OptimizerConfig, make_optimizer
 from engine.paths import local_file_argument
 from engine.rundir import RunDir
-from engine.step import TrainState
 from models.bert import BertConfig
 from models.config import model_config
-from pretrain.objective import build_model
+from models.load import overlay_leaves
+from pretrain import state as state_lib
+from pretrain.sections import step_spec
 
 _CHECKPOINT = re.compile(r'checkpoint-(\d+)$')
 # config.json model_type
@@ -281,25 +278,25 @@ def _head_params(state: dict, cfg, model_cfg: BertConfig, family: str
         ours, present = _bert_params(state, kind, model_cfg)
         used = {hf for _, hf, _ in names.name_map(model_cfg.num_layers, kind,
                                                   model_cfg.mlm_pooler)}
-    model = build_model(cfg, model_cfg)
-    ids = jnp.zeros((1, 8), jnp.int32)
-    init = functools.partial(model.init, jax.random.key(0), ids, ids[:, :1])
+    built = _built(cfg, model_cfg)
     if present and kind == 'mlm':  # shapes only: no need to initialise what is replaced
-        base = strip_boxes(jax.eval_shape(init)['params'])
+        base = built.abstract.params
     else:
-        base = jax.tree.map(np.asarray, nn.unbox(init()['params']))
-    params = _overlay(base, ours)
+        base = jax.tree.map(np.asarray, nn.unbox(built.init()).params)
+    params = overlay_leaves(base, ours)
     _check_shapes(base, params)
     return params, 'imported' if present else 'freshly initialised (not in the checkpoint)', used
 
 
+def _built(cfg, model_cfg: BertConfig) -> state_lib.PretrainState:
+    """The state `pretrain` builds for this config (pretrain/state.py), on a one-device
+    abstract mesh: the import needs its shapes, fresh init and optimizer, not shardings."""
+    mesh = jax.sharding.AbstractMesh((1,) * len(cfg.mesh.axes), tuple(cfg.mesh.axes))
+    return state_lib.build(step_spec(cfg, model_cfg), mesh)
+
+
 def _head_kind(cfg) -> str:
     return 'electra' if cfg.objective == 'electra' else 'mlm'
-
-
-def _overlay(base: dict, update: dict) -> dict:
-    return {k: _overlay(v, update.get(k, {})) if isinstance(v, dict) else update.get(k, v)
-            for k, v in base.items()}
 
 
 def _check_shapes(want: dict, got: dict, path: str = '') -> None:
@@ -311,15 +308,12 @@ def _check_shapes(want: dict, got: dict, path: str = '') -> None:
                               f'says {value.shape}')
 
 
-def _save(tmp: pathlib.Path, cfg, params: dict, source: str) -> None:
+def _save(tmp: pathlib.Path, cfg, model_cfg: BertConfig, params: dict, source: str) -> None:
     run = RunDir(tmp)
     run.write_config(cfg)
-    params = jax.tree.map(jnp.asarray, params)
-    optimizer = OptimizerConfig.from_config(cfg.optimizer)
-    tx = make_optimizer(optimizer, cfg.num_train_steps)  # as `pretrain` builds it
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    meta = {'data': {'seed': cfg.seed, 'batch_size': cfg.batch_size, 'position': 0},
-            'config': cfg.to_dict(), 'imported_from': source}
+    state = state_lib.imported_state(_built(cfg, model_cfg), params)  # as `pretrain` builds it
+    meta = state_lib.checkpoint_meta(step_spec(cfg, model_cfg), cfg.to_dict(), 0,
+                                     imported_from=source)
     ckpts = Checkpoints(str(run.checkpoints), keep=cfg.keep_checkpoints, async_save=False)
     ckpts.save(0, state, meta)
     ckpts.close()
@@ -356,7 +350,7 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
         state = hf_tokenizer_in.reorder_vocab(state, tok.order)
         cfg = pretrain_config(fields, tok.kind, objective)
         params, head, used = _head_params(state, cfg, model_cfg, family)
-        _save(tmp, cfg, params, str(source))
+        _save(tmp, cfg, model_cfg, params, str(source))
         if target.exists():
             target.rmdir()
         os.chmod(tmp, 0o755)  # mkdtemp makes it private

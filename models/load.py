@@ -26,12 +26,15 @@ from models.scan import SCANNED_NAME, unstack_layers
 ENCODER_PARTS = ('embeddings', 'encoder')  # what a pretraining run contributes
 
 
-def _overlay(tree: dict, update: dict) -> dict:
-    """`tree` with the leaves `update` has replaced (a recursive dict merge)."""
-    out = dict(tree)
-    for key, value in update.items():
-        out[key] = _overlay(tree[key], value) if isinstance(value, dict) else value
-    return out
+def overlay_leaves(tree: dict, update: dict) -> dict:
+    """`tree` with the leaves `update` has replaced (a recursive dict merge). A key of
+    `update` that `tree` lacks is a KeyError: a loaded weight never lands nowhere."""
+    unknown = update.keys() - tree.keys()
+    if unknown:
+        raise KeyError(f'no such parameter {sorted(unknown)[0]!r}')
+    return {key: (overlay_leaves(value, update[key]) if isinstance(value, dict)
+                  else update.get(key, value)) if key in update else value
+            for key, value in tree.items()}
 
 
 def _onto(tree: dict, like: dict) -> dict:
@@ -87,7 +90,7 @@ def load(params: dict, read: Callable[[dict], Any], *,
         if saved_layers:  # slices of the stacked arrays onto each layer's own sharding
             loaded['encoder'] = _onto(loaded['encoder'], params['bert']['encoder'])
     fresh = {part: params['bert'][part] for part in parts}
-    return {**params, 'bert': {**params['bert'], **_overlay(fresh, loaded)}}
+    return {**params, 'bert': {**params['bert'], **overlay_leaves(fresh, loaded)}}
 
 
 Path = tuple[str, ...]

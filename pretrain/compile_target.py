@@ -13,9 +13,9 @@ import ml_collections
 from engine import compile_for
 from engine import mesh as mesh_lib
 from engine.errors import ConfigError
-from pretrain import objective, phases
+from pretrain import phases
 from pretrain import state as state_lib
-from pretrain.sections import bert_config, check_batch, masking_config, validate_values
+from pretrain.sections import bert_config, check_batch, masking_config, step_spec, validate_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,24 +41,25 @@ def compile_pretrain(cfg: ml_collections.ConfigDict, topology: str) -> Result:
         raise ConfigError(f'mesh.shape: {e} (on {topology})') from None
     check_batch(cfg, mesh_lib.data_parallel_size(mesh))
     model_cfg = compile_for.for_tpu(bert_config(cfg))  # the TPU's kernel, not this CPU's
-    built = state_lib.build(cfg, mesh, model_cfg)
+    spec = step_spec(cfg, model_cfg)
+    built = state_lib.build(spec, mesh)
     shape = dict(mesh.shape)
     masking = masking_config(cfg, model_cfg.vocab_size)
     # Whole-word masking's table is a constant of the step; its values do not change the
     # compiled program's size.
     word_starts = jnp.zeros((model_cfg.vocab_size,), bool) if masking.whole_word else None
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        train, _ = state_lib.compile_steps(cfg, mesh, built, masking, word_starts)
-        compiled = compile_for.compile_step(train, state_lib.abstract_step_args(cfg, built),
+        train, _ = state_lib.compile_steps(spec, mesh, built, masking, word_starts)
+        compiled = compile_for.compile_step(train, state_lib.abstract_step_args(spec, built),
                                             target, advice(cfg, shape))
     params = mesh_lib.sharded_bytes(built.abstract.params, built.shardings.params, shape)
-    batch = state_lib.abstract_batch(cfg)
+    batch = state_lib.abstract_batch(spec)
     sizes = {'params': params,
              'optimizer state': mesh_lib.sharded_bytes(built.abstract.opt_state,
                                               built.shardings.opt_state, shape),
              'gradients': params,
              'batch': sum(b.size * 4 for b in batch.values()) // mesh_lib.data_parallel_size(mesh)}
-    flops = objective.flops_per_step(cfg, built.model, masking.max_predictions)
+    flops = state_lib.flops_per_step(spec, built, masking.max_predictions)
     lines = compile_for.report(target, compiled, sizes, flops)
     return Result(target, compiled, sizes, flops, lines, advice(cfg, shape))
 

@@ -38,9 +38,9 @@ from engine.config_cli import config_to_json, flat_keys, load_config
 from engine.errors import ConfigError
 from models.bert import BertConfig
 from models.flops import count_params
-from pretrain import objective, phases
+from pretrain import phases
 from pretrain import state as state_lib
-from pretrain.sections import bert_config, check_batch, masking_config, validate_values
+from pretrain.sections import bert_config, check_batch, masking_config, step_spec, validate_values
 
 GiB = 1024 ** 3
 
@@ -65,7 +65,7 @@ def _target_devices(cfg) -> int:
 def abstract_state(cfg: ml_collections.ConfigDict, mesh: AbstractMesh):
     """(abstract TrainState with boxes stripped, its shardings, its logical specs): the
     run's own state builder (pretrain/state.py) on the abstract mesh."""
-    built = state_lib.build(cfg, mesh, bert_config(cfg))  # ELECTRA: both models
+    built = state_lib.build(step_spec(cfg), mesh)  # ELECTRA: both models
     return built.abstract, built.shardings, built.logical
 
 
@@ -117,9 +117,11 @@ def describe(cfg: ml_collections.ConfigDict, spec: str, num_devices: int = 0) ->
     mesh_shape = dict(mesh.shape)
     check_batch(cfg, math.prod(mesh_shape.get(a, 1) for a in mesh_lib.BATCH_AXES))
     model = bert_config(cfg)
-    state, shardings, logical = abstract_state(cfg, mesh)
+    step = step_spec(cfg, model)
+    built = state_lib.build(step, mesh)  # the run's own state builder; ELECTRA: both models
+    state, shardings, logical = built.abstract, built.shardings, built.logical
     masked = masking_config(cfg, model.vocab_size).max_predictions
-    flops = objective.flops_per_step(cfg, objective.build_model(cfg, model), masked)
+    flops = state_lib.flops_per_step(step, built, masked)
     devices = math.prod(mesh_shape.values())
     lines = [f'config ({spec}):', config_to_json(cfg), f'changed from the defaults of {spec}:']
     lines += config_diff(cfg, load_config(spec)) or ['  (none)']

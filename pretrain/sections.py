@@ -1,5 +1,6 @@
-"""The pretraining config read into typed parts (the model's BertConfig, the masking
-budget) and checked as a whole; shared by the run, its dry runs and the benchmark.
+"""The pretraining config read into typed parts (the model's BertConfig, the step's
+StepSpec, the masking budget) and checked as a whole; shared by the run, its dry runs
+and the benchmark.
 
 Every check raises ConfigError with one line naming the key, before anything is written.
 """
@@ -17,6 +18,8 @@ from engine.run import check_batch_split, run_mesh
 from models.config import BertConfig, model_config
 from pretrain import data, objective, phases
 from pretrain.masking import MaskingConfig
+from pretrain.objective import ObjectiveConfig
+from pretrain.state import StepSpec
 
 
 def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
@@ -30,6 +33,17 @@ def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
 def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     """The `optimizer` section, typed and validated (ConfigError naming the key)."""
     return OptimizerConfig.from_config(cfg.optimizer)
+
+
+def step_spec(cfg: ml_collections.ConfigDict, model_cfg: BertConfig | None = None) -> StepSpec:
+    """What pretrain/state.py builds the state and step from (`model_cfg`: the model
+    section's, unless a caller swaps in another kernel, as `--compile-for` does)."""
+    model_cfg = model_cfg or bert_config(cfg)
+    return StepSpec(model=model_cfg, optimizer=optimizer_config(cfg),
+                    objective=ObjectiveConfig.from_config(cfg, model_cfg), seed=cfg.seed,
+                    batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                    grad_accum_steps=cfg.grad_accum_steps, num_train_steps=cfg.num_train_steps,
+                    rules=tuple(tuple(rule) for rule in cfg.mesh.rules))
 
 
 def masking_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> MaskingConfig:

@@ -12,9 +12,8 @@ import numpy as np
 
 from engine import mesh as mesh_lib
 from models.flops import count_params
-from pretrain import objective
 from pretrain import state as state_lib
-from pretrain.sections import bert_config, masking_config
+from pretrain.sections import bert_config, masking_config, step_spec
 
 # The custom-call targets of jax's cuDNN fused attention all start with this.
 CUDNN_ATTENTION_CALL = '__cudnn$fmha'
@@ -32,15 +31,16 @@ def build_step(cfg, devices=None):
     pretrain/state.py), on a mesh over `devices` (default: all). Returns (mesh, state,
     step, model FLOPs per step, the step's arguments after the batch)."""
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices)
-    model_cfg = bert_config(cfg)
-    built = state_lib.build(cfg, mesh, model_cfg)
-    masking = masking_config(cfg, model_cfg.vocab_size)
-    with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
+    spec = step_spec(cfg)
+    built = state_lib.build(spec, mesh)
+    masking = masking_config(cfg, spec.model.vocab_size)
+    with mesh_lib.sharding_context(mesh, spec.rules):
         state = state_lib.fresh_state(built)
-        step, _ = state_lib.compile_steps(cfg, mesh, built, masking, word_starts=None)
+        step, _ = state_lib.compile_steps(spec, mesh, built, masking, word_starts=None)
     # schedule=budget: the host passes the rate; the peak stands in for it.
-    extra = (jnp.float32(cfg.optimizer.learning_rate),) if state_lib.feeds_rate(cfg) else ()
-    flops = objective.flops_per_step(cfg, built.model, masking.max_predictions)
+    extra = ((jnp.float32(spec.optimizer.learning_rate),) if state_lib.feeds_rate(spec)
+             else ())
+    flops = state_lib.flops_per_step(spec, built, masking.max_predictions)
     return mesh, state, step, flops, extra
 
 

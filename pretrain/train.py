@@ -5,6 +5,7 @@ before anything is written, then tokenizer -> data -> sharded state (fresh or re
 -> the shared loop.
 """
 
+import dataclasses
 import time
 
 import jax
@@ -25,7 +26,7 @@ from engine.rundir import tokenized_data_dir
 from models.flops import count_params
 from pretrain import continual, data, objective, phases
 from pretrain import state as state_lib
-from pretrain.sections import bert_config, masking_config, validate, validate_values
+from pretrain.sections import masking_config, step_spec, validate, validate_values
 from text.batches import PretrainBatches, eval_batches
 from text.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -178,9 +179,8 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
         run.rundir.write_config(cfg)
-    model_cfg = bert_config(cfg)
-    built = state_lib.build(cfg, mesh, model_cfg)  # the same state/step as the dry runs'
-    model = built.model
+    spec = step_spec(cfg)
+    built = state_lib.build(spec, mesh)  # the same state/step as the dry runs'
     ckpts = run.checkpoints(run.rundir.checkpoints, keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, built, ckpts, src, tokenizer)
     resumed_meta = ckpts.restore_meta(start_step) if start_step else None
@@ -195,10 +195,10 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     masking = masking_config(cfg, tokenizer.vocab_size)
     word_starts = jnp.asarray(tokenizer.word_start_mask()) if masking.whole_word else None
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
-        train_fn, eval_fn = state_lib.compile_steps(cfg, mesh, built, masking, word_starts)
-        train_fns = _phase_steps(cfg, plan, mesh, built, tokenizer, word_starts,
+        train_fn, eval_fn = state_lib.compile_steps(spec, mesh, built, masking, word_starts)
+        train_fns = _phase_steps(cfg, spec, plan, mesh, built, tokenizer, word_starts,
                                  {cfg.seq_len: train_fn})
-    flops = objective.flops_per_step(cfg, model, masking.max_predictions)
+    flops = state_lib.flops_per_step(spec, built, masking.max_predictions)
     restored = ckpts.latest_step()  # 0 for an imported checkpoint (`launch.py import`)
     origin = (f'resuming from step {restored}' if restored is not None
               else 'starting from init_from' if src else 'fresh start')
@@ -213,7 +213,7 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     iterate = phases.feed(cfg, plan, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
                           phase_splits, weights)
     meta = lambda step: state_lib.checkpoint_meta(  # noqa: E731
-        cfg, step + skipped['offset'], budget=budget.meta(step))
+        spec, cfg.to_dict(), step + skipped['offset'], budget=budget.meta(step))
 
     def rollback(step: int, offset: int):  # a NaN loss: back to checkpoint `step`
         ckpts.wait()
@@ -237,19 +237,20 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
             s, mesh_lib.shard_batch(b, mesh), *rate), evaluate=evaluate,
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
         check_saves=ckpts.check, rollback=rollback,
-        summarize=objective.summarize(cfg), learning_rate=phases.learning_rates(cfg, budget))
+        summarize=objective.summarize(spec.objective),
+        learning_rate=phases.learning_rates(cfg, budget))
     offset = skipped['offset']
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         run.loop(state, iterate(start_step + offset, offset), start_step, loop_cfg, callbacks)
     return results
 
 
-def _phase_steps(cfg, plan, mesh, built, tokenizer, word_starts, fns: dict) -> dict:
+def _phase_steps(cfg, spec, plan, mesh, built, tokenizer, word_starts, fns: dict) -> dict:
     """seq_len -> the jitted train step of that phase (its own masking budget)."""
     for length in {p.seq_len for p in plan.phases} - set(fns):
-        phase_cfg = phases.with_seq_len(cfg, length)
-        masking = masking_config(phase_cfg, tokenizer.vocab_size)
-        fns[length] = state_lib.compile_steps(phase_cfg, mesh, built, masking, word_starts)[0]
+        masking = masking_config(phases.with_seq_len(cfg, length), tokenizer.vocab_size)
+        phase = dataclasses.replace(spec, seq_len=length)
+        fns[length] = state_lib.compile_steps(phase, mesh, built, masking, word_starts)[0]
     return fns
 
 

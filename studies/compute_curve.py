@@ -33,8 +33,8 @@ from etils import epath
 from engine import extras
 from engine.checkpoint import read_meta_and_shapes
 from engine.rundir import RunDir
-from models.bert import BertForMaskedLM
 from pretrain import objective
+from pretrain.objective import ObjectiveConfig
 from pretrain.sections import bert_config, masking_config
 
 REGIME = 'low-label (1k labels)'
@@ -87,9 +87,11 @@ def pretraining_compute(workdir: str, step: int | None) -> tuple[int, int, float
     meta, _ = read_meta_and_shapes(run.checkpoints, step)
     cfg = ml_collections.ConfigDict(meta['config'])
     budget = meta.get('budget', {})
-    model = BertForMaskedLM(bert_config(cfg))  # as pretraining built it
+    model_cfg = bert_config(cfg)
+    model = objective.build_model(ObjectiveConfig.from_config(cfg, model_cfg), model_cfg)
     max_predictions = masking_config(cfg, cfg.model.vocab_size).max_predictions
-    flops = step * objective.flops_per_step(cfg, model, max_predictions)
+    flops = step * objective.flops_per_step(model, cfg.batch_size, cfg.seq_len,
+                                            max_predictions)  # as pretraining counted them
     tokens = int(budget.get('tokens_seen', step * cfg.batch_size * cfg.seq_len))
     return step, tokens, float(flops), float(budget.get('elapsed_seconds', math.nan))
 

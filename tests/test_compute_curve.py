@@ -63,7 +63,7 @@ def test_curve_of_a_real_checkpoint(tmp_path, pretrained_run):
     assert int(rows[1]['steps']) == steps
     assert int(rows[1]['tokens']) == steps * cfg.batch_size * cfg.seq_len
     assert float(rows[1]['flops']) == pytest.approx(
-        steps * objective.flops_per_step(cfg, model, masked))
+        steps * objective.flops_per_step(model, cfg.batch_size, cfg.seq_len, masked))
     assert float(rows[1]['minutes']) > 0
     logged = [json.loads(x) for x in RunDir(pretrained_run).metrics_file.read_text().splitlines()]
     final_eval = [r['eval_loss'] for r in logged if r.get('step') == steps and 'eval_loss' in r]

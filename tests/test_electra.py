@@ -198,8 +198,8 @@ def test_flops_count_both_models():
     assert flops == expected
     cfg = get_config('tiny')
     cfg.objective, cfg.batch_size, cfg.seq_len = 'electra', BATCH, SEQ
-    model = objective.build_model(cfg, MODEL)
-    assert objective.flops_per_step(cfg, model, 4) == flops
+    model = objective.build_model(objective.ObjectiveConfig.from_config(cfg, MODEL), MODEL)
+    assert objective.flops_per_step(model, BATCH, SEQ, 4) == flops
 
 
 def test_dry_run_reports_both_models():

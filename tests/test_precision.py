@@ -70,7 +70,7 @@ def _state_bytes(overrides: dict) -> dict:
         section, _, leaf = key.rpartition('.')
         (cfg[section] if section else cfg)[leaf] = value
     mesh = mesh_lib.make_mesh((1, 1), cfg.mesh.axes, devices=jax.devices()[:1])
-    built = state_lib.build(cfg, mesh, sections.bert_config(cfg))
+    built = state_lib.build(sections.step_spec(cfg), mesh)
     sizes = jax.tree.map(  # the floating leaves (not the step counters)
         lambda x: x.size * x.dtype.itemsize if jnp.issubdtype(x.dtype, jnp.floating) else 0,
         built.abstract)

@@ -15,7 +15,7 @@ from pretrain.masking import (
     span_geometric_p,
     span_max_length,
 )
-from pretrain.sections import masking_config
+from pretrain.sections import bert_config, masking_config
 from text.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 ROWS, LENGTH, VOCAB = 256, 128, 500
@@ -119,13 +119,17 @@ def test_geometric_p_gives_the_clipped_mean(mean):
     assert abs(clipped.mean() - mean) < 0.02 * mean
 
 
+def _objective(cfg) -> objective.ObjectiveConfig:
+    return objective.ObjectiveConfig.from_config(cfg, bert_config(cfg))
+
+
 def test_eval_masks_tokens_at_eval_mask_rate():
     cfg = get_config('tiny')
     train = masking_config(cfg, 100)
-    assert objective.eval_masking(cfg, train) == train  # defaults: evaluated as before
+    assert objective.eval_masking(_objective(cfg), train, cfg.seq_len) == train  # as before
     cfg.masking.mask_rate, cfg.masking.span_length = 0.3, 3.0
     train = masking_config(cfg, 100)
     assert (train.max_predictions, train.span_length) == (39, 3.0)
-    held_out = objective.eval_masking(cfg, train)
+    held_out = objective.eval_masking(_objective(cfg), train, cfg.seq_len)
     assert held_out == dataclasses.replace(train, mask_rate=0.15, max_predictions=20,
                                            span_length=0.0)
