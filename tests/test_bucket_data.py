@@ -1,0 +1,171 @@
+"""Prepared data read in place from a bucket (a local GCS server, tests/fake_gcs.py): each
+process fetches only the records of its rows, through a bounded cache, and gets exactly
+the sequences the same files give on disk; damage is one line; training from a bucket
+resumes exactly onto another process count."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from etils import epath
+
+from engine.errors import ConfigError
+from pretrain import data
+from tests.fake_gcs import fake_gcs
+from tests.helpers import make_sentences, read_metrics, small_tokenizer, tiny_args
+from tests.test_multiprocess import assert_close, launch_two, params
+from text import prepare, records, remote
+from text.batches import PretrainBatches
+
+SEQ = 64  # 128-byte records: a 64 KiB block holds ~380, so reads cross block headers
+
+
+@pytest.fixture(scope='module')
+def bucket():
+    with fake_gcs() as url:
+        yield url
+
+
+@pytest.fixture(scope='module')
+def prepared(bucket, tmp_path_factory):
+    """The same corpus prepared on disk and in the bucket: (local dir, bucket dir)."""
+    root = tmp_path_factory.mktemp('bucket-data')
+    tok = small_tokenizer(root)
+    text = root / 'a.txt'
+    text.write_text(''.join(s + '\n' for s in make_sentences(6000, seed=1)))
+    spec = prepare.PrepareSpec(train=(str(text),), evals=(), seq_len=SEQ, eval_fraction=0.05,
+                               unit_bytes=1 << 16)
+    local, _ = prepare.prepare(spec, tok, str(root / 'local'), show_progress=False)
+    remote_dir, _ = prepare.prepare(spec, tok, f'{bucket}/prepared', show_progress=False)
+    return local, remote_dir
+
+
+def test_records_read_by_range_are_the_files_records(prepared):
+    local, remote_dir = prepared
+    index = records.read_index(local)
+    assert len(index.shards['train']) > 1  # rows from several shards
+    for split in records.SPLITS:
+        disk = records.open_split(local, split)
+        split_remote = remote.RemoteSplit(remote_dir, records.read_index(remote_dir), split)
+        # Each shard's first and last records, those beside block headers, and a sample.
+        ends = np.cumsum([s['sequences'] for s in records.read_index(local).shards[split]])
+        edges = [i for e in ends for i in (e - 1, e)] + [375, 376, 377, 760, 761]
+        rows = np.random.default_rng(0).permutation(len(disk))[:30]
+        rows = [int(i) for i in [*rows, *edges] if 0 <= i < len(disk)]
+        want, got = disk.read(rows), split_remote.read(rows)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+        assert split_remote.ranges_read == len(set(rows))
+
+
+def share_bytes(split: remote.RemoteSplit, rows: int) -> int:
+    return rows * split.layout.record_bytes
+
+
+def test_each_process_reads_only_its_share(prepared):
+    local, remote_dir = prepared
+    index = records.read_index(remote_dir)
+    disk = records.open_split(local, 'train')
+    steps, batch = 3, 16
+    for process in range(2):
+        split = remote.RemoteSplit(remote_dir, index, 'train')  # no cache: every read counts
+        mine = PretrainBatches(split, batch, seed=3, process_index=process, process_count=2)
+        alone = PretrainBatches(disk, batch, seed=3)  # one process: the whole global batch
+        for step in range(steps):
+            got, whole = mine.batch(step), alone.batch(step)
+            part = slice(process * batch // 2, (process + 1) * batch // 2)
+            np.testing.assert_array_equal(got['input_ids'], whole['input_ids'][part])
+        share = share_bytes(split, steps * batch // 2)
+        corpus = sum(s['bytes'] for s in index.shards['train'])
+        # The record plus its chunk header and at most one block header per read.
+        assert share < split.bytes_read < 1.5 * share + 1024
+        assert split.bytes_read < corpus / 5
+        assert split.ranges_read == steps * batch // 2
+
+
+def disk_usage(directory) -> int:
+    return sum(e.stat().st_blocks * 512 for e in os.scandir(directory))
+
+
+def test_the_cache_stays_under_its_bound_and_serves_repeats(prepared, tmp_path, monkeypatch):
+    _, remote_dir = prepared
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path))
+    cache_mb = 0.04  # 10 files of 4 KiB
+    split = data.open_split(remote_dir, 'train', cache_mb)
+    directory = split.cache.directory
+    assert directory.startswith(str(tmp_path))
+    first = split.read(range(10))
+    assert split.ranges_read == 10
+    again = split.read(range(10))  # cached: nothing fetched
+    assert split.ranges_read == 10
+    np.testing.assert_array_equal(again['input_ids'], first['input_ids'])
+    split.read([0])  # a hit: record 0 is now the most recently used
+    split.read(range(10, 15))  # full: 5 out, the least recently used (1-5, not 0)
+    assert split.ranges_read == 15 and len(os.listdir(directory)) == 10
+    split.read([0])
+    assert split.ranges_read == 15
+    split.read([1])
+    assert split.ranges_read == 16
+    for start in range(20, 50, 10):
+        split.read(range(start, start + 10))
+        assert disk_usage(directory) <= cache_mb * data.MB
+    assert len(os.listdir(directory)) == 10
+    reopened = remote.RecordCache(directory, int(0.02 * data.MB))  # a smaller bound, restarted
+    assert reopened.total <= 0.02 * data.MB and disk_usage(directory) <= 0.02 * data.MB
+    assert data.open_split(remote_dir, 'train', 0).cache is None
+
+
+def test_damaged_shards_in_a_bucket_are_one_line(prepared, bucket):
+    local, _ = prepared
+    damaged = f'{bucket}/damaged'
+    for path in epath.Path(local).iterdir():
+        (epath.Path(damaged) / path.name).write_bytes(path.read_bytes())
+    index = records.read_index(damaged)
+    first, second = (s['file'] for s in index.shards['train'][:2])
+    raw = (epath.Path(damaged) / first).read_bytes()
+    (epath.Path(damaged) / first).write_bytes(raw[:-100])  # truncated: found by size
+    with pytest.raises(ConfigError, match=f'{first} is truncated'):
+        data.open_split(damaged, 'train', 0)
+    assert [n for n, _ in remote.damaged_shards(damaged, index)] == [first]
+    (epath.Path(damaged) / first).write_bytes(raw)
+    other = bytearray((epath.Path(damaged) / second).read_bytes())
+    other[64 + 30] ^= 0xFF  # record 0's chunk header (its size field): the same file size
+    (epath.Path(damaged) / second).write_bytes(bytes(other))
+    split = data.open_split(damaged, 'train', 0)
+    with pytest.raises(ConfigError, match=f'{second} is not in the expected layout'):
+        split.read([index.shards['train'][0]['sequences']])  # record 0 of the second shard
+
+
+@pytest.mark.slow
+def test_training_from_a_bucket_resumes_exactly_onto_another_process_count(
+        bucket, corpus, tmp_path, monkeypatch):
+    """Two processes train from prepared data in the bucket, as one process does from
+    disk; the run killed after its step-3 checkpoint continues in one process, still
+    from the bucket, to the same weights."""
+    import launch
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))
+    args = tiny_args(corpus, 6, '--config.checkpoint_every_steps=3',
+                     '--config.log_every_steps=1', '--config.mesh.shape=(4,2)')
+    in_bucket = [*args, f'--config.data.data_dir={bucket}/run-data']
+    single = tmp_path / 'single'
+    assert launch.main(['pretrain', '--workdir', str(single), *args]) == 0
+    two = tmp_path / 'two'
+    results = launch_two(two, in_bucket)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
+    losses = [r['loss'] for r in read_metrics(two) if 'loss' in r]
+    assert losses == [r['loss'] for r in read_metrics(single) if 'loss' in r]
+    assert_close(params(two), params(single))
+    assert not any(p.name.endswith('.array_record')
+                   for p in (tmp_path / 'cache').rglob('*'))  # no shard copied whole
+
+    killed = tmp_path / 'killed'  # as if killed after the step-3 checkpoint
+    shutil.copytree(two, killed)
+    for path in (killed / 'checkpoints').iterdir():
+        if path.name.isdigit() and int(path.name) > 3:
+            shutil.rmtree(path)
+    assert launch.main(['pretrain', '--workdir', str(killed), *in_bucket,
+                        '--config.data.cache_mb=0.2']) == 0
+    assert_close(params(killed), params(single))
+    cache = tmp_path / 'cache' / 'records' / 'process-0'
+    assert 0 < disk_usage(cache) <= 0.2 * data.MB
