@@ -62,15 +62,15 @@ class Layout:
         self.data_size = struct.pack('<Q', data_size)
         self.kind = b'r' + (1).to_bytes(7, 'little') + struct.pack('<Q', record_bytes)
 
-    def span(self, k: int) -> tuple[int, int]:
-        """The file's byte range [start, end) holding record k's chunk."""
+    def span(self, k: int, count: int = 1) -> tuple[int, int]:
+        """The file's byte range [start, end) holding the chunks of records k..k+count-1."""
         begin = FIRST_RECORD_CHUNK + k * self.chunk
-        return physical(begin), physical(begin + self.chunk - 1) + 1
+        return physical(begin), physical(begin + count * self.chunk - 1) + 1
 
-    def record(self, raw: bytes, start: int) -> bytes:
-        """Record bytes from the raw range read at file offset `start`; ValueError if it is
-        not one record chunk of this layout."""
-        if len(raw) > self.chunk:  # the range crossed block headers: drop them
+    def records(self, raw: bytes, start: int, count: int) -> list[bytes]:
+        """The `count` records in the raw range read at file offset `start`; ValueError if
+        it is not `count` record chunks of this layout."""
+        if len(raw) > count * self.chunk:  # the range crossed block headers: drop them
             parts, offset = [], start
             while offset < start + len(raw):
                 within = offset % BLOCK
@@ -81,11 +81,28 @@ class Layout:
                 parts.append(raw[offset - start:end - start])
                 offset = end
             raw = b''.join(parts)
-        head = CHUNK_HEADER + len(self.prefix)
-        if (len(raw) != self.chunk or raw[8:16] != self.data_size or raw[24:40] != self.kind
-                or raw[CHUNK_HEADER:head] != self.prefix):
-            raise ValueError('not a record chunk where one belongs')
-        return raw[head:]
+        if len(raw) != count * self.chunk:
+            raise ValueError(f'{len(raw)} bytes where {count * self.chunk} belong')
+        head, out = CHUNK_HEADER + len(self.prefix), []
+        for at in range(0, len(raw), self.chunk):
+            chunk = raw[at:at + self.chunk]
+            if (chunk[8:16] != self.data_size or chunk[24:40] != self.kind
+                    or chunk[CHUNK_HEADER:head] != self.prefix):
+                raise ValueError('not a record chunk where one belongs')
+            out.append(chunk[head:])
+        return out
+
+
+def runs(places: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Sorted distinct (shard, record) -> (shard, first record, count) of consecutive ones:
+    one range read each."""
+    out: list[list[int]] = []
+    for shard, k in places:
+        if out and out[-1][0] == shard and out[-1][1] + out[-1][2] == k:
+            out[-1][2] += 1
+        else:
+            out.append([shard, k, 1])
+    return [tuple(r) for r in out]
 
 
 class RecordCache:
@@ -172,7 +189,8 @@ def _filesystem(directory: str):
 
 class RemoteSplit:
     """One split of a prepared directory in a bucket, with PreparedSplit's interface:
-    `read(indices)` fetches only those records (the misses of `cache`, all at once)."""
+    `read(indices)` fetches only those records (the misses of `cache`, all at once: one
+    range read per run of consecutive records of a shard, concurrently)."""
 
     def __init__(self, directory: str, index: records.Index, split: str,
                  cache: RecordCache | None = None):
@@ -192,7 +210,7 @@ class RemoteSplit:
         self.cache = cache
         self._key = f'{index.fingerprint[:16]}-'
         self._lock = threading.Lock()
-        self.bytes_read = self.ranges_read = 0  # from the bucket, for the logs and tests
+        self.bytes_read = self.ranges_read = self.records_read = 0  # from the bucket
 
     def __len__(self) -> int:
         return self._len
@@ -215,30 +233,34 @@ class RemoteSplit:
                 data = self.cache.get(self._name(*place))
                 if data is not None:
                     found[place] = data
-        missing = sorted(set(located) - set(found))
+        missing = runs(sorted(set(located) - set(found)))
         if missing:
-            spans = [self.layout.span(k) for _, k in missing]
-            raws = self.fs.cat_ranges([self.paths[s] for s, _ in missing],
+            spans = [self.layout.span(k, count) for _, k, count in missing]
+            raws = self.fs.cat_ranges([self.paths[s] for s, _, _ in missing],
                                       [a for a, _ in spans], [b for _, b in spans])
             with self._lock:
                 self.ranges_read += len(missing)
-                self.bytes_read += sum(len(r) for r in raws)
-            for place, (start, _), raw in zip(missing, spans, raws, strict=True):
-                found[place] = self._record(place, start, raw)
+                self.records_read += sum(count for _, _, count in missing)
+                self.bytes_read += sum(len(r) for r in raws if isinstance(r, bytes))
+            for run, (start, _), raw in zip(missing, spans, raws, strict=True):
+                found.update(self._records(run, start, raw))
         return records.decode_records([found[p] for p in located], self.seq_len, self.dtype)
 
-    def _record(self, place: tuple[int, int], start: int, raw) -> bytes:
-        url = self.urls[place[0]]
+    def _records(self, run: tuple[int, int, int], start: int, raw) -> dict:
+        shard, first, count = run
+        url = self.urls[shard]
         if isinstance(raw, Exception):
             raise records.damage_error(url, f'unreadable ({type(raw).__name__}: {raw})')
         try:
-            data = self.layout.record(raw, start)
+            data = self.layout.records(raw, start, count)
         except ValueError as e:
-            raise records.damage_error(url, f'not in the expected layout at record '
-                                            f'{place[1]} ({e})') from None
+            raise records.damage_error(url, f'not in the expected layout at records '
+                                            f'{first}-{first + count - 1} ({e})') from None
+        out = {(shard, first + j): record for j, record in enumerate(data)}
         if self.cache is not None:
-            self.cache.put(self._name(*place), data)
-        return data
+            for place, record in out.items():
+                self.cache.put(self._name(*place), record)
+        return out
 
 
 def remote_sizes(fs, root: str) -> dict[str, int]:
