@@ -208,7 +208,8 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     train_splits, eval_source = splits
     weights = [s.weight for s in sources] if len(sources) > 1 else None
     batches = PretrainBatches(train_splits, cfg.batch_size, cfg.seed,
-                              *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights)
+                              *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights,
+                              read_block=cfg.data.read_block)
     phase_splits = plan.active and _phase_splits(cfg, plan, workdir, sources, src, main,
                                                  train_splits, weights)
     iterate = phases.feed(cfg, plan, mesh_lib.data_shard(cfg.batch_size, mesh), batches,

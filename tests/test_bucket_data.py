@@ -187,3 +187,42 @@ def test_training_from_a_bucket_resumes_exactly_onto_another_process_count(
 
 def losses(workdir) -> list[float]:
     return [r['loss'] for r in read_metrics(workdir) if 'loss' in r]
+
+
+def test_runs_of_consecutive_rows_are_one_range_read_each(prepared):
+    local, remote_dir = prepared
+    index = records.read_index(remote_dir)
+    disk = records.open_split(local, 'train')
+    block, batch, steps = 8, 32, 4
+    whole = PretrainBatches(disk, batch, seed=3, read_block=block)
+    for process in range(2):
+        split = remote.RemoteSplit(remote_dir, index, 'train')
+        mine = PretrainBatches(split, batch, seed=3, process_index=process, process_count=2,
+                               read_block=block)
+        for step in range(steps):
+            part = slice(process * batch // 2, (process + 1) * batch // 2)
+            np.testing.assert_array_equal(mine.batch(step)['input_ids'],
+                                          whole.batch(step)['input_ids'][part])
+        runs = steps * batch // 2 // block
+        assert split.ranges_read <= runs + 1  # a run may end one shard and open the next
+        assert split.bytes_read < 1.5 * share_bytes(split, steps * batch // 2) + 1024
+    # An epoch serves every whole run once, each in order.
+    n = len(disk)
+    rows = np.concatenate([whole.indices(s) for s in range(n // block * block // batch)])
+    starts = rows[::block]
+    assert (starts % block == 0).all() and len(set(starts)) == len(starts)
+    assert (rows.reshape(-1, block) - starts[:, None] == np.arange(block)).all()
+
+
+@pytest.mark.parametrize('value, message', [
+    ('0', 'must be a whole number >= 1, got 0'),
+    ('2', 'not supported with seq_len_phases or batch_size_ramp'),
+])
+def test_a_bad_read_block_is_one_line(value, message, corpus, tmp_path, capsys):
+    import launch
+    args = tiny_args(corpus, 8, f'--config.data.read_block={value}',
+                     '--config.batch_size_ramp=8:0.5')
+    assert launch.main(['pretrain', '--workdir', str(tmp_path / 'run'), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: data.read_block: ') and message in err
+    assert err.count('\n') == 1 and not (tmp_path / 'run').exists()
