@@ -180,23 +180,25 @@ def cache_for(cache_mb: float) -> remote.RecordCache | None:
     return remote.shared_cache(directory, int(cache_mb * MB))
 
 
-def open_split(directory: str, split: str, cache_mb: float = DEFAULT_CACHE_MB):
+def open_split(directory: str, split: str, cache_mb: float = DEFAULT_CACHE_MB,
+               read_block: int = 1):
     """One split of a prepared directory: local files (a gcsfuse mount is one), or a
-    bucket's, read record by record through this host's bounded cache."""
+    bucket's, read in pages of read_block records through this host's bounded cache."""
     index = records.read_index(directory)
     if index is None:
         raise ValueError(f'{directory}: not prepared (no {records.INDEX_FILENAME})')
     if is_remote(directory):
-        return remote.RemoteSplit(directory, index, split, cache_for(cache_mb))
+        return remote.RemoteSplit(directory, index, split, cache_for(cache_mb), read_block)
     return records.PreparedSplit(directory, index, split)
 
 
 def open_splits(directories: list[str], weights: list[float] | None,
-                cache_mb: float = DEFAULT_CACHE_MB) -> tuple[list, object]:
+                cache_mb: float = DEFAULT_CACHE_MB, read_block: int = 1
+                ) -> tuple[list, object]:
     """The train splits of each source (for PretrainBatches) and one eval source: the
     sources' validation splits interleaved by weight."""
-    train = [open_split(d, 'train', cache_mb) for d in directories]
-    evals = [open_split(d, 'validation', cache_mb) for d in directories]
+    train = [open_split(d, 'train', cache_mb, read_block) for d in directories]
+    evals = [open_split(d, 'validation', cache_mb, read_block) for d in directories]
     return train, (evals[0] if len(evals) == 1 else Mixed(evals, weights))
 
 

@@ -110,7 +110,7 @@ def _prepare_all_data(cfg, workdir: epath.Path, sources: list, src, main: bool):
     start = time.time()
     tokenizer, directories = prepare_data(cfg, workdir, sources, src, show_progress=main)
     train, evals = data.open_splits(directories, [s.weight for s in sources],
-                                    cfg.data.cache_mb)
+                                    cfg.data.cache_mb, cfg.data.read_block)
     old_eval = continual.old_eval_source(cfg, src, tokenizer,
                                          tokenized_data_dir(cfg.data.data_dir, workdir))
     _log(main, f'data: {sum(len(t) for t in train):,} train / {len(evals):,} eval sequences '

@@ -121,6 +121,13 @@ def test_the_cache_stays_under_its_bound_and_serves_repeats(prepared, tmp_path, 
     reopened = remote.RecordCache(directory, int(0.02 * data.MB))  # a smaller bound, restarted
     assert reopened.total <= 0.02 * data.MB and disk_usage(directory) <= 0.02 * data.MB
     assert data.open_split(remote_dir, 'train', 0).cache is None
+    shutil.rmtree(directory)
+    paged = data.open_split(remote_dir, 'train', 1, read_block=8)  # a page = a run of 8
+    want = records.open_split(prepared[0], 'train').read([3, 5, 7, 9])
+    got = np.concatenate([paged.read([3])['input_ids'], paged.read([5, 7, 9])['input_ids']])
+    np.testing.assert_array_equal(got, want['input_ids'])
+    assert (paged.records_read, paged.ranges_read) == (16, 2)  # pages 0 and 1; 5, 7 hits
+    assert len(os.listdir(paged.cache.directory)) == 2
 
 
 def test_damaged_shards_in_a_bucket_are_one_line(prepared, bucket):
@@ -196,7 +203,7 @@ def test_runs_of_consecutive_rows_are_one_range_read_each(prepared):
     block, batch, steps = 8, 32, 4
     whole = PretrainBatches(disk, batch, seed=3, read_block=block)
     for process in range(2):
-        split = remote.RemoteSplit(remote_dir, index, 'train')
+        split = remote.RemoteSplit(remote_dir, index, 'train', page_rows=block)
         mine = PretrainBatches(split, batch, seed=3, process_index=process, process_count=2,
                                read_block=block)
         for step in range(steps):

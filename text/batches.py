@@ -11,6 +11,7 @@ threads.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -88,8 +89,10 @@ def _order(n: int, seed: int, shuffle: bool, block: int) -> grain.MapDataset:
         raise ValueError(f'read_block: {block} is more than the source\'s {n} sequences')
     runs = grain.MapDataset.range(n // block)
     runs = (runs.shuffle(seed=seed) if shuffle else runs).repeat()
+    # One permutation lookup per run, not per row (grain's costs 20-200 us here).
+    first_row = functools.lru_cache(maxsize=1 << 14)(lambda position: runs[position] * block)
     return grain.MapDataset.range(np.iinfo(np.int64).max).map(
-        lambda r: runs[r // block] * block + r % block)
+        lambda r: first_row(r // block) + r % block)
 
 
 class PretrainBatches:

@@ -189,11 +189,13 @@ def _filesystem(directory: str):
 
 class RemoteSplit:
     """One split of a prepared directory in a bucket, with PreparedSplit's interface:
-    `read(indices)` fetches only those records (the misses of `cache`, all at once: one
-    range read per run of consecutive records of a shard, concurrently)."""
+    `read(indices)` fetches only the pages of `page_rows` consecutive records holding
+    those records (the misses of `cache`, all at once: one range read per run of
+    consecutive records of a shard, concurrently). A page is the unit of the cache too:
+    page_rows = data.read_block, the runs the batches draw."""
 
     def __init__(self, directory: str, index: records.Index, split: str,
-                 cache: RecordCache | None = None):
+                 cache: RecordCache | None = None, page_rows: int = 1):
         self.seq_len, self.dtype = index.seq_len, index.dtype
         self.layout = Layout(index.seq_len * np.dtype(index.dtype).itemsize)
         self.fs, root = _filesystem(directory)
@@ -207,8 +209,8 @@ class RemoteSplit:
                 raise records.damage_error(url, problem)
         self._ends = np.cumsum([s['sequences'] for s in shards])
         self._len = index.sequences(split)
-        self.cache = cache
-        self._key = f'{index.fingerprint[:16]}-'
+        self.cache, self.page_rows = cache, max(1, page_rows)
+        self._key = f'{index.fingerprint[:16]}-{split}-{self.page_rows}-'
         self._lock = threading.Lock()
         self.bytes_read = self.ranges_read = self.records_read = 0  # from the bucket
 
@@ -216,51 +218,56 @@ class RemoteSplit:
         return self._len
 
     def _locate(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < self._len:
-            raise IndexError(f'record {i} not in [0, {self._len})')
         shard = int(np.searchsorted(self._ends, i, side='right'))
         return shard, i - (int(self._ends[shard - 1]) if shard else 0)
 
-    def _name(self, shard: int, k: int) -> str:
-        return f'{self._key}{self.paths[shard].rsplit("/", 1)[1]}-{k}'
-
     def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """The sequences at `indices` (int32 arrays, one row per index)."""
-        located = [self._locate(int(i)) for i in indices]
-        found: dict[tuple[int, int], bytes] = {}
+        rows = [int(i) for i in indices]
+        for i in rows:
+            if not 0 <= i < self._len:
+                raise IndexError(f'record {i} not in [0, {self._len})')
+        size, span = self.layout.record_bytes, self.page_rows
+        pages: dict[int, bytes] = {}
+        wanted = sorted({i // span for i in rows})
         if self.cache is not None:
-            for place in located:
-                data = self.cache.get(self._name(*place))
+            for page in wanted:
+                data = self.cache.get(f'{self._key}{page}')
                 if data is not None:
-                    found[place] = data
-        missing = runs(sorted(set(located) - set(found)))
+                    pages[page] = data
+        missing = [p for p in wanted if p not in pages]
         if missing:
-            spans = [self.layout.span(k, count) for _, k, count in missing]
-            raws = self.fs.cat_ranges([self.paths[s] for s, _, _ in missing],
-                                      [a for a, _ in spans], [b for _, b in spans])
-            with self._lock:
-                self.ranges_read += len(missing)
-                self.records_read += sum(count for _, _, count in missing)
-                self.bytes_read += sum(len(r) for r in raws if isinstance(r, bytes))
-            for run, (start, _), raw in zip(missing, spans, raws, strict=True):
-                found.update(self._records(run, start, raw))
-        return records.decode_records([found[p] for p in located], self.seq_len, self.dtype)
+            members = {p: range(p * span, min((p + 1) * span, self._len)) for p in missing}
+            fetched = self._fetch([self._locate(i) for p in missing for i in members[p]])
+            for page in missing:
+                pages[page] = b''.join(fetched[self._locate(i)] for i in members[page])
+                if self.cache is not None:
+                    self.cache.put(f'{self._key}{page}', pages[page])
+        out = [pages[i // span][(i % span) * size:(i % span + 1) * size] for i in rows]
+        return records.decode_records(out, self.seq_len, self.dtype)
 
-    def _records(self, run: tuple[int, int, int], start: int, raw) -> dict:
-        shard, first, count = run
-        url = self.urls[shard]
-        if isinstance(raw, Exception):
-            raise records.damage_error(url, f'unreadable ({type(raw).__name__}: {raw})')
-        try:
-            data = self.layout.records(raw, start, count)
-        except ValueError as e:
-            raise records.damage_error(url, f'not in the expected layout at records '
-                                            f'{first}-{first + count - 1} ({e})') from None
-        out = {(shard, first + j): record for j, record in enumerate(data)}
-        if self.cache is not None:
-            for place, record in out.items():
-                self.cache.put(self._name(*place), record)
-        return out
+    def _fetch(self, places: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """(shard, record) -> record bytes from the bucket: a range read per run."""
+        todo = runs(places)
+        spans = [self.layout.span(k, count) for _, k, count in todo]
+        raws = self.fs.cat_ranges([self.paths[s] for s, _, _ in todo],
+                                  [a for a, _ in spans], [b for _, b in spans])
+        with self._lock:
+            self.ranges_read += len(todo)
+            self.records_read += len(places)
+            self.bytes_read += sum(len(r) for r in raws if isinstance(r, bytes))
+        found = {}
+        for (shard, first, count), (start, _), raw in zip(todo, spans, raws, strict=True):
+            url = self.urls[shard]
+            if isinstance(raw, Exception):
+                raise records.damage_error(url, f'unreadable ({type(raw).__name__}: {raw})')
+            try:
+                data = self.layout.records(raw, start, count)
+            except ValueError as e:
+                raise records.damage_error(url, f'not in the expected layout at records '
+                                                f'{first}-{first + count - 1} ({e})') from None
+            found.update(((shard, first + j), record) for j, record in enumerate(data))
+        return found
 
 
 def remote_sizes(fs, root: str) -> dict[str, int]:
