@@ -86,9 +86,14 @@ def upload(directory: pathlib.Path, url: str) -> None:
 
 
 def disk_usage(directory: str) -> int:
-    if not os.path.isdir(directory):
-        return 0
-    return sum(e.stat().st_blocks * 512 for e in os.scandir(directory))
+    """Bytes on disk of a directory's files (read-ahead threads may evict some meanwhile)."""
+    total = 0
+    for entry in os.scandir(directory) if os.path.isdir(directory) else ():
+        try:
+            total += entry.stat().st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def worker(args) -> dict:
@@ -100,10 +105,14 @@ def worker(args) -> dict:
     split = data.open_split(args.url, 'train', args.cache_mb, args.block)
     batches = PretrainBatches(split, args.batch_size, 0, args.process, 2,
                               read_block=args.block)
+    # Bytes and range reads per step, exactly: the same batches without read-ahead or cache.
+    plain = data.open_split(args.url, 'train', 0, args.block)
+    counted = PretrainBatches(plain, args.batch_size, 0, args.process, 2, read_block=args.block)
+    for step in range(args.steps):
+        counted.batch(step)
     it = batches.iterate(0)
     for _ in range(args.warmup):
         next(it)
-    read0, ranges0 = split.bytes_read, split.ranges_read
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(args.steps):
         next(it)
@@ -111,8 +120,8 @@ def worker(args) -> dict:
     rows = args.steps * batches.local_batch_size
     directory = split.cache.directory if split.cache else ''
     return {'block': args.block, 'process': args.process,
-            'bytes_per_share': (split.bytes_read - read0) / (rows * split.layout.record_bytes),
-            'ranges_per_step': (split.ranges_read - ranges0) / args.steps,
+            'bytes_per_share': plain.bytes_read / (rows * split.layout.record_bytes),
+            'ranges_per_step': plain.ranges_read / args.steps,
             'cache_mb': disk_usage(directory) / MB,
             'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             'seq_s': rows / wall, 'seq_cpu_s': rows / cpu}
@@ -140,7 +149,7 @@ def run(args) -> list[dict]:
                  '--block', str(block), '--steps', str(args.steps), '--warmup',
                  str(args.warmup), '--batch-size', str(args.batch_size), '--cache-mb',
                  str(args.cache_mb)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                env=dict(env, BERTJAX_CACHE=str(work / f'cache-{block}')))
+                env=dict(env, BERTJAX_CACHE=str(work / f'cache-{block}-{i}')))  # two hosts' disks
                 for i in range(2)]
             for proc in procs:
                 out, _ = proc.communicate()

@@ -38,7 +38,11 @@ def prepared(bucket, tmp_path_factory):
                                unit_bytes=160 << 10)
     local, _ = prepare.prepare(spec, tok, str(root / 'local'), show_progress=False)
     remote_dir, _ = prepare.prepare(spec, tok, f'{bucket}/prepared', show_progress=False)
+    PREPARED.update(spec=spec, tokenizer=tok)
     return local, remote_dir
+
+
+PREPARED = {}  # the fixture's spec and tokenizer, to prepare the same data again
 
 
 def test_records_read_by_range_are_the_files_records(prepared):
@@ -149,6 +153,17 @@ def test_damaged_shards_in_a_bucket_are_one_line(prepared, bucket):
     split = data.open_split(damaged, 'train', 0)
     with pytest.raises(ConfigError, match=f'{second} is not in the expected layout'):
         split.read([index.shards['train'][0]['sequences']])  # record 0 of the second shard
+
+
+def test_preparing_again_repairs_a_damaged_shard_in_a_bucket(prepared, bucket):
+    local, _ = prepared
+    spec, tok = PREPARED['spec'], PREPARED['tokenizer']
+    directory, index = prepare.prepare(spec, tok, f'{bucket}/repair', show_progress=False)
+    name = index.shards['train'][1]['file']
+    shard = epath.Path(directory) / name
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert prepare.prepare(spec, tok, f'{bucket}/repair', show_progress=False)[1] == index
+    assert shard.read_bytes() == (epath.Path(local) / name).read_bytes()
 
 
 @pytest.mark.slow

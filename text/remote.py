@@ -1,5 +1,6 @@
-"""Prepared data read straight from a bucket: each record by one byte-range read, through
-a bounded least-recently-used cache on local disk. No shard is ever copied whole.
+"""Prepared data read straight from a bucket: the records a host needs, each run of
+consecutive ones by one byte-range read, through a bounded least-recently-used cache on
+local disk. No shard is ever copied whole.
 
 A shard (written with records.WRITER_OPTIONS: one record per chunk, uncompressed) is a
 Riegeli file: 64 KiB blocks, each opening with a 24-byte block header, carrying one
