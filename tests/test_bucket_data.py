@@ -153,6 +153,9 @@ def test_damaged_shards_in_a_bucket_are_one_line(prepared, bucket):
     split = data.open_split(damaged, 'train', 0)
     with pytest.raises(ConfigError, match=f'{second} is not in the expected layout'):
         split.read([index.shards['train'][0]['sequences']])  # record 0 of the second shard
+    (epath.Path(damaged) / first).unlink()  # gone after the split was opened
+    with pytest.raises(ConfigError, match=f'{first}: a range read failed after retries'):
+        split.read([0])
 
 
 def test_preparing_again_repairs_a_damaged_shard_in_a_bucket(prepared, bucket):

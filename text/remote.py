@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from engine.errors import ConfigError
 from text import records
 
 BLOCK = 1 << 16
@@ -260,8 +261,11 @@ class RemoteSplit:
         found = {}
         for (shard, first, count), (start, _), raw in zip(todo, spans, raws, strict=True):
             url = self.urls[shard]
-            if isinstance(raw, Exception):
-                raise records.damage_error(url, f'unreadable ({type(raw).__name__}: {raw})')
+            if isinstance(raw, Exception):  # after gcsfs's own retries
+                detail = str(raw).splitlines()[0][:200] if str(raw) else ''
+                raise ConfigError(f'prepared data {url}: a range read failed after retries '
+                                  f'({type(raw).__name__}: {detail}); is the bucket '
+                                  'reachable? The run resumes from its last checkpoint')
             try:
                 data = self.layout.records(raw, start, count)
             except ValueError as e:
