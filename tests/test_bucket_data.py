@@ -251,3 +251,18 @@ def test_a_bad_read_block_is_one_line(value, message, corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: data.read_block: ') and message in err
     assert err.count('\n') == 1 and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_read_blocks_train_the_same_from_a_bucket_as_from_disk(bucket, corpus, tmp_path,
+                                                               monkeypatch):
+    import launch
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))
+    args = tiny_args(corpus, 4, '--config.data.read_block=4', '--config.log_every_steps=1')
+    runs = {}
+    for name, extra in (('disk', []), ('bucket', [f'--config.data.data_dir={bucket}/blocks'])):
+        runs[name] = tmp_path / name
+        assert launch.main(['pretrain', '--workdir', str(runs[name]), *args, *extra]) == 0
+    assert losses(runs['bucket']) == losses(runs['disk'])
+    pages = os.listdir(tmp_path / 'cache' / 'records' / 'process-0')
+    assert pages and all('-train-4-' in p or '-validation-4-' in p for p in pages)
