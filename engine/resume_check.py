@@ -31,12 +31,14 @@ from engine.rundir import RunDir
 # model.dtype and model.attention_impl are the precision and kernel of the hardware at hand
 # (params stay float32);
 # data.data_dir and data.workers say where and how fast the (deterministic) preparation
-# runs. seq_len_phases / batch_size_ramp runs also keep num_train_steps (pretrain/phases.py).
+# runs, data.cache_mb how much of a bucket's corpus a host keeps on its disk.
+# seq_len_phases / batch_size_ramp runs also keep num_train_steps (pretrain/phases.py).
 PRETRAIN_CHANGEABLE = (
     'num_train_steps', 'max_runtime', 'train_tokens', 'log_every_steps', 'eval_every_steps',
     'eval_max_batches', 'checkpoint_every_steps', 'keep_checkpoints', 'nan_rollbacks',
     'peak_flops_per_device', 'profile_steps', 'wandb', 'mesh', 'grad_accum_steps',
     'model.remat', 'model.dtype', 'model.attention_impl', 'data.data_dir', 'data.workers',
+    'data.cache_mb',
 )
 # Fine-tuning: the budget (num_epochs, patience), cadences and the same runtime keys;
 # dynamic padding changes the shapes of batches, not which examples they hold.
@@ -50,6 +52,7 @@ FINETUNE_CHANGEABLE = (
 # such a workdir still resumes (with that value, and only with that value).
 ADDED_KEYS = {
     'data.text_field': 'text',  # pretraining corpora in JSONL/Parquet
+    'data.read_block': 1,  # rows drawn in runs of consecutive sequences (bucket reads)
     'model.param_dtype': 'float32',
     'optimizer.mu_dtype': '',  # pretraining's optimizer section
     'mu_dtype': '',  # fine-tuning's top-level optimizer key

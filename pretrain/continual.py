@@ -48,7 +48,7 @@ from models.bert import BertForMaskedLM
 from models.config import RUNTIME_FIELDS, model_config
 from models.load import Resize, load_whole
 from pretrain import data
-from text import corpus, records
+from text import corpus
 from text.batches import Mixed
 from text.packing import pack_documents
 from text.records import ArraySequences
@@ -292,7 +292,7 @@ def old_eval_source(cfg, src: Source | None, tokenizer, data_dir: str):
                 continue
             directory = data.prepare_source(data.prepare_spec(old, source.train, None),
                                             tokenizer, data_dir, cfg.data.workers)
-            parts.append(records.open_split(directory, 'validation'))
+            parts.append(data.open_split(directory, 'validation', cfg.data.cache_mb))
     except (ValueError, ConfigError) as e:
         message = str(e)
         raise ConfigError(message if message.startswith(key) else f'{key}: {message}') from None

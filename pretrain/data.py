@@ -4,7 +4,9 @@
 second call finds index.json and returns at once), sharing the work between the
 processes of a multi-host run when they all see the data directory (gs://, or a shared
 file system): process i prepares units i, i+P, ... and process 0 merges the index.
-With host-local data directories every host prepares everything.
+With host-local data directories every host prepares everything. A gs:// directory is
+read in place (text/remote.py): each host fetches only the records of its rows, through a
+bounded cache on its disk (data.cache_mb); a gcsfuse mount is a local path.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from etils import epath
 from engine import distributed
 from engine.errors import ConfigError
 from engine.paths import default_cache_dir, is_remote
-from text import corpus, prepare, records, tasks
+from text import corpus, prepare, records, remote, tasks
 from text.batches import Mixed
 from text.sample import sample_texts
 
 MB = 1 << 20
+# data.cache_mb's default (configs/pretrain.py says why).
+DEFAULT_CACHE_MB = 1024.0
 # Named corpora a run can train on: text.corpus's, and the benchmark tasks' unlabelled
 # train text ('tasks'; held out by hash like a file, as it has no split of its own here).
 PRETRAIN_CORPORA = corpus.NAMED_CORPORA + (tasks.TEXT_CORPUS,)
@@ -108,6 +112,8 @@ def prepare_spec(cfg: ml_collections.ConfigDict, train, evals) -> prepare.Prepar
     for key in ('shard_mb', 'eval_max_mb', 'tokenizer_sample_mb'):
         if d[key] < 0:
             raise ConfigError(f'data.{key}: must be >= 0, got {d[key]}')
+    if d.get('cache_mb', 0) < 0:  # before any work, not when the data is opened
+        raise ConfigError(f'data.cache_mb: must be >= 0, got {d.cache_mb}')
     return prepare.PrepareSpec(
         train=train, evals=evals, seq_len=cfg.seq_len, doc_separator=d.doc_separator,
         eval_fraction=float(d.eval_fraction), eval_max_bytes=int(d.eval_max_mb * MB),
@@ -160,41 +166,39 @@ def prepare_source(spec: prepare.PrepareSpec, tokenizer, root: str, workers: int
         else:  # one process, or hosts that do not see each other's files: all of it here
             prepare.run_units(plan, plan.units, workers, show_progress)
             prepare.finalize(plan)
-    return local_copy(plan.directory)
+    return plan.directory
 
 
-def local_copy(directory: str) -> str:
-    """`directory` itself if local; a gs:// one is copied once to this host's cache
-    (array_record reads local files), shard by shard, index.json last."""
-    if not is_remote(directory):
-        return directory
-    source = epath.Path(directory)
-    target = os.path.join(default_cache_dir(), 'prepared', source.name)
-    cached = records.read_index(target)
-    if cached is not None and not records.damaged_shards(target, cached):
-        return target
-    os.makedirs(target, exist_ok=True)
+def cache_for(cache_mb: float) -> remote.RecordCache | None:
+    """This process's cache of records read from buckets (None for cache_mb 0)."""
+    if cache_mb < 0:
+        raise ConfigError(f'data.cache_mb: must be >= 0, got {cache_mb}')
+    if not cache_mb:
+        return None
+    directory = os.path.join(default_cache_dir(), 'records',
+                             f'process-{distributed.process_index()}')
+    return remote.shared_cache(directory, int(cache_mb * MB))
+
+
+def open_split(directory: str, split: str, cache_mb: float = DEFAULT_CACHE_MB,
+               read_block: int = 1):
+    """One split of a prepared directory: local files (a gcsfuse mount is one), or a
+    bucket's, read in pages of read_block records through this host's bounded cache."""
     index = records.read_index(directory)
-    for split in records.SPLITS:
-        for shard in index.shards[split]:
-            local = epath.Path(target) / shard['file']
-            if records.shard_problem(str(local), shard):  # absent, or damaged: copied again
-                tmp = epath.Path(f'{local}.tmp-{os.getpid()}')
-                (source / shard['file']).copy(tmp, overwrite=True)
-                tmp.rename(local)
-    records.write_index(target, index)
-    return target
+    if index is None:
+        raise ValueError(f'{directory}: not prepared (no {records.INDEX_FILENAME})')
+    if is_remote(directory):
+        return remote.RemoteSplit(directory, index, split, cache_for(cache_mb), read_block)
+    return records.PreparedSplit(directory, index, split)
 
 
-def open_splits(directories: list[str], weights: list[float] | None
-                ) -> tuple[list[records.PreparedSplit], object]:
+def open_splits(directories: list[str], weights: list[float] | None,
+                cache_mb: float = DEFAULT_CACHE_MB, read_block: int = 1
+                ) -> tuple[list, object]:
     """The train splits of each source (for PretrainBatches) and one eval source: the
     sources' validation splits interleaved by weight."""
-    indexes = [records.read_index(d) for d in directories]
-    train = [records.PreparedSplit(d, i, 'train') for d, i in zip(directories, indexes,
-                                                                   strict=True)]
-    evals = [records.PreparedSplit(d, i, 'validation') for d, i in zip(directories, indexes,
-                                                                        strict=True)]
+    train = [open_split(d, 'train', cache_mb, read_block) for d in directories]
+    evals = [open_split(d, 'validation', cache_mb, read_block) for d in directories]
     return train, (evals[0] if len(evals) == 1 else Mixed(evals, weights))
 
 

@@ -84,6 +84,17 @@ def validate_values(cfg: ml_collections.ConfigDict) -> None:
     make_optimizer(optimizer_config(cfg), cfg.num_train_steps)  # ConfigError on a bad key
     learned = model.position_embedding == 'learned'
     phases.check(cfg, model.max_position_embeddings if learned else None)
+    check_read_block(cfg)
+
+
+def check_read_block(cfg: ml_collections.ConfigDict) -> None:
+    """data.read_block: a whole number >= 1; > 1 only with one batch shape per run."""
+    block = cfg.data.get('read_block', 1)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ConfigError(f'data.read_block: must be a whole number >= 1, got {block!r}')
+    if block > 1 and phases.StepPlan(cfg).active:
+        raise ConfigError('data.read_block: > 1 is not supported with seq_len_phases or '
+                          'batch_size_ramp; use 1')
 
 
 def check_batch(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:

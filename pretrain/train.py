@@ -48,8 +48,8 @@ def prepare_data(cfg, workdir: epath.Path, sources: list[data.Source], src=None,
     specs = [data.prepare_spec(cfg, s.train, s.eval) for s in sources]
     if beam_options is not None:
         from text import beam_prepare  # an optional extra
-        return tokenizer, [data.local_copy(beam_prepare.run(spec, tokenizer, root,
-                                                            beam_options)[0]) for spec in specs]
+        return tokenizer, [beam_prepare.run(spec, tokenizer, root, beam_options)[0]
+                           for spec in specs]
     directories = [data.prepare_source(spec, tokenizer, root, cfg.data.workers, show_progress)
                    for spec in specs]
     return tokenizer, directories
@@ -110,7 +110,8 @@ def _prepare_all_data(cfg, workdir: epath.Path, sources: list, src, main: bool):
     source."""
     start = time.time()
     tokenizer, directories = prepare_data(cfg, workdir, sources, src, show_progress=main)
-    train, evals = data.open_splits(directories, [s.weight for s in sources])
+    train, evals = data.open_splits(directories, [s.weight for s in sources],
+                                    cfg.data.cache_mb, cfg.data.read_block)
     old_eval = continual.old_eval_source(cfg, src, tokenizer,
                                          tokenized_data_dir(cfg.data.data_dir, workdir))
     _log(main, f'data: {sum(len(t) for t in train):,} train / {len(evals):,} eval sequences '
@@ -207,7 +208,8 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     train_splits, eval_source = splits
     weights = [s.weight for s in sources] if len(sources) > 1 else None
     batches = PretrainBatches(train_splits, cfg.batch_size, cfg.seed,
-                              *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights)
+                              *mesh_lib.data_shard(cfg.batch_size, mesh), weights=weights,
+                              read_block=cfg.data.read_block)
     phase_splits = plan.active and _phase_splits(cfg, plan, workdir, sources, src, main,
                                                  train_splits, weights)
     iterate = phases.feed(cfg, plan, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
@@ -260,7 +262,7 @@ def _phase_splits(cfg, plan, workdir, sources, src, main, final_splits, weights)
     for length in {p.seq_len for p in plan.phases} - set(splits):
         _, directories = prepare_data(phases.with_seq_len(cfg, length), workdir, sources, src,
                                       show_progress=main)
-        splits[length] = data.open_splits(directories, weights)[0]
+        splits[length] = data.open_splits(directories, weights, cfg.data.cache_mb)[0]
     _log(main, phases.describe(plan))
     return [splits[p.seq_len] for p in plan.phases]
 

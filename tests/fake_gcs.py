@@ -6,6 +6,7 @@ writer) through TENSORSTORE_GCS_HTTP_URL, so both see one bucket, as on real GCS
 """
 
 import contextlib
+import http.server
 import logging
 import os
 import pathlib
@@ -64,6 +65,9 @@ def fake_gcs() -> Iterator[str]:
     import gcsfs
     from etils.epath import backend
     _patch_downloads()
+    # The emulator serves one request at a time from a listen queue of 5: concurrent range
+    # reads (gcsfs sends a batch's at once) would overflow it and wait for SYN retries.
+    http.server.HTTPServer.request_queue_size = 1024
     port = _free_port()
     gcs = server.create_server('127.0.0.1', port, in_memory=True, default_bucket=BUCKET)
     gcs.start()

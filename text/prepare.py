@@ -43,7 +43,7 @@ from etils import epath
 from engine.errors import ConfigError
 from engine.paths import absolute_path, is_remote, write_bytes_atomic
 from engine.progress import Progress
-from text import formats, records
+from text import formats, records, remote
 from text.corpus import TFDS_PREFIX, is_indexed, open_indexed_split
 from text.packing import Packer
 from text.tokenizer import load_tokenizer
@@ -336,27 +336,35 @@ def run_units(plan: Plan, units: Sequence[Unit], workers: int = 0,
 def reusable_index(plan: Plan, repair: bool = True) -> records.Index | None:
     """The finished index of the plan's directory, or None when (some of) it must be
     prepared: with `repair`, the units of missing or resized shards lose their summaries
-    (and index.json goes), so run_units redoes just those; else a one-line error."""
+    (and index.json goes), so run_units redoes just those; else a one-line error. A
+    bucket directory is checked from one listing (sizes; nothing is downloaded)."""
     index = records.read_index(plan.directory)
-    if index is None or is_remote(plan.directory):  # remote: checked in the local copy
+    if index is None:
         return index
-    damaged = records.damaged_shards(plan.directory, index)
+    remote_dir = is_remote(plan.directory)
+    damaged = (remote.damaged_shards if remote_dir else records.damaged_shards)(
+        plan.directory, index)
     if not damaged:
         return index
     name, problem = damaged[0]
+    directory = epath.Path(plan.directory)
     if not repair:
-        raise records.damage_error(os.path.join(plan.directory, name), problem)
+        raise records.damage_error(str(directory / name), problem)
     numbers = sorted({records.shard_unit(n) for n, _ in damaged})
     log.warning('prepared data: %s is %s; preparing %d unit(s) of %s again', name, problem,
                 len(numbers), plan.directory)
-    os.unlink(os.path.join(plan.directory, records.INDEX_FILENAME))  # first: now incomplete
+    (directory / records.INDEX_FILENAME).unlink()  # first: now incomplete
     for number in numbers:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(plan.directory, unit_summary_name(number)))
+            (directory / unit_summary_name(number)).unlink()
         for split in records.SPLITS:
             pattern = f'{split}-{number:05d}-*.array_record'
-            for path in glob.glob(os.path.join(glob.escape(plan.directory), pattern)):
-                os.unlink(path)
+            if remote_dir:
+                paths = list(directory.glob(pattern))
+            else:
+                paths = glob.glob(os.path.join(glob.escape(plan.directory), pattern))
+            for path in paths:
+                epath.Path(path).unlink()
     return None
 
 

@@ -164,9 +164,16 @@ def shard_problem(path: str, entry: dict) -> str | None:
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
-        return 'missing'
+        size = None
     except OSError as e:
         return f'unreadable ({e.strerror or e})'
+    return size_problem(size, entry)
+
+
+def size_problem(size: int | None, entry: dict) -> str | None:
+    """Why a shard of `size` bytes (None: absent) is not the one index.json describes."""
+    if size is None:
+        return 'missing'
     want = entry.get('bytes')  # absent in directories prepared before sizes were recorded
     if want is not None and size != want:
         return f'{"truncated" if size < want else "longer than recorded"} ({size:,} bytes, ' \
@@ -259,9 +266,9 @@ class ArraySequences:
 
 
 def open_split(directory: str | os.PathLike, split: str) -> PreparedSplit:
-    """One split of a prepared directory (local; see prepare.local_copy for gs://)."""
+    """One split of a local prepared directory (text.remote.RemoteSplit reads gs://)."""
     if is_remote(directory):
-        raise ValueError(f'{directory}: read a local copy of remote prepared data')
+        raise ValueError(f'{directory}: a bucket directory; read it with text.remote')
     index = read_index(directory)
     if index is None:
         raise ValueError(f'{directory}: not prepared (no {INDEX_FILENAME})')
