@@ -265,3 +265,39 @@ def test_embedding_config_refusals(tmp_path, pretrained_run):
                   ['--config.embedding.temperature=0']):
         assert launch_module.main([*base, *extra]) == 2
     assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.slow
+def test_export_is_a_sentence_transformers_model_with_the_same_embeddings(embedding_run,
+                                                                          tmp_path):
+    """`launch.py export` of an embedding run: SentenceTransformer(DIR).encode (or, without
+    sentence-transformers, transformers BertModel + the written pooling) gives this
+    project's embeddings within 1e-4."""
+    import launch as launch_module
+    from convert import st_export, verify
+    from finetune import embed_cmd, encoding
+    from finetune.data import Examples
+    from text.tokenizer import load_tokenizer
+    out = tmp_path / 'st'
+    assert launch_module.main(['export', '--workdir', str(embedding_run), '--output',
+                               str(out)]) == 0
+    modules = json.loads((out / 'modules.json').read_text())
+    assert [m['type'].rsplit('.', 1)[1] for m in modules] == ['Transformer', 'Pooling']
+    pooling = json.loads((out / '1_Pooling' / 'config.json').read_text())
+    assert pooling['pooling_mode_mean_tokens'] and not pooling['pooling_mode_cls_token']
+    assert json.loads((out / 'config.json').read_text())['architectures'] == ['BertModel']
+    texts = ['the red cat sat on the tree .', 'blue dog', 'the quiet horse slept near the '
+             'garden under the old tree .']
+    model, params, _ = embed_cmd.load_encoder(embedding_run, None)
+    tok = load_tokenizer(str(out / 'spm.model'))
+    enc = encoding.encode(tok, Examples(texts, None, np.zeros(3, np.int32)), 32)
+    batch = {k: enc[k] for k in ('input_ids', 'token_type_ids', 'attention_mask')}
+    ours = st_export.our_embeddings(model.config, params, batch)
+    np.testing.assert_allclose(st_export.hf_embeddings(out, batch), ours, atol=1e-4)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    theirs = SentenceTransformer(str(out), device='cpu').encode(texts)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert verify.transformers_available()
