@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         save('bm25', lexical['bm25'])
     if 'raw' not in results:
         save('raw', encoder_row(args.encoder, pairs, probe))
-    for seed in (int(s) for s in args.seeds.split(',')):
+    for seed in (int(s) for s in args.seeds.split(',') if s):
         if f'contrastive-seed{seed}' not in results:
             run = finetune(args.encoder, out, seed, args.extra.split())
             save(f'contrastive-seed{seed}', encoder_row(run, pairs, probe))
