@@ -47,6 +47,24 @@ def test_retrieval_metrics_match_hand_computed_ranks():
     assert retrieval_metrics.retrieval_metrics(q, d, np.array([1, 0]))['recall@1'] == 1.0
 
 
+def test_retrieval_metrics_agree_with_sklearn():
+    """MRR with ties against the query is sklearn's label ranking average precision for one
+    relevant document; nDCG@10 is sklearn's ndcg_score (no ties: its tie averaging is moot)."""
+    metrics = pytest.importorskip('sklearn.metrics')
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(50, 8))
+    scores[:5] = np.round(scores[:5])  # some ties
+    relevant = rng.integers(0, 8, size=50)
+    onehot = np.eye(8)[relevant]
+    ours = retrieval_metrics.metrics_from_ranks(
+        retrieval_metrics.ranks_of_relevant(scores, relevant))
+    assert ours['mrr@10'] == pytest.approx(
+        metrics.label_ranking_average_precision_score(onehot, scores))
+    untied = retrieval_metrics.metrics_from_ranks(
+        retrieval_metrics.ranks_of_relevant(scores[5:], relevant[5:]))
+    assert untied['ndcg@10'] == pytest.approx(metrics.ndcg_score(onehot[5:], scores[5:], k=10))
+
+
 def test_dedupe_rows_and_knn():
     first, ids = retrieval_metrics.dedupe_rows(np.array([[3, 4], [1, 2], [3, 4], [5, 6]]))
     np.testing.assert_array_equal(first, [0, 1, 3])
