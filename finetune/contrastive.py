@@ -54,7 +54,7 @@ def info_nce(anchors: jax.Array, positives: jax.Array, temperature: float,
     return losses, (scores.argmax(-1) == targets).astype(jnp.float32)
 
 
-def _embed(model, params, batch: dict, prefix: str, *, deterministic: bool, rng=None):
+def embed_pass(model, params, batch: dict, prefix: str, *, deterministic: bool, rng=None):
     return model.apply({'params': params}, batch[prefix + 'input_ids'],
                        token_type_ids=batch[prefix + 'token_type_ids'],
                        attention_mask=batch[prefix + 'attention_mask'],
@@ -67,9 +67,9 @@ def loss_terms(model, params, batch: dict, rng: jax.Array, *, temperature: float
                ) -> tuple[jax.Array, dict]:
     """(mean InfoNCE over the batch, summed terms); anchors and positives get their own
     dropout keys (SimCSE's two masks). `gather` makes the positives whole on every device."""
-    anchors = _embed(model, params, batch, '', deterministic=False,
+    anchors = embed_pass(model, params, batch, '', deterministic=False,
                      rng=jax.random.fold_in(rng, 0))
-    positives = _embed(model, params, batch, POSITIVE, deterministic=False,
+    positives = embed_pass(model, params, batch, POSITIVE, deterministic=False,
                        rng=jax.random.fold_in(rng, 1))
     losses, correct = info_nce(anchors, gather(positives), temperature, symmetric)
     n = jnp.float32(losses.shape[0])
@@ -96,7 +96,7 @@ def embedding_train_step(*, model: BertForSentenceEmbedding, tx: optax.GradientT
 
 def embed_step(params: Any, batch: dict, *, model: BertForSentenceEmbedding) -> jax.Array:
     """Eval-mode embeddings (N, H) of a batch's anchor columns."""
-    return _embed(model, params, batch, '', deterministic=True)
+    return embed_pass(model, params, batch, '', deterministic=True)
 
 
 # ---------------------------------------------------------------- encoding and batches

@@ -109,6 +109,7 @@ def _pair_batch(rows: int, seq: int = 12) -> dict:
     return batch
 
 
+@pytest.mark.slow
 def test_in_batch_negatives_span_the_global_batch_on_8_devices():
     """The sharded step's loss over 8 fake devices is the single-device loss of the whole
     batch (every anchor sees all 16 positives), not the mean of 8 per-device losses."""
@@ -142,12 +143,14 @@ def test_in_batch_negatives_span_the_global_batch_on_8_devices():
         np.testing.assert_allclose(x, y, atol=1e-5)
     # What per-device negatives would give instead (2 rows each): a different, smaller loss.
     rng = jax.random.fold_in(jax.random.key(0), 0)
-    per_device = sum(float(contrastive.loss_terms(
-        model, params, {k: v[i:i + 2] for k, v in batch.items()}, rng, temperature=0.05,
-        symmetric=False)[1]['loss_sum']) for i in range(0, 16, 2))
+    shard_loss = jax.jit(lambda b: contrastive.loss_terms(
+        model, params, b, rng, temperature=0.05, symmetric=False)[1]['loss_sum'])
+    per_device = sum(float(shard_loss({k: v[i:i + 2] for k, v in batch.items()}))
+                     for i in range(0, 16, 2))
     assert per_device < loss1 * 0.6
 
 
+@pytest.mark.slow
 def test_simcse_positives_differ_only_by_dropout():
     """Anchor = positive text: with dropout the two passes differ (a real objective), and
     without it every anchor matches its own positive exactly (its loss is the floor)."""
@@ -158,10 +161,10 @@ def test_simcse_positives_differ_only_by_dropout():
     for dropout, same in ((0.1, False), (0.0, True)):
         model = _tiny_embedder(dropout)
         params = model.init(jax.random.key(0), batch['input_ids'])['params']
-        a = contrastive._embed(model, params, batch, '', deterministic=False,
-                               rng=jax.random.fold_in(rng, 0))
-        p = contrastive._embed(model, params, batch, contrastive.POSITIVE, deterministic=False,
-                               rng=jax.random.fold_in(rng, 1))
+        a, p = jax.jit(lambda b, m=model, w=params: [  # the two passes of the loss
+            contrastive.embed_pass(m, w, b, prefix, deterministic=False,
+                                   rng=jax.random.fold_in(rng, i))
+            for i, prefix in enumerate(('', contrastive.POSITIVE))])(batch)
         assert np.allclose(a, p) == same
 
 
@@ -260,8 +263,9 @@ def test_embed_command_matches_the_run_and_pools_a_pretrained_run(
     ('\n \n', 'v.npy', 'has no text (empty or blank lines only)'),
     ('one\n', 'v.txt', 'must end in .npy'),
 ])
-def test_embed_command_refuses_bad_input_in_one_line(tmp_path, pretrained_run, content,
-                                                     output, message):
+def test_embed_command_refuses_bad_input_in_one_line(tmp_path, content, output, message):
+    """Refused before any run is read: the workdir need not exist."""
+    pretrained_run = str(tmp_path / 'no_run')
     import launch as launch_module
     (tmp_path / 'in.txt').write_text(content)
     with pytest.raises(Exception) as info:
@@ -273,11 +277,11 @@ def test_embed_command_refuses_bad_input_in_one_line(tmp_path, pretrained_run, c
                                str(tmp_path / output)]) == 2
 
 
-def test_embedding_config_refusals(tmp_path, pretrained_run):
+def test_embedding_config_refusals(tmp_path):
     import launch as launch_module
     pairs = write_pairs(tmp_path, n=8)
     base = ['finetune', '--config', 'configs/finetune.py:embed', '--workdir',
-            str(tmp_path / 'w'), f'--config.init_from={pretrained_run}',
+            str(tmp_path / 'w'), '--config.init_from=none',
             f'--config.data.train_file={pairs}']
     for extra in (['--config.metric=f1'], ['--config.grad_accum_steps=2'],
                   ['--config.embedding.temperature=0']):
