@@ -3,7 +3,8 @@
 Subcommands:
   prepare    train the tokenizer and prepare the corpus (pretrain runs it when needed)
   pretrain   masked-LM pretraining (resumes from WORKDIR's latest checkpoint if any)
-  finetune   fine-tune a pretraining run's encoder on a classification/regression task
+  finetune   fine-tune a pretraining run's encoder on a classification/regression task,
+             or contrastively into sentence embeddings (configs/finetune.py:embed)
   predict    class probabilities of a fine-tuned run for new text, as JSONL
   embed      sentence embeddings of any run's encoder for new text (.npy + ids, or JSONL)
   evaluate   fine-tune tasks x variants x seeds; mean ± std tables (pretrained vs scratch)

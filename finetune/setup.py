@@ -171,12 +171,14 @@ class Built:
     saved_layers: int = 0  # > 0: the pretrained run's encoder is scanned, of this depth
 
     def flops(self, cfg) -> float:
-        """Model FLOPs per step; a linear probe runs the encoder forward only."""
+        """Model FLOPs per step; a linear probe runs the encoder forward only; an embedding
+        run encodes anchors and positives (twice the rows)."""
+        rows = cfg.batch_size * (2 if cfg.task == 'embedding' else 1)
         if cfg.freeze == 'encoder':
-            return forward_flops(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
+            return forward_flops(self.model_cfg, rows, cfg.seq_len, 0)
         if peft.method(cfg) != 'none':  # backward through activations, no frozen weight grads
-            return 2 * forward_flops(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
-        return train_flops_per_step(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
+            return 2 * forward_flops(self.model_cfg, rows, cfg.seq_len, 0)
+        return train_flops_per_step(self.model_cfg, rows, cfg.seq_len, 0)
 
 
 def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:

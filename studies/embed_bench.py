@@ -1,6 +1,7 @@
 """The embedding study of docs/embeddings.md: retrieval and a probe, encoders vs lexical.
 
-    python -m studies.embed_bench --encoder runs/encoder --workdir runs/embed_bench
+    python -m studies.embed_bench --encoder runs/encoder --encoder-step 5000 \
+        --workdir runs/embed_bench
 
 Retrieval: WikiText-2's test-split (title: section, first paragraph) pairs (text/wiki_pairs.py;
 derived here, not a published benchmark): each query ranks all test paragraphs.
@@ -16,6 +17,7 @@ pairs choosing the checkpoint), one run per seed. Writes WORKDIR/results.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -78,8 +80,8 @@ def lexical_retrieval(pairs: list[tuple[str, str]]) -> dict[str, dict]:
         for name, scores in (('tfidf', tfidf), ('bm25', bm25))}
 
 
-def encoder_vectors(workdir: str, texts: list[str]) -> np.ndarray:
-    model, params, _ = embed_cmd.load_encoder(pathlib.Path(workdir).absolute(), None)
+def encoder_vectors(workdir: str, texts: list[str], step: int | None = None) -> np.ndarray:
+    model, params, _ = embed_cmd.load_encoder(pathlib.Path(workdir).absolute(), step)
     tokenizer = load_tokenizer(str(pathlib.Path(workdir) / 'spm.model'))
     encoded = encoding.encode(tokenizer, Examples(texts, None, np.zeros(len(texts), np.int32)),
                               SEQ_LEN)
@@ -103,21 +105,22 @@ def probe_task() -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
             [r['text'] for r in rows['test']], np.array([ids[r['label']] for r in rows['test']]))
 
 
-def encoder_row(workdir: str, pairs, probe) -> dict:
-    queries = encoder_vectors(workdir, [q for q, _ in pairs])
-    docs = encoder_vectors(workdir, [d for _, d in pairs])
+def encoder_row(workdir: str, pairs, probe, step: int | None = None) -> dict:
+    vectors = functools.partial(encoder_vectors, workdir, step=step)
+    queries, docs = vectors([q for q, _ in pairs]), vectors([d for _, d in pairs])
     row = retrieval_metrics.retrieval_metrics(queries, docs, np.arange(len(pairs)))
     train_x, train_y, test_x, test_y = probe
-    row.update(probe_scores(encoder_vectors(workdir, train_x), train_y,
-                            encoder_vectors(workdir, test_x), test_y))
+    row.update(probe_scores(vectors(train_x), train_y, vectors(test_x), test_y))
     return row
 
 
-def finetune(encoder: str, workdir: pathlib.Path, seed: int, extra: list[str]) -> str:
+def finetune(encoder: str, step: int, workdir: pathlib.Path, seed: int, extra: list[str]
+             ) -> str:
     import launch
     run = workdir / f'contrastive-seed{seed}'
     code = launch.main(['finetune', '--config', 'configs/finetune.py:embed', '--workdir',
-                        str(run), f'--config.init_from={encoder}', f'--config.seed={seed}',
+                        str(run), f'--config.init_from={encoder}', f'--config.init_step={step}',
+                        f'--config.seed={seed}',
                         f'--config.seq_len={SEQ_LEN}', '--config.num_epochs=3', *extra])
     if code != 0:
         raise SystemExit(f'fine-tuning seed {seed} failed ({code})')
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--encoder', required=True, help='the pretraining workdir')
     parser.add_argument('--workdir', required=True, help='where runs and results.json go')
+    parser.add_argument('--encoder-step', type=int, required=True,
+                        help='its checkpoint step; every row uses the same one')
     parser.add_argument('--seeds', default='0,1,2')
     parser.add_argument('--extra', default='', help='more --config.KEY=VALUE, space-separated')
     args = parser.parse_args(argv)
@@ -149,11 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         save('tfidf', {**lexical['tfidf'], **probe_scores(train_v.toarray(), probe[1],
                                                           test_v.toarray(), probe[3])})
         save('bm25', lexical['bm25'])
+    step = args.encoder_step
     if 'raw' not in results:
-        save('raw', encoder_row(args.encoder, pairs, probe))
+        save('raw', {**encoder_row(args.encoder, pairs, probe, step), 'encoder_step': step})
     for seed in (int(s) for s in args.seeds.split(',') if s):
         if f'contrastive-seed{seed}' not in results:
-            run = finetune(args.encoder, out, seed, args.extra.split())
+            run = finetune(args.encoder, step, out, seed, args.extra.split())
             save(f'contrastive-seed{seed}', encoder_row(run, pairs, probe))
 
 
