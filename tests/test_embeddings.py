@@ -290,6 +290,35 @@ def test_embedding_config_refusals(tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_refuses_an_embedding_run(embedding_run, tmp_path):
+    import launch as launch_module
+    (tmp_path / 'in.txt').write_text('a text\n')
+    assert launch_module.main(['predict', '--workdir', str(embedding_run), '--input',
+                               str(tmp_path / 'in.txt')]) == 2
+
+
+def test_pair_batches_cut_both_sides_to_one_length_and_repeat_by_step():
+    """Dynamic padding keeps the longer side whole (a long positive is not cut to its short
+    anchor's bucket), and a step's batch is a function of (seed, step) (exact resume)."""
+    from finetune.encoding import MIN_BUCKET
+    n, seq = 8, 64
+    enc = {}
+    for prefix, length in (('', 5), (contrastive.POSITIVE, 40)):
+        mask = (np.arange(seq) < length).astype(np.int32)[None].repeat(n, 0)
+        enc.update({prefix + 'input_ids': mask * 7, prefix + 'attention_mask': mask,
+                    prefix + 'token_type_ids': np.zeros_like(mask)})
+    enc['labels'] = np.arange(n, dtype=np.int32)
+    batches = contrastive.PairBatches(enc, 4, seed=3)
+    batch = batches.batch(1)
+    assert batch['input_ids'].shape == batch[contrastive.POSITIVE + 'input_ids'].shape == (4, 64)
+    assert batch[contrastive.POSITIVE + 'attention_mask'].sum(1).tolist() == [40] * 4
+    again = contrastive.PairBatches(enc, 4, seed=3).batch(1)
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    enc[contrastive.POSITIVE + 'attention_mask'][:, 6:] = 0  # both short: one small bucket
+    assert contrastive.PairBatches(enc, 4, seed=3).batch(0)['input_ids'].shape[1] == MIN_BUCKET
+
+
+@pytest.mark.slow
 def test_export_is_a_sentence_transformers_model_with_the_same_embeddings(embedding_run,
                                                                           tmp_path):
     """`launch.py export` of an embedding run: SentenceTransformer(DIR).encode (or, without
