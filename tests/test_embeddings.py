@@ -277,16 +277,21 @@ def test_embed_command_refuses_bad_input_in_one_line(tmp_path, content, output, 
                                str(tmp_path / output)]) == 2
 
 
-def test_embedding_config_refusals(tmp_path):
+def test_embedding_config_refusals(tmp_path, capsys):
     import launch as launch_module
     pairs = write_pairs(tmp_path, n=8)
     base = ['finetune', '--config', 'configs/finetune.py:embed', '--workdir',
             str(tmp_path / 'w'), '--config.init_from=none',
             f'--config.data.train_file={pairs}']
+    (tmp_path / 'empty.csv').write_text('anchor,positive\n ,x\ny,\n')
     for extra in (['--config.metric=f1'], ['--config.grad_accum_steps=2'],
-                  ['--config.embedding.temperature=0']):
+                  ['--config.embedding.temperature=0'],
+                  [f'--config.data.train_file={tmp_path / "empty.csv"}']):
         assert launch_module.main([*base, *extra]) == 2
     assert not (tmp_path / 'w').exists()
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(':')[0] for line in err if line.startswith('error')] == ['error'] * 4
+    assert 'no examples in the file' in err[-1]
 
 
 @pytest.mark.slow
