@@ -68,9 +68,9 @@ def loss_terms(model, params, batch: dict, rng: jax.Array, *, temperature: float
     """(mean InfoNCE over the batch, summed terms); anchors and positives get their own
     dropout keys (SimCSE's two masks). `gather` makes the positives whole on every device."""
     anchors = embed_pass(model, params, batch, '', deterministic=False,
-                     rng=jax.random.fold_in(rng, 0))
+                         rng=jax.random.fold_in(rng, 0))
     positives = embed_pass(model, params, batch, POSITIVE, deterministic=False,
-                       rng=jax.random.fold_in(rng, 1))
+                           rng=jax.random.fold_in(rng, 1))
     losses, correct = info_nce(anchors, gather(positives), temperature, symmetric)
     n = jnp.float32(losses.shape[0])
     return losses.mean(), {'loss_sum': losses.sum(), 'correct_sum': correct.sum(),
