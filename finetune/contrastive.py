@@ -54,7 +54,9 @@ def info_nce(anchors: jax.Array, positives: jax.Array, temperature: float,
     return losses, (scores.argmax(-1) == targets).astype(jnp.float32)
 
 
-def embed_pass(model, params, batch: dict, prefix: str, *, deterministic: bool, rng=None):
+def embed_pass(model: BertForSentenceEmbedding, params: Any, batch: dict, prefix: str, *,
+               deterministic: bool, rng: jax.Array | None = None) -> jax.Array:
+    """(B, H) embeddings of the batch's anchor ('') or positive (POSITIVE) columns."""
     return model.apply({'params': params}, batch[prefix + 'input_ids'],
                        token_type_ids=batch[prefix + 'token_type_ids'],
                        attention_mask=batch[prefix + 'attention_mask'],
