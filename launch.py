@@ -3,8 +3,10 @@
 Subcommands:
   prepare    train the tokenizer and prepare the corpus (pretrain runs it when needed)
   pretrain   masked-LM pretraining (resumes from WORKDIR's latest checkpoint if any)
-  finetune   fine-tune a pretraining run's encoder on a classification/regression task
+  finetune   fine-tune a pretraining run's encoder on a classification/regression task,
+             or contrastively into sentence embeddings (configs/finetune.py:embed)
   predict    class probabilities of a fine-tuned run for new text, as JSONL
+  embed      sentence embeddings of any run's encoder for new text (.npy + ids, or JSONL)
   evaluate   fine-tune tasks x variants x seeds; mean ± std tables (pretrained vs scratch)
   search     hyper-parameter search over fine-tuning configs (optuna; resumes from study.db)
   pseudolabel  fine-tune, pseudo-label unlabelled text above a confidence threshold, retrain
@@ -19,6 +21,7 @@ Examples:
   python launch.py finetune --config configs/finetune.py:sentiment --workdir runs/ft \\
       --config.init_from=runs/tiny
   python launch.py predict --workdir runs/ft --input reviews.txt --output predictions.jsonl
+  python launch.py embed --workdir runs/tiny --input sentences.txt --output vectors.npy
   python launch.py pretrain --config configs/pretrain.py:large --workdir gs://bucket/run \\
       --config.mesh.shape='(16,16)' --dry-run
   python launch.py tpu --name my-v5e-64 --zone us-central2-b -- pretrain \\
@@ -92,6 +95,27 @@ def _finetune(config, args) -> None:
 def _predict(config, args) -> None:
     from finetune import predict
     predict.run(args.workdir, args.input, args.output)
+
+
+def _embed(config, args) -> None:
+    from finetune import embed_cmd
+    embed_cmd.run(args.workdir, args.input, args.output, step=args.step,
+                  batch_size=args.batch_size, text_column=args.text_column, mesh=args.mesh)
+
+
+def _embed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--workdir', required=True,
+                        help='a pretraining, embedding or other fine-tuning run')
+    parser.add_argument('--input', required=True,
+                        help='a text file (one text a line), CSV, TSV or JSONL')
+    parser.add_argument('--output', required=True,
+                        help='OUT.npy (+ OUT.ids.txt beside it) or OUT.jsonl')
+    parser.add_argument('--step', type=int, default=None,
+                        help="checkpoint step (default: the latest; a fine-tuning run's best)")
+    parser.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
+    parser.add_argument('--text-column', default='text', help='the column of CSV/JSONL input')
+    parser.add_argument('--mesh', default='(-1,)',
+                        help="device mesh shape over (data, fsdp, tensor), e.g. '(2,4)'")
 
 
 def _evaluate(config, args) -> None:
@@ -302,6 +326,8 @@ COMMANDS = {
                         writes=WORKDIR),
     'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments,
                        docs='docs/finetuning.md', writes=(('output', BESIDE),)),
+    'embed': Command(_embed, 'sentence embeddings of a run for new text', _embed_arguments,
+                     docs='docs/embeddings.md', writes=(('output', BESIDE),)),
     'export': Command(_export, 'export to Hugging Face transformers', _export_arguments,
                       docs='docs/huggingface.md', writes=(('output', BESIDE),)),
     'import': Command(_import, 'import a Hugging Face BERT, RoBERTa, DistilBERT, ELECTRA',

@@ -11,6 +11,11 @@ Tasks:
              data.validation_file, data.test_file), data.text_column, data.label_column;
              or data.train_file=tfds:NAME, a locally prepared TFDS dataset (docs/glue.md).
 
+  embed      sentence embeddings (task=embedding, docs/embeddings.md): contrastive
+             training on (anchor, positive) pairs with in-batch negatives; by default
+             WikiText-2's (title: section, paragraph) pairs; data.train_file a CSV/JSONL of
+             pairs (columns anchor, positive) or a .txt of sentences (SimCSE).
+
 `--config.init_from=none` trains the same model from random init (the baseline);
 `--config.freeze=encoder` is a linear probe (only pooler and classifier train);
 `--config.distill.teacher=FT_WORKDIR --config.distill.student_layers=1` trains a 1-layer
@@ -22,9 +27,24 @@ import ml_collections
 from configs.pretrain import apply_arg_overrides, mesh_config, model_config, wandb_config
 from engine.config_cli import link_aliases
 
-TASKS = ('sentiment', 'custom')
+TASKS = ('sentiment', 'custom', 'embed')
 OPTIMIZER_KEYS = ('learning_rate', 'head_learning_rate', 'layer_decay', 'warmup_fraction',
                   'weight_decay', 'max_grad_norm', 'b1', 'b2', 'eps', 'mu_dtype', 'l2sp')
+
+
+def _embedding(c: ml_collections.ConfigDict) -> None:
+    """task=embedding (finetune/contrastive.py): InfoNCE with in-batch negatives."""
+    c.task = 'embedding'
+    c.metric = 'ndcg@10'  # or mrr@10, recall@1/5/10: retrieval of the validation pairs
+    c.data.train_file = 'wikitext-sections'  # or pairs CSV/TSV/JSONL, or a .txt (SimCSE)
+    c.data.text_column, c.data.text_b_column = 'anchor', 'positive'  # '' = SimCSE
+    c.data.label_column = ''
+    c.model.pooling = 'mean'  # or 'cls' (the [CLS] row; no pooler dense for embeddings)
+    c.batch_size = 64  # global: every other pair of the batch is a negative
+    c.num_epochs = 0  # auto, as for your own data
+    c.embedding = ml_collections.ConfigDict()
+    c.embedding.temperature = 0.05  # cosine / temperature; MNRL's scale 20
+    c.embedding.symmetric = False  # True: also positives -> anchors (both directions)
 
 
 def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
@@ -127,6 +147,8 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     # DistilBERT's every other layer for half); 0 = all. Works without a teacher too.
     c.distill.student_layers = 0
 
+    if task == 'embed':
+        _embedding(c)
     if task == 'sentiment':  # ... but the demo is a tiny model on a 2-core budget
         c.num_epochs, c.seq_len, c.learning_rate = 1, 64, 3e-4  # best of 3e-5/1e-4/3e-4
     c.mesh = mesh_config()  # same mesh axes and logical rules as pretraining

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from convert import hf_tokenizer_in, modernbert, names, tokenizer_files, verify
+from convert import hf_tokenizer_in, modernbert, names, st_export, tokenizer_files, verify
 from engine.checkpoint import read_state_numpy
 from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
@@ -259,6 +259,8 @@ def _write_tokenizer(workdir: epath.Path, out: pathlib.Path, max_len: int,
 def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool) -> str:
     from safetensors.numpy import save_file
     head, model_cfg, params, task, step = load_workdir(workdir, step)
+    if task.get('task') == 'embedding':
+        return _write_sentence_transformers(workdir, out, model_cfg, params, step, check)
     kind = export_kind(head, model_cfg)
     if head == 'electra' and kind != 'bert':
         raise ConfigError(f'--workdir: an ELECTRA of {kind} layout has no transformers '
@@ -297,6 +299,23 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
     if check:
         verify.verify(out, head, model_cfg, params, tokenizer, ids)
     return f'{config["architectures"][0]} (step {step})'
+
+
+def _write_sentence_transformers(workdir: epath.Path, out: pathlib.Path,
+                                 model_cfg: BertConfig, params: dict, step: int,
+                                 check: bool) -> str:
+    """An embedding run: BertModel + Pooling, as sentence-transformers lays them out."""
+    encoder = dataclasses.replace(model_cfg, pooling='cls')  # pooling: the Pooling module's
+    if export_kind('mlm', encoder) != 'bert' or _restored_order(workdir, model_cfg):
+        raise ConfigError('--workdir: a sentence-transformers export needs a BERT-layout '
+                          'encoder in this project\'s token ids (not RoBERTa, ModernBERT or '
+                          'the modern recipe, nor an imported BERT with moved special tokens)')
+    max_len = model_cfg.max_position_embeddings
+    tokenizer = _write_tokenizer(workdir, out, max_len, None)
+    seq_len = int(RunDir(workdir).read_config().get('seq_len', max_len))
+    st_export.write(out, model_cfg, params, hf_config('mlm', encoder, {}), tokenizer, seq_len,
+                    check)
+    return f'a sentence-transformers model (BertModel + {model_cfg.pooling} pooling, step {step})'
 
 
 def _write_modernbert(workdir: epath.Path, out: pathlib.Path, model_cfg: BertConfig,

@@ -28,7 +28,7 @@ from etils import epath
 from finetune import dataset_task
 from text import corpus, tasks
 
-TASKS = ('classification', 'regression')
+TASKS = ('classification', 'regression', 'embedding')  # embedding: finetune/embed_data.py
 DEMO_TASK = corpus.DEMO_NAME
 _READERS = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
 _SHOWN = 60  # characters of a bad value quoted in an error message
@@ -172,14 +172,21 @@ def _check_task(task: str) -> None:
         raise ValueError(f'task: must be one of {TASKS}, got {task!r}')
 
 
+def _empty_text(row: dict, columns: Sequence[str]) -> bool:
+    return any(row.get(c) is None or (isinstance(row.get(c), str) and not row[c].strip())
+               for c in columns)
+
+
 def read_examples(path: str, *, text_column: str = 'text', text_b_column: str = '',
-                  label_column: str = 'label', task: str = 'classification') -> list[dict]:
+                  label_column: str = 'label', task: str = 'classification',
+                  skip_empty: bool = False) -> list[dict]:
     """Rows of a .csv, .tsv or .jsonl/.json (one object a line) file, in file order.
 
     Each row: {'text_a': str, 'text_b': str | None, 'label': str | float, 'line': int}.
     Classification labels are kept as text ('1' for 1); regression labels are floats;
     label_column='' reads unlabelled text (label None), as `predict` does. Raises a
-    one-line ValueError naming the file and line for any bad row.
+    one-line ValueError naming the file and line for any bad row; `skip_empty` drops rows
+    with an empty text instead, with one warning line counting them.
     """
     _check_task(task)
     path = str(path)
@@ -192,12 +199,26 @@ def read_examples(path: str, *, text_column: str = 'text', text_b_column: str = 
         rows = _jsonl_rows(path, text, columns)
     else:
         rows = _csv_rows(path, text, columns, tsv=kind == 'tsv')
+    if skip_empty:
+        rows = _skipping_empty(path, rows, [c for c in (text_column, text_b_column) if c])
     out = [_to_example(path, line, row, text_column, text_b_column, label_column, task)
            for line, row in rows]
     if not out:
         last = text.count('\n') + (0 if text.endswith('\n') else 1)
         raise _error(path, max(last, 1), 'no examples in the file')
     return out
+
+
+def _skipping_empty(path: str, rows, columns: Sequence[str]) -> list[tuple[int, dict]]:
+    kept, skipped = [], []
+    for line, row in rows:
+        (skipped if _empty_text(row, columns) else kept).append((line, row))
+    if skipped:
+        shown = ', '.join(str(line) for line, _ in skipped[:5])
+        log.warning('%s: skipped %d row(s) with an empty %s (lines %s%s)', path, len(skipped),
+                    ' or '.join(repr(c) for c in columns), shown,
+                    ', ...' if len(skipped) > 5 else '')
+    return kept
 
 
 # ---------------------------------------------------------------- label sets

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from finetune import retrieval_metrics
+
 # Which way is better, for early stopping and choosing the best checkpoint.
 METRIC_DIRECTIONS = {
     'accuracy': 'max', 'precision': 'max', 'recall': 'max', 'f1': 'max', 'mcc': 'max',
     'pearson': 'max', 'spearman': 'max', 'mse': 'min', 'loss': 'min',
+    **retrieval_metrics.METRIC_DIRECTIONS,  # task=embedding
 }
 
 

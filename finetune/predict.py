@@ -192,6 +192,9 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
         check_output(output_path, input_path)
     workdir = absolute_path(workdir)
     check_finished_run(workdir)
+    if RunDir(workdir).read_task().get('task') == 'embedding':
+        raise ConfigError(f'--workdir: {workdir} is an embedding run (no classes to '
+                          'predict); write its vectors with launch.py embed')
     # The inputs are read (and refused) before the checkpoint is loaded.
     texts, texts_b = read_inputs(input_path, RunDir(workdir).read_config())
     cfg, model, params, label_names = load_run(workdir)

@@ -17,9 +17,10 @@ from engine.optim import OptimizerConfig, learning_rate_at, make_optimizer
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import SPM_FILENAME, RunDir
 from engine.step import TrainState
-from finetune import distill, peft, steps, unfreeze
+from finetune import contrastive, distill, peft, steps, unfreeze
 from models.bert import BertConfig, BertForSequenceClassification
 from models.config import RUNTIME_FIELDS, model_config
+from models.embedding import BertForSentenceEmbedding
 from models.flops import forward_flops, train_flops_per_step
 from models.load import ENCODER_PARTS, load
 from models.peft import is_peft_path
@@ -170,12 +171,14 @@ class Built:
     saved_layers: int = 0  # > 0: the pretrained run's encoder is scanned, of this depth
 
     def flops(self, cfg) -> float:
-        """Model FLOPs per step; a linear probe runs the encoder forward only."""
+        """Model FLOPs per step; a linear probe runs the encoder forward only; an embedding
+        run encodes anchors and positives (twice the rows)."""
+        rows = cfg.batch_size * (2 if cfg.task == 'embedding' else 1)
         if cfg.freeze == 'encoder':
-            return forward_flops(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
+            return forward_flops(self.model_cfg, rows, cfg.seq_len, 0)
         if peft.method(cfg) != 'none':  # backward through activations, no frozen weight grads
-            return 2 * forward_flops(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
-        return train_flops_per_step(self.model_cfg, cfg.batch_size, cfg.seq_len, 0)
+            return 2 * forward_flops(self.model_cfg, rows, cfg.seq_len, 0)
+        return train_flops_per_step(self.model_cfg, rows, cfg.seq_len, 0)
 
 
 def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
@@ -191,7 +194,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
               'pooling': cfg.model.get('pooling', 'cls'),
               'attention_impl': cfg.model.get('attention_impl', 'auto'),  # a runtime choice
               'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT
-              'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
+              'num_labels': len(task['label_names'] or ()) or 1,  # regression, embedding: 1
               **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
     try:
         model_cfg = model_config(fields)
@@ -200,7 +203,9 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f'model.vocab_size: {model_cfg.vocab_size} is smaller than the '
                           f'tokenizer vocabulary ({tokenizer.vocab_size})')
-    return Built(BertForSequenceClassification(model_cfg), model_cfg,
+    model_class = (BertForSentenceEmbedding if cfg.task == 'embedding'  # pooled, no head
+                   else BertForSequenceClassification)
+    return Built(model_class(model_cfg), model_cfg,
                  f'{source} (encoder)' if source else 'random',
                  model_section.num_layers if model_section.get('scan_layers') else 0)
 
@@ -319,6 +324,9 @@ def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
     """The jitted train step (state donated) and prediction step."""
     shardings = _shardings(state)
     batch = mesh_lib.batch_sharding(mesh)
+    if cfg.task == 'embedding':  # InfoNCE over the global batch (finetune/contrastive.py)
+        return contrastive.compile_steps(cfg, mesh, built.model, tx, labels, schedule,
+                                         shardings)
     train = jax.jit(steps.classifier_train_step(model=built.model, tx=tx, labels=labels,
                                                 schedule=schedule, task=cfg.task,
                                                 seed=cfg.seed, distill=distill.loss_settings(cfg),

@@ -23,7 +23,7 @@ from engine.errors import ConfigError
 from engine.loop import LoopCallbacks, LoopConfig
 from engine.run import Run, RunSettings, check_batch_split, run_mesh, run_stage
 from engine.rundir import RunDir
-from finetune import augment, distill, encoding, metrics, setup, unfreeze
+from finetune import augment, contrastive, distill, encoding, metrics, setup, unfreeze
 from finetune.best import BestTracker
 from finetune.freeze import count_params_by_label, tree_bytes
 from finetune.task import load_config_task
@@ -43,6 +43,8 @@ def validate(cfg: ml_collections.ConfigDict, devices: list | None = None
         raise ConfigError(f'metric: {cfg.metric!r} is not one of '
                           f'{sorted(metrics.METRIC_DIRECTIONS)}')
     setup.optimizer_config(cfg)  # its keys, checked before anything runs
+    if cfg.task == 'embedding':
+        contrastive.settings(cfg)
     setup.check_init_from(cfg)
     cfg = copy.deepcopy(cfg)  # the caller's config stays as given
     cfg.learning_rate = setup.resolved_learning_rate(cfg)  # 0 = auto, by model width
@@ -65,6 +67,8 @@ def validate(cfg: ml_collections.ConfigDict, devices: list | None = None
 
 def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
     """Metrics of the current params on one encoded split."""
+    if cfg.task == 'embedding':  # retrieval within the split
+        return contrastive.evaluate(cfg, mesh, predict_fn, params, encoded)
     lo, hi = mesh_lib.process_rows(cfg.batch_size, mesh)
     outputs, weights = [], []
     for batch in encoding.eval_batches(encoded, cfg.batch_size,
@@ -155,8 +159,13 @@ def _finetune(cfg, run: Run, mesh, task: dict,
         encoded, built = _prepare(cfg, workdir, task, main)
     encoded['train'] = distill.with_teacher_logits(cfg, encoded['train'], task['train'],
                                                    workdir)
-    batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
-                                   *mesh_lib.data_shard(cfg.batch_size, mesh))
+    if cfg.task == 'embedding':  # anchors and positives, cut to one length
+        batches = contrastive.PairBatches(encoded['train'], cfg.batch_size, cfg.seed,
+                                          *mesh_lib.data_shard(cfg.batch_size, mesh),
+                                          dynamic_padding=bool(cfg.data.dynamic_padding))
+    else:
+        batches = augment.task_batches(cfg, encoded['train'],  # augmented if cfg.augment asks
+                                       *mesh_lib.data_shard(cfg.batch_size, mesh))
     num_steps = cfg.num_epochs * batches.steps_per_epoch
     ckpts = run.checkpoints(rundir.checkpoints, keep=KEEP_CHECKPOINTS)
     best_ckpts = run.checkpoints(rundir.best, keep=None)  # the tracker prunes it
@@ -192,7 +201,8 @@ def _finetune(cfg, run: Run, mesh, task: dict,
     run.close()  # every save finished before the run is marked complete
     if main:
         rundir.write_json(rundir.results_file, results, indent=2)
-        print(json.dumps({k: results['test'].get(k) for k in ('accuracy', 'f1')}
+        shown = ('ndcg@10', 'mrr@10') if cfg.task == 'embedding' else ('accuracy', 'f1')
+        print(json.dumps({k: results['test'].get(k) for k in shown}
                          if results.get('test') else results['validation']), flush=True)
     return results
 
@@ -231,7 +241,8 @@ def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, se
     if resuming:
         resume_check.check_file(rundir.task_file, described, workdir, 'data: ')
     tokenizer = setup.tokenizer_for(cfg, workdir, task)
-    encoded = {split: encoding.encode(tokenizer, examples, cfg.seq_len)
+    encode = contrastive.encode_pairs if cfg.task == 'embedding' else encoding.encode
+    encoded = {split: encode(tokenizer, examples, cfg.seq_len)
                for split, examples in task.items()
                if split in ('train', 'validation', 'test') and examples is not None}
     built = setup.build(cfg, task, tokenizer)
