@@ -29,7 +29,7 @@ HIDDEN_ACTIVATIONS = {'geglu': 'gelu', 'swiglu': 'silu'}
 
 def refusal(m: BertConfig, head: str) -> str | None:
     """Why this model has no ModernBertForMaskedLM counterpart, or None."""
-    needs = [(head == 'mlm', 'a masked-LM run (the classification heads differ)'),
+    needs = [(head in ('mlm', 'classifier'), 'a masked-LM or classifier run'),
              (m.position_embedding == 'rope', 'model.position_embedding=rope'),
              (m.mlp in HIDDEN_ACTIVATIONS, 'model.mlp=geglu or swiglu'),
              (m.pre_layer_norm, 'model.pre_layer_norm=True'),
@@ -93,8 +93,10 @@ def _layer(layer: dict, i: int, out: dict) -> None:
     _norm(layer['output']['LayerNorm'], out, f'{pre}.mlp_norm')
 
 
-def to_hf(params: dict, m: BertConfig) -> dict[str, np.ndarray]:
-    """Our MLM params (unrolled layers) -> ModernBertForMaskedLM's state dict (numpy)."""
+def to_hf(params: dict, m: BertConfig, head: str = 'mlm') -> dict[str, np.ndarray]:
+    """Our MLM params (unrolled layers) -> ModernBertForMaskedLM's state dict (numpy); a
+    classifier's (`head` 'classifier', classifier_head 'modernbert': the pooler's dense and
+    LayerNorm are its head) -> ModernBertForSequenceClassification's."""
     emb = params['bert']['embeddings']
     words = np.asarray(emb['word_embeddings']['embedding'])
     types = np.asarray(emb['token_type_embeddings']['embedding'])
@@ -104,6 +106,12 @@ def to_hf(params: dict, m: BertConfig) -> dict[str, np.ndarray]:
     for i in range(m.num_layers):
         _layer(encoder[f'layer_{i}'], i, out)
     _norm(encoder['final_layer_norm'], out, 'model.final_norm')
+    if head == 'classifier':
+        pooler = params['bert']['pooler']
+        _dense(pooler['dense'], out, 'head.dense')
+        _norm(pooler['LayerNorm'], out, 'head.norm')
+        _dense(params['classifier'], out, 'classifier')
+        return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
     transform = params['cls']['predictions']['transform']
     _dense(transform['dense'], out, 'head.dense')
     _norm(transform['LayerNorm'], out, 'head.norm')
@@ -177,6 +185,7 @@ def model_fields(config: dict) -> dict:
                 'intermediate_size': config['intermediate_size'],
                 'max_position_embeddings': config.get('max_position_embeddings', 8192),
                 'type_vocab_size': 1, 'position_embedding': 'rope',
+                'classifier_head': 'modernbert',
                 'rope_theta': global_theta,
                 'local_rope_theta': 0.0 if local_theta == global_theta else local_theta,
                 'mlp': ACTIVATIONS[act], 'use_bias': biases['norm_bias'],
