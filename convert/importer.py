@@ -343,7 +343,7 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     state = read_weights(source, family)
     if family == 'distilbert':
         state = names.from_distilbert(state)
-    if family != 'modernbert' and has_pooler(state):
+    if modernbert.has_pooler(state) if family == 'modernbert' else has_pooler(state):
         fields['mlm_pooler'] = True
     model_cfg = model_config(fields)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,13 @@ input word embedding (the output decoder keeps ours, so the two are untied), whi
 for single-segment inputs (token type 0), the way ModernBERT is used; an all-zero row (an
 imported ModernBERT's) leaves them tied, with no decoder weight written.
 
+A classifier (classifier_head 'modernbert') exports to ModernBertForSequenceClassification:
+the pooler's dense and LayerNorm are its head.dense / head.norm, classifier.* its classifier,
+classifier_pooling our pooling (cls or mean).
+
 Import (`from_hf`) is the inverse: Wqkv splits into q, k, v; tok_embeddings become the word
-embeddings beside one all-zero token-type row; the decoder must be tied to them.
+embeddings beside one all-zero token-type row; the decoder must be tied to them. A
+ModernBertForSequenceClassification's head.* is kept as the pooler (model.mlm_pooler).
 """
 
 from __future__ import annotations
@@ -202,7 +207,7 @@ def model_fields(config: dict) -> dict:
 def normalize_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A bare ModernBertModel's keys ('embeddings.*', 'layers.*', 'final_norm.*') under
     'model.' as ModernBertForMaskedLM has them."""
-    top = ('model.', 'head.', 'decoder.')
+    top = ('model.', 'head.', 'decoder.', 'classifier.')  # classifier.*: has_head's sign
     return {k if k.startswith(top) else f'model.{k}': v for k, v in state.items()}
 
 
@@ -210,6 +215,12 @@ def has_head(state: dict) -> bool:
     """Whether the state dict holds an MLM head: head.* without a classifier (the head.* of a
     ModernBertForSequenceClassification feeds its classifier, not a decoder)."""
     return 'head.dense.weight' in state and not any(k.startswith('classifier.') for k in state)
+
+
+def has_pooler(state: dict) -> bool:
+    """Whether the state dict is a ModernBertForSequenceClassification's: its head.* (dense,
+    GELU, norm) is the pooler of classifier_head 'modernbert', kept as model.mlm_pooler."""
+    return 'head.dense.weight' in state and not has_head(state)
 
 
 class _Reader:
@@ -266,6 +277,9 @@ def from_hf(state: dict[str, np.ndarray], m: BertConfig, head: bool
         'word_embeddings': {'embedding': words},
         'token_type_embeddings': {'embedding': np.zeros((1, m.hidden_size), np.float32)},
         'LayerNorm': r.norm('model.embeddings.norm')}, 'encoder': encoder}}
+    if m.mlm_pooler:  # a classifier's head: the pooler
+        params['bert']['pooler'] = {'dense': r.dense('head.dense'),
+                                    'LayerNorm': r.norm('head.norm')}
     if head:
         if 'decoder.weight' in state and not np.array_equal(r.get('decoder.weight'), words):
             raise ConfigError('--hf-dir: decoder.weight differs from tok_embeddings (an untied '

@@ -17,6 +17,7 @@ transformers = pytest.importorskip('transformers')
 import launch  # noqa: E402
 from convert import export, modernbert, names, verify  # noqa: E402
 from engine import resume_check  # noqa: E402
+from engine.checkpoint import read_params_numpy  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 from models.bert import BertConfig, BertForSequenceClassification  # noqa: E402
 from tests.helpers import REPO, write_toy_task  # noqa: E402
@@ -130,6 +131,15 @@ def test_classifiers_without_a_transformers_class_are_refused_naming_the_key(fie
         assert 'BertForSequenceClassification' in str(e.value)
 
 
+def test_a_modernbert_classifiers_head_is_its_pooler_not_an_mlm_head():
+    state = modernbert.normalize_keys({'embeddings.norm.weight': 0, 'head.dense.weight': 0,
+                                       'classifier.weight': 0})
+    assert 'classifier.weight' in state  # not under model., where has_head would miss it
+    assert modernbert.has_pooler(state) and not modernbert.has_head(state)
+    assert not modernbert.has_pooler(modernbert.normalize_keys({'head.dense.weight': 0,
+                                                                'decoder.bias': 0}))
+
+
 def test_export_kinds_of_the_new_classifiers():
     assert export.export_kind('classifier', BertConfig(**MODERN, pooling='mean')) == 'modernbert'
     assert export.export_kind('classifier', BertConfig(**DISTIL)) == 'distilbert'
@@ -215,6 +225,12 @@ def test_imported_modernbert_fine_tunes_mean_pooled_and_exports_its_classifier(t
     _noise(model, 2)
     model.save_pretrained(str(hf))
     stdout, got = _import_finetune_export(hf, tmp_path, capsys)  # custom: mean pooling
+    assert 'pooler imported' in stdout  # its head.* (dense, GELU, norm): our pooler
+    imported = read_params_numpy(str(tmp_path / 'w' / 'checkpoints'))
+    np.testing.assert_array_equal(imported['bert/pooler/dense/kernel'],
+                                  model.head.dense.weight.detach().numpy().T)
+    np.testing.assert_array_equal(imported['bert/pooler/LayerNorm/scale'],
+                                  model.head.norm.weight.detach().numpy())
     assert got['model']['classifier_head'] == 'modernbert'
     assert got['model']['pooling'] == 'mean'
     assert got['hf']['architectures'] == ['ModernBertForSequenceClassification']
