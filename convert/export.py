@@ -214,11 +214,12 @@ def electra_config(m: BertConfig, ids: np.ndarray | None) -> dict:
     return config
 
 
-def distilbert_config(head: str, m: BertConfig, task: dict, ids: np.ndarray | None) -> dict:
+def distilbert_config(m: BertConfig, ids: np.ndarray | None, head: str = 'mlm',
+                      task: dict | None = None) -> dict:
     """transformers DistilBertConfig fields of our MLM or classifier (our pooler is its
     pre_classifier)."""
     if head == 'classifier':
-        return {**distilbert_config('mlm', m, task, ids), **label_fields(task),
+        return {**distilbert_config(m, ids), **label_fields(task or {}),
                 'architectures': [CLASSIFIER_CLASSES['distilbert']],
                 'seq_classif_dropout': m.dropout_rate}
     return {'architectures': ['DistilBertForMaskedLM'], 'model_type': 'distilbert',
@@ -318,7 +319,7 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
         config = roberta_config(head, model_cfg, task, ids)
         tensors = _roberta_tensors(tensors, head)
     elif kind == 'distilbert':
-        config = distilbert_config(head, model_cfg, task, ids)
+        config = distilbert_config(model_cfg, ids, head, task)
         tensors = names.to_distilbert(tensors)
     elif head == 'electra':
         config = electra_config(model_cfg, ids)

@@ -95,7 +95,7 @@ def test_distilbert_classifier_matches_transformers(tmp_path):
     tensors = names.to_distilbert(names.to_hf(params, m.num_layers, 'classifier'))
     assert 'pre_classifier.weight' in tensors and 'classifier.weight' in tensors
     directory = _save(tmp_path / 'hf', tensors,
-                      export.distilbert_config('classifier', m, TASK, None))
+                      export.distilbert_config(m, None, 'classifier', TASK))
     batch = _batch()
     theirs = verify.hf_logits(directory, 'classifier', batch)
     np.testing.assert_allclose(verify.our_logits('classifier', m, params, batch), theirs,
