@@ -256,3 +256,9 @@ def test_imported_distilbert_classifier_keeps_its_pre_classifier_both_ways(tmp_p
     original = model.pre_classifier.weight.detach().numpy()
     # Fine-tuned at a negligible rate: the pre_classifier it started from is the imported one.
     np.testing.assert_allclose(exported['pre_classifier.weight'], original, atol=1e-5)
+    # The imported workdir's MLM export writes it back exactly, for the classifier to read.
+    assert launch.main(['export', '--workdir', str(tmp_path / 'w'), '--output',
+                        str(tmp_path / 'mlm')]) == 0
+    assert 'exported DistilBertForMaskedLM' in capsys.readouterr().out
+    mlm = load_file(str(tmp_path / 'mlm' / 'model.safetensors'))
+    np.testing.assert_array_equal(mlm['pre_classifier.weight'], original)
