@@ -9,12 +9,15 @@ exactly. A model with position_offset (an imported RoBERTa) becomes RobertaForMa
 RobertaForSequenceClassification (our pooler + classifier are its classifier.dense +
 out_proj), its byte-level BPE tokenizer.json written back as imported; a kept pretrained
 pooler (model.mlm_pooler) is written as bert.pooler.* / roberta.pooler.*, which
-*ForSequenceClassification reads. An imported WordPiece BERT whose special tokens `import`
-moved to ids 0..4 is written back in its original id order (vocab.txt, tokenizer.json, the
-word-embedding rows and MLM output bias), so the original tokenizer works with the exported
-weights; a workdir whose vocabulary no longer allows that (resized) is refused. Everything
-goes to a temporary directory beside --output that is renamed at the end, after
-verification: a failure leaves nothing behind.
+*ForSequenceClassification reads. A classifier exports to its encoder family's
+*ForSequenceClassification only with that family's head and pooling (CLASSIFIER_HEADS:
+model.classifier_head, model.pooling): DistilBERT's (our pooler is its pre_classifier) and
+ModernBERT's (cls or mean; convert/modernbert.py) too. An imported WordPiece BERT whose
+special tokens `import` moved to ids 0..4 is written back in its original id order
+(vocab.txt, tokenizer.json, the word-embedding rows and MLM output bias), so the original
+tokenizer works with the exported weights; a workdir whose vocabulary no longer allows
+that (resized) is refused. Everything goes to a temporary directory beside --output that
+is renamed at the end, after verification: a failure leaves nothing behind.
 """
 
 from __future__ import annotations
