@@ -262,3 +262,33 @@ def test_imported_distilbert_classifier_keeps_its_pre_classifier_both_ways(tmp_p
     assert 'exported DistilBertForMaskedLM' in capsys.readouterr().out
     mlm = load_file(str(tmp_path / 'mlm' / 'model.safetensors'))
     np.testing.assert_array_equal(mlm['pre_classifier.weight'], original)
+
+
+@pytest.mark.slow
+def test_our_modern_recipe_run_fine_tunes_with_the_modernbert_head_and_exports(tmp_path, corpus,
+                                                                              capsys):
+    """A run of this project (two token-type rows) fine-tuned with the head named on the
+    command line; without it, export names that key."""
+    from tests.helpers import tiny_args
+    pre, ft, out = tmp_path / 'pre', tmp_path / 'ft', tmp_path / 'out'
+    options = [f'--config.model.{k}={v}' for k, v in MODERN.items()
+               if k in ('position_embedding', 'mlp', 'use_bias', 'pre_layer_norm', 'final_norm',
+                        'first_attention_norm', 'local_attention_window')]
+    assert launch.main(['pretrain', '--workdir', str(pre), *tiny_args(corpus, 2), *options]) == 0
+    task = write_toy_task(tmp_path, n=48)
+    args = ['--config', f'{REPO}/configs/finetune.py:custom', f'--config.data.train_file={task}',
+            f'--config.init_from={pre}', '--config.num_epochs=1', '--config.batch_size=16',
+            '--config.seq_len=16']
+    assert launch.main(['finetune', '--workdir', str(tmp_path / 'bert_head'), *args]) == 0
+    capsys.readouterr()
+    assert launch.main(['export', '--workdir', str(tmp_path / 'bert_head'), '--output',
+                        str(out)]) == 2
+    assert '--config.model.classifier_head=modernbert to export' in capsys.readouterr().err
+    assert launch.main(['finetune', '--workdir', str(ft), *args,
+                        '--config.model.classifier_head=modernbert']) == 0
+    capsys.readouterr()
+    assert launch.main(['export', '--workdir', str(ft), '--output', str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert 'exported ModernBertForSequenceClassification' in stdout
+    line = next(x for x in stdout.splitlines() if x.startswith('max |logit diff|: '))
+    assert float(line.split()[3]) <= 1e-4, stdout
