@@ -116,6 +116,9 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     # benchmark (docs/benchmark.md), so it is the default for your data; the demo keeps
     # [CLS], which transformers' BertForSequenceClassification has (`export` needs cls).
     c.model.pooling = 'mean' if task == 'custom' else 'cls'
+    # The pooler's shape after its dense layer ('bert', 'modernbert', 'distilbert'); '' =
+    # init_from's (an imported ModernBERT's or DistilBERT's is its family's), else 'bert'.
+    c.model.classifier_head = ''
     if task == 'custom':  # your own data, of any size: 0 = auto, at least 3 epochs and a
         c.num_epochs = 0  # step minimum by width (finetune/setup.py; docs/finetuning.md)
 

@@ -142,6 +142,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # CPU, cudnn on GPU for bf16, splash on TPU); or 'explicit', 'xla', 'cudnn', 'splash'.
     m.attention_impl = 'auto'
     m.pooling = 'cls'  # classification pooling: 'cls' ([CLS]) or 'mean' (non-pad tokens)
+    # After the pooler's dense: 'bert' tanh, 'modernbert' GELU + LayerNorm, 'distilbert' ReLU.
+    m.classifier_head = 'bert'
     # One nn.scan over the layers: compile time independent of depth; params stacked on a
     # leading axis (fine-tuning and export see them as layer_0.. again; models/scan.py).
     m.scan_layers = False

@@ -9,12 +9,15 @@ exactly. A model with position_offset (an imported RoBERTa) becomes RobertaForMa
 RobertaForSequenceClassification (our pooler + classifier are its classifier.dense +
 out_proj), its byte-level BPE tokenizer.json written back as imported; a kept pretrained
 pooler (model.mlm_pooler) is written as bert.pooler.* / roberta.pooler.*, which
-*ForSequenceClassification reads. An imported WordPiece BERT whose special tokens `import`
-moved to ids 0..4 is written back in its original id order (vocab.txt, tokenizer.json, the
-word-embedding rows and MLM output bias), so the original tokenizer works with the exported
-weights; a workdir whose vocabulary no longer allows that (resized) is refused. Everything
-goes to a temporary directory beside --output that is renamed at the end, after
-verification: a failure leaves nothing behind.
+*ForSequenceClassification reads. A classifier exports to its encoder family's
+*ForSequenceClassification only with that family's head and pooling (CLASSIFIER_HEADS:
+model.classifier_head, model.pooling): DistilBERT's (our pooler is its pre_classifier) and
+ModernBERT's (cls or mean; convert/modernbert.py) too. An imported WordPiece BERT whose
+special tokens `import` moved to ids 0..4 is written back in its original id order
+(vocab.txt, tokenizer.json, the word-embedding rows and MLM output bias), so the original
+tokenizer works with the exported weights; a workdir whose vocabulary no longer allows
+that (resized) is refused. Everything goes to a temporary directory beside --output that
+is renamed at the end, after verification: a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -109,27 +112,55 @@ def load_workdir(workdir: epath.Path, step: int | None
     return head, model_cfg, params, task, step
 
 
+# The classifier head and poolings each exported family's *ForSequenceClassification has.
+CLASSIFIER_HEADS = {'bert': ('bert', ('cls',)), 'roberta': ('bert', ('cls',)),
+                    'distilbert': ('distilbert', ('cls',)),
+                    'modernbert': ('modernbert', ('cls', 'mean'))}
+
+
 def export_kind(head: str, model_cfg: BertConfig) -> str:
-    """'bert' (transformers BertFor*), 'modernbert' (ModernBertForMaskedLM, see
-    convert/modernbert.py), or a one-line ConfigError saying what has no counterpart."""
-    options = [f'model.{o}' for o in non_bert_options(model_cfg)]
+    """'bert', 'roberta', 'distilbert' or 'modernbert' (convert/modernbert.py), or a one-line
+    ConfigError saying what has no counterpart."""
+    options = [f'model.{o}' for o in non_bert_options(model_cfg) if not o.startswith('pooling')]
     if model_cfg.pre_layer_norm:
         options.append('model.pre_layer_norm=True')
-    if not options and model_cfg.export_as == 'distilbert':
-        if head != 'mlm':
-            raise ConfigError('--workdir: a classifier of an imported DistilBERT has no '
-                              'transformers counterpart (DistilBertForSequenceClassification '
-                              'pools with dense + ReLU, ours with dense + tanh)')
-        return 'distilbert'
-    if not options:
-        return 'roberta' if model_cfg.position_offset else 'bert'
-    why = modernbert.refusal(model_cfg, head)
-    if why is None:
-        return 'modernbert'
-    if model_cfg.pooling != 'cls':  # the one option a fine-tuning run chooses itself
-        why += '; fine-tune with --config.model.pooling=cls to export'
-    raise ConfigError(f'--workdir: {", ".join(options)}: no transformers BERT counterpart '
-                      f'(BERT export needs these options at their defaults); {why}')
+    if options:
+        why = modernbert.refusal(model_cfg, head)
+        if why is not None:
+            raise ConfigError(f'--workdir: {", ".join(options)}: no transformers BERT '
+                              f'counterpart (BERT export needs these options at their '
+                              f'defaults); {why}')
+        kind = 'modernbert'
+    elif model_cfg.export_as == 'distilbert':
+        kind = 'distilbert'
+    else:
+        kind = 'roberta' if model_cfg.position_offset else 'bert'
+    if head == 'classifier':
+        check_classifier(kind, model_cfg)
+    return kind
+
+
+def check_classifier(kind: str, m: BertConfig) -> None:
+    """A one-line ConfigError when the classifier's head or pooling is not the one of `kind`'s
+    *ForSequenceClassification, naming the fine-tuning keys that give it."""
+    want, poolings = CLASSIFIER_HEADS[kind]
+    fix = []
+    if m.classifier_head != want:
+        fix.append(f'--config.model.classifier_head={want}')
+    if m.pooling not in poolings:
+        fix.append('--config.model.pooling=cls')
+    if fix:
+        raise ConfigError(
+            f'--workdir: model.classifier_head={m.classifier_head!r}, model.pooling='
+            f'{m.pooling!r}: {CLASSIFIER_CLASSES[kind]} has a {want} head on '
+            f'{" or ".join(poolings)} pooling (no transformers class pools a {kind} encoder '
+            f'otherwise); fine-tune with {" ".join(fix)} to export')
+
+
+CLASSIFIER_CLASSES = {'bert': 'BertForSequenceClassification',
+                      'roberta': 'RobertaForSequenceClassification',
+                      'distilbert': 'DistilBertForSequenceClassification',
+                      'modernbert': 'ModernBertForSequenceClassification'}
 
 
 def hf_config(head: str, m: BertConfig, task: dict) -> dict:
@@ -148,14 +179,18 @@ def hf_config(head: str, m: BertConfig, task: dict) -> dict:
         'dtype': 'float32',
     }
     if head == 'classifier':
-        if task.get('task') == 'regression':
-            config.update(num_labels=1, problem_type='regression')
-        else:
-            labels = [str(n) for n in task['label_names']]
-            config.update(problem_type='single_label_classification',
-                          id2label={str(i): n for i, n in enumerate(labels)},
-                          label2id={n: i for i, n in enumerate(labels)})
+        config.update(label_fields(task))
     return config
+
+
+def label_fields(task: dict) -> dict:
+    """A classifier's config fields of its labels (regression: one output)."""
+    if task.get('task') == 'regression':
+        return {'num_labels': 1, 'problem_type': 'regression'}
+    labels = [str(n) for n in task['label_names']]
+    return {'problem_type': 'single_label_classification',
+            'id2label': {str(i): n for i, n in enumerate(labels)},
+            'label2id': {n: i for i, n in enumerate(labels)}}
 
 
 def roberta_config(head: str, m: BertConfig, task: dict, ids: np.ndarray | None) -> dict:
@@ -182,8 +217,14 @@ def electra_config(m: BertConfig, ids: np.ndarray | None) -> dict:
     return config
 
 
-def distilbert_config(m: BertConfig, ids: np.ndarray | None) -> dict:
-    """transformers DistilBertConfig fields of our MLM."""
+def distilbert_config(m: BertConfig, ids: np.ndarray | None, head: str = 'mlm',
+                      task: dict | None = None) -> dict:
+    """transformers DistilBertConfig fields of our MLM or classifier (our pooler is its
+    pre_classifier)."""
+    if head == 'classifier':
+        return {**distilbert_config(m, ids), **label_fields(task or {}),
+                'architectures': [CLASSIFIER_CLASSES['distilbert']],
+                'seq_classif_dropout': m.dropout_rate}
     return {'architectures': ['DistilBertForMaskedLM'], 'model_type': 'distilbert',
             'vocab_size': m.vocab_size, 'dim': m.hidden_size, 'n_layers': m.num_layers,
             'n_heads': m.num_heads, 'hidden_dim': m.intermediate_size, 'activation': 'gelu',
@@ -266,7 +307,7 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
         raise ConfigError(f'--workdir: an ELECTRA of {kind} layout has no transformers '
                           'counterpart (ElectraForPreTraining is a BERT encoder)')
     if kind == 'modernbert':
-        return _write_modernbert(workdir, out, model_cfg, params, step, check)
+        return _write_modernbert(workdir, out, (head, task), model_cfg, params, step, check)
     restored = _restored_order(workdir, model_cfg)
     try:  # ELECTRA: the discriminator (transformers keeps the generator in another model)
         tensors = names.to_hf({k: v for k, v in params.items() if k != 'generator'},
@@ -283,7 +324,7 @@ def _write(workdir: epath.Path, out: pathlib.Path, step: int | None, check: bool
         config = roberta_config(head, model_cfg, task, ids)
         tensors = _roberta_tensors(tensors, head)
     elif kind == 'distilbert':
-        config = distilbert_config(model_cfg, ids)
+        config = distilbert_config(model_cfg, ids, head, task)
         tensors = names.to_distilbert(tensors)
     elif head == 'electra':
         config = electra_config(model_cfg, ids)
@@ -318,11 +359,13 @@ def _write_sentence_transformers(workdir: epath.Path, out: pathlib.Path,
     return f'a sentence-transformers model (BertModel + {model_cfg.pooling} pooling, step {step})'
 
 
-def _write_modernbert(workdir: epath.Path, out: pathlib.Path, model_cfg: BertConfig,
-                      params: dict, step: int, check: bool) -> str:
+def _write_modernbert(workdir: epath.Path, out: pathlib.Path, run: tuple[str, dict],
+                      model_cfg: BertConfig, params: dict, step: int, check: bool) -> str:
+    """ModernBertForMaskedLM, or ModernBertForSequenceClassification (`run`: head, task)."""
     from safetensors.numpy import save_file
+    head, task = run
     restored = _restored_order(workdir, model_cfg)
-    tensors = modernbert.to_hf(params, model_cfg)
+    tensors = modernbert.to_hf(params, model_cfg, head)
     ids = np.arange(len(SPECIAL_PIECES))  # our id -> exported id (the special ones suffice)
     if restored is not None:  # an imported ModernBERT: its own token ids back
         order = restored[1]
@@ -331,12 +374,16 @@ def _write_modernbert(workdir: epath.Path, out: pathlib.Path, model_cfg: BertCon
     save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
     config = modernbert.hf_config(model_cfg, *(int(ids[i]) for i in (PAD_ID, CLS_ID, SEP_ID)),
                                   tied='decoder.weight' not in tensors)
+    if head == 'classifier':
+        config.update(label_fields(task), architectures=[CLASSIFIER_CLASSES['modernbert']],
+                      classifier_pooling=model_cfg.pooling,
+                      classifier_dropout=model_cfg.dropout_rate)
     (out / names.HF_CONFIG_FILENAME).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     tokenizer = _write_tokenizer(workdir, out, model_cfg.max_position_embeddings, restored)
-    if check:
-        verify.verify(out, 'mlm', model_cfg, params, tokenizer,
-                      ids if restored is not None else None)
-    return f'ModernBertForMaskedLM (step {step})'
+    if check:  # ModernBERT reads no token types: a pair's second segment is type 0 there too
+        verify.verify(out, head, model_cfg, params, tokenizer,
+                      ids if restored is not None else None, token_types=False)
+    return f'{config["architectures"][0]} (step {step})'
 
 
 def run(workdir: str, output: str, step: int | None = None, check: bool = True) -> None:

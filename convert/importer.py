@@ -202,7 +202,7 @@ def _distilbert_fields(config: dict) -> dict:
                 'num_layers': config['n_layers'], 'num_heads': config['n_heads'],
                 'intermediate_size': config['hidden_dim'],
                 'max_position_embeddings': config['max_position_embeddings'],
-                'type_vocab_size': 1, 'export_as': 'distilbert',
+                'type_vocab_size': 1, 'export_as': 'distilbert', 'classifier_head': 'distilbert',
                 'dropout_rate': config.get('dropout', 0.1),
                 'attention_dropout_rate': config.get('attention_dropout', 0.1),
                 'layer_norm_eps': 1e-12,  # fixed in transformers' DistilBERT
@@ -337,7 +337,7 @@ def run(hf_dir: str, workdir: str, step: int | None = None) -> None:
     state = read_weights(source, family)
     if family == 'distilbert':
         state = names.from_distilbert(state)
-    if family != 'modernbert' and has_pooler(state):
+    if modernbert.has_pooler(state) if family == 'modernbert' else has_pooler(state):
         fields['mlm_pooler'] = True
     model_cfg = model_config(fields)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,13 @@ input word embedding (the output decoder keeps ours, so the two are untied), whi
 for single-segment inputs (token type 0), the way ModernBERT is used; an all-zero row (an
 imported ModernBERT's) leaves them tied, with no decoder weight written.
 
+A classifier (classifier_head 'modernbert') exports to ModernBertForSequenceClassification:
+the pooler's dense and LayerNorm are its head.dense / head.norm, classifier.* its classifier,
+classifier_pooling our pooling (cls or mean).
+
 Import (`from_hf`) is the inverse: Wqkv splits into q, k, v; tok_embeddings become the word
-embeddings beside one all-zero token-type row; the decoder must be tied to them.
+embeddings beside one all-zero token-type row; the decoder must be tied to them. A
+ModernBertForSequenceClassification's head.* is kept as the pooler (model.mlm_pooler).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ HIDDEN_ACTIVATIONS = {'geglu': 'gelu', 'swiglu': 'silu'}
 
 def refusal(m: BertConfig, head: str) -> str | None:
     """Why this model has no ModernBertForMaskedLM counterpart, or None."""
-    needs = [(head == 'mlm', 'a masked-LM run (the classification heads differ)'),
+    needs = [(head in ('mlm', 'classifier'), 'a masked-LM or classifier run'),
              (m.position_embedding == 'rope', 'model.position_embedding=rope'),
              (m.mlp in HIDDEN_ACTIVATIONS, 'model.mlp=geglu or swiglu'),
              (m.pre_layer_norm, 'model.pre_layer_norm=True'),
@@ -93,8 +98,10 @@ def _layer(layer: dict, i: int, out: dict) -> None:
     _norm(layer['output']['LayerNorm'], out, f'{pre}.mlp_norm')
 
 
-def to_hf(params: dict, m: BertConfig) -> dict[str, np.ndarray]:
-    """Our MLM params (unrolled layers) -> ModernBertForMaskedLM's state dict (numpy)."""
+def to_hf(params: dict, m: BertConfig, head: str = 'mlm') -> dict[str, np.ndarray]:
+    """Our MLM params (unrolled layers) -> ModernBertForMaskedLM's state dict (numpy); a
+    classifier's (`head` 'classifier', classifier_head 'modernbert': the pooler's dense and
+    LayerNorm are its head) -> ModernBertForSequenceClassification's."""
     emb = params['bert']['embeddings']
     words = np.asarray(emb['word_embeddings']['embedding'])
     types = np.asarray(emb['token_type_embeddings']['embedding'])
@@ -104,6 +111,12 @@ def to_hf(params: dict, m: BertConfig) -> dict[str, np.ndarray]:
     for i in range(m.num_layers):
         _layer(encoder[f'layer_{i}'], i, out)
     _norm(encoder['final_layer_norm'], out, 'model.final_norm')
+    if head == 'classifier':
+        pooler = params['bert']['pooler']
+        _dense(pooler['dense'], out, 'head.dense')
+        _norm(pooler['LayerNorm'], out, 'head.norm')
+        _dense(params['classifier'], out, 'classifier')
+        return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
     transform = params['cls']['predictions']['transform']
     _dense(transform['dense'], out, 'head.dense')
     _norm(transform['LayerNorm'], out, 'head.norm')
@@ -177,6 +190,7 @@ def model_fields(config: dict) -> dict:
                 'intermediate_size': config['intermediate_size'],
                 'max_position_embeddings': config.get('max_position_embeddings', 8192),
                 'type_vocab_size': 1, 'position_embedding': 'rope',
+                'classifier_head': 'modernbert',
                 'rope_theta': global_theta,
                 'local_rope_theta': 0.0 if local_theta == global_theta else local_theta,
                 'mlp': ACTIVATIONS[act], 'use_bias': biases['norm_bias'],
@@ -193,7 +207,7 @@ def model_fields(config: dict) -> dict:
 def normalize_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A bare ModernBertModel's keys ('embeddings.*', 'layers.*', 'final_norm.*') under
     'model.' as ModernBertForMaskedLM has them."""
-    top = ('model.', 'head.', 'decoder.')
+    top = ('model.', 'head.', 'decoder.', 'classifier.')  # classifier.*: has_head's sign
     return {k if k.startswith(top) else f'model.{k}': v for k, v in state.items()}
 
 
@@ -201,6 +215,12 @@ def has_head(state: dict) -> bool:
     """Whether the state dict holds an MLM head: head.* without a classifier (the head.* of a
     ModernBertForSequenceClassification feeds its classifier, not a decoder)."""
     return 'head.dense.weight' in state and not any(k.startswith('classifier.') for k in state)
+
+
+def has_pooler(state: dict) -> bool:
+    """Whether the state dict is a ModernBertForSequenceClassification's: its head.* (dense,
+    GELU, norm) is the pooler of classifier_head 'modernbert', kept as model.mlm_pooler."""
+    return 'head.dense.weight' in state and not has_head(state)
 
 
 class _Reader:
@@ -257,6 +277,9 @@ def from_hf(state: dict[str, np.ndarray], m: BertConfig, head: bool
         'word_embeddings': {'embedding': words},
         'token_type_embeddings': {'embedding': np.zeros((1, m.hidden_size), np.float32)},
         'LayerNorm': r.norm('model.embeddings.norm')}, 'encoder': encoder}}
+    if m.mlm_pooler:  # a classifier's head: the pooler
+        params['bert']['pooler'] = {'dense': r.dense('head.dense'),
+                                    'LayerNorm': r.norm('head.norm')}
     if head:
         if 'decoder.weight' in state and not np.array_equal(r.get('decoder.weight'), words):
             raise ConfigError('--hf-dir: decoder.weight differs from tok_embeddings (an untied '

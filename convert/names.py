@@ -51,7 +51,9 @@ DISTILBERT_LAYER = (('attention.q_lin', 'attention.self.query'),
 DISTILBERT_HEAD = (('vocab_transform.', 'cls.predictions.transform.dense.'),
                    ('vocab_layer_norm.', 'cls.predictions.transform.LayerNorm.'),
                    ('vocab_projector.bias', 'cls.predictions.bias'),
-                   ('vocab_projector.weight', 'cls.predictions.decoder.weight'))
+                   ('vocab_projector.weight', 'cls.predictions.decoder.weight'),
+                   # DistilBertForSequenceClassification's pre_classifier is our pooler
+                   ('pre_classifier.', 'bert.pooler.dense.'))
 _DISTIL_LAYER = re.compile(r'^(?:distilbert\.)?transformer\.layer\.(\d+)\.(.+)$')
 
 

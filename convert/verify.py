@@ -21,7 +21,7 @@ from models.electra import ElectraForPretraining
 from text.tokenizer import CLS_ID, SEP_ID
 
 TOLERANCE = 1e-4  # max |logit difference| in float32
-POOLER_PREFIXES = ('bert.pooler.', 'roberta.pooler.')
+POOLER_PREFIXES = ('bert.pooler.', 'roberta.pooler.', 'pre_classifier.')
 SENTENCES = (
     'The quick brown fox jumps over the lazy dog.',
     'I love this!!! :) #happy',
@@ -140,11 +140,12 @@ def tokenizer_parity(directory: pathlib.Path, tokenizer, ids: np.ndarray | None 
 
 
 def verify(directory: pathlib.Path, head: str, model_cfg: BertConfig, params: dict,
-           tokenizer, ids: np.ndarray | None = None) -> None:
+           tokenizer, ids: np.ndarray | None = None, token_types: bool = True) -> None:
     """Prints the logit difference and tokenizer parity; raises VerificationError when the
     logits differ by more than TOLERANCE or transformers reports missing/unused weights.
     `ids` (our id -> exported id, for an export in an imported BERT's original id order):
-    transformers gets the batch in exported ids, and its MLM logits are compared in ours."""
+    transformers gets the batch in exported ids, and its MLM logits are compared in ours.
+    `token_types` False: the exported model reads none, so ours gets type 0 everywhere."""
     if not transformers_available():
         print('verify: skipped (transformers and torch are not installed)', flush=True)
         return
@@ -153,6 +154,8 @@ def verify(directory: pathlib.Path, head: str, model_cfg: BertConfig, params: di
     transformers.logging.disable_progress_bar()
     batch = fixed_batch(tokenizer, head == 'classifier',
                         min(64, model_cfg.max_position_embeddings - model_cfg.position_offset))
+    if not token_types:
+        batch['token_type_ids'] = np.zeros_like(batch['token_type_ids'])
     theirs_batch = batch if ids is None else {**batch, 'input_ids': ids[batch['input_ids']]}
     theirs = hf_logits(directory, head, theirs_batch)
     if ids is not None and head == 'mlm':

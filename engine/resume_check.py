@@ -56,7 +56,10 @@ ADDED_KEYS = {
     'model.param_dtype': 'float32',
     'optimizer.mu_dtype': '',  # pretraining's optimizer section
     'mu_dtype': '',  # fine-tuning's top-level optimizer key
+    'model.classifier_head': 'bert',  # pretraining configs and model.json
 }
+# Fine-tuning's config.json: '' (init_from's head) is what a run did before the key existed.
+FINETUNE_ADDED_KEYS = {**ADDED_KEYS, 'model.classifier_head': ''}
 _ABSENT = object()
 
 
@@ -93,14 +96,16 @@ def saved_config(workdir) -> dict | None:
 
 
 def compare(new: dict, saved: dict, allowed: tuple[str, ...], workdir, hint: str,
-            only: str = '') -> None:
+            only: str = '', added: dict | None = None) -> None:
     """A one-line ConfigError naming the first key (sorted) that differs and is not
-    `allowed`; `only`: compare just the keys under this prefix (e.g. 'model.')."""
+    `allowed`; `only`: compare just the keys under this prefix (e.g. 'model.'); `added`:
+    the ADDED_KEYS to use."""
+    added = ADDED_KEYS if added is None else added
     new_flat, saved_flat = flatten(new), flatten(saved)
     for key in sorted(new_flat.keys() | saved_flat.keys()):
         if not key.startswith(only) or changeable(key, allowed):
             continue
-        old = saved_flat.get(key, ADDED_KEYS.get(key, _ABSENT))
+        old = saved_flat.get(key, added.get(key, _ABSENT))
         now = new_flat.get(key, _ABSENT)
         if old != now:
             raise ConfigError(f'{key}: the run in {workdir} was started with {_show(old)}, '
@@ -128,7 +133,7 @@ def check_finetune(cfg: ml_collections.ConfigDict, workdir) -> dict | None:
     saved = saved_config(workdir)
     if saved is not None:
         compare(_without_aliases(as_json(cfg)), _without_aliases(saved), FINETUNE_CHANGEABLE,
-                workdir, 'start a new workdir')
+                workdir, 'start a new workdir', added=FINETUNE_ADDED_KEYS)
     return saved
 
 
@@ -145,7 +150,9 @@ def check_file(file, expected: dict, workdir, what: str) -> None:
         return
     saved = json.loads(file.read_text())
     for key in sorted(saved.keys() | expected.keys()):
-        old, now = saved.get(key, _ABSENT), expected.get(key, _ABSENT)
+        # A field added later reads as its ADDED_KEYS value ('model.' files: model.json).
+        old = saved.get(key, ADDED_KEYS.get(f'{what}{key}', _ABSENT))
+        now = expected.get(key, _ABSENT)
         if _json(now) != _json(old):
             raise ConfigError(f'{what}{key}: the run in {workdir} was started with '
                               f'{_show(old)}, now {_show(now)} ({file.name}); a resume cannot '

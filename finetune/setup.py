@@ -192,6 +192,8 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     own = {key: cfg.model[key] for key in RUNTIME_FIELDS if key in cfg.model}
     fields = {**model_section.to_dict(), **own,  # this run's dropout, dtype and remat
               'pooling': cfg.model.get('pooling', 'cls'),
+              'classifier_head': (cfg.model.get('classifier_head') or
+                                  model_section.get('classifier_head') or 'bert'),
               'attention_impl': cfg.model.get('attention_impl', 'auto'),  # a runtime choice
               'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT
               'num_labels': len(task['label_names'] or ()) or 1,  # regression, embedding: 1

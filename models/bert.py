@@ -200,7 +200,8 @@ def mean_pool(sequence_output: Array, attention_mask: Array) -> Array:
 
 
 class BertPooler(nn.Module):
-    """dense + tanh on [CLS] (pooling='cls') or on the masked mean of the tokens ('mean')."""
+    """dense + tanh on [CLS] (pooling='cls') or on the masked mean of the tokens ('mean');
+    classifier_head 'modernbert': dense + GELU + LayerNorm, 'distilbert': dense + ReLU."""
 
     config: BertConfig
 
@@ -211,7 +212,11 @@ class BertPooler(nn.Module):
             pooled = mean_pool(sequence_output, attention_mask).astype(cfg.compute_dtype)
         else:
             pooled = sequence_output[:, 0]
-        return jnp.tanh(dense(cfg, cfg.hidden_size, ('embed', None), name='dense')(pooled))
+        x = dense(cfg, cfg.hidden_size, ('embed', None), name='dense')(pooled)
+        if cfg.classifier_head == 'modernbert':
+            x = jax.nn.gelu(x, approximate=False)
+            return norm(layer_norm(cfg, name='LayerNorm'), x, cfg.compute_dtype)
+        return jax.nn.relu(x) if cfg.classifier_head == 'distilbert' else jnp.tanh(x)
 
 
 # ----------------------------------------------------------------------------- models

@@ -41,6 +41,10 @@ today's model bit for bit; `non_bert_options` names the ones a run moved away fr
     pooling             sequence classification: 'cls' pools [CLS] (BERT), 'mean' the
                         masked mean of the non-pad tokens; both then go through the pooler
                         dense + tanh.
+    classifier_head     the pooler's shape after its dense layer: 'bert' tanh (BERT, RoBERTa),
+                        'modernbert' exact GELU then a LayerNorm (ModernBertPredictionHead),
+                        'distilbert' ReLU (DistilBERT's pre_classifier); `import` sets its
+                        family's, fine-tuning takes init_from's unless it names one.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ POOLINGS = ('cls', 'mean')
 ATTENTION_IMPLS = ('auto', 'explicit', 'xla', 'cudnn', 'splash')
 ADAPTER_PLACEMENTS = ('houlsby', 'pfeiffer')  # models/peft.py
 EXPORT_FAMILIES = ('', 'distilbert')
+CLASSIFIER_HEADS = ('bert', 'modernbert', 'distilbert')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +106,7 @@ class BertConfig:
     local_attention_window: int = 0  # 0 = off; W: attend within +-W/2 in local layers
     global_attention_every: int = 3  # layer l is global when l % N == 0; 0 = none global
     pooling: str = 'cls'  # sequence classification: 'cls' | 'mean'
+    classifier_head: str = 'bert'  # CLASSIFIER_HEADS: the pooler's activation (and norm)
     position_offset: int = 0  # first position row (RoBERTa: padding_idx + 1)
     mlm_pooler: bool = False  # the MLM model keeps a (pretrained, untrained) pooler
     export_as: str = ''  # EXPORT_FAMILIES: '' by architecture, 'distilbert'
@@ -200,6 +206,7 @@ def _validate_architecture(c: BertConfig) -> None:
     _one_of('pooling', c.pooling, POOLINGS)
     _one_of('attention_impl', c.attention_impl, ATTENTION_IMPLS)
     _one_of('export_as', c.export_as, EXPORT_FAMILIES)
+    _one_of('classifier_head', c.classifier_head, CLASSIFIER_HEADS)
     if c.export_as == 'distilbert' and c.type_vocab_size != 1:
         raise ValueError('export_as=distilbert needs type_vocab_size=1 (DistilBERT has no '
                          'token types)')
