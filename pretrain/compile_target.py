@@ -13,9 +13,15 @@ import ml_collections
 from engine import compile_for
 from engine import mesh as mesh_lib
 from engine.errors import ConfigError
-from pretrain import phases
 from pretrain import state as state_lib
-from pretrain.sections import bert_config, check_batch, masking_config, step_spec, validate_values
+from pretrain.sections import (
+    bert_config,
+    check_batch,
+    final_config,
+    masking_config,
+    step_spec,
+    validate_values,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +39,7 @@ def compile_pretrain(cfg: ml_collections.ConfigDict, topology: str) -> Result:
     config and for a step the compiler refuses for want of HBM (one that compiles but does
     not fit is for compile_for.check_fits)."""
     target = compile_for.target(topology)  # before anything starts a JAX backend
-    cfg = phases.final_config(cfg)
+    cfg = final_config(cfg)
     validate_values(cfg)
     try:
         mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=target.devices)

@@ -38,9 +38,15 @@ from engine.config_cli import config_to_json, flat_keys, load_config
 from engine.errors import ConfigError
 from models.bert import BertConfig
 from models.flops import count_params
-from pretrain import phases
 from pretrain import state as state_lib
-from pretrain.sections import bert_config, check_batch, masking_config, step_spec, validate_values
+from pretrain.sections import (
+    bert_config,
+    check_batch,
+    final_config,
+    masking_config,
+    step_spec,
+    validate_values,
+)
 
 GiB = 1024 ** 3
 
@@ -111,7 +117,7 @@ def _get(config, dotted: str):
 def describe(cfg: ml_collections.ConfigDict, spec: str, num_devices: int = 0) -> str:
     """The whole dry-run report as text; raises ConfigError for an inconsistent config.
     num_devices: what a -1 in mesh.shape takes (default: this machine's device count)."""
-    cfg = phases.final_config(cfg)  # seq_len_phases: sized at the last phase's length
+    cfg = final_config(cfg)  # seq_len_phases: sized at the last phase's length
     validate_values(cfg)
     mesh = abstract_mesh(cfg, num_devices)
     mesh_shape = dict(mesh.shape)

@@ -5,7 +5,7 @@
   training on data prepared at its length. The batch stays `batch_size` sequences, so a
   longer phase trains on more tokens per step. Parameters and optimizer state carry over;
   the jitted step is compiled once per length. Evaluation, init and the logged seq_len are
-  the last phase's length (`final_config`).
+  the last phase's length (pretrain/sections.py `final_config`).
 - `batch_size_ramp` 'START:FRACTION' (e.g. '256:0.05'): the global batch grows from START
   to `batch_size` over that fraction of the steps, in RAMP_STAGES equal stages whose sizes
   are START plus multiples of START on the line between the two (at most 8 distinct sizes:
@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 
 from engine.budget import Budget
@@ -87,13 +86,12 @@ def parse_ramp(text: str, batch_size: int, num_steps: int) -> tuple[int, int]:
 class StepPlan:
     """Each step's (seq_len, batch size) and the rows and tokens before it."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict):
-        steps, size = cfg.num_train_steps, cfg.batch_size
-        self.phases = parse_phases(cfg.get('seq_len_phases', ''), steps) or (
-            Phase(cfg.seq_len, 0, steps),)
+    def __init__(self, num_steps: int, batch_size: int, seq_len: int,
+                 seq_len_phases: str = '', batch_size_ramp: str = ''):
+        steps, size = num_steps, batch_size
+        self.phases = parse_phases(seq_len_phases, steps) or (Phase(seq_len, 0, steps),)
         self.batch_size = size
-        self.ramp_start, self.ramp_steps = parse_ramp(cfg.get('batch_size_ramp', ''), size,
-                                                      steps)
+        self.ramp_start, self.ramp_steps = parse_ramp(batch_size_ramp, size, steps)
         self._rows = self._tokens = np.zeros(1, np.int64)  # plain steps: past the "plan"
         if not self.active:
             return
@@ -149,55 +147,6 @@ class StepPlan:
         return int(self._tokens[last]) + (step - last) * self.batch_size * self.phases[-1].seq_len
 
 
-def with_seq_len(cfg: ml_collections.ConfigDict, seq_len: int) -> ml_collections.ConfigDict:
-    """A copy of `cfg` with `seq_len` replaced (one phase's preparation, masking, step)."""
-    out = ml_collections.ConfigDict(cfg.to_dict())
-    out.seq_len = seq_len
-    return out
-
-
-def final_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`cfg` with seq_len = the last phase's length when seq_len_phases is set (the length
-    evaluation, init and the logs use); `cfg` itself otherwise."""
-    phases = parse_phases(cfg.get('seq_len_phases', ''), cfg.num_train_steps)
-    if not phases or phases[-1].seq_len == cfg.seq_len:
-        return cfg
-    return with_seq_len(cfg, phases[-1].seq_len)
-
-
-def check(cfg: ml_collections.ConfigDict, max_positions: int | None,
-          data_parallel: int = 1) -> None:
-    """One-line ConfigErrors for the phase, ramp and budget-schedule keys. `max_positions`:
-    the learned position table's size (None: RoPE, no table)."""
-    plan = StepPlan(cfg)
-    longest = max(p.seq_len for p in plan.phases)
-    if max_positions is not None and longest > max_positions:
-        raise ConfigError(f'seq_len_phases: the longest phase ({longest}) exceeds '
-                          f'model.max_position_embeddings ({max_positions})')
-    unit = data_parallel * cfg.grad_accum_steps
-    if plan.ramp_steps and plan.ramp_start % unit:
-        raise ConfigError(f'batch_size_ramp: START {plan.ramp_start} is not divisible by the '
-                          f'data-parallel size {data_parallel} x grad_accum_steps '
-                          f'{cfg.grad_accum_steps}')
-    if cfg.optimizer.schedule == 'budget' and not (cfg.max_runtime or cfg.train_tokens):
-        raise ConfigError("optimizer.schedule: 'budget' needs max_runtime or train_tokens "
-                          '(the budget whose spent fraction drives the learning rate)')
-
-
-def check_resume(cfg: ml_collections.ConfigDict, saved: dict) -> None:
-    """A checkpoint of a planned run resumes only with the same plan (the shapes, and the
-    rows read before each step, would differ): one-line ConfigError otherwise. `saved`: the
-    checkpoint's config."""
-    keys = ('seq_len_phases', 'batch_size_ramp')
-    if not any(saved.get(k) or cfg.get(k) for k in keys):
-        return
-    for key in (*keys, 'num_train_steps'):
-        if saved.get(key, '') != cfg.get(key, ''):
-            raise ConfigError(f'{key}: the checkpoint was made with {saved.get(key, "")!r}, '
-                              f'now {cfg.get(key, "")!r}; seq_len_phases and batch_size_ramp '
-                              'runs resume only with the same plan. Use a new --workdir.')
-
-
 class PlannedBatches:
     """Batches of the plan's shapes: one PretrainBatches per phase (its own data)."""
 
@@ -224,35 +173,36 @@ class PlannedBatches:
         return iter(batches)
 
 
-def budget_rates(cfg: ml_collections.ConfigDict, budget: Budget,
+def budget_rates(optimizer: OptimizerConfig, num_steps: int, budget: Budget,
                  agree: Callable[[float], float] = float, clock: Callable[[], float] | None = None,
                  every: int = 1) -> Callable[[int], np.float32]:
     """step -> the learning rate of the step after it under schedule='budget', measured when
     the loop asks (right before it dispatches that step). `agree` makes processes use
     process 0's elapsed time (refreshed every `every` steps: a collective); `clock` replaces
     time.time (tests)."""
-    steps, last = cfg.num_train_steps, {}
-    optimizer = OptimizerConfig.from_config(cfg.optimizer)
+    last = {}
 
     def rate(step: int) -> np.float32:
         if not last or step % every == 0:
             now = None if clock is None else clock()
             last['elapsed'] = agree(budget.elapsed(now))
         now = budget.started + last['elapsed'] - budget.elapsed_before
-        progress = budget.progress(step, steps, now)
-        return np.float32(budget_learning_rate(optimizer, step, progress, steps))
+        progress = budget.progress(step, num_steps, now)
+        return np.float32(budget_learning_rate(optimizer, step, progress, num_steps))
     return rate
 
 
-def learning_rates(cfg: ml_collections.ConfigDict, budget: Budget
+def learning_rates(optimizer: OptimizerConfig, num_steps: int, log_every: int, budget: Budget
                    ) -> Callable[[int], np.float32] | None:
     """The loop's learning_rate callback: the budget's rates under schedule='budget' (the
-    same on every process), else None (the step computes its own)."""
-    if cfg.optimizer.schedule != 'budget':
+    same on every process; processes agree every `log_every` steps), else None (the step
+    computes its own)."""
+    if optimizer.schedule != 'budget':
         return None
     several = jax.process_count() > 1
-    return budget_rates(cfg, budget, agree_on_process_0 if several else float,
-                        every=cfg.log_every_steps if several else 1)
+    return budget_rates(optimizer, num_steps, budget,
+                        agree_on_process_0 if several else float,
+                        every=log_every if several else 1)
 
 
 def agree_on_process_0(value: float) -> float:
@@ -261,13 +211,13 @@ def agree_on_process_0(value: float) -> float:
     return broadcast_int(round(value * 1e6)) / 1e6
 
 
-def feed(cfg: ml_collections.ConfigDict, plan: StepPlan, shard: tuple[int, int],
+def feed(seed: int, plan: StepPlan, shard: tuple[int, int],
          batches: PretrainBatches, phase_sources: list | None,
          weights: list[float] | None = None) -> Callable[[int, int], Iterator[tuple[int, dict]]]:
     """(data index, offset) -> iterator of (index, batch) from there: the plan's shapes
     (phases, ramp) or the plain `batches`. `offset`: batches skipped by NaN rollbacks so
     far (the batch of data index i belongs to step i - offset)."""
-    planned = plan.active and PlannedBatches(plan, phase_sources, cfg.seed, shard, weights)
+    planned = plan.active and PlannedBatches(plan, phase_sources, seed, shard, weights)
 
     def iterate(index: int, offset: int) -> Iterator[tuple[int, dict]]:
         return planned.iterate(index, offset) if planned else batches.iterate(index)

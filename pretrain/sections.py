@@ -83,7 +83,7 @@ def validate_values(cfg: ml_collections.ConfigDict) -> None:
     objective.validate(cfg, model)  # objective, electra.*, masking.eval_mask_rate/span_length
     make_optimizer(optimizer_config(cfg), cfg.num_train_steps)  # ConfigError on a bad key
     learned = model.position_embedding == 'learned'
-    phases.check(cfg, model.max_position_embeddings if learned else None)
+    check_phases(cfg, model.max_position_embeddings if learned else None)
     check_read_block(cfg)
 
 
@@ -92,7 +92,7 @@ def check_read_block(cfg: ml_collections.ConfigDict) -> None:
     block = cfg.data.get('read_block', 1)
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ConfigError(f'data.read_block: must be a whole number >= 1, got {block!r}')
-    if block > 1 and phases.StepPlan(cfg).active:
+    if block > 1 and step_plan(cfg).active:
         raise ConfigError('data.read_block: > 1 is not supported with seq_len_phases or '
                           'batch_size_ramp; use 1')
 
@@ -100,4 +100,59 @@ def check_read_block(cfg: ml_collections.ConfigDict) -> None:
 def check_batch(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:
     """The global batch splits evenly over data-parallel devices and micro-batches."""
     check_batch_split(cfg.batch_size, data_parallel, cfg.grad_accum_steps)
-    phases.check(cfg, None, data_parallel)  # batch_size_ramp's sizes too
+    check_phases(cfg, None, data_parallel)  # batch_size_ramp's sizes too
+
+
+def step_plan(cfg: ml_collections.ConfigDict) -> phases.StepPlan:
+    """Each step's shape (seq_len_phases, batch_size_ramp; pretrain/phases.py)."""
+    return phases.StepPlan(cfg.num_train_steps, cfg.batch_size, cfg.seq_len,
+                           cfg.get('seq_len_phases', ''), cfg.get('batch_size_ramp', ''))
+
+
+def with_seq_len(cfg: ml_collections.ConfigDict, seq_len: int) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with `seq_len` replaced (one phase's preparation, masking, step)."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.seq_len = seq_len
+    return out
+
+
+def final_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`cfg` with seq_len = the last phase's length when seq_len_phases is set (the length
+    evaluation, init and the logs use); `cfg` itself otherwise."""
+    planned = phases.parse_phases(cfg.get('seq_len_phases', ''), cfg.num_train_steps)
+    if not planned or planned[-1].seq_len == cfg.seq_len:
+        return cfg
+    return with_seq_len(cfg, planned[-1].seq_len)
+
+
+def check_phases(cfg: ml_collections.ConfigDict, max_positions: int | None,
+                 data_parallel: int = 1) -> None:
+    """One-line ConfigErrors for the phase, ramp and budget-schedule keys. `max_positions`:
+    the learned position table's size (None: RoPE, no table)."""
+    plan = step_plan(cfg)
+    longest = max(p.seq_len for p in plan.phases)
+    if max_positions is not None and longest > max_positions:
+        raise ConfigError(f'seq_len_phases: the longest phase ({longest}) exceeds '
+                          f'model.max_position_embeddings ({max_positions})')
+    unit = data_parallel * cfg.grad_accum_steps
+    if plan.ramp_steps and plan.ramp_start % unit:
+        raise ConfigError(f'batch_size_ramp: START {plan.ramp_start} is not divisible by the '
+                          f'data-parallel size {data_parallel} x grad_accum_steps '
+                          f'{cfg.grad_accum_steps}')
+    if cfg.optimizer.schedule == 'budget' and not (cfg.max_runtime or cfg.train_tokens):
+        raise ConfigError("optimizer.schedule: 'budget' needs max_runtime or train_tokens "
+                          '(the budget whose spent fraction drives the learning rate)')
+
+
+def check_plan_resume(cfg: ml_collections.ConfigDict, saved: dict) -> None:
+    """A checkpoint of a planned run resumes only with the same plan (the shapes, and the
+    rows read before each step, would differ): one-line ConfigError otherwise. `saved`: the
+    checkpoint's config."""
+    keys = ('seq_len_phases', 'batch_size_ramp')
+    if not any(saved.get(k) or cfg.get(k) for k in keys):
+        return
+    for key in (*keys, 'num_train_steps'):
+        if saved.get(key, '') != cfg.get(key, ''):
+            raise ConfigError(f'{key}: the checkpoint was made with {saved.get(key, "")!r}, '
+                              f'now {cfg.get(key, "")!r}; seq_len_phases and batch_size_ramp '
+                              'runs resume only with the same plan. Use a new --workdir.')

@@ -26,7 +26,16 @@ from engine.rundir import tokenized_data_dir
 from models.flops import count_params
 from pretrain import continual, data, objective, phases
 from pretrain import state as state_lib
-from pretrain.sections import masking_config, step_spec, validate, validate_values
+from pretrain.sections import (
+    check_plan_resume,
+    final_config,
+    masking_config,
+    step_plan,
+    step_spec,
+    validate,
+    validate_values,
+    with_seq_len,
+)
 from text.batches import PretrainBatches, eval_batches
 from text.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -78,7 +87,7 @@ def _check_resume(cfg, meta: dict) -> None:
     saved = meta.get('data', {})
     if saved.get('position') == 0:  # an imported checkpoint: no data consumed yet
         return
-    phases.check_resume(cfg, meta.get('config') or {})
+    check_plan_resume(cfg, meta.get('config') or {})
     if saved.get('seed') != cfg.seed or saved.get('batch_size') != cfg.batch_size:
         raise ConfigError(
             f'seed/batch_size: the checkpoint was made with seed={saved.get("seed")}, '
@@ -140,7 +149,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
     directories (a later `pretrain` with the same config and workdir finds them).
     beam_options (a list, possibly empty): prepare with Apache Beam and these options."""
     cfg, src = continual.resolve(cfg)
-    cfg = phases.final_config(cfg)  # seq_len_phases: the last phase's length
+    cfg = final_config(cfg)  # seq_len_phases: the last phase's length
     validate_values(cfg)
     sources = data.resolve_sources(cfg)
     if beam_options is not None:
@@ -151,8 +160,8 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
     with workdir_lock(workdir, 'prepare'):
         _, directories = prepare_data(cfg, workdir, sources, src, show_progress=main,
                                       beam_options=beam_options)
-        for length in {p.seq_len for p in phases.StepPlan(cfg).phases} - {cfg.seq_len}:
-            directories += prepare_data(phases.with_seq_len(cfg, length), workdir, sources,
+        for length in {p.seq_len for p in step_plan(cfg).phases} - {cfg.seq_len}:
+            directories += prepare_data(with_seq_len(cfg, length), workdir, sources,
                                         src, show_progress=main, beam_options=beam_options)[1]
     for source, directory in zip(sources * (len(directories) // len(sources)), directories,
                                  strict=True):  # seq_len_phases: one set per length
@@ -163,7 +172,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
     cfg, src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
-    cfg = phases.final_config(cfg)  # seq_len_phases: the last phase's length
+    cfg = final_config(cfg)  # seq_len_phases: the last phase's length
     mesh, sources = validate(cfg)
     settings = RunSettings.from_config('pretrain', cfg)  # profile/W&B: one line, before work
     started = time.time()
@@ -176,7 +185,7 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     workdir, main = run.workdir, run.main
     saved = resume_check.check_pretrain(cfg, workdir)  # a resume: before anything is written
     if saved is not None:
-        phases.check_resume(cfg, saved)
+        check_plan_resume(cfg, saved)
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
         run.rundir.write_config(cfg)
@@ -185,7 +194,7 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     ckpts = run.checkpoints(run.rundir.checkpoints, keep=cfg.keep_checkpoints)
     state, shardings, start_step = _build_state(cfg, mesh, built, ckpts, src, tokenizer)
     resumed_meta = ckpts.restore_meta(start_step) if start_step else None
-    plan = phases.StepPlan(cfg)
+    plan = step_plan(cfg)
     budget = Budget.resume(cfg, resumed_meta, start_step, cfg.batch_size * cfg.seq_len, started,
                            plan.tokens_at if plan.active else None)
     # Batches skipped by NaN rollbacks: data position - step (0 in checkpoints before them;
@@ -212,7 +221,7 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
                               read_block=cfg.data.read_block)
     phase_splits = plan.active and _phase_splits(cfg, plan, workdir, sources, src, main,
                                                  train_splits, weights)
-    iterate = phases.feed(cfg, plan, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
+    iterate = phases.feed(cfg.seed, plan, mesh_lib.data_shard(cfg.batch_size, mesh), batches,
                           phase_splits, weights)
     meta = lambda step: state_lib.checkpoint_meta(  # noqa: E731
         spec, cfg.to_dict(), step + skipped['offset'], budget=budget.meta(step))
@@ -240,7 +249,8 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
         save=lambda step, s: ckpts.save(step, s, meta(step)), write=writer.write,
         check_saves=ckpts.check, rollback=rollback,
         summarize=objective.summarize(spec.objective),
-        learning_rate=phases.learning_rates(cfg, budget))
+        learning_rate=phases.learning_rates(spec.optimizer, cfg.num_train_steps,
+                                            cfg.log_every_steps, budget))
     offset = skipped['offset']
     with mesh_lib.sharding_context(mesh, cfg.mesh.rules):
         run.loop(state, iterate(start_step + offset, offset), start_step, loop_cfg, callbacks)
@@ -250,7 +260,7 @@ def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
 def _phase_steps(cfg, spec, plan, mesh, built, tokenizer, word_starts, fns: dict) -> dict:
     """seq_len -> the jitted train step of that phase (its own masking budget)."""
     for length in {p.seq_len for p in plan.phases} - set(fns):
-        masking = masking_config(phases.with_seq_len(cfg, length), tokenizer.vocab_size)
+        masking = masking_config(with_seq_len(cfg, length), tokenizer.vocab_size)
         phase = dataclasses.replace(spec, seq_len=length)
         fns[length] = state_lib.compile_steps(phase, mesh, built, masking, word_starts)[0]
     return fns
@@ -260,7 +270,7 @@ def _phase_splits(cfg, plan, workdir, sources, src, main, final_splits, weights)
     """Each phase's train splits (data prepared at its length; the final length's exist)."""
     splits = {cfg.seq_len: final_splits}
     for length in {p.seq_len for p in plan.phases} - set(splits):
-        _, directories = prepare_data(phases.with_seq_len(cfg, length), workdir, sources, src,
+        _, directories = prepare_data(with_seq_len(cfg, length), workdir, sources, src,
                                       show_progress=main)
         splits[length] = data.open_splits(directories, weights, cfg.data.cache_mb)[0]
     _log(main, phases.describe(plan))

@@ -15,7 +15,7 @@ from engine.budget import Budget
 from engine.errors import ConfigError
 from engine.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from engine.step import TrainState, set_learning_rate, train_step
-from pretrain import phases
+from pretrain import phases, sections
 from pretrain.sections import check_batch, validate_values
 
 
@@ -88,17 +88,21 @@ def pretrain_cfg(**changes):
     return cfg
 
 
+def _rate_args(cfg) -> tuple:
+    return sections.optimizer_config(cfg), cfg.num_train_steps
+
+
 def test_budget_schedule_by_tokens_is_a_function_of_the_step():
     cfg = pretrain_cfg(train_tokens=2000, **{'optimizer.decay_fraction': 0.5})
     b = budget(train_tokens=2000)  # 100 tokens per step: the budget ends at step 20
-    rate = phases.budget_rates(cfg, b, clock=lambda: 1000.0)
+    rate = phases.budget_rates(*_rate_args(cfg), b, clock=lambda: 1000.0)
     # warm-up over 10 steps; progress = step / 20, decay (linear) over progress 0.5..1.
     expected = {0: 0.0, 5: 0.5, 10: 1.0, 15: 0.5, 18: 0.2, 20: 0.0}
     for step, value in expected.items():
         assert float(rate(step)) == pytest.approx(value, abs=1e-6), step
     # Resumed at step 12 from its checkpoint's meta: the same rates from there on.
     resumed = budget(train_tokens=2000, meta={'budget': {'tokens_seen': 1200}}, start_step=12)
-    again = phases.budget_rates(cfg, resumed, clock=lambda: 0.0)
+    again = phases.budget_rates(*_rate_args(cfg), resumed, clock=lambda: 0.0)
     assert [float(again(s)) for s in (15, 18)] == [float(rate(s)) for s in (15, 18)]
 
 
@@ -107,7 +111,7 @@ def test_budget_schedule_by_time_follows_the_clock():
                                              'optimizer.decay_shape': 'cosine'})
     now = [1000.0]
     b = budget(max_runtime=100.0, meta={'budget': {'elapsed_seconds': 40.0}}, start_step=3)
-    rate = phases.budget_rates(cfg, b, clock=lambda: now[0])
+    rate = phases.budget_rates(*_rate_args(cfg), b, clock=lambda: now[0])
     assert float(rate(3)) == pytest.approx(1.0)  # 40 % spent: stable
     now[0] = 1055.0  # 95 s of 100: halfway through the last 10 %: cosine gives 0.5
     assert float(rate(4)) == pytest.approx(0.5, abs=1e-6)
@@ -115,7 +119,7 @@ def test_budget_schedule_by_time_follows_the_clock():
     assert float(rate(5)) == 0.0
     # Several processes: the agreed elapsed time is refreshed every `every` steps only.
     seen = []
-    agreed = phases.budget_rates(cfg, b, agree=lambda v: seen.append(v) or v,
+    agreed = phases.budget_rates(*_rate_args(cfg), b, agree=lambda v: seen.append(v) or v,
                                  clock=lambda: now[0], every=5)
     now[0] = 1000.0
     agreed(3)
@@ -148,7 +152,7 @@ def test_train_step_uses_and_logs_the_host_learning_rate():
 def test_step_plan_of_phases_and_a_ramp():
     cfg = pretrain_cfg(num_train_steps=20, batch_size=64, seq_len=32,
                        seq_len_phases='32:0.75,64:0.25', batch_size_ramp='8:0.35')
-    plan = phases.StepPlan(cfg)
+    plan = sections.step_plan(cfg)
     assert [(p.seq_len, p.start, p.end) for p in plan.phases] == [(32, 0, 15), (64, 15, 20)]
     # 7 ramp steps, stage = step * 7 // 7 = step: sizes 8 + (56 * stage // 7) // 8 * 8.
     sizes = [plan.batch_size_at(s) for s in range(9)]
@@ -159,14 +163,14 @@ def test_step_plan_of_phases_and_a_ramp():
     rows = sum(sizes[:7]) + 64 * 8  # steps 0..14 at 32 tokens
     assert plan.tokens_at(15) == rows * 32 and plan.tokens_at(17) == rows * 32 + 2 * 64 * 64
     assert [plan.seq_len(s) for s in (14, 15, 19, 25)] == [32, 64, 64, 64]
-    assert phases.final_config(cfg).seq_len == 64
-    plain = phases.StepPlan(get_config('tiny'))
+    assert sections.final_config(cfg).seq_len == 64
+    plain = sections.step_plan(get_config('tiny'))
     assert not plain.active and plain.rows_before(5) == 5 * 32
 
 
 def test_ramp_sizes_are_few_and_multiples_of_the_start():
     cfg = pretrain_cfg(num_train_steps=100_000, batch_size=4096, batch_size_ramp='256:0.05')
-    plan = phases.StepPlan(cfg)
+    plan = sections.step_plan(cfg)
     assert len(plan.sizes()) <= 8 and all(s % 256 == 0 for s in plan.sizes())
     assert plan.batch_size_at(0) == 256 and plan.batch_size_at(5000) == 4096
     assert all(plan.batch_size_at(s) <= plan.batch_size_at(s + 1) for s in range(0, 5100, 7))
@@ -175,7 +179,7 @@ def test_ramp_sizes_are_few_and_multiples_of_the_start():
 def test_planned_batches_are_contiguous_rows_of_each_phase():
     cfg = pretrain_cfg(num_train_steps=8, batch_size=4, seq_len=4,
                        seq_len_phases='4:0.5,8:0.5', batch_size_ramp='2:0.5')
-    plan = phases.StepPlan(cfg)
+    plan = sections.step_plan(cfg)
     short = {'input_ids': np.arange(40 * 4).reshape(40, 4), 'segment_ids': np.ones((40, 4))}
     long = {'input_ids': np.arange(40 * 8).reshape(40, 8), 'segment_ids': np.ones((40, 8))}
     made = phases.PlannedBatches(plan, [short, long], seed=0, shard=(0, 1))
@@ -234,13 +238,14 @@ def test_budget_last_step_with_steps_of_different_sizes():
 
 def test_a_planned_run_resumes_only_with_its_plan():
     cfg = pretrain_cfg(seq_len_phases='128:0.5,512:0.5')
-    phases.check_resume(cfg, cfg.to_dict())
-    phases.check_resume(get_config('tiny'), {'num_train_steps': 5})  # no plan: steps may change
+    sections.check_plan_resume(cfg, cfg.to_dict())
+    # no plan: the steps may change
+    sections.check_plan_resume(get_config('tiny'), {'num_train_steps': 5})
     for key, value in [('seq_len_phases', '128:0.9,512:0.1'), ('num_train_steps', 50),
                        ('batch_size_ramp', '8:0.1')]:
         saved = {**cfg.to_dict(), key: value}
         with pytest.raises(ConfigError, match=f'^{key}: the checkpoint was made with'):
-            phases.check_resume(cfg, saved)
+            sections.check_plan_resume(cfg, saved)
 
 
 def test_fine_tuning_refuses_the_budget_schedule():

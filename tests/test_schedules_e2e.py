@@ -3,7 +3,6 @@ and the budget learning-rate schedule, each resumed exactly across a boundary.""
 
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -20,9 +19,8 @@ def losses(workdir) -> dict[int, float]:
 
 
 def plan_of_phases_run() -> StepPlan:
-    return StepPlan(ml_collections.ConfigDict(dict(
-        num_train_steps=12, batch_size=16, seq_len=32, seq_len_phases='32:0.5,64:0.5',
-        batch_size_ramp='8:0.25')))
+    return StepPlan(num_steps=12, batch_size=16, seq_len=32, seq_len_phases='32:0.5,64:0.5',
+                    batch_size_ramp='8:0.25')
 
 
 @pytest.mark.slow
