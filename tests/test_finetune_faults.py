@@ -13,6 +13,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -190,11 +191,17 @@ def test_ctrl_c_in_pretraining_saves_and_resumes(tmp_path, corpus):
 
 def test_second_ctrl_c_interrupts_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    # A signal's Python handler runs at the main thread's next check, which another thread
+    # (pytest-xdist's) can delay: wait for it rather than assume it has run.
     with loop.SigtermFlag() as flag:
         os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while not flag.raised and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert flag.raised and flag.name == 'SIGINT'
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted by the handler's KeyboardInterrupt
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
