@@ -53,6 +53,8 @@ ADDED_KEYS = {
     'model.param_dtype': 'float32',
     'optimizer.mu_dtype': '',  # pretraining's optimizer section
     'mu_dtype': '',  # fine-tuning's top-level optimizer key
+    'data.doc_stride': 0,  # fine-tuning's extractive QA windows
+    'data.max_answer_length': 30,
 }
 _ABSENT = object()
 

@@ -13,6 +13,7 @@ import numpy as np
 METRIC_DIRECTIONS = {
     'accuracy': 'max', 'precision': 'max', 'recall': 'max', 'f1': 'max', 'mcc': 'max',
     'pearson': 'max', 'spearman': 'max', 'mse': 'min', 'loss': 'min',
+    'exact_match': 'max',  # extractive QA (finetune/span_metrics.py)
 }
 
 

@@ -17,7 +17,7 @@ from engine.optim import OptimizerConfig, learning_rate_at, make_optimizer
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import SPM_FILENAME, RunDir
 from engine.step import TrainState
-from finetune import distill, peft, steps, unfreeze
+from finetune import distill, peft, span_tasks, steps, unfreeze
 from models.bert import BertConfig, BertForSequenceClassification
 from models.config import RUNTIME_FIELDS, model_config
 from models.flops import forward_flops, train_flops_per_step
@@ -164,7 +164,7 @@ def tokenizer_for(cfg, workdir: epath.Path, task: dict) -> Tokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class Built:
-    model: BertForSequenceClassification
+    model: nn.Module  # BertForSequenceClassification, or a models/heads.py head
     model_cfg: BertConfig
     source: str  # where the encoder weights come from, for the log
     saved_layers: int = 0  # > 0: the pretrained run's encoder is scanned, of this depth
@@ -191,7 +191,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
               'pooling': cfg.model.get('pooling', 'cls'),
               'attention_impl': cfg.model.get('attention_impl', 'auto'),  # a runtime choice
               'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT
-              'num_labels': 1 if cfg.task == 'regression' else len(task['label_names']),
+              'num_labels': _num_labels(cfg.task, task['label_names']),
               **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
     try:
         model_cfg = model_config(fields)
@@ -200,9 +200,19 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f'model.vocab_size: {model_cfg.vocab_size} is smaller than the '
                           f'tokenizer vocabulary ({tokenizer.vocab_size})')
-    return Built(BertForSequenceClassification(model_cfg), model_cfg,
+    if span_tasks.handles(cfg.task):  # per-token heads: no pooler, so none is loaded
+        model_cfg = dataclasses.replace(model_cfg, mlm_pooler=False)
+    model_class = (span_tasks.model_class(cfg.task) if span_tasks.handles(cfg.task)
+                   else BertForSequenceClassification)
+    return Built(model_class(model_cfg), model_cfg,
                  f'{source} (encoder)' if source else 'random',
                  model_section.num_layers if model_section.get('scan_layers') else 0)
+
+
+def _num_labels(task: str, label_names) -> int:
+    if span_tasks.handles(task):
+        return span_tasks.num_outputs(task, label_names)
+    return 1 if task == 'regression' else len(label_names)
 
 
 def _fresh_params(cfg, mesh, built: Built):
@@ -319,6 +329,8 @@ def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
     """The jitted train step (state donated) and prediction step."""
     shardings = _shardings(state)
     batch = mesh_lib.batch_sharding(mesh)
+    if span_tasks.handles(cfg.task):
+        return _span_steps(cfg, built, tx, labels, schedule, shardings, batch)
     train = jax.jit(steps.classifier_train_step(model=built.model, tx=tx, labels=labels,
                                                 schedule=schedule, task=cfg.task,
                                                 seed=cfg.seed, distill=distill.loss_settings(cfg),
@@ -326,6 +338,17 @@ def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
                     in_shardings=(shardings, batch), out_shardings=(shardings, None),
                     donate_argnums=0)
     predict = jax.jit(functools.partial(steps.predict_step, model=built.model, task=cfg.task),
+                      in_shardings=(shardings.params, batch))
+    return train, predict
+
+
+def _span_steps(cfg, built: Built, tx, labels, schedule, shardings, batch):
+    train = jax.jit(span_tasks.train_step(model=built.model, tx=tx, labels=labels,
+                                          schedule=schedule, task=cfg.task, seed=cfg.seed,
+                                          grad_accum_steps=cfg.get('grad_accum_steps', 1)),
+                    in_shardings=(shardings, batch), out_shardings=(shardings, None),
+                    donate_argnums=0)
+    predict = jax.jit(functools.partial(span_tasks.predict_step, model=built.model),
                       in_shardings=(shardings.params, batch))
     return train, predict
 
