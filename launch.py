@@ -4,7 +4,7 @@ Subcommands:
   prepare    train the tokenizer and prepare the corpus (pretrain runs it when needed)
   pretrain   masked-LM pretraining (resumes from WORKDIR's latest checkpoint if any)
   finetune   fine-tune a pretraining run's encoder on a classification/regression task
-  predict    class probabilities of a fine-tuned run for new text, as JSONL
+  predict    class probabilities (labels per word, answers) of a fine-tuned run, as JSONL
   evaluate   fine-tune tasks x variants x seeds; mean ± std tables (pretrained vs scratch)
   search     hyper-parameter search over fine-tuning configs (optuna; resumes from study.db)
   pseudolabel  fine-tune, pseudo-label unlabelled text above a confidence threshold, retrain
@@ -90,8 +90,11 @@ def _finetune(config, args) -> None:
 
 
 def _predict(config, args) -> None:
-    from finetune import predict
-    predict.run(args.workdir, args.input, args.output)
+    from finetune import predict, span_predict
+    if span_predict.is_span_run(args.workdir):  # labels per word, or answers
+        span_predict.run(args.workdir, args.input, args.output)
+    else:
+        predict.run(args.workdir, args.input, args.output)
 
 
 def _evaluate(config, args) -> None:

@@ -200,8 +200,8 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f'model.vocab_size: {model_cfg.vocab_size} is smaller than the '
                           f'tokenizer vocabulary ({tokenizer.vocab_size})')
-    if span_tasks.handles(cfg.task):  # per-token heads: no pooler, so none is loaded
-        model_cfg = dataclasses.replace(model_cfg, mlm_pooler=False)
+    if span_tasks.handles(cfg.task):  # per-token heads have no pooler: none is loaded
+        model_cfg = dataclasses.replace(model_cfg, mlm_pooler=False, pooling='cls')
     model_class = (span_tasks.model_class(cfg.task) if span_tasks.handles(cfg.task)
                    else BertForSequenceClassification)
     return Built(model_class(model_cfg), model_cfg,
