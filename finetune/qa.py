@@ -123,7 +123,7 @@ def read_questions(path: str, labelled: bool = True) -> list[dict]:
         if len(good) < len(row['answers']) and first_bad is None:
             first_bad = row['id']
         if labelled and (row['impossible'] or not good):
-            unanswerable += row['impossible'] or not row['answers']
+            unanswerable += 1
             continue
         out.append({'id': str(row['id']), 'question': row['question'].strip(),
                     'context': row['context'], 'answers': [a['text'] for a in good],
@@ -133,8 +133,8 @@ def read_questions(path: str, labelled: bool = True) -> list[dict]:
         log.warning('%s: skipped %d answers whose text is not at their answer_start '
                     '(first: question %r)', path, misplaced, first_bad)
     if unanswerable:
-        log.warning('%s: skipped %d questions without an answer (SQuAD v2 unanswerable '
-                    'questions are not supported)', path, unanswerable)
+        log.warning('%s: skipped %d questions left without an answer (SQuAD v2 '
+                    'unanswerable questions are not supported)', path, unanswerable)
     if not out:
         raise data.error(path, None, 'no answerable questions (an answer must be found at '
                                      'its answer_start)')
