@@ -73,6 +73,15 @@ def num_outputs(task: str, label_names) -> int:
     return len(label_names) if task == TOKENS else 2
 
 
+def abstract_targets(cfg: ml_collections.ConfigDict, sharding) -> dict:
+    """The training targets of one global batch as ShapeDtypeStructs (for a dry run)."""
+    if cfg.task == TOKENS:
+        return {'labels': jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32,
+                                               sharding=sharding)}
+    row = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=sharding)
+    return {'start_positions': row, 'end_positions': row}
+
+
 # ---------------------------------------------------------------- steps
 
 

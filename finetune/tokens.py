@@ -129,19 +129,21 @@ def load_task(train_file: str, validation_file: str = '', test_file: str = '', *
               validation_fraction: float = 0.1, seed: int = 0,
               max_train_examples: int = 0) -> dict:
     """{'train', 'validation', 'test' (None without a file), 'label_names'}: the sorted tags
-    of the training set (with 'O' first when present)."""
+    of the training file (with 'O' first when present), before any validation rows are
+    held out of it or max_train_examples subsamples it."""
     if not train_file:
         raise ValueError('train_file: empty')
     splits = {split: (path, read_sentences(path)) if path else None
               for split, path in zip(('train', 'validation', 'test'),
                                      (train_file, validation_file, test_file), strict=True)}
+    # The whole training file's tags: a held-out or subsampled-away tag is still a class.
+    tags = {t for r in splits['train'][1] for t in r['tags']}
     if splits['validation'] is None:
         train, held = data.carve_validation(splits['train'][1], validation_fraction, seed)
         splits['train'], splits['validation'] = (train_file, train), (train_file, held)
     if max_train_examples:
         splits['train'] = (train_file, data.subsample(splits['train'][1],
                                                       max_train_examples, seed))
-    tags = {t for r in splits['train'][1] for t in r['tags']}
     names = sorted(tags, key=lambda t: (t != OUTSIDE, t))
     out: dict = {'label_names': names}
     for split, found in splits.items():

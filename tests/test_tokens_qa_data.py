@@ -60,6 +60,15 @@ def test_validation_tag_unseen_in_training_is_refused(tmp_path):
         tokens.load_task(str(tmp_path / 't.conll'), str(tmp_path / 'v.conll'))
 
 
+@pytest.mark.parametrize('seed', range(4))
+def test_a_tag_held_out_or_subsampled_away_is_still_a_class(tmp_path, seed):
+    (tmp_path / 't.conll').write_text(''.join(f'w{i} O\n\n' for i in range(9)) + 'r B-RARE\n')
+    for kwargs in ({'validation_fraction': 0.3}, {'max_train_examples': 2}):
+        task = tokens.load_task(str(tmp_path / 't.conll'), seed=seed, **kwargs)
+        assert task['label_names'] == ['O', 'B-RARE']
+        assert sum(len(task[s]) for s in ('train', 'validation')) <= 10
+
+
 def test_first_subword_labels_and_word_predictions_round_trip(tokenizer):
     words = [s.split() for s in make_sentences(12, seed=4)]
     names = ['O', 'B-X', 'I-X']
@@ -192,3 +201,19 @@ def test_bad_qa_option_and_metric_are_one_line(tmp_path, capsys):
         capsys.readouterr().err
     assert launch.main([*base, '--config.augment.mask=0.1']) == 2
     assert 'error: augment: task=extractive_qa cannot augment' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('task, name', [('token_classification', 'a.conll'),
+                                        ('extractive_qa', 'q.json')])
+def test_dry_run_sizes_both_tasks_and_writes_nothing(tmp_path, capsys, task, name):
+    (tmp_path / 'a.conll').write_text('a O\nb B-X\n\nc O\nd I-X\n')
+    ctx = 'The hat of Tera is blue. The boat is red.'
+    _squad(tmp_path / 'q.json', [{'context': ctx, 'qas': [
+        {'id': str(i), 'question': 'What colour?', 'answers': [
+            {'text': c, 'answer_start': ctx.index(c)}]} for i, c in enumerate(('blue', 'red'))]}])
+    code = launch.main(['finetune', '--config', f'{REPO}/configs/finetune.py:custom',
+                        '--workdir', str(tmp_path / 'run'), '--config.init_from=none',
+                        f'--config.task={task}', f'--config.data.train_file={tmp_path / name}',
+                        '--config.model.num_layers=1', '--dry-run'])
+    assert code == 0 and 'flops/step' in capsys.readouterr().out
+    assert not (tmp_path / 'run').exists()
