@@ -70,8 +70,14 @@ def _squad_rows(path: str, text: str) -> list[dict]:
     if not isinstance(doc, dict) or not isinstance(doc.get('data'), list):
         raise data.error(path, None, 'expected SQuAD JSON: an object with a "data" list')
     rows = []
-    for article in doc['data']:
-        for para in (article or {}).get('paragraphs') or []:
+    for a, article in enumerate(doc['data']):
+        paragraphs = article.get('paragraphs') if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list) or not all(
+                isinstance(p, dict) and isinstance(p.get('qas', []), list)
+                and all(isinstance(q, dict) for q in p.get('qas', [])) for p in paragraphs):
+            raise data.error(path, None, f'data[{a}]: expected {{"paragraphs": [{{"context", '
+                                         '"qas": [{...}]}]}')
+        for para in paragraphs:
             for qa in para.get('qas') or []:
                 rows.append({'context': para.get('context'), 'question': qa.get('question'),
                              'id': qa.get('id', f'q{len(rows)}'),

@@ -22,7 +22,7 @@ from etils import epath
 from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.rundir import RunDir
-from finetune import predict, qa, span_tasks, tokens
+from finetune import data, predict, qa, span_tasks, tokens
 from text.tokenizer import load_tokenizer
 
 
@@ -34,7 +34,7 @@ def is_span_run(workdir: str) -> bool:
 
 def _sentences(path: str) -> tokens.TokenExamples:
     if path == '-' or os.path.splitext(path)[1].lower() == '.txt':
-        raw = sys.stdin.read() if path == '-' else epath.Path(path).read_text()
+        raw = sys.stdin.read() if path == '-' else data.read_text(path)  # UTF-8, or one line
         words = [line.split() for line in raw.splitlines() if line.strip()]
         if not words:
             raise ConfigError(f'--input: {path} has no sentences')

@@ -217,3 +217,19 @@ def test_dry_run_sizes_both_tasks_and_writes_nothing(tmp_path, capsys, task, nam
                         '--config.model.num_layers=1', '--dry-run'])
     assert code == 0 and 'flops/step' in capsys.readouterr().out
     assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('name, text, message', [
+    ('q.json', '{"data": 3}', r'q.json: expected SQuAD JSON: an object with a "data" list'),
+    ('q.json', '{"data": [{"paragraphs": [{"context": "x", "qas": ["oops"]}]}]}',
+     r'q.json: data\[0\]: expected'),
+    ('q.json', '{"data": [', r'q.json, line 1: not valid JSON'),
+    ('q.json', '{"data": [{"paragraphs": [{"context": " ", "qas": [{"id": "a", "question": "?",'
+     ' "answers": []}]}]}]}', r"question 'a': empty or missing 'context'"),
+    ('q.jsonl', '{"id": "a", "context": "x y", "question": "?", "answers": {"text": ["x"]}}',
+     r'q.jsonl, line 1: 1 answer texts but 0 answer_start values'),
+])
+def test_bad_squad_files_are_one_line_errors(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        qa.read_questions(str(tmp_path / name))
