@@ -4,8 +4,8 @@ Subcommands:
   prepare    train the tokenizer and prepare the corpus (pretrain runs it when needed)
   pretrain   masked-LM pretraining (resumes from WORKDIR's latest checkpoint if any)
   finetune   fine-tune a pretraining run's encoder on a classification/regression task,
-             or contrastively into sentence embeddings (configs/finetune.py:embed)
-  predict    class probabilities of a fine-tuned run for new text, as JSONL
+             tags per word, extractive QA, or contrastively into sentence embeddings
+  predict    class probabilities (labels per word, answers) of a fine-tuned run, as JSONL
   embed      sentence embeddings of any run's encoder for new text (.npy + ids, or JSONL)
   evaluate   fine-tune tasks x variants x seeds; mean ± std tables (pretrained vs scratch)
   search     hyper-parameter search over fine-tuning configs (optuna; resumes from study.db)
@@ -93,8 +93,11 @@ def _finetune(config, args) -> None:
 
 
 def _predict(config, args) -> None:
-    from finetune import predict
-    predict.run(args.workdir, args.input, args.output)
+    from finetune import predict, span_predict
+    if span_predict.is_span_run(args.workdir):  # labels per word, or answers
+        span_predict.run(args.workdir, args.input, args.output)
+    else:
+        predict.run(args.workdir, args.input, args.output)
 
 
 def _embed(config, args) -> None:

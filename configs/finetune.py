@@ -58,7 +58,9 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     # Tokenizer: '' = init_from's spm.model; with init_from=none, a given .model file, or
     # '' to train one on the task's training text (model.vocab_size pieces).
     c.tokenizer_model = ''
-    c.task = 'classification'  # 'classification' (single text or pairs) or 'regression'
+    # 'classification' (single text or pairs), 'regression', 'token_classification' (a tag
+    # per word) or 'extractive_qa' (SQuAD answer spans); docs/tokens_qa.md.
+    c.task = 'classification'
     c.freeze = 'none'  # 'none', 'embeddings', 'layers:N', 'encoder', or 're:REGEX,REGEX'
     c.seed = 0  # init of the new head, data order, dropout
     # The BERT fine-tuning recipe (Devlin et al. 2018) as defaults, the rate by model size ...
@@ -106,6 +108,10 @@ def get_config(arg: str = 'sentiment') -> ml_collections.ConfigDict:
     # Pad each batch to its longest example (rounded up to a power of two from 16), not to
     # seq_len: the same metrics for less work (finetune/data.py).
     c.data.dynamic_padding = True
+    # extractive_qa: a long context is cut into windows starting every doc_stride subwords
+    # (0 = half the room a window has); answers are at most max_answer_length subwords.
+    c.data.doc_stride = 0
+    c.data.max_answer_length = 30
 
     # Used only with init_from=none; otherwise the pretrained model's architecture is used
     # and only this run's dropout rates, dtype, remat and attention_impl apply.

@@ -45,10 +45,14 @@ from models.config import model_config
 from models.scan import unstack_layers
 from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, load_tokenizer
 
-ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification'}
+ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification',
+                 'token_classifier': 'BertForTokenClassification',
+                 'qa': 'BertForQuestionAnswering'}
 ELECTRA_ARCHITECTURE = 'ElectraForPreTraining'  # the discriminator; the generator stays
 ROBERTA_ARCHITECTURES = {'mlm': 'RobertaForMaskedLM',
-                         'classifier': 'RobertaForSequenceClassification'}
+                         'classifier': 'RobertaForSequenceClassification',
+                         'token_classifier': 'RobertaForTokenClassification',
+                         'qa': 'RobertaForQuestionAnswering'}
 # Our classifier head -> RobertaClassificationHead (dense + tanh on <s>, then out_proj).
 ROBERTA_CLASSIFIER = (('bert.pooler.dense.', 'classifier.dense.'),
                       ('classifier.', 'classifier.out_proj.'))
@@ -58,7 +62,8 @@ def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
                     ) -> tuple[epath.Path, int]:
     """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
     run = RunDir(workdir)
-    places = [run.best, run.checkpoints] if head == 'classifier' else [run.checkpoints]
+    finetuned = head in ('classifier', *names.FINETUNED_HEADS.values())
+    places = [run.best, run.checkpoints] if finetuned else [run.checkpoints]
     for place in places:
         saved = step_dirs(place)
         if saved and (step is None or step in saved):
@@ -80,6 +85,7 @@ def load_workdir(workdir: epath.Path, step: int | None
     if finetuned:
         model_cfg = model_config(run.read_model_config())
         task = run.read_task()
+        head = names.FINETUNED_HEADS.get(task.get('task'), head)  # per-token heads
     else:
         config = run.read_config()
         head = {'mlm': 'mlm', 'electra': 'electra'}.get(config.get('objective', 'mlm'), '')
@@ -178,6 +184,10 @@ def hf_config(head: str, m: BertConfig, task: dict) -> dict:
         'position_embedding_type': 'absolute', 'tie_word_embeddings': True,
         'dtype': 'float32',
     }
+    if head == 'token_classifier':
+        labels = [str(n) for n in task['label_names']]
+        config.update(id2label={str(i): n for i, n in enumerate(labels)},
+                      label2id={n: i for i, n in enumerate(labels)})
     if head == 'classifier':
         config.update(label_fields(task))
     return config

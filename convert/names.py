@@ -9,6 +9,8 @@ Heads:
                 the word embeddings, so transformers saves neither `decoder.weight` nor
                 `decoder.bias` (an alias of `cls.predictions.bias`).
   'classifier'  BertForSequenceClassification: `bert.pooler.dense.*` and `classifier.*`.
+  'token_classifier'  BertForTokenClassification: `classifier.*` on every token, no pooler.
+  'qa'          BertForQuestionAnswering: `qa_outputs.*` (start, end), no pooler.
   'electra'     ElectraForPreTraining (the discriminator): `discriminator_predictions.
                 {dense,dense_prediction}.*`, our models/electra.py head of the same names.
 An MLM model with `mlm_pooler` (a kept pretrained pooler) also maps `bert.pooler.dense.*`.
@@ -26,7 +28,9 @@ import numpy as np
 
 Path = tuple[str, ...]
 HF_CONFIG_FILENAME = 'config.json'  # transformers' model config (not our workdir's)
-HEADS = ('mlm', 'classifier', 'electra')
+HEADS = ('mlm', 'classifier', 'electra', 'token_classifier', 'qa')
+# The head of a fine-tuning run of each task (models/heads.py: transformers' names).
+FINETUNED_HEADS = {'token_classification': 'token_classifier', 'extractive_qa': 'qa'}
 # Keys older or other transformers BERT checkpoints carry that hold nothing we need: the
 # tied decoder copies, the position-id buffer, next-sentence prediction.
 IGNORED_HF_KEYS = ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias',
@@ -105,7 +109,9 @@ def _discriminator_head() -> Iterator[tuple[Path, str, bool]]:
 
 def _head(head: str) -> Iterator[tuple[Path, str, bool]]:
     return {'mlm': _mlm_head, 'classifier': _classifier_head,
-            'electra': _discriminator_head}[head]()
+            'electra': _discriminator_head,
+            'token_classifier': lambda: _dense(('classifier',), 'classifier'),
+            'qa': lambda: _dense(('qa_outputs',), 'qa_outputs')}[head]()
 
 
 def name_map(num_layers: int, head: str, pooler: bool = False

@@ -18,6 +18,7 @@ from finetune.data import Examples
 from finetune.encoding import encode
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from models.electra import ElectraForPretraining
+from models.heads import BertForQuestionAnswering, BertForTokenClassification
 from text.tokenizer import CLS_ID, SEP_ID
 
 TOLERANCE = 1e-4  # max |logit difference| in float32
@@ -61,7 +62,7 @@ def fixed_batch(tokenizer, pairs: bool, max_len: int) -> dict[str, np.ndarray]:
 
 def our_logits(head: str, model_cfg: BertConfig, params: dict, batch: dict) -> np.ndarray:
     """(B, L, V) MLM logits at every position, (B, L) ELECTRA discriminator logits, or
-    (B, C) classifier logits; float32."""
+    (B, C) classifier logits, (B, L, C) token classifier or (B, L, 2) QA logits; float32."""
     cfg = dataclasses.replace(model_cfg, dtype='float32')
     ids = jnp.asarray(batch['input_ids'])
     kwargs = {'token_type_ids': jnp.asarray(batch['token_type_ids']),
@@ -73,8 +74,9 @@ def our_logits(head: str, model_cfg: BertConfig, params: dict, batch: dict) -> n
     if head == 'electra':  # the discriminator alone (no token types, as it is trained)
         return np.asarray(ElectraForPretraining(cfg, cfg).apply(
             {'params': params}, ids, kwargs['attention_mask'], None, method='discriminate'))
-    return np.asarray(BertForSequenceClassification(cfg).apply({'params': params}, ids,
-                                                               **kwargs))
+    model = {'token_classifier': BertForTokenClassification,
+             'qa': BertForQuestionAnswering}.get(head, BertForSequenceClassification)
+    return np.asarray(model(cfg).apply({'params': params}, ids, **kwargs))
 
 
 def hf_logits(directory: pathlib.Path, head: str, batch: dict) -> np.ndarray:
@@ -82,7 +84,9 @@ def hf_logits(directory: pathlib.Path, head: str, batch: dict) -> np.ndarray:
     import transformers
     auto = {'mlm': transformers.AutoModelForMaskedLM,
             'electra': transformers.AutoModelForPreTraining,
-            'classifier': transformers.AutoModelForSequenceClassification}[head]
+            'classifier': transformers.AutoModelForSequenceClassification,
+            'token_classifier': transformers.AutoModelForTokenClassification,
+            'qa': transformers.AutoModelForQuestionAnswering}[head]
     model, info = auto.from_pretrained(str(directory), output_loading_info=True)
     # A kept pretrained pooler is written with an MLM export for *ForSequenceClassification
     # to read; the *ForMaskedLM models have none.
@@ -96,6 +100,8 @@ def hf_logits(directory: pathlib.Path, head: str, batch: dict) -> np.ndarray:
         batch = {k: v for k, v in batch.items() if k != 'token_type_ids'}
     with torch.no_grad():
         out = model(**{k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()})
+    if head == 'qa':  # (B, L, 2) as ours: start, end
+        return torch.stack([out.start_logits, out.end_logits], -1).float().numpy()
     return out.logits.float().numpy()
 
 
@@ -152,7 +158,7 @@ def verify(directory: pathlib.Path, head: str, model_cfg: BertConfig, params: di
     import transformers
     transformers.logging.set_verbosity_error()  # we report problems ourselves, in one line
     transformers.logging.disable_progress_bar()
-    batch = fixed_batch(tokenizer, head == 'classifier',
+    batch = fixed_batch(tokenizer, head in ('classifier', 'qa'),
                         min(64, model_cfg.max_position_embeddings - model_cfg.position_offset))
     if not token_types:
         batch['token_type_ids'] = np.zeros_like(batch['token_type_ids'])

@@ -57,6 +57,8 @@ ADDED_KEYS = {
     'optimizer.mu_dtype': '',  # pretraining's optimizer section
     'mu_dtype': '',  # fine-tuning's top-level optimizer key
     'model.classifier_head': 'bert',  # pretraining configs and model.json
+    'data.doc_stride': 0,  # fine-tuning's extractive QA windows
+    'data.max_answer_length': 30,
 }
 # Fine-tuning's config.json: '' (init_from's head) is what a run did before the key existed.
 FINETUNE_ADDED_KEYS = {**ADDED_KEYS, 'model.classifier_head': ''}

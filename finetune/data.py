@@ -29,6 +29,8 @@ from finetune import dataset_task
 from text import corpus, tasks
 
 TASKS = ('classification', 'regression', 'embedding')  # embedding: finetune/embed_data.py
+# Tasks of other example types (finetune/span_tasks.py): named in the error for an unknown one.
+SPAN_TASKS = ('token_classification', 'extractive_qa')
 DEMO_TASK = corpus.DEMO_NAME
 _READERS = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
 _SHOWN = 60  # characters of a bad value quoted in an error message
@@ -59,6 +61,10 @@ def _show(value) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + '...'
 
 
+# The readers of other example types (finetune/tokens.py, finetune/qa.py) share these.
+error, show = _error, _show
+
+
 # ---------------------------------------------------------------- reading files
 
 
@@ -73,6 +79,9 @@ def _read_text(path: str) -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b'\n', 0, e.start) + 1
         raise _error(path, line, f'not valid UTF-8 (byte {raw[e.start]:#04x})') from None
+
+
+read_text = _read_text
 
 
 def _csv_rows(path: str, text: str, columns: Sequence[str],
@@ -169,7 +178,7 @@ def _to_example(path: str, line: int, row: dict, text_column: str, text_b_column
 
 def _check_task(task: str) -> None:
     if task not in TASKS:
-        raise ValueError(f'task: must be one of {TASKS}, got {task!r}')
+        raise ValueError(f'task: must be one of {TASKS + SPAN_TASKS}, got {task!r}')
 
 
 def _empty_text(row: dict, columns: Sequence[str]) -> bool:

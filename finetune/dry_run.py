@@ -28,7 +28,7 @@ from engine.config_cli import config_to_json, load_config
 from engine.optim import learning_rate_at, make_optimizer
 from engine.rundir import RunDir
 from engine.step import TrainState
-from finetune import distill, setup, unfreeze
+from finetune import distill, setup, span_tasks, unfreeze
 from finetune.freeze import count_params_by_label
 from finetune.train import validate
 from models.bert import BertForSequenceClassification
@@ -72,7 +72,7 @@ def abstract_run(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     logical = nn.get_partition_spec(boxed)
     shardings = nn.logical_to_mesh_sharding(logical, mesh, cfg.mesh.rules)
     params = mesh_lib.strip_boxes(boxed)
-    rows = len(task['train'].labels)
+    rows = len(task['train'])
     num_steps = cfg.num_epochs * max(math.ceil(rows / cfg.batch_size), 1)
     phase = unfreeze.phase_of_state(0, cfg.gradual_unfreeze_steps, built.model_cfg.num_layers)
     labels = setup.phase_labels(cfg, params, built, phase)
@@ -101,6 +101,9 @@ def abstract_batch(cfg: ml_collections.ConfigDict, built: setup.Built, mesh) -> 
     label = jnp.float32 if cfg.task == 'regression' else jnp.int32
     batch = {'input_ids': rows, 'token_type_ids': rows, 'attention_mask': rows,
              'labels': jax.ShapeDtypeStruct((cfg.batch_size,), label, sharding=sharding)}
+    if span_tasks.handles(cfg.task):  # per-token labels, or answer positions
+        batch = {k: v for k, v in batch.items() if k != 'labels'}
+        batch.update(span_tasks.abstract_targets(cfg, sharding))
     if distill.enabled(cfg):
         batch['teacher_logits'] = jax.ShapeDtypeStruct(
             (cfg.batch_size, built.model_cfg.num_labels), jnp.float32, sharding=sharding)

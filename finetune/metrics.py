@@ -16,6 +16,7 @@ METRIC_DIRECTIONS = {
     'accuracy': 'max', 'precision': 'max', 'recall': 'max', 'f1': 'max', 'mcc': 'max',
     'pearson': 'max', 'spearman': 'max', 'mse': 'min', 'loss': 'min',
     **retrieval_metrics.METRIC_DIRECTIONS,  # task=embedding
+    'exact_match': 'max',  # extractive QA (finetune/span_metrics.py)
 }
 
 

@@ -24,7 +24,7 @@ from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.progress import Progress
 from engine.rundir import SPM_FILENAME, RunDir
-from finetune import data, encoding
+from finetune import data, encoding, span_tasks
 from models.bert import BertForSequenceClassification
 from models.config import model_config
 from models.peft import merge_lora, merged_config
@@ -113,6 +113,9 @@ def _write_atomic(path: str, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+write_atomic = _write_atomic  # finetune/span_predict.py writes its output the same way
+
+
 def check_finished_run(workdir: epath.Path, key: str = '--workdir') -> None:
     """A one-line ConfigError naming `key` unless `workdir` holds what `load_run` reads."""
     run = RunDir(workdir)
@@ -140,7 +143,8 @@ def load_run(workdir: epath.Path):
         raise ConfigError(f'--workdir: {e}') from None
     # LoRA folds into the kernels: the plain architecture (plus any adapters) predicts alike.
     params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)
-    model = BertForSequenceClassification(model_cfg)
+    model = (span_tasks.model_class(cfg.task)(model_cfg) if span_tasks.handles(cfg.task)
+             else BertForSequenceClassification(model_cfg))
     label_names = run.read_task()['label_names']
     return cfg, model, params, label_names
 

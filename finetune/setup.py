@@ -17,7 +17,7 @@ from engine.optim import OptimizerConfig, learning_rate_at, make_optimizer
 from engine.paths import absolute_path, write_bytes_atomic
 from engine.rundir import SPM_FILENAME, RunDir
 from engine.step import TrainState
-from finetune import contrastive, distill, peft, steps, unfreeze
+from finetune import contrastive, distill, peft, span_tasks, steps, unfreeze
 from models.bert import BertConfig, BertForSequenceClassification
 from models.config import RUNTIME_FIELDS, model_config
 from models.embedding import BertForSentenceEmbedding
@@ -165,7 +165,7 @@ def tokenizer_for(cfg, workdir: epath.Path, task: dict) -> Tokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class Built:
-    model: BertForSequenceClassification
+    model: nn.Module  # BertForSequenceClassification, or a models/heads.py head
     model_cfg: BertConfig
     source: str  # where the encoder weights come from, for the log
     saved_layers: int = 0  # > 0: the pretrained run's encoder is scanned, of this depth
@@ -196,7 +196,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
                                   model_section.get('classifier_head') or 'bert'),
               'attention_impl': cfg.model.get('attention_impl', 'auto'),  # a runtime choice
               'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT
-              'num_labels': len(task['label_names'] or ()) or 1,  # regression, embedding: 1
+              'num_labels': _num_labels(cfg.task, task['label_names']),
               **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
     try:
         model_cfg = model_config(fields)
@@ -205,11 +205,20 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f'model.vocab_size: {model_cfg.vocab_size} is smaller than the '
                           f'tokenizer vocabulary ({tokenizer.vocab_size})')
+    if span_tasks.handles(cfg.task):  # per-token heads have no pooler: none is loaded
+        model_cfg = dataclasses.replace(model_cfg, mlm_pooler=False, pooling='cls')
     model_class = (BertForSentenceEmbedding if cfg.task == 'embedding'  # pooled, no head
+                   else span_tasks.model_class(cfg.task) if span_tasks.handles(cfg.task)
                    else BertForSequenceClassification)
     return Built(model_class(model_cfg), model_cfg,
                  f'{source} (encoder)' if source else 'random',
                  model_section.num_layers if model_section.get('scan_layers') else 0)
+
+
+def _num_labels(task: str, label_names) -> int:
+    if span_tasks.handles(task):
+        return span_tasks.num_outputs(task, label_names)
+    return len(label_names or ()) or 1  # regression, embedding: one output
 
 
 def _fresh_params(cfg, mesh, built: Built):
@@ -329,6 +338,8 @@ def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
     if cfg.task == 'embedding':  # InfoNCE over the global batch (finetune/contrastive.py)
         return contrastive.compile_steps(cfg, mesh, built.model, tx, labels, schedule,
                                          shardings)
+    if span_tasks.handles(cfg.task):
+        return _span_steps(cfg, built, tx, labels, schedule, shardings, batch)
     train = jax.jit(steps.classifier_train_step(model=built.model, tx=tx, labels=labels,
                                                 schedule=schedule, task=cfg.task,
                                                 seed=cfg.seed, distill=distill.loss_settings(cfg),
@@ -336,6 +347,17 @@ def compile_steps(cfg, mesh, built: Built, tx, labels, schedule, state):
                     in_shardings=(shardings, batch), out_shardings=(shardings, None),
                     donate_argnums=0)
     predict = jax.jit(functools.partial(steps.predict_step, model=built.model, task=cfg.task),
+                      in_shardings=(shardings.params, batch))
+    return train, predict
+
+
+def _span_steps(cfg, built: Built, tx, labels, schedule, shardings, batch):
+    train = jax.jit(span_tasks.train_step(model=built.model, tx=tx, labels=labels,
+                                          schedule=schedule, task=cfg.task, seed=cfg.seed,
+                                          grad_accum_steps=cfg.get('grad_accum_steps', 1)),
+                    in_shardings=(shardings, batch), out_shardings=(shardings, None),
+                    donate_argnums=0)
+    predict = jax.jit(functools.partial(span_tasks.predict_step, model=built.model),
                       in_shardings=(shardings.params, batch))
     return train, predict
 

@@ -8,6 +8,7 @@ frozen, and trains with the same loop as pretraining. Writes the best checkpoint
 
 import copy
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 
@@ -23,7 +24,7 @@ from engine.errors import ConfigError
 from engine.loop import LoopCallbacks, LoopConfig
 from engine.run import Run, RunSettings, check_batch_split, run_mesh, run_stage
 from engine.rundir import RunDir
-from finetune import augment, contrastive, distill, encoding, metrics, setup, unfreeze
+from finetune import augment, contrastive, distill, encoding, metrics, setup, span_tasks, unfreeze
 from finetune.best import BestTracker
 from finetune.freeze import count_params_by_label, tree_bytes
 from finetune.task import load_config_task
@@ -46,6 +47,8 @@ def validate(cfg: ml_collections.ConfigDict, devices: list | None = None
     if cfg.task == 'embedding':
         contrastive.settings(cfg)
     setup.check_init_from(cfg)
+    if span_tasks.handles(cfg.task):
+        span_tasks.check(cfg)
     cfg = copy.deepcopy(cfg)  # the caller's config stays as given
     cfg.learning_rate = setup.resolved_learning_rate(cfg)  # 0 = auto, by model width
     mesh = run_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
@@ -61,14 +64,18 @@ def validate(cfg: ml_collections.ConfigDict, devices: list | None = None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f'data: {e}') from None
     distill.check(cfg, task)
-    cfg.num_epochs = setup.resolved_num_epochs(cfg, len(task['train'].labels))  # 0: by size
+    cfg.num_epochs = setup.resolved_num_epochs(cfg, len(task['train']))  # 0: by size
     return cfg, mesh, task
 
 
-def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task) -> dict:
+def _evaluate_split(cfg, mesh, predict_fn, params, encoded, task,
+                    split: str = 'validation') -> dict:
     """Metrics of the current params on one encoded split."""
     if cfg.task == 'embedding':  # retrieval within the split
         return contrastive.evaluate(cfg, mesh, predict_fn, params, encoded)
+    if span_tasks.handles(cfg.task):
+        return span_tasks.evaluate_split(cfg, mesh, predict_fn, params, encoded,
+                                         task[split], task['label_names'])
     lo, hi = mesh_lib.process_rows(cfg.batch_size, mesh)
     outputs, weights = [], []
     for batch in encoding.eval_batches(encoded, cfg.batch_size,
@@ -137,7 +144,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     if auto_epochs and jax.process_index() == 0:
         min_steps = setup.min_steps_for_width(setup.model_width(cfg))
         print(f'num_epochs: {cfg.num_epochs} (auto: at least {min_steps:,} steps '
-              f'over {len(task["train"].labels):,} training examples)', flush=True)
+              f'over {len(task["train"]):,} training examples)', flush=True)
     settings = RunSettings.from_config('finetune', cfg)  # profile/W&B: one line, before work
     return run_stage(settings, workdir, lambda run: _finetune(cfg, run, mesh, task, report),
                      done=_completed)
@@ -241,9 +248,13 @@ def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, se
     if resuming:
         resume_check.check_file(rundir.task_file, described, workdir, 'data: ')
     tokenizer = setup.tokenizer_for(cfg, workdir, task)
-    encode = contrastive.encode_pairs if cfg.task == 'embedding' else encoding.encode
-    encoded = {split: encode(tokenizer, examples, cfg.seq_len)
-               for split, examples in task.items()
+    encode = (functools.partial(span_tasks.encode, cfg, tokenizer,
+                                label_names=task['label_names'])
+              if span_tasks.handles(cfg.task)
+              else functools.partial(contrastive.encode_pairs, tokenizer, seq_len=cfg.seq_len)
+              if cfg.task == 'embedding'
+              else lambda examples: encoding.encode(tokenizer, examples, cfg.seq_len))
+    encoded = {split: encode(examples) for split, examples in task.items()
                if split in ('train', 'validation', 'test') and examples is not None}
     built = setup.build(cfg, task, tokenizer)
     if resuming:
@@ -266,7 +277,8 @@ def _final_results(cfg, mesh, predict_fn, state, best_ckpts, tracker, encoded, t
                'validation': _evaluate_split(cfg, mesh, predict_fn, best,
                                              encoded['validation'], task)}
     if 'test' in encoded:
-        results['test'] = _evaluate_split(cfg, mesh, predict_fn, best, encoded['test'], task)
+        results['test'] = _evaluate_split(cfg, mesh, predict_fn, best, encoded['test'], task,
+                                          'test')
     if distill.enabled(cfg) and jax.process_index() == 0:
         results['distill'] = distill.report(cfg, workdir, task)
     return results
