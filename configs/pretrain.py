@@ -221,6 +221,12 @@ def _data_config() -> ml_collections.ConfigDict:
     d.data_dir = ''
     d.workers = 0  # preparation processes; 0 = one per core (none for under 16 MB of text)
     d.shard_mb = 32.0  # text per work unit (and output shard) of the preparation
+    # Your own small corpus (pretrain/small_corpus.py, docs/pretraining.md): text files under
+    # this many MB (train_files; no mixture, no init_from) continue the `general` English
+    # encoder on them for 300 steps instead of training from scratch. 0 = off.
+    d.small_corpus_mb = 25.0
+    d.small_corpus_encoder = ''  # that encoder's workdir; '' = the cache's, built once (25 min)
+    d.small_corpus_choice = ''  # written by the run: 'general_encoder' when the rule applied
     return d
 
 

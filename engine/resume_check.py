@@ -37,6 +37,9 @@ PRETRAIN_CHANGEABLE = (
     'eval_max_batches', 'checkpoint_every_steps', 'keep_checkpoints', 'nan_rollbacks',
     'peak_flops_per_device', 'profile_steps', 'wandb', 'mesh', 'grad_accum_steps',
     'model.remat', 'model.dtype', 'model.attention_impl', 'data.data_dir', 'data.workers',
+    # What the small-corpus rule reads; what it chose (data.small_corpus_choice, init_from and
+    # the continued run's settings) is compared.
+    'data.small_corpus_mb', 'data.small_corpus_encoder',
 )
 # Fine-tuning: the budget (num_epochs, patience), cadences and the same runtime keys;
 # dynamic padding changes the shapes of batches, not which examples they hold.
@@ -53,6 +56,7 @@ ADDED_KEYS = {
     'model.param_dtype': 'float32',
     'optimizer.mu_dtype': '',  # pretraining's optimizer section
     'mu_dtype': '',  # fine-tuning's top-level optimizer key
+    'data.small_corpus_choice': '',  # runs before the small-corpus rule trained as configured
 }
 _ABSENT = object()
 
