@@ -80,6 +80,28 @@ def test_the_threshold_boundary_and_what_a_small_corpus_becomes(tmp_path, pretra
     assert cfg.init_from == '' and cfg.num_train_steps == 700  # the given config is left alone
 
 
+def test_the_rule_resolves_to_the_measured_continued_run(tmp_path):
+    """The README's one command (plain `tiny`) becomes docs/benchmark.md's measured
+    continued run (`tiny,recipe=modern` + init_from + 300 steps, lr 1e-3, warm-up 30) key for
+    key, but for the model (init_from's, for both) and the recorded choice."""
+    encoder = tmp_path / 'general'
+    (encoder / 'checkpoints' / '5000').mkdir(parents=True)  # what the rule reads of it
+    (encoder / 'spm.model').write_bytes(b'')
+    (encoder / 'config.json').write_text(json.dumps(
+        resume_check.as_json(get_config(small_corpus.GENERAL_ENCODER))))
+    files = _text(tmp_path / 'mine.txt', 1000)
+    cfg = get_config('tiny')
+    cfg.data.train_files, cfg.data.small_corpus_encoder = files, str(encoder)
+    out = _flat(_resolve(cfg, tmp_path / 'run')[0])
+    docs = get_config('tiny,recipe=modern')
+    docs.init_from, docs.data.train_files, docs.num_train_steps = str(encoder), files, 300
+    docs.optimizer.learning_rate, docs.optimizer.warmup_steps = 1e-3, 30
+    docs.data.small_corpus_encoder = str(encoder)
+    docs = _flat(docs)
+    differ = {k for k in out.keys() | docs.keys() if out.get(k) != docs.get(k)}
+    assert differ - {k for k in differ if k.startswith('model.')} == {'data.small_corpus_choice'}
+
+
 def test_off_and_an_explicit_init_from_resolve_unchanged(tmp_path, pretrained_run):
     cfg = get_config('tiny')
     cfg.data.train_files = _text(tmp_path / 'mine.txt', 1000)
