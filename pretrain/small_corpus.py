@@ -34,6 +34,7 @@ from engine.errors import ConfigError
 from engine.paths import absolute_path, default_cache_dir
 from engine.rundir import RunDir
 from pretrain import data
+from text import corpus
 
 MB = 1 << 20
 # The docs' `general` encoder (docs/benchmark.md): tiny, the modern recipe, 5,000 steps.
@@ -52,7 +53,7 @@ def corpus_mb(cfg: ml_collections.ConfigDict) -> float | None:
     mixture, a named corpus or a TFDS/HF dataset (the rule does not apply to them)."""
     d = cfg.data
     spec = d.train_files.strip()
-    if d.get('mixture', '') or spec in data.PRETRAIN_CORPORA or data.corpus.is_indexed(spec):
+    if d.get('mixture', '') or spec in data.PRETRAIN_CORPORA or corpus.is_indexed(spec):
         return None
     files = data.resolve_sources(cfg)[0].train
     return sum(epath.Path(f).stat().length for f in files) / MB
