@@ -4,7 +4,6 @@ demo, named corpora, mixtures, large corpora, explicit init_from and `=0` resolv
 
 import json
 import pathlib
-import shutil
 
 import pytest
 
@@ -30,6 +29,21 @@ def _resolve(cfg, workdir, build=None) -> tuple[object, list[str]]:
         raise AssertionError(f'unexpected build of {path}')
     out = small_corpus.resolve(cfg, str(workdir), build or no_build, lines.append)
     return out, lines
+
+
+def _encoder_dir(root: pathlib.Path, arg: str) -> str:
+    """What the rule reads of an encoder (config.json, a tokenizer, a finished checkpoint's
+    directory); no weights: resolving never loads them."""
+    cfg = get_config(arg)
+    (root / 'checkpoints' / str(cfg.num_train_steps)).mkdir(parents=True)
+    (root / 'spm.model').write_bytes(b'')
+    (root / 'config.json').write_text(json.dumps(resume_check.as_json(cfg)))
+    return str(root)
+
+
+@pytest.fixture
+def encoder(tmp_path) -> str:
+    return _encoder_dir(tmp_path / 'encoder', 'tiny,steps=10')
 
 
 def _text(path: pathlib.Path, size: int) -> str:
@@ -58,21 +72,21 @@ def test_a_mixture_and_an_hf_dataset_resolve_unchanged(tmp_path):
     assert _flat(_resolve(cfg, tmp_path / 'run')[0]) == _flat(cfg)
 
 
-def test_the_threshold_boundary_and_what_a_small_corpus_becomes(tmp_path, pretrained_run):
+def test_the_threshold_boundary_and_what_a_small_corpus_becomes(tmp_path, encoder):
     cfg = get_config('tiny')
     cfg.data.train_files = _text(tmp_path / 'mine.txt', 300_000)
-    cfg.data.small_corpus_encoder = pretrained_run
+    cfg.data.small_corpus_encoder = encoder
     mb = 300_000 / small_corpus.MB
     cfg.data.small_corpus_mb = mb  # as large as the threshold: large, trained as configured
     assert _flat(_resolve(cfg, tmp_path / 'run')[0]) == _flat(cfg)
     cfg.data.small_corpus_mb = mb * 1.001
     out, lines = _resolve(cfg, tmp_path / 'run')
-    encoder = json.loads((pathlib.Path(pretrained_run) / 'config.json').read_text())
-    assert out.init_from == pretrained_run and out.data.small_corpus_choice == 'general_encoder'
+    saved = json.loads((pathlib.Path(encoder) / 'config.json').read_text())
+    assert out.init_from == encoder and out.data.small_corpus_choice == 'general_encoder'
     assert (out.num_train_steps, out.optimizer.learning_rate, out.optimizer.warmup_steps) == (
         300, 1e-3, 30)
-    assert out.masking.mask_rate == encoder['masking']['mask_rate']
-    assert out.optimizer.schedule == encoder['optimizer']['schedule']
+    assert out.masking.mask_rate == saved['masking']['mask_rate']
+    assert out.optimizer.schedule == saved['optimizer']['schedule']
     before, after = _flat(cfg), _flat(out)
     assert {k for k in before if before[k] != after[k]} <= CHANGED
     assert len(lines) == 1 and '--config.data.small_corpus_mb=0 turns this off' in lines[0]
@@ -84,32 +98,28 @@ def test_the_rule_resolves_to_the_measured_continued_run(tmp_path):
     """The README's one command (plain `tiny`) becomes docs/benchmark.md's measured
     continued run (`tiny,recipe=modern` + init_from + 300 steps, lr 1e-3, warm-up 30) key for
     key, but for the model (init_from's, for both) and the recorded choice."""
-    encoder = tmp_path / 'general'
-    (encoder / 'checkpoints' / '5000').mkdir(parents=True)  # what the rule reads of it
-    (encoder / 'spm.model').write_bytes(b'')
-    (encoder / 'config.json').write_text(json.dumps(
-        resume_check.as_json(get_config(small_corpus.GENERAL_ENCODER))))
+    encoder = _encoder_dir(tmp_path / 'general', small_corpus.GENERAL_ENCODER)
     files = _text(tmp_path / 'mine.txt', 1000)
     cfg = get_config('tiny')
-    cfg.data.train_files, cfg.data.small_corpus_encoder = files, str(encoder)
+    cfg.data.train_files, cfg.data.small_corpus_encoder = files, encoder
     out = _flat(_resolve(cfg, tmp_path / 'run')[0])
     docs = get_config('tiny,recipe=modern')
-    docs.init_from, docs.data.train_files, docs.num_train_steps = str(encoder), files, 300
+    docs.init_from, docs.data.train_files, docs.num_train_steps = encoder, files, 300
     docs.optimizer.learning_rate, docs.optimizer.warmup_steps = 1e-3, 30
-    docs.data.small_corpus_encoder = str(encoder)
+    docs.data.small_corpus_encoder = encoder
     docs = _flat(docs)
     differ = {k for k in out.keys() | docs.keys() if out.get(k) != docs.get(k)}
     assert differ - {k for k in differ if k.startswith('model.')} == {'data.small_corpus_choice'}
 
 
-def test_off_and_an_explicit_init_from_resolve_unchanged(tmp_path, pretrained_run):
+def test_off_and_an_explicit_init_from_resolve_unchanged(tmp_path, encoder):
     cfg = get_config('tiny')
     cfg.data.train_files = _text(tmp_path / 'mine.txt', 1000)
-    cfg.data.small_corpus_encoder = pretrained_run
+    cfg.data.small_corpus_encoder = encoder
     cfg.data.small_corpus_mb = 0.0
     assert _flat(_resolve(cfg, tmp_path / 'run')[0]) == _flat(cfg)
     cfg.data.small_corpus_mb = 25.0
-    cfg.init_from = pretrained_run  # the user's own continued run: their settings
+    cfg.init_from = encoder  # the user's own continued run: their settings
     out, lines = _resolve(cfg, tmp_path / 'run')
     assert _flat(out) == _flat(cfg) and out.num_train_steps == 700 and lines == []
 
@@ -145,15 +155,15 @@ def test_a_missing_named_encoder_from_the_command_line(tmp_path, capsys, corpus)
     assert not workdir.exists()
 
 
-def test_the_cache_encoder_is_built_once(tmp_path, monkeypatch, pretrained_run):
+def test_the_cache_encoder_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))
     cfg = get_config('tiny')
     cfg.data.train_files = _text(tmp_path / 'mine.txt', 1000)
     built = []
 
-    def build(config, path):  # stands in for the 25-minute run: a finished tiny encoder
+    def build(config, path):  # stands in for the 25-minute run: a finished encoder
         built.append((_flat(config), path))
-        shutil.copytree(pretrained_run, path)
+        _encoder_dir(pathlib.Path(path), small_corpus.GENERAL_ENCODER)
     out, lines = _resolve(cfg, tmp_path / 'run', build)
     cache = str(tmp_path / 'cache' / 'encoders' / small_corpus.CACHE_NAME)
     assert built == [(_flat(get_config(small_corpus.GENERAL_ENCODER)), cache)]
@@ -191,7 +201,7 @@ def test_a_small_corpus_run_records_its_choice_and_resumes(tmp_path, capsys, cor
 
 @pytest.mark.slow
 def test_a_workdir_from_before_the_rule_resumes_without_it(tmp_path, capsys, corpus,
-                                                           pretrained_run):
+                                                           encoder):
     workdir = tmp_path / 'old'
     args = tiny_args(corpus, 4)  # from scratch (small_corpus_mb=0)
     assert launch.main(['pretrain', '--workdir', str(workdir), *args,
@@ -203,7 +213,7 @@ def test_a_workdir_from_before_the_rule_resumes_without_it(tmp_path, capsys, cor
     capsys.readouterr()
     assert launch.main(['pretrain', '--workdir', str(workdir), *args,  # today's default
                         '--config.data.small_corpus_mb=25',
-                        f'--config.data.small_corpus_encoder={pretrained_run}']) == 0
+                        f'--config.data.small_corpus_encoder={encoder}']) == 0
     out = capsys.readouterr().out
     assert 'resuming from step 2' in out and 'small corpus' not in out
     assert read_metrics(workdir)[-1]['step'] == 4
