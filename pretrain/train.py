@@ -135,7 +135,10 @@ def _evaluate_both(cfg, mesh, eval_fn, eval_source, old_source, results: dict):
 def _small_corpus(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """A small corpus of the user's continues the general encoder (the cache's is built
     first, by this same `run`, when missing); anything else is `cfg` as given."""
-    return small_corpus.resolve(cfg, workdir, run,
+    def build(encoder_cfg, encoder_workdir: str) -> None:
+        validate_values(cfg)  # a bad key of the user's is one line before, not after, 25 min
+        run(encoder_cfg, encoder_workdir)
+    return small_corpus.resolve(cfg, workdir, build,
                                 lambda line: _log(jax.process_index() == 0, line))
 
 

@@ -176,6 +176,17 @@ def test_the_cache_encoder_is_built_once(tmp_path, monkeypatch):
     assert out.init_from == cache and 'building' not in lines[0]
 
 
+def test_a_bad_key_is_one_line_before_the_cache_encoder_is_built(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))
+    argv = ['pretrain', '--workdir', str(tmp_path / 'run'), '--config.batch_size=0',
+            f'--config.data.train_files={_text(tmp_path / "mine.txt", 1000)}']
+    assert launch.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert 'building it once now' in out  # the choice, then the user's own config's error
+    assert err == 'error: batch_size: must be >= 1, got 0\n'
+    assert not (tmp_path / 'cache' / 'encoders').exists() and not (tmp_path / 'run').exists()
+
+
 @pytest.mark.slow
 def test_a_small_corpus_run_records_its_choice_and_resumes(tmp_path, capsys, corpus,
                                                            pretrained_run):
