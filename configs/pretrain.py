@@ -232,6 +232,12 @@ def _data_config() -> ml_collections.ConfigDict:
     # 1 = every row on its own. From a bucket a run is one range read, a row one each; at
     # pod scale 16-32 keeps the input ahead of the accelerators (docs/data.md).
     d.read_block = 1
+    # Your own small corpus (pretrain/small_corpus.py, docs/pretraining.md): text files under
+    # this many MB (train_files; no mixture, no init_from) continue the `general` English
+    # encoder on them for 300 steps instead of training from scratch. 0 = off.
+    d.small_corpus_mb = 25.0
+    d.small_corpus_encoder = ''  # that encoder's workdir; '' = the cache's, built once (25 min)
+    d.small_corpus_choice = ''  # written by the run: 'general_encoder' when the rule applied
     return d
 
 

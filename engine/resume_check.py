@@ -39,6 +39,9 @@ PRETRAIN_CHANGEABLE = (
     'peak_flops_per_device', 'profile_steps', 'wandb', 'mesh', 'grad_accum_steps',
     'model.remat', 'model.dtype', 'model.attention_impl', 'data.data_dir', 'data.workers',
     'data.cache_mb',
+    # What the small-corpus rule reads; what it chose (data.small_corpus_choice, init_from and
+    # the continued run's settings) is compared.
+    'data.small_corpus_mb', 'data.small_corpus_encoder',
 )
 # Fine-tuning: the budget (num_epochs, patience), cadences and the same runtime keys;
 # dynamic padding changes the shapes of batches, not which examples they hold.
@@ -59,6 +62,7 @@ ADDED_KEYS = {
     'model.classifier_head': 'bert',  # pretraining configs and model.json
     'data.doc_stride': 0,  # fine-tuning's extractive QA windows
     'data.max_answer_length': 30,
+    'data.small_corpus_choice': '',  # runs before the small-corpus rule trained as configured
 }
 # Fine-tuning's config.json: '' (init_from's head) is what a run did before the key existed.
 FINETUNE_ADDED_KEYS = {**ADDED_KEYS, 'model.classifier_head': ''}

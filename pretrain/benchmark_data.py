@@ -191,7 +191,8 @@ def run_measured(command: list[str], log_path: pathlib.Path) -> dict:
 
 def _config_args(corpus: pathlib.Path, workers: int) -> list[str]:
     return ['--config=configs/pretrain.py:tiny', f'--config.data.train_files={corpus}',
-            f'--config.data.workers={workers}']
+            f'--config.data.workers={workers}',
+            '--config.data.small_corpus_mb=0']  # the pipeline, not the small-corpus rule
 
 
 def _clear_run_dir(run_dir: pathlib.Path, keep: tuple[str, ...]) -> None:

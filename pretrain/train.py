@@ -24,7 +24,7 @@ from engine.paths import open_workdir
 from engine.run import Run, RunSettings, run_stage
 from engine.rundir import tokenized_data_dir
 from models.flops import count_params
-from pretrain import continual, data, objective, phases
+from pretrain import continual, data, objective, phases, small_corpus
 from pretrain import state as state_lib
 from pretrain.sections import (
     check_plan_resume,
@@ -143,11 +143,22 @@ def _evaluate_both(cfg, mesh, eval_fn, eval_source, old_source, results: dict):
     return evaluate
 
 
+def _small_corpus(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """A small corpus of the user's continues the general encoder (the cache's is built
+    first, by this same `run`, when missing); anything else is `cfg` as given."""
+    def build(encoder_cfg, encoder_workdir: str) -> None:
+        validate_values(cfg)  # a bad key of the user's is one line before, not after, 25 min
+        run(encoder_cfg, encoder_workdir)
+    return small_corpus.resolve(cfg, workdir, build,
+                                lambda line: _log(jax.process_index() == 0, line))
+
+
 def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
                  beam_options: list[str] | None = None) -> list[str]:
     """`launch.py prepare`: the tokenizer and the prepared corpus, nothing else; the
     directories (a later `pretrain` with the same config and workdir finds them).
     beam_options (a list, possibly empty): prepare with Apache Beam and these options."""
+    cfg = _small_corpus(cfg, workdir)
     cfg, src = continual.resolve(cfg)
     cfg = final_config(cfg)  # seq_len_phases: the last phase's length
     validate_values(cfg)
@@ -171,6 +182,7 @@ def prepare_only(cfg: ml_collections.ConfigDict, workdir: str,
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the final eval metrics."""
+    cfg = _small_corpus(cfg, workdir)
     cfg, src = continual.resolve(cfg)  # init_from: its architecture becomes this run's
     cfg = final_config(cfg)  # seq_len_phases: the last phase's length
     mesh, sources = validate(cfg)

@@ -14,6 +14,9 @@ ADJECTIVES = 'red blue green big small old young quiet'.split()
 NOUNS = 'cat dog bird horse fish mouse tree house river garden'.split()
 VERBS = 'sat ran flew slept jumped walked'.split()
 PLACES = 'on under over near behind'.split()
+# These corpora are tiny: without this, a run would continue (and first build) the general
+# encoder (data.small_corpus_mb, tests/test_small_corpus.py tests that rule).
+NO_SMALL_CORPUS = ('--config.data.small_corpus_mb=0',)
 
 
 def sentence(rng: np.random.Generator) -> tuple[str, str]:
@@ -55,7 +58,7 @@ def tiny_args(corpus: str, steps: int, *extra: str, dropout: float = 0.0) -> lis
             '--config.eval_every_steps=0', '--config.eval_max_batches=2',
             '--config.optimizer.warmup_steps=2', '--config.optimizer.learning_rate=3e-3',
             '--config.data.tokenizer_type=bpe',  # unigram keeps ~50 pieces on this corpus
-            f'--config.data.train_files={corpus}', *extra]
+            f'--config.data.train_files={corpus}', *NO_SMALL_CORPUS, *extra]
 
 
 def read_metrics(workdir) -> list[dict]:

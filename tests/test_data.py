@@ -399,14 +399,15 @@ def test_killed_preparation_resumes_to_the_same_bytes(tmp_path, tok):
     import subprocess
     import time
 
-    from tests.helpers import REPO, env, launch_command
+    from tests.helpers import NO_SMALL_CORPUS, REPO, env, launch_command
 
     lines = make_sentences(2000, seed=7)
     corpus = tmp_path / 'corpus.txt'
     corpus.write_text(''.join(line + '\n' for line in lines * 60))  # ~5 MB
     args = ['--config', f'{REPO}/configs/pretrain.py:tiny', '--config.seq_len=32',
             f'--config.data.train_files={corpus}', '--config.data.shard_mb=0.25',
-            '--config.data.workers=2', f'--config.data.tokenizer_model={tok.path}']
+            '--config.data.workers=2', f'--config.data.tokenizer_model={tok.path}',
+            *NO_SMALL_CORPUS]
     killed, whole = tmp_path / 'killed', tmp_path / 'whole'
     proc = subprocess.Popen(launch_command('prepare', '--workdir', str(killed), *args),
                             cwd=REPO, env=env(1),

@@ -16,7 +16,7 @@ import launch
 from engine.errors import ConfigError
 from engine.paths import check_writable
 from finetune import predict
-from tests.helpers import REPO, write_toy_task
+from tests.helpers import NO_SMALL_CORPUS, REPO, write_toy_task
 
 
 def _writable(folder: pathlib.Path) -> bool:
@@ -83,7 +83,7 @@ def refused(capsys, argv: list) -> str:
 
 def pretrain_argv(workdir, corpus) -> list:
     return ['pretrain', '--workdir', workdir, f'--config.data.train_files={corpus}',
-            '--config.num_train_steps=2']
+            '--config.num_train_steps=2', *NO_SMALL_CORPUS]
 
 
 def finetune_argv(workdir, init_from='none') -> list:
@@ -99,7 +99,8 @@ def test_a_new_workdir_in_a_read_only_folder_is_one_line(tmp_path, corpus, capsy
     read_only(parent)
     workdir = parent / 'run'
     argv = {'pretrain': pretrain_argv(workdir, corpus),
-            'prepare': ['prepare', '--workdir', workdir, f'--config.data.train_files={corpus}'],
+            'prepare': ['prepare', '--workdir', workdir, f'--config.data.train_files={corpus}',
+                        *NO_SMALL_CORPUS],
             'finetune': finetune_argv(workdir),
             'import': ['import', '--hf-dir', tmp_path, '--workdir', workdir]}[command]
     message = refused(capsys, argv)

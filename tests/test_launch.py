@@ -3,6 +3,7 @@
 import pytest
 
 import launch
+from tests.helpers import NO_SMALL_CORPUS
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def test_bad_config_gives_one_line_and_writes_nothing(tmp_path, capsys, corpus, 
                                                       message):
     workdir = tmp_path / 'run'
     argv = ['pretrain', '--config', 'configs/pretrain.py:tiny', '--workdir', str(workdir),
-            f'--config.data.train_files={corpus}', override]
+            f'--config.data.train_files={corpus}', *NO_SMALL_CORPUS, override]
     assert launch.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1, err
@@ -44,7 +45,8 @@ def test_unknown_size_in_config_arg(tmp_path, capsys):
 def test_a_vocabulary_too_small_for_the_text_leaves_no_config_behind(tmp_path, capsys, corpus):
     workdir = tmp_path / 'run'
     argv = ['pretrain', '--config', 'configs/pretrain.py:tiny', '--workdir', str(workdir),
-            f'--config.data.train_files={corpus}', '--config.model.vocab_size=10']
+            f'--config.data.train_files={corpus}', *NO_SMALL_CORPUS,
+            '--config.model.vocab_size=10']
     assert launch.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'model.vocab_size=10 is smaller than the number of ' in err
@@ -59,7 +61,7 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys, corpus, command)
               else 'configs/pretrain.py:tiny')
     argv = [command, '--config', config, '--workdir', str(afile)]
     if command != 'finetune':
-        argv.append(f'--config.data.train_files={corpus}')
+        argv += [f'--config.data.train_files={corpus}', *NO_SMALL_CORPUS]
     else:
         argv.append('--config.init_from=none')
     assert launch.main(argv) == 2

@@ -259,6 +259,7 @@ def test_prepare_prepares_every_phase_length(tmp_path, corpus):
     from text.records import read_index
     cfg = get_config('tiny')
     cfg.model.vocab_size, cfg.data.tokenizer_type, cfg.data.train_files = 128, 'bpe', corpus
+    cfg.data.small_corpus_mb = 0.0  # a tiny corpus: no general encoder
     cfg.seq_len_phases = '16:0.5,32:0.5'
     directories = prepare_only(cfg, str(tmp_path / 'run'))
     assert sorted(read_index(d).seq_len for d in directories) == [16, 32]
