@@ -20,7 +20,7 @@ from engine.checkpoint import Checkpoints
 from engine.errors import ConfigError
 from engine.lock import workdir_lock
 from engine.loop import LoopCallbacks
-from engine.paths import open_workdir
+from engine.paths import check_reachable, open_workdir
 from engine.run import Run, RunSettings, run_stage
 from engine.rundir import tokenized_data_dir
 from models.flops import count_params
@@ -146,6 +146,8 @@ def _evaluate_both(cfg, mesh, eval_fn, eval_source, old_source, results: dict):
 def _small_corpus(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """A small corpus of the user's continues the general encoder (the cache's is built
     first, by this same `run`, when missing); anything else is `cfg` as given."""
+    check_reachable(workdir)  # it reads the workdir's saved choice: gs:// without network is
+    # one line now, not a minute of retries
     def build(encoder_cfg, encoder_workdir: str) -> None:
         validate_values(cfg)  # a bad key of the user's is one line before, not after, 25 min
         run(encoder_cfg, encoder_workdir)

@@ -26,6 +26,7 @@ from collections import Counter
 
 import numpy as np
 
+from engine.config_cli import apply_overrides, load_config
 from finetune import embed_cmd, encoding, retrieval_metrics
 from finetune.data import Examples
 from text import tasks, wiki_pairs
@@ -116,14 +117,14 @@ def encoder_row(workdir: str, pairs, probe, step: int | None = None) -> dict:
 
 def finetune(encoder: str, step: int, workdir: pathlib.Path, seed: int, extra: list[str]
              ) -> str:
-    import launch
+    """One contrastive fine-tuning run (finetune.train.run, as the suites call it)."""
+    from finetune import train
     run = workdir / f'contrastive-seed{seed}'
-    code = launch.main(['finetune', '--config', 'configs/finetune.py:embed', '--workdir',
-                        str(run), f'--config.init_from={encoder}', f'--config.init_step={step}',
-                        f'--config.seed={seed}',
-                        f'--config.seq_len={SEQ_LEN}', '--config.num_epochs=3', *extra])
-    if code != 0:
-        raise SystemExit(f'fine-tuning seed {seed} failed ({code})')
+    cfg = load_config('configs/finetune.py:embed')
+    apply_overrides(cfg, [f'init_from={encoder}', f'init_step={step}', f'seed={seed}',
+                          f'seq_len={SEQ_LEN}', 'num_epochs=3',
+                          *(item.removeprefix('--config.') for item in extra)])
+    train.run(cfg, str(run))
     return str(run)
 
 
