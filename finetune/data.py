@@ -112,16 +112,22 @@ def _csv_rows(path: str, text: str, columns: Sequence[str],
         raise _error(path, reader.line_num, f'bad {"TSV" if tsv else "CSV"} ({e})') from None
 
 
-def _jsonl_rows(path: str, text: str, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
+def jsonl_values(path: str, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file's text; a line
+    that is not JSON is a one-line ValueError naming path:line."""
     # split('\n'), not splitlines(): JSON leaves U+2028 and U+0085 unescaped inside strings.
     for line, raw in enumerate(text.split('\n'), start=1):
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw)
+            yield line, json.loads(raw)
         except json.JSONDecodeError as e:
             raise _error(path, line, f'not valid JSON ({e.msg}); expected one object a line'
                          ) from None
+
+
+def _jsonl_rows(path: str, text: str, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    for line, row in jsonl_values(path, text):
         if not isinstance(row, dict):
             raise _error(path, line, f'expected a JSON object, got {type(row).__name__}')
         for col in columns:

@@ -88,13 +88,7 @@ def _squad_rows(path: str, text: str) -> list[dict]:
 
 def _jsonl_rows(path: str, text: str) -> list[dict]:
     rows = []
-    for line, raw in enumerate(text.split('\n'), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise data.error(path, line, f'not valid JSON ({e.msg})') from None
+    for line, row in data.jsonl_values(path, text):
         answers = row.get('answers') if isinstance(row, dict) else None
         if not isinstance(answers, dict):
             raise data.error(path, line, 'expected {"id", "context", "question", "answers": '

@@ -13,7 +13,6 @@ past seq_len are cut, and predicted 'O' (counted as such by the metrics).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -82,14 +81,7 @@ def _word_list(path: str, line: int, row: dict, key: str) -> list[str]:
 
 def _jsonl_sentences(path: str, text: str, labelled: bool) -> list[dict]:
     rows = []
-    for line, raw in enumerate(text.split('\n'), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise data.error(path, line, f'not valid JSON ({e.msg}); expected one object a '
-                                         'line') from None
+    for line, row in data.jsonl_values(path, text):
         if not isinstance(row, dict):
             raise data.error(path, line, f'expected a JSON object, got {type(row).__name__}')
         words = _word_list(path, line, row, 'tokens')
