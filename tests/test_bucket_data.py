@@ -5,6 +5,9 @@ resumes exactly onto another process count."""
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +16,15 @@ from etils import epath
 from engine.errors import ConfigError
 from pretrain import data
 from tests.fake_gcs import fake_gcs
-from tests.helpers import make_sentences, read_metrics, small_tokenizer, tiny_args
+from tests.helpers import (
+    REPO,
+    env,
+    launch_command,
+    make_sentences,
+    read_metrics,
+    small_tokenizer,
+    tiny_args,
+)
 from tests.test_multiprocess import assert_close, launch_two, params
 from text import prepare, records, remote
 from text.batches import PretrainBatches
@@ -134,6 +145,50 @@ def test_the_cache_stays_under_its_bound_and_serves_repeats(prepared, tmp_path, 
     assert len(os.listdir(paged.cache.directory)) == 2
 
 
+def test_a_cached_page_cut_short_is_fetched_again(prepared, tmp_path, monkeypatch):
+    """A cache file truncated by a crash (renamed before the disk had its bytes) is never
+    served: it is dropped and the records come from the bucket again, the same."""
+    local, remote_dir = prepared
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path))
+    want = records.open_split(local, 'train').read(range(8))['input_ids']
+    split = data.open_split(remote_dir, 'train', 1, read_block=4)
+    np.testing.assert_array_equal(split.read(range(8))['input_ids'], want)
+    assert split.records_read == 8
+    directory = split.cache.directory
+    page = sorted(os.listdir(directory))[0]
+    with open(os.path.join(directory, page), 'r+b') as f:
+        f.truncate(100)
+    again = data.open_split(remote_dir, 'train', 1, read_block=4)  # a restarted process
+    np.testing.assert_array_equal(again.read(range(8))['input_ids'], want)
+    assert again.records_read == 4  # the damaged page only
+    assert os.path.getsize(os.path.join(directory, page)) == 4 * SEQ * 2
+
+
+def test_a_full_disk_turns_the_cache_off_with_one_warning(prepared, tmp_path, monkeypatch,
+                                                           capsys):
+    """Writing the cache fails (ENOSPC): one warning, no half file, and reading goes on
+    from the bucket with the same records."""
+    local, remote_dir = prepared
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path))
+    split = data.open_split(remote_dir, 'train', 1)
+    directory = split.cache.directory
+
+    def full_disk(path, mode='r', *args, **kwargs):
+        if 'w' in mode:
+            raise OSError(28, 'No space left on device', path)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(remote, 'open', full_disk, raising=False)
+    want = records.open_split(local, 'train').read(range(20))['input_ids']
+    for start in (0, 10):
+        got = split.read(range(start, start + 10))['input_ids']
+        np.testing.assert_array_equal(got, want[start:start + 10])
+    err = capsys.readouterr().err
+    assert err.count('warning: data.cache_mb') == 1 and 'No space left' in err
+    assert os.listdir(directory) == [] and split.cache.total == 0
+    assert split.records_read == 20
+
+
 def test_damaged_shards_in_a_bucket_are_one_line(prepared, bucket):
     local, _ = prepared
     damaged = f'{bucket}/damaged'
@@ -208,6 +263,37 @@ def test_training_from_a_bucket_resumes_exactly_onto_another_process_count(
     assert_close(bucket_params, params(single))
     cache = tmp_path / 'cache' / 'records' / 'process-0'
     assert 0 < disk_usage(cache) <= 0.2 * data.MB
+
+
+@pytest.mark.slow
+def test_killed_while_reading_from_a_bucket_resumes_exactly_on_two_processes(
+        bucket, corpus, tmp_path, monkeypatch):
+    """kill -9 of a one-process run that reads its data from the bucket (through its cache,
+    perhaps mid-write), resumed by two processes from the bucket: the weights of the same
+    run uninterrupted from disk."""
+    import launch
+    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))  # the subprocesses' too
+    args = tiny_args(corpus, 60, '--config.checkpoint_every_steps=10',
+                     '--config.mesh.shape=(4,2)', '--config.data.cache_mb=0.5')
+    reference = tmp_path / 'reference'
+    assert launch.main(['pretrain', '--workdir', str(reference), *args]) == 0
+    in_bucket = [*args, f'--config.data.data_dir={bucket}/killed-data']
+    workdir = tmp_path / 'killed'
+    log = open(tmp_path / 'killed.log', 'w')  # a file, not a pipe nobody drains meanwhile
+    proc = subprocess.Popen(launch_command('pretrain', '--workdir', str(workdir), *in_bucket),
+                            cwd=REPO, env=env(8), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (workdir / 'checkpoints' / '10').is_dir() and proc.poll() is None:
+        assert time.time() < deadline, 'the run never wrote its step-10 checkpoint'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / 'killed.log').read_text()[-2000:]
+    results = launch_two(workdir, in_bucket)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
+    assert 'resuming from step' in results[0].stdout
+    assert_close(params(workdir), params(reference))
 
 
 def losses(workdir) -> list[float]:

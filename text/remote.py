@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -166,9 +167,40 @@ class RecordCache:
             self._entries[name] = charge
             self.total += charge
         path = os.path.join(self.directory, name)
-        with open(f'{path}.tmp', 'wb') as f:
-            f.write(data)
-        os.replace(f'{path}.tmp', path)
+        try:
+            with open(f'{path}.tmp', 'wb') as f:
+                f.write(data)
+            os.replace(f'{path}.tmp', path)
+        except OSError as e:  # a full or failing disk: the cache is only a speed-up
+            self._give_up(name, f'{path}.tmp', e)
+
+    def drop(self, name: str) -> None:
+        """Forgets `name` and deletes its file (a damaged one is then fetched again)."""
+        with self._lock:
+            charge = self._entries.pop(name, None)
+            if charge is None:
+                return
+            self.total -= charge
+        try:
+            os.unlink(os.path.join(self.directory, name))
+        except FileNotFoundError:
+            pass
+
+    def _give_up(self, name: str, tmp: str, error: OSError) -> None:
+        """Stops caching for the rest of the process, saying so once; reads go on from the
+        bucket, so training continues with the same data."""
+        with self._lock:
+            self._entries.pop(name, None)
+            was_on, self.max_bytes = self.max_bytes > 0, 0
+            self.total = sum(self._entries.values())
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if was_on:
+            print(f'warning: data.cache_mb: cannot write the record cache in {self.directory} '
+                  f'({error.strerror or error}); reading from the bucket without it from now '
+                  'on', file=sys.stderr, flush=True)
 
 
 _CACHES: dict[str, RecordCache] = {}
@@ -235,8 +267,12 @@ class RemoteSplit:
         if self.cache is not None:
             for page in wanted:
                 data = self.cache.get(f'{self._key}{page}')
-                if data is not None:
+                if data is None:
+                    continue
+                if len(data) == self._page_bytes(page):
                     pages[page] = data
+                else:  # cut short (a crash before the disk had it): fetched again
+                    self.cache.drop(f'{self._key}{page}')
         missing = [p for p in wanted if p not in pages]
         if missing:
             members = {p: range(p * span, min((p + 1) * span, self._len)) for p in missing}
@@ -247,6 +283,10 @@ class RemoteSplit:
                     self.cache.put(f'{self._key}{page}', pages[page])
         out = [pages[i // span][(i % span) * size:(i % span + 1) * size] for i in rows]
         return records.decode_records(out, self.seq_len, self.dtype)
+
+    def _page_bytes(self, page: int) -> int:
+        rows = min((page + 1) * self.page_rows, self._len) - page * self.page_rows
+        return rows * self.layout.record_bytes
 
     def _fetch(self, places: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """(shard, record) -> record bytes from the bucket: a range read per run."""
