@@ -58,10 +58,10 @@ def load_workdir(workdir: epath.Path, step: int | None
         config = run.read_config()
         head = {'mlm': 'mlm', 'electra': 'electra'}.get(config.get('objective', 'mlm'), '')
         if not head:
-            raise ConfigError(f"--workdir: an objective={config.objective} run has no "
+            raise ConfigError(f"--workdir: an objective={config['objective']} run has no "
                               'transformers counterpart; fine-tune it (init_from) and export '
                               'that')
-        model_cfg = model_config(config.model.to_dict())
+        model_cfg = model_config(config['model'])
         task = {}
     directory, step = checkpoint_dir(workdir, head, step)
     absl = logging.getLogger('absl')  # orbax warns that it reads only part of each step
