@@ -50,6 +50,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine import cli_args
 from engine.config_cli import apply_overrides, config_to_json, load_config, split_config_args
 from engine.errors import ConfigError
 
@@ -71,13 +72,6 @@ def _prepare(config, args) -> None:
     distributed.initialize(args)
     from pretrain import train
     train.prepare_only(config, args.workdir, beam_options=args.passthrough if args.beam else None)
-
-
-def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    _train_arguments(parser)
-    parser.add_argument('--beam', action='store_true',
-                        help='prepare with an Apache Beam pipeline (optional extra); Beam '
-                             "options follow a bare '--', e.g. -- --runner=DataflowRunner")
 
 
 def _finetune(config, args) -> None:
@@ -106,21 +100,6 @@ def _embed(config, args) -> None:
                   batch_size=args.batch_size, text_column=args.text_column, mesh=args.mesh)
 
 
-def _embed_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--workdir', required=True,
-                        help='a pretraining, embedding or other fine-tuning run')
-    parser.add_argument('--input', required=True,
-                        help='a text file (one text a line), CSV, TSV or JSONL')
-    parser.add_argument('--output', required=True,
-                        help='OUT.npy (+ OUT.ids.txt beside it) or OUT.jsonl')
-    parser.add_argument('--step', type=int, default=None,
-                        help="checkpoint step (default: the latest; a fine-tuning run's best)")
-    parser.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
-    parser.add_argument('--text-column', default='text', help='the column of CSV/JSONL input')
-    parser.add_argument('--mesh', default='(-1,)',
-                        help="device mesh shape over (data, fsdp, tensor), e.g. '(2,4)'")
-
-
 def _evaluate(config, args) -> None:
     from studies import suite
     suite.run(config, args.workdir)
@@ -134,41 +113,6 @@ def _search(config, args) -> None:
 def _pseudolabel(config, args) -> None:
     from studies import pseudolabel
     pseudolabel.run(config, args.workdir)
-
-
-def _workdir_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--workdir', required=True, help='run directory (created if missing)')
-
-
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    _workdir_arguments(parser)
-    from engine import cluster
-    cluster.add_process_arguments(parser)
-
-
-def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    _train_arguments(parser)
-    _dry_run_arguments(parser)
-
-
-def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    _train_arguments(parser)
-    _dry_run_arguments(parser)
-
-
-def _dry_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--dry-run', action='store_true',
-                        help='print the resolved config, mesh, shardings, parameter count, '
-                             'FLOPs and memory per device, then exit (nothing is allocated)')
-    _compile_for_argument(parser)
-
-
-def _compile_for_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--compile-for', default='', metavar='TOPOLOGY',
-                        help='with --dry-run: compile the train step for a TPU slice here '
-                             '(needs libtpu), e.g. v5e:2x4, v5e:16x16, v4:2x2x4; prints HBM '
-                             'per device, fits or not (exit code 2 if not), compiled FLOPs '
-                             "and the compiler's estimated step time")
 
 
 def _check_compile_for(args) -> None:
@@ -192,18 +136,6 @@ def _tpu(config, args) -> None:
         subprocess.run(command, check=True)
 
 
-def _tpu_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine import cluster
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = cluster.tpu_epilog()
-    parser.add_argument('--name', required=True, help='TPU VM name')
-    parser.add_argument('--zone', required=True)
-    parser.add_argument('--project', default='', help='default: gcloud\'s configured project')
-    parser.add_argument('--remote-dir', default='~/bertjax',
-                        help='where this repository is on every worker')
-    parser.add_argument('--execute', action='store_true', help='run it (default: print it)')
-
-
 def _slurm(config, args) -> None:
     import pathlib
     import subprocess
@@ -220,19 +152,6 @@ def _slurm(config, args) -> None:
     print(f'wrote {args.script}:\n{script}', end='', flush=True)
     if args.submit:
         subprocess.run(['sbatch', args.script], check=True)
-
-
-def _slurm_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine import cluster
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = cluster.slurm_epilog()
-    parser.add_argument('--nodes', type=int, required=True)
-    parser.add_argument('--gpus-per-node', type=int, default=8)
-    parser.add_argument('--time', default='', help='time limit, e.g. 24:00:00')
-    parser.add_argument('--partition', default='')
-    parser.add_argument('--job-name', default='bert')
-    parser.add_argument('--script', default='launch.sbatch', help='where to write the script')
-    parser.add_argument('--submit', action='store_true', help='also run sbatch on it')
 
 
 def _export(config, args) -> None:
@@ -254,39 +173,6 @@ def _plot(config, args) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(f'wrote {output}')
-
-
-def _plot_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='runs to overlay')
-    parser.add_argument('--output', default='curves.png', help='the picture to write')
-    parser.add_argument('--keys', default='loss,eval_loss',
-                        help='metrics.jsonl keys, one panel each (e.g. loss,eval_accuracy)')
-
-
-def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--workdir', required=True, help='a pretraining or fine-tuning run')
-    parser.add_argument('--output', required=True, help='directory to create')
-    parser.add_argument('--step', type=int, default=None,
-                        help="checkpoint step (default: the latest; a fine-tuning run's best)")
-    parser.add_argument('--no-verify', action='store_true',
-                        help='skip loading the result with transformers to compare logits')
-
-
-def _import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--hf-dir', required=True,
-                        help='a local Hugging Face BERT directory (config.json, weights, '
-                             'vocab.txt or a sentencepiece/tokenizer file)')
-    parser.add_argument('--workdir', required=True, help='run directory to create')
-    parser.add_argument('--step', type=int, default=None,
-                        help='use the checkpoint-STEP subdirectory of --hf-dir (Trainer '
-                             'output); default: --hf-dir itself, else its latest checkpoint-*')
-
-
-def _predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--workdir', required=True, help='a fine-tuning run directory')
-    parser.add_argument('--input', required=True,
-                        help='a text file (one text a line), CSV or JSONL')
-    parser.add_argument('--output', default='', help='JSONL path (default: stdout)')
 
 
 # How a command writes a path argument: INTO the folder it names (created if missing), or
@@ -312,48 +198,48 @@ PRETRAIN_KEYS = ('data.train_files', 'num_train_steps', 'batch_size', 'seq_len',
                  'model.num_layers', 'model.hidden_size', 'optimizer.learning_rate',
                  'mesh.shape', 'init_from')
 COMMANDS = {
-    'pretrain': Command(_pretrain, 'masked-LM pretraining', _pretrain_arguments,
+    'pretrain': Command(_pretrain, 'masked-LM pretraining', cli_args.pretrain_arguments,
                         'configs/pretrain.py:tiny', 'docs/pretraining.md', PRETRAIN_KEYS,
                         writes=WORKDIR),
     'prepare': Command(_prepare, 'tokenizer + corpus preparation only (pretrain does it when '
                        'needed): parallel, resumable, packed array_record shards',
-                       _prepare_arguments, 'configs/pretrain.py:tiny', 'docs/data.md',
+                       cli_args.prepare_arguments, 'configs/pretrain.py:tiny', 'docs/data.md',
                        ('data.train_files', 'seq_len', 'model.vocab_size', 'data.workers'),
                        writes=WORKDIR),
     'finetune': Command(_finetune, 'fine-tune on a classification/regression task',
-                        _finetune_arguments, 'configs/finetune.py:sentiment',
+                        cli_args.finetune_arguments, 'configs/finetune.py:sentiment',
                         'docs/finetuning.md',
                         ('init_from', 'data.train_file', 'data.text_column',
                          'data.label_column', 'task', 'num_epochs', 'learning_rate',
                          'batch_size', 'seq_len', 'metric', 'freeze'),
                         writes=WORKDIR),
-    'predict': Command(_predict, 'predict with a fine-tuned run', _predict_arguments,
+    'predict': Command(_predict, 'predict with a fine-tuned run', cli_args.predict_arguments,
                        docs='docs/finetuning.md', writes=(('output', BESIDE),)),
-    'embed': Command(_embed, 'sentence embeddings of a run for new text', _embed_arguments,
+    'embed': Command(_embed, 'sentence embeddings of a run for new text', cli_args.embed_arguments,
                      docs='docs/embeddings.md', writes=(('output', BESIDE),)),
-    'export': Command(_export, 'export to Hugging Face transformers', _export_arguments,
+    'export': Command(_export, 'export to Hugging Face transformers', cli_args.export_arguments,
                       docs='docs/huggingface.md', writes=(('output', BESIDE),)),
     'import': Command(_import, 'import a Hugging Face BERT, RoBERTa, DistilBERT, ELECTRA',
-                      _import_arguments,
+                      cli_args.import_arguments,
                       docs='docs/huggingface.md', writes=(('workdir', BESIDE),)),
     'evaluate': Command(_evaluate, 'multi-seed fine-tuning suite: mean ± std tables',
-                        _workdir_arguments, 'configs/suite.py:demo', 'docs/finetuning.md',
+                        cli_args.workdir_arguments, 'configs/suite.py:demo', 'docs/finetuning.md',
                         ('init_from', 'seeds', 'baselines'), writes=WORKDIR),
     'search': Command(_search, 'hyper-parameter search (optuna TPE or random), resumable',
-                      _workdir_arguments, 'configs/search.py:demo', 'docs/search.md',
+                      cli_args.workdir_arguments, 'configs/search.py:demo', 'docs/search.md',
                       ('init_from', 'sampler', 'num_trials', 'pruner'), writes=WORKDIR),
     'pseudolabel': Command(_pseudolabel, 'self-training: fine-tune, pseudo-label an unlabelled '
-                           'pool above a confidence threshold, retrain', _workdir_arguments,
+                           'pool above a confidence threshold, retrain', cli_args.workdir_arguments,
                            'configs/pseudolabel.py:demo', 'docs/pseudolabel.md',
                            ('init_from', 'unlabeled_file', 'threshold', 'rounds'),
                            writes=WORKDIR),
     'plot': Command(_plot, "overlay several runs' curves (metrics.jsonl) in one picture",
-                    _plot_arguments, docs='docs/observability.md',
+                    cli_args.plot_arguments, docs='docs/observability.md',
                     writes=(('output', BESIDE),)),
     'tpu': Command(_tpu, 'print/run the gcloud command starting a run on every TPU VM worker',
-                   _tpu_arguments, docs='docs/clusters.md'),
+                   cli_args.tpu_arguments, docs='docs/clusters.md'),
     'slurm': Command(_slurm, 'write/submit an sbatch script starting a run on SLURM',
-                     _slurm_arguments, docs='docs/clusters.md',
+                     cli_args.slurm_arguments, docs='docs/clusters.md',
                      writes=(('script', BESIDE),)),
 }
 

@@ -24,25 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 import shutil
 import tempfile
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from convert import hf_tokenizer_in, modernbert, names, st_export, tokenizer_files, verify
-from engine.checkpoint import read_state_numpy
 from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
-from engine.rundir import WORDPIECE_FILENAME, RunDir, step_dirs
+from engine.rundir import WORDPIECE_FILENAME, RunDir
+from finetune.saved_run import load_workdir
 from models.bert import BertConfig, non_bert_options
-from models.config import model_config
-from models.scan import unstack_layers
 from text.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, load_tokenizer
 
 ARCHITECTURES = {'mlm': 'BertForMaskedLM', 'classifier': 'BertForSequenceClassification',
@@ -56,66 +51,6 @@ ROBERTA_ARCHITECTURES = {'mlm': 'RobertaForMaskedLM',
 # Our classifier head -> RobertaClassificationHead (dense + tanh on <s>, then out_proj).
 ROBERTA_CLASSIFIER = (('bert.pooler.dense.', 'classifier.dense.'),
                       ('classifier.', 'classifier.out_proj.'))
-
-
-def _checkpoint_dir(workdir: epath.Path, head: str, step: int | None
-                    ) -> tuple[epath.Path, int]:
-    """Where `step` (default: the latest, or a fine-tuning run's best) is saved."""
-    run = RunDir(workdir)
-    finetuned = head in ('classifier', *names.FINETUNED_HEADS.values())
-    places = [run.best, run.checkpoints] if finetuned else [run.checkpoints]
-    for place in places:
-        saved = step_dirs(place)
-        if saved and (step is None or step in saved):
-            return place, saved[-1] if step is None else step
-    found = {p.name: step_dirs(p) for p in places}
-    wanted = f'step {step}' if step is not None else 'any checkpoint'
-    raise ConfigError(f'--step: no {wanted} in {workdir} (have {found})')
-
-
-def load_workdir(workdir: epath.Path, step: int | None
-                 ) -> tuple[str, BertConfig, dict, dict, int]:
-    """(head, model config, params, task info, step) of a pretraining or fine-tuning run."""
-    run = RunDir(workdir)
-    if not run.config_file.is_file() or run.tokenizer_file() is None:
-        raise ConfigError(f'--workdir: {workdir} has no config.json and tokenizer; is it a '
-                          'pretraining or fine-tuning run?')
-    finetuned = run.model_config_file.is_file() and run.task_file.is_file()
-    head = 'classifier' if finetuned else 'mlm'
-    if finetuned:
-        model_cfg = model_config(run.read_model_config())
-        task = run.read_task()
-        head = names.FINETUNED_HEADS.get(task.get('task'), head)  # per-token heads
-    else:
-        config = run.read_config()
-        head = {'mlm': 'mlm', 'electra': 'electra'}.get(config.get('objective', 'mlm'), '')
-        if not head:
-            raise ConfigError(f"--workdir: an objective={config.objective} run has no "
-                              'transformers counterpart; fine-tune it (init_from) and export '
-                              'that')
-        model_cfg = model_config(config.model.to_dict())
-        task = {}
-    directory, step = _checkpoint_dir(workdir, head, step)
-    absl = logging.getLogger('absl')  # orbax warns that it reads only part of each step
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        params = read_state_numpy(str(directory), step)['params']
-    finally:
-        absl.setLevel(level)
-    # transformers checkpoints are float32; a model.param_dtype=bfloat16 run widens exactly.
-    params = jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == jnp.bfloat16
-                          else x, params)
-    if model_cfg.scan_layers:  # per-layer names for the name map, as transformers has them
-        params['bert']['encoder'] = unstack_layers(params['bert']['encoder'])
-        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
-    if finetuned:
-        from models.peft import merge_lora, merged_config  # LoRA folds into the kernels
-        params, model_cfg = merge_lora(params, model_cfg), merged_config(model_cfg)
-    if model_cfg.adapter_size or model_cfg.prefix_length:
-        raise ConfigError('--workdir: adapters and prefixes (peft.method adapter/prefix) have '
-                          'no transformers BERT counterpart; LoRA runs export merged')
-    return head, model_cfg, params, task, step
 
 
 # The classifier head and poolings each exported family's *ForSequenceClassification has.

@@ -310,7 +310,7 @@ def _check_shapes(want: dict, got: dict, path: str = '') -> None:
 
 def _save(tmp: pathlib.Path, cfg, model_cfg: BertConfig, params: dict, source: str) -> None:
     run = RunDir(tmp)
-    run.write_config(cfg)
+    run.write_config(cfg.to_dict())
     state = state_lib.imported_state(_built(cfg, model_cfg), params)  # as `pretrain` builds it
     meta = state_lib.checkpoint_meta(step_spec(cfg, model_cfg), cfg.to_dict(), 0,
                                      imported_from=source)

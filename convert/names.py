@@ -29,8 +29,6 @@ import numpy as np
 Path = tuple[str, ...]
 HF_CONFIG_FILENAME = 'config.json'  # transformers' model config (not our workdir's)
 HEADS = ('mlm', 'classifier', 'electra', 'token_classifier', 'qa')
-# The head of a fine-tuning run of each task (models/heads.py: transformers' names).
-FINETUNED_HEADS = {'token_classification': 'token_classifier', 'extractive_qa': 'qa'}
 # Keys older or other transformers BERT checkpoints carry that hold nothing we need: the
 # tied decoder copies, the position-id buffer, next-sentence prediction.
 IGNORED_HF_KEYS = ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias',

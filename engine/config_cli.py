@@ -7,7 +7,6 @@ value of the wrong type, a missing file) becomes one line naming the key, not a 
 import ast
 import difflib
 import importlib.util
-import json
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from engine.errors import ConfigError
+from engine.rundir import RunDir, config_text, config_values
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]  # configs/ is under it
 
@@ -127,23 +127,28 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
-    """The resolved config as stable, human-readable JSON."""
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+    """The resolved config as stable, human-readable JSON (config.json's text)."""
+    return config_text(config.to_dict())
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
     """Inverse of `config_to_json` (lists become tuples, as the config files write them)."""
-    def to_tuples(value):
-        if isinstance(value, list):
-            return tuple(to_tuples(v) for v in value)
-        if isinstance(value, dict):
-            return {k: to_tuples(v) for k, v in value.items()}
-        return value
-    config = ml_collections.ConfigDict(to_tuples(json.loads(text)))
+    return config_from_values(config_values(text))
+
+
+def config_from_values(values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A ConfigDict of a saved config's values (RunDir.read_config): fine-tuning's
+    `optimizer` keys linked to their top-level aliases again."""
+    config = ml_collections.ConfigDict(values)
     if isinstance(config.get('optimizer'), ml_collections.ConfigDict):  # fine-tuning's
         same = [k for k, v in config.optimizer.items() if k in config and config[k] == v]
         link_aliases(config, 'optimizer', same)
     return config
+
+
+def read_run_config(workdir: Any) -> ml_collections.ConfigDict:
+    """A workdir's config.json as a ConfigDict, for the code that still reads one."""
+    return config_from_values(RunDir(workdir).read_config())
 
 
 def link_aliases(config: ml_collections.ConfigDict, section: str, keys: Sequence[str]) -> None:

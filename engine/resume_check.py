@@ -20,11 +20,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import ml_collections
-
-from engine.config_cli import config_to_json
 from engine.errors import ConfigError
-from engine.rundir import RunDir
+from engine.rundir import RunDir, config_text
 
 # Keys (or whole sections) a resumed pretraining run may change. Budgets and cadences do
 # not change what a step computes; the mesh, micro-batching and remat change how, not what;
@@ -119,8 +116,9 @@ def compare(new: dict, saved: dict, allowed: tuple[str, ...], workdir, hint: str
                               f'({hint})')
 
 
-def check_pretrain(cfg: ml_collections.ConfigDict, workdir) -> dict | None:
-    """Refuses (one line) a pretraining resume that changes a key it may not; returns the
+def check_pretrain(cfg: dict[str, Any], workdir) -> dict | None:
+    """`cfg`: the resolved config's values (a ConfigDict's `to_dict()`).
+    Refuses (one line) a pretraining resume that changes a key it may not; returns the
     saved config of a run that consumed data (None: nothing to resume, or step 0 only). A
     workdir whose only checkpoint is step 0 (made by `launch.py import`: no data consumed
     yet) only has to keep the model."""
@@ -134,7 +132,7 @@ def check_pretrain(cfg: ml_collections.ConfigDict, workdir) -> dict | None:
     return None if imported else saved
 
 
-def check_finetune(cfg: ml_collections.ConfigDict, workdir) -> dict | None:
+def check_finetune(cfg: dict[str, Any], workdir) -> dict | None:
     """As check_pretrain, for a fine-tuning workdir (its checkpoints or best/)."""
     saved = saved_config(workdir)
     if saved is not None:
@@ -169,6 +167,7 @@ def _json(value: Any) -> Any:
     return value if value is _ABSENT else json.loads(json.dumps(value))
 
 
-def as_json(cfg: ml_collections.ConfigDict) -> dict:
-    """The config as config.json would hold it (tuples as lists, floats round-tripped)."""
-    return json.loads(config_to_json(cfg))
+def as_json(cfg: dict[str, Any]) -> dict:
+    """The config's values (a ConfigDict's `to_dict()`) as config.json would hold them
+    (tuples as lists, floats round-tripped)."""
+    return json.loads(config_text(cfg))

@@ -24,10 +24,8 @@ import json
 import os
 from typing import Any
 
-import ml_collections
 from etils import epath
 
-from engine.config_cli import config_from_json, config_to_json
 from engine.paths import absolute_path, default_cache_dir, is_remote, write_bytes_atomic
 
 CONFIG_FILENAME = 'config.json'
@@ -45,6 +43,23 @@ TENSORBOARD_DIRNAME = 'tensorboard'
 CURVES_FILENAME = 'curves.png'
 WANDB_ID_FILENAME = 'wandb_id.txt'
 LOCK_FILENAME = '.lock'
+
+
+def config_text(values: dict[str, Any]) -> str:
+    """config.json's text of a resolved config's values: stable, human-readable JSON."""
+    return json.dumps(values, indent=2, sort_keys=True)
+
+
+def config_values(text: str) -> dict[str, Any]:
+    """The values `config_text` wrote, lists read back as tuples (as the config files write
+    them)."""
+    def to_tuples(value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(to_tuples(v) for v in value)
+        if isinstance(value, dict):
+            return {k: to_tuples(v) for k, v in value.items()}
+        return value
+    return to_tuples(json.loads(text))
 
 
 def step_dirs(directory: epath.Path) -> list[int]:
@@ -93,8 +108,9 @@ class RunDir:
                 return str(self.path / name)
         return None
 
-    def read_config(self) -> ml_collections.ConfigDict:
-        return config_from_json(self.config_file.read_text())
+    def read_config(self) -> dict[str, Any]:
+        """config.json's values (nested dicts; lists as tuples)."""
+        return config_values(self.config_file.read_text())
 
     def read_model_config(self) -> dict[str, Any]:
         """A fine-tuning run's classifier fields (model.json)."""
@@ -115,8 +131,9 @@ class RunDir:
         return step_dirs(self.best)
 
     # ------------------------------------------------------------ writing
-    def write_config(self, cfg: ml_collections.ConfigDict) -> None:
-        write_bytes_atomic(self.config_file, config_to_json(cfg).encode())
+    def write_config(self, values: dict[str, Any]) -> None:
+        """config.json from a resolved config's values (a ConfigDict's `to_dict()`)."""
+        write_bytes_atomic(self.config_file, config_text(values).encode())
 
     def write_json(self, file: epath.Path, value: Any, indent: int | None = None) -> None:
         """One of this workdir's JSON files (model.json, task.json, results.json)."""

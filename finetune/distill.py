@@ -106,7 +106,7 @@ def _pretrained_layers(cfg: ml_collections.ConfigDict) -> int:
     """Encoder layers of init_from's model (of `model` for init_from=none)."""
     if cfg.init_from.lower() == 'none':
         return int(cfg.model.num_layers)
-    return int(RunDir(cfg.init_from).read_config().model.num_layers)
+    return int(RunDir(cfg.init_from).read_config()['model']['num_layers'])
 
 
 def source_names(cfg: ml_collections.ConfigDict) -> dict[str, str]:

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.pretrain import mesh_config
-from convert.export import load_workdir
 from engine import mesh as mesh_lib
 from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.progress import Progress
 from engine.rundir import RunDir
 from finetune import contrastive, data, encoding, predict
+from finetune.saved_run import load_workdir
 from models.embedding import BertForSentenceEmbedding
 from text.tokenizer import load_tokenizer
 

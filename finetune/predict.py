@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 
 from engine.checkpoint import read_state_numpy
+from engine.config_cli import read_run_config
 from engine.errors import ConfigError
 from engine.paths import absolute_path, local_file_argument
 from engine.progress import Progress
@@ -135,7 +136,7 @@ def load_run(workdir: epath.Path):
     """(config, model, params, label names) of a fine-tuning workdir's best checkpoint."""
     check_finished_run(workdir)
     run = RunDir(workdir)
-    cfg = run.read_config()
+    cfg = read_run_config(workdir)
     model_cfg = model_config(run.read_model_config())
     try:
         params = read_state_numpy(str(run.best))['params']
@@ -152,7 +153,7 @@ def load_run(workdir: epath.Path):
 def encode_for_run(run_cfg, workdir: epath.Path, examples: data.Examples) -> dict:
     """`examples` encoded as the run in `workdir` saw its inputs: its tokenizer, seq_len."""
     return encoding.encode(load_tokenizer(RunDir(workdir).tokenizer_file()), examples,
-                       run_cfg.seq_len)
+                       run_cfg['seq_len'])
 
 
 def logits_fn(model):
@@ -200,7 +201,7 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
         raise ConfigError(f'--workdir: {workdir} is an embedding run (no classes to '
                           'predict); write its vectors with launch.py embed')
     # The inputs are read (and refused) before the checkpoint is loaded.
-    texts, texts_b = read_inputs(input_path, RunDir(workdir).read_config())
+    texts, texts_b = read_inputs(input_path, read_run_config(workdir))
     cfg, model, params, label_names = load_run(workdir)
     examples = data.Examples(text_a=texts, text_b=texts_b,
                              labels=np.zeros(len(texts), np.float32 if cfg.task == 'regression'

@@ -62,8 +62,8 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
 def model_width(cfg: ml_collections.ConfigDict) -> int:
     """The hidden size of the model the run trains: init_from's, or `model` for random init."""
     root = pretrained_dir(cfg)
-    model = RunDir(root).read_config().model if root is not None else cfg.model
-    return int(model.hidden_size)
+    model = RunDir(root).read_config()['model'] if root is not None else cfg.model
+    return int(model['hidden_size'])
 
 
 def resolved_learning_rate(cfg: ml_collections.ConfigDict) -> float:
@@ -186,18 +186,18 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
     config's dropout, dtype and remat, and one output per label (one for regression)."""
     source = pretrained_dir(cfg)
     if source is not None:
-        model_section = RunDir(source).read_config().model
+        model_section = RunDir(source).read_config()['model']
     else:
-        model_section = cfg.model
+        model_section = cfg.model.to_dict()
     own = {key: cfg.model[key] for key in RUNTIME_FIELDS if key in cfg.model}
-    fields = {**model_section.to_dict(), **own,  # this run's dropout, dtype and remat
+    fields = {**model_section, **own,  # this run's dropout, dtype and remat
               'pooling': cfg.model.get('pooling', 'cls'),
               'classifier_head': (cfg.model.get('classifier_head') or
                                   model_section.get('classifier_head') or 'bert'),
               'attention_impl': cfg.model.get('attention_impl', 'auto'),  # a runtime choice
               'scan_layers': False,  # per-layer names: freezing, layer-wise rates, PEFT
               'num_labels': _num_labels(cfg.task, task['label_names']),
-              **peft.model_fields(cfg), **distill.model_fields(cfg, model_section.num_layers)}
+              **peft.model_fields(cfg), **distill.model_fields(cfg, model_section['num_layers'])}
     try:
         model_cfg = model_config(fields)
     except ValueError as e:
@@ -212,7 +212,7 @@ def build(cfg, task: dict, tokenizer: Tokenizer) -> Built:
                    else BertForSequenceClassification)
     return Built(model_class(model_cfg), model_cfg,
                  f'{source} (encoder)' if source else 'random',
-                 model_section.num_layers if model_section.get('scan_layers') else 0)
+                 model_section['num_layers'] if model_section.get('scan_layers') else 0)
 
 
 def _num_labels(task: str, label_names) -> int:

@@ -78,7 +78,7 @@ def run(workdir: str, input_path: str, output_path: str = '') -> None:
         predict.check_output(output_path, input_path)
     root = absolute_path(workdir)
     predict.check_finished_run(root)
-    examples = read_inputs(RunDir(root).read_config().task, input_path)
+    examples = read_inputs(RunDir(root).read_config()['task'], input_path)
     cfg, model, params, label_names = predict.load_run(root)
     tokenizer = load_tokenizer(RunDir(root).tokenizer_file())
     encoded = span_tasks.encode(cfg, tokenizer, examples, label_names)

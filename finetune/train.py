@@ -243,7 +243,7 @@ def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, se
     is checked against what the workdir holds first: a refused one writes nothing."""
     workdir.mkdir(parents=True, exist_ok=True)
     rundir = RunDir(workdir)
-    resuming = resume_check.check_finetune(cfg, workdir) is not None
+    resuming = resume_check.check_finetune(cfg.to_dict(), workdir) is not None
     described = {'task': cfg.task, 'label_names': task['label_names']}
     if resuming:
         resume_check.check_file(rundir.task_file, described, workdir, 'data: ')
@@ -261,7 +261,7 @@ def _prepare(cfg, workdir: epath.Path, task: dict, main: bool) -> tuple[dict, se
         resume_check.check_file(rundir.model_config_file, dataclasses.asdict(built.model_cfg),
                                 workdir, 'model.')
     if main:
-        rundir.write_config(cfg)
+        rundir.write_config(cfg.to_dict())
         rundir.write_json(rundir.model_config_file, dataclasses.asdict(built.model_cfg))
         rundir.write_json(rundir.task_file, described)
     return encoded, built

@@ -39,6 +39,7 @@ import numpy as np
 from etils import epath
 
 from engine.checkpoint import flat_shapes, read_meta_and_shapes, saved_steps, subtree_reader
+from engine.config_cli import read_run_config
 from engine.errors import ConfigError
 from engine.mesh import replicated, strip_boxes
 from engine.paths import absolute_path, write_bytes_atomic
@@ -109,7 +110,7 @@ def _source(cfg) -> Source:
         raise ConfigError(f'init_from: {cfg.init_from!r} has no tokenizer or config.json; is '
                           'it a pretraining workdir?')
     saved = saved_steps(run.checkpoints, cfg.init_step)
-    old = run.read_config()
+    old = read_run_config(root)
     step = cfg.init_step or saved[-1]
     meta, shapes = read_meta_and_shapes(run.checkpoints, step)
     _check_shapes(old, shapes)

@@ -146,7 +146,7 @@ def _complete(root: epath.Path) -> bool:
     if not root.is_dir() or _problem(root):
         return False
     run = RunDir(root)
-    return run.latest_step() == run.read_config().num_train_steps
+    return run.latest_step() == run.read_config()['num_train_steps']
 
 
 def _saved_choice(workdir: str) -> str | None:

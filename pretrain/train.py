@@ -197,12 +197,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 def _pretrain(cfg, run: Run, src, mesh, sources: list, started: float) -> dict:
     """The run itself, with the workdir held."""
     workdir, main = run.workdir, run.main
-    saved = resume_check.check_pretrain(cfg, workdir)  # a resume: before anything is written
+    saved = resume_check.check_pretrain(cfg.to_dict(), workdir)  # a resume: before writing
     if saved is not None:
         check_plan_resume(cfg, saved)
     tokenizer, splits, old_eval = _prepare_all_data(cfg, workdir, sources, src, main)
     if main:  # after the data: a bad vocabulary size or input leaves no config behind
-        run.rundir.write_config(cfg)
+        run.rundir.write_config(cfg.to_dict())
     spec = step_spec(cfg)
     built = state_lib.build(spec, mesh)  # the same state/step as the dry runs'
     ckpts = run.checkpoints(run.rundir.checkpoints, keep=cfg.keep_checkpoints)

@@ -78,7 +78,7 @@ def run_config(suite: ml_collections.ConfigDict, task: str, variant: str,
         # (spm.model, or wordpiece.json for an imported WordPiece BERT): only weights differ.
         run = RunDir(suite.init_from)
         if run.config_file.exists():  # a missing one is reported by the pretrained runs
-            _take_architecture(cfg, run.read_config().model)
+            _take_architecture(cfg, run.read_config()['model'])
             _apply_items(cfg, items, f'variants.{variant}')
         if not cfg.tokenizer_model:
             cfg.tokenizer_model = (tokenizer_file(suite.init_from)
@@ -90,11 +90,10 @@ def run_config(suite: ml_collections.ConfigDict, task: str, variant: str,
 FINETUNE_MODEL_KEYS = ('dropout_rate', 'attention_dropout_rate', 'pooling')
 
 
-def _take_architecture(cfg: ml_collections.ConfigDict, pretrained: ml_collections.ConfigDict
-                       ) -> None:
+def _take_architecture(cfg: ml_collections.ConfigDict, pretrained: dict) -> None:
     kept = {k: cfg.model[k] for k in FINETUNE_MODEL_KEYS if k in cfg.model}
     with cfg.unlocked():
-        cfg.model = ml_collections.ConfigDict({**pretrained.to_dict(), **kept})
+        cfg.model = ml_collections.ConfigDict({**pretrained, **kept})
 
 
 def _pretrained(suite) -> bool:

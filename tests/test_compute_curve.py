@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from engine.config_cli import read_run_config
 from engine.rundir import RunDir
 from models.bert import BertForMaskedLM
 from models.config import BertConfig
@@ -56,7 +57,7 @@ def test_curve_of_a_real_checkpoint(tmp_path, pretrained_run):
     rows = list(csv.DictReader((tmp_path / 'out' / 'compute_curve.csv').open()))
     assert [float(r['mean']) for r in rows] == [0.60, 0.64]
     assert (rows[0]['steps'], rows[0]['flops']) == ('0', '0.0')
-    cfg = RunDir(pretrained_run).read_config()
+    cfg = read_run_config(pretrained_run)
     steps = RunDir(pretrained_run).latest_step()
     model = BertForMaskedLM(BertConfig(**cfg.model.to_dict()))
     masked = cfg.masking.max_predictions or math.ceil(cfg.masking.mask_rate * cfg.seq_len)

@@ -26,7 +26,7 @@ def test_pooling_default_mean_for_your_data_cls_for_the_demo():
 
 
 def test_auto_reads_the_pretrained_width(tmp_path):
-    RunDir(tmp_path).write_config(pretrain_config('base'))  # H768
+    RunDir(tmp_path).write_config(pretrain_config('base').to_dict())  # H768
     cfg = finetune_config('custom')
     cfg.init_from = str(tmp_path)
     assert setup.resolved_learning_rate(cfg) == 2e-5
@@ -98,7 +98,7 @@ def test_auto_epochs_of_a_wide_encoder(examples, epochs):
 @pytest.mark.parametrize('size, epochs', [('tiny', 24), ('mini', 24), ('small', 7),
                                           ('base', 7)])
 def test_resolve_epochs_reads_the_pretrained_width(tmp_path, size, epochs):
-    RunDir(tmp_path).write_config(pretrain_config(size))  # H128, H256, H512, H768
+    RunDir(tmp_path).write_config(pretrain_config(size).to_dict())  # H128, H256, H512, H768
     cfg = finetune_config('custom')
     cfg.init_from = str(tmp_path)
     assert setup.resolved_num_epochs(cfg, 2000) == epochs  # 63 steps an epoch

@@ -75,7 +75,7 @@ def test_a_workdir_started_before_the_section_still_resumes(tmp_path):
     del old['optimizer']
     (tmp_path / 'config.json').write_text(json.dumps(old))
     (RunDir(tmp_path).checkpoints / '5').mkdir(parents=True)
-    assert resume_check.check_finetune(cfg, tmp_path) == old
+    assert resume_check.check_finetune(cfg.to_dict(), tmp_path) == old
     cfg.optimizer.learning_rate = 1e-3  # but the setting itself still may not change
     with pytest.raises(ConfigError, match='^learning_rate: the run in'):
-        resume_check.check_finetune(cfg, tmp_path)
+        resume_check.check_finetune(cfg.to_dict(), tmp_path)

@@ -100,7 +100,7 @@ def test_bad_param_dtype_is_one_config_error():
 
 def test_finetuning_computes_in_its_own_dtype_and_remat(tmp_path):
     pretrained = pretrain_config('tiny')  # float32, no remat
-    RunDir(tmp_path).write_config(pretrained)
+    RunDir(tmp_path).write_config(pretrained.to_dict())
     cfg = finetune_config('custom')
     cfg.init_from = str(tmp_path)
     cfg.model.dtype, cfg.model.remat, cfg.model.hidden_size = 'bfloat16', 'full', 64
@@ -116,10 +116,10 @@ def test_workdirs_from_before_the_new_keys_still_resume(tmp_path):
     del old['data']['text_field'], old['model']['param_dtype'], old['optimizer']['mu_dtype']
     (tmp_path / 'config.json').write_text(json.dumps(old))
     (RunDir(tmp_path).checkpoints / '5').mkdir(parents=True)
-    assert resume_check.check_pretrain(cfg, tmp_path) == old
+    assert resume_check.check_pretrain(cfg.to_dict(), tmp_path) == old
     cfg.optimizer.mu_dtype = 'bfloat16'  # what the old run did not do: refused
     with pytest.raises(ConfigError, match='^optimizer.mu_dtype: the run in .* with "",'):
-        resume_check.check_pretrain(cfg, tmp_path)
+        resume_check.check_pretrain(cfg.to_dict(), tmp_path)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import launch
 from configs.finetune import get_config as finetune_config
 from configs.pretrain import get_config as pretrain_config
 from engine import resume_check
+from engine.config_cli import read_run_config
 from engine.errors import ConfigError
 from engine.rundir import RunDir
 from finetune import setup
@@ -75,7 +76,7 @@ def test_pretrain_resume_with_allowed_changes_continues(pretrained_copy, corpus,
         corpus, 12, '--config.log_every_steps=1', '--config.mesh.shape=(2,4)')]) == 0
     assert 'resuming from step 10' in capsys.readouterr().out
     assert RunDir(pretrained_copy).latest_step() == 12
-    saved = RunDir(pretrained_copy).read_config()  # the description follows the run
+    saved = read_run_config(pretrained_copy)  # the description follows the run
     assert saved.num_train_steps == 12 and saved.log_every_steps == 1
 
 
@@ -83,7 +84,7 @@ def fake_run(root: pathlib.Path, cfg, step: int) -> pathlib.Path:
     """A workdir holding `cfg` as config.json and a (dummy) checkpoint `step`: enough for
     the resume check, which reads no weights."""
     (root / 'checkpoints' / str(step)).mkdir(parents=True)
-    RunDir(root).write_config(cfg)
+    RunDir(root).write_config(cfg.to_dict())
     return root
 
 
@@ -102,11 +103,11 @@ def test_an_imported_checkpoint_keeps_only_its_model(tmp_path):
     workdir = fake_run(tmp_path / 'imported', cfg, 0)  # `launch.py import` saves step 0
     other = pretrain_config('tiny')
     other.data.train_files, other.seq_len = 'pydocs', 64  # no data consumed yet: free
-    assert resume_check.check_pretrain(other, workdir) is None
+    assert resume_check.check_pretrain(other.to_dict(), workdir) is None
     other.model.hidden_size = 256
     with pytest.raises(ConfigError, match='^model.hidden_size: the run in .* was started '
                                           'with 128, this config says 256'):
-        resume_check.check_pretrain(other, workdir)
+        resume_check.check_pretrain(other.to_dict(), workdir)
 
 
 def test_a_key_the_saved_config_lacks_is_refused_and_the_allow_list_holds(tmp_path):
@@ -114,11 +115,11 @@ def test_a_key_the_saved_config_lacks_is_refused_and_the_allow_list_holds(tmp_pa
     workdir = fake_run(tmp_path / 'run', cfg, 5)
     new = pretrain_config('tiny')
     new.num_train_steps, new.wandb.project, new.mesh.shape = 9999, 'p', (2, 4)
-    assert resume_check.check_pretrain(new, workdir) is not None  # all allowed
+    assert resume_check.check_pretrain(new.to_dict(), workdir) is not None  # all allowed
     with new.unlocked():
         new.new_key = 1  # a key added to the configs later: refused by default
     with pytest.raises(ConfigError, match='^new_key: .* started with nothing'):
-        resume_check.check_pretrain(new, workdir)
+        resume_check.check_pretrain(new.to_dict(), workdir)
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -20,7 +20,7 @@ CHANGED = {'init_from', 'data.small_corpus_choice', 'num_train_steps', 'optimize
 
 
 def _flat(cfg) -> dict:
-    return resume_check.flatten(resume_check.as_json(cfg))
+    return resume_check.flatten(resume_check.as_json(cfg.to_dict()))
 
 
 def _resolve(cfg, workdir, build=None) -> tuple[object, list[str]]:
@@ -38,7 +38,7 @@ def _encoder_dir(root: pathlib.Path, arg: str) -> str:
     cfg = get_config(arg)
     (root / 'checkpoints' / str(cfg.num_train_steps)).mkdir(parents=True)
     (root / 'spm.model').write_bytes(b'')
-    (root / 'config.json').write_text(json.dumps(resume_check.as_json(cfg)))
+    (root / 'config.json').write_text(json.dumps(resume_check.as_json(cfg.to_dict())))
     return str(root)
 
 

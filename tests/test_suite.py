@@ -39,7 +39,7 @@ def test_scratch_baseline_of_an_imported_wordpiece_run_uses_its_vocabulary(tmp_p
 def test_scratch_baseline_takes_the_pretrained_architecture(tmp_path):
     from configs.pretrain import get_config as pretrain_config
     from engine.rundir import RunDir
-    RunDir(tmp_path).write_config(pretrain_config('tiny,recipe=modern'))
+    RunDir(tmp_path).write_config(pretrain_config('tiny,recipe=modern').to_dict())
     cfg = _suite(f'init_from={tmp_path}', 'variants.scratch_mean=init_from=none model.pooling=mean')
     scratch = suite.run_config(cfg, 'sentiment_2k', 'scratch', 0)
     m = scratch.model
