@@ -5,9 +5,6 @@ resumes exactly onto another process count."""
 
 import os
 import shutil
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -17,9 +14,6 @@ from engine.errors import ConfigError
 from pretrain import data
 from tests.fake_gcs import fake_gcs
 from tests.helpers import (
-    REPO,
-    env,
-    launch_command,
     make_sentences,
     read_metrics,
     small_tokenizer,
@@ -263,37 +257,6 @@ def test_training_from_a_bucket_resumes_exactly_onto_another_process_count(
     assert_close(bucket_params, params(single))
     cache = tmp_path / 'cache' / 'records' / 'process-0'
     assert 0 < disk_usage(cache) <= 0.2 * data.MB
-
-
-@pytest.mark.slow
-def test_killed_while_reading_from_a_bucket_resumes_exactly_on_two_processes(
-        bucket, corpus, tmp_path, monkeypatch):
-    """kill -9 of a one-process run that reads its data from the bucket (through its cache,
-    perhaps mid-write), resumed by two processes from the bucket: the weights of the same
-    run uninterrupted from disk."""
-    import launch
-    monkeypatch.setenv('BERTJAX_CACHE', str(tmp_path / 'cache'))  # the subprocesses' too
-    args = tiny_args(corpus, 60, '--config.checkpoint_every_steps=10',
-                     '--config.mesh.shape=(4,2)', '--config.data.cache_mb=0.5')
-    reference = tmp_path / 'reference'
-    assert launch.main(['pretrain', '--workdir', str(reference), *args]) == 0
-    in_bucket = [*args, f'--config.data.data_dir={bucket}/killed-data']
-    workdir = tmp_path / 'killed'
-    log = open(tmp_path / 'killed.log', 'w')  # a file, not a pipe nobody drains meanwhile
-    proc = subprocess.Popen(launch_command('pretrain', '--workdir', str(workdir), *in_bucket),
-                            cwd=REPO, env=env(8), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while not (workdir / 'checkpoints' / '10').is_dir() and proc.poll() is None:
-        assert time.time() < deadline, 'the run never wrote its step-10 checkpoint'
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    log.close()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / 'killed.log').read_text()[-2000:]
-    results = launch_two(workdir, in_bucket)
-    assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
-    assert 'resuming from step' in results[0].stdout
-    assert_close(params(workdir), params(reference))
 
 
 def losses(workdir) -> list[float]:
