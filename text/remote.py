@@ -189,10 +189,9 @@ class RecordCache:
     def _give_up(self, name: str, tmp: str, error: OSError) -> None:
         """Stops caching for the rest of the process, saying so once; reads go on from the
         bucket, so training continues with the same data."""
+        self.drop(name)  # charged in put, never written
         with self._lock:
-            self._entries.pop(name, None)
             was_on, self.max_bytes = self.max_bytes > 0, 0
-            self.total = sum(self._entries.values())
         try:
             os.unlink(tmp)
         except OSError:
@@ -269,13 +268,13 @@ class RemoteSplit:
                 data = self.cache.get(f'{self._key}{page}')
                 if data is None:
                     continue
-                if len(data) == self._page_bytes(page):
+                if len(data) == len(self._page_rows(page)) * size:
                     pages[page] = data
                 else:  # cut short (a crash before the disk had it): fetched again
                     self.cache.drop(f'{self._key}{page}')
         missing = [p for p in wanted if p not in pages]
         if missing:
-            members = {p: range(p * span, min((p + 1) * span, self._len)) for p in missing}
+            members = {p: self._page_rows(p) for p in missing}
             fetched = self._fetch([self._locate(i) for p in missing for i in members[p]])
             for page in missing:
                 pages[page] = b''.join(fetched[self._locate(i)] for i in members[page])
@@ -284,9 +283,9 @@ class RemoteSplit:
         out = [pages[i // span][(i % span) * size:(i % span + 1) * size] for i in rows]
         return records.decode_records(out, self.seq_len, self.dtype)
 
-    def _page_bytes(self, page: int) -> int:
-        rows = min((page + 1) * self.page_rows, self._len) - page * self.page_rows
-        return rows * self.layout.record_bytes
+    def _page_rows(self, page: int) -> range:
+        """The records of `page` (the last page of a split may be short)."""
+        return range(page * self.page_rows, min((page + 1) * self.page_rows, self._len))
 
     def _fetch(self, places: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """(shard, record) -> record bytes from the bucket: a range read per run."""
